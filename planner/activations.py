@@ -1,0 +1,238 @@
+"""Activation memory from first principles: every tensor a layer saves for backward.
+
+Baseline: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", sec. 4: a GPT layer with 16-bit activations and 1-byte dropout masks saves
+sbh(34 + 5as/h) bytes -- attention 11sbh + 5as^2b, MLP 19sbh, two layer norms 4sbh -- and
+with tensor parallelism t and sequence parallelism the pieces divide as in their Table 2.
+We itemise the same tensors so that the formula generalises to:
+
+- flash attention: no s^2 scores are saved; the kernel keeps q, k, v, its output and the
+  fp32 log-sum-exp (4 bytes per head per token) and recomputes the scores in backward;
+- GQA: k and v have ``num_kv_heads`` heads;
+- SwiGLU / GeGLU: gate output (the activation's input), activation output, up output and
+  their product (the down projection's input) -- four ffn-sized tensors;
+- RMSNorm / LayerNorm statistics (fp32 rstd, and mean for LayerNorm) per token;
+- dropout masks (1 byte) only where dropout > 0 (modern LLMs train without dropout);
+- selective recompute (Megatron's: the core attention is recomputed) and full recompute
+  (only the layer input is kept).
+
+All functions return bytes for one micro-batch on one tensor-parallel rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+
+from planner.configs import ModelSpec, TrainConfig
+from planner.engines import ENGINES
+from planner.precision import RECIPES
+
+INDEX_BYTES = 8  # int64 token ids / targets
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class _Dims:
+    s: int  # sequence length
+    b: int  # micro-batch
+    h: int  # hidden
+    heads: int  # attention heads on this tensor-parallel rank
+    kv_heads: int
+    d: int  # head dim
+    ffn: int  # ffn hidden on this rank
+    vocab: int  # vocabulary on this rank
+    ab: int  # activation bytes
+    seq_div: int  # 1, or tp with sequence parallelism
+    linear_input_div: int  # divisor of a column-parallel linear's saved input
+    stats: int  # norm statistics bytes per token
+    dropout: bool
+    flash: bool
+
+
+def _dims(model: ModelSpec, train: TrainConfig) -> _Dims:
+    tp, sp = train.tp, train.sequence_parallel
+    engine = ENGINES[train.engine]
+    vocab = model.vocab_size
+    if engine.vocab_multiple > 1 and tp > 1:
+        vocab = ceil(vocab / (engine.vocab_multiple * tp)) * engine.vocab_multiple * tp
+    return _Dims(
+        s=train.seq_len,
+        b=train.micro_batch,
+        h=model.hidden_size,
+        heads=model.num_heads // tp,
+        kv_heads=model.num_kv_heads // tp,
+        d=model.head_dim,
+        ffn=model.ffn_hidden_size // tp,
+        vocab=ceil(vocab / tp),
+        ab=RECIPES[train.precision].compute_bytes,
+        seq_div=tp if sp else 1,
+        linear_input_div=tp if sp and not engine.sp_saves_gathered_input else 1,
+        stats=2 * FP32 if model.norm == "layernorm" else FP32,
+        dropout=model.dropout > 0,
+        flash=train.attention == "flash",
+    )
+
+
+def _attention_terms(x: _Dims, prefix: str) -> dict[str, int]:
+    tokens = x.s * x.b
+    terms = {
+        f"{prefix}_norm_input": x.ab * tokens * x.h // x.seq_div,
+        f"{prefix}_norm_stats": x.stats * tokens // x.seq_div,
+        f"{prefix}_qkv_input": x.ab * tokens * x.h // x.linear_input_div,
+        f"{prefix}_q": x.ab * tokens * x.heads * x.d,
+        f"{prefix}_k": x.ab * tokens * x.kv_heads * x.d,
+        f"{prefix}_v": x.ab * tokens * x.kv_heads * x.d,
+        # Flash: the kernel's output is also the output projection's input (one tensor).
+        # Eager: probs @ v saves its inputs only; the projection saves the reshaped output.
+        f"{prefix}_out": x.ab * tokens * x.heads * x.d,
+    }
+    if x.flash:
+        terms[f"{prefix}_logsumexp"] = FP32 * tokens * x.heads
+    else:
+        scores = x.heads * x.s * x.s * x.b
+        terms[f"{prefix}_softmax"] = x.ab * scores
+        if x.dropout:
+            terms[f"{prefix}_softmax_dropout_mask"] = scores
+            terms[f"{prefix}_softmax_dropout_out"] = x.ab * scores
+    if x.dropout:
+        terms[f"{prefix}_dropout_mask"] = tokens * x.h // x.seq_div
+    return terms
+
+
+def _core_attention_keys(prefix: str) -> tuple[str, ...]:
+    """Tensors that selective recompute (Megatron's core-attention recompute) does not keep."""
+    return (
+        f"{prefix}_logsumexp",
+        f"{prefix}_softmax",
+        f"{prefix}_softmax_dropout_mask",
+        f"{prefix}_softmax_dropout_out",
+    )
+
+
+def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
+    tokens = x.s * x.b
+    ffn_tensor = x.ab * tokens * x.ffn
+    terms = {
+        "mlp_norm_input": x.ab * tokens * x.h // x.seq_div,
+        "mlp_norm_stats": x.stats * tokens // x.seq_div,
+        "mlp_input": x.ab * tokens * x.h // x.linear_input_div,
+    }
+    if model.mlp == "gelu":
+        terms |= {"mlp_act_input": ffn_tensor, "mlp_down_input": ffn_tensor}
+    else:
+        terms |= {
+            "mlp_gate_out": ffn_tensor,
+            "mlp_act_out": ffn_tensor,
+            "mlp_up_out": ffn_tensor,
+            "mlp_down_input": ffn_tensor,
+        }
+    if x.dropout:
+        terms["mlp_dropout_mask"] = tokens * x.h // x.seq_div
+    return terms
+
+
+def layer_terms(model: ModelSpec, train: TrainConfig, kind: str = "decoder", recompute: str | None = None) -> dict[str, int]:
+    """Saved tensors of one layer, by name, in bytes, for one micro-batch on one TP rank.
+
+    ``recompute`` defaults to the config's activation checkpointing."""
+    x = _dims(model, train)
+    recompute = train.activation_checkpointing if recompute is None else recompute
+    if recompute == "full":
+        return {"layer_input": x.ab * x.s * x.b * x.h // x.seq_div}
+    terms = _attention_terms(x, "attn")
+    dropped = list(_core_attention_keys("attn"))
+    if kind == "decoder" and model.encoder_layers:
+        terms |= _attention_terms(x, "cross")
+        dropped += _core_attention_keys("cross")
+    terms |= _mlp_terms(model, x)
+    if recompute == "selective":
+        terms = {k: v for k, v in terms.items() if k not in dropped}
+    return terms
+
+
+def layer_bytes(model: ModelSpec, train: TrainConfig, kind: str = "decoder", recompute: str | None = None) -> int:
+    return sum(layer_terms(model, train, kind, recompute).values())
+
+
+def embedding_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
+    """Saved by the embedding on the first stage (per micro-batch)."""
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    terms = {"token_ids": INDEX_BYTES * tokens}
+    if model.embedding_norm:
+        terms["embed_norm_input"] = x.ab * tokens * x.h // x.seq_div
+        terms["embed_norm_stats"] = x.stats * tokens // x.seq_div
+    if x.dropout:
+        terms["embed_dropout_mask"] = tokens * x.h // x.seq_div
+    if model.encoder_layers:
+        # The decoder's embedding; the encoder output is kept by every cross-attention.
+        terms["decoder_token_ids"] = INDEX_BYTES * tokens
+        terms["encoder_output"] = x.ab * tokens * x.h
+    return terms
+
+
+def head_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
+    """Saved on the last stage: final norm, the head's input, the fp32 log-softmax of the
+    logits (Korthikanti et al.: 'cross entropy ... 4sbv/t'), the targets."""
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    terms = {
+        "final_norm_input": x.ab * tokens * x.h // x.seq_div,
+        "final_norm_stats": x.stats * tokens // x.seq_div,
+        "head_input": x.ab * tokens * x.h // x.linear_input_div,
+        "log_softmax": FP32 * tokens * x.vocab,
+        "targets": INDEX_BYTES * tokens,
+    }
+    if model.encoder_layers:
+        terms["encoder_final_norm_input"] = x.ab * tokens * x.h // x.seq_div
+    return terms
+
+
+def loss_transients(model: ModelSpec, train: TrainConfig) -> tuple[int, int]:
+    """(forward, backward) bytes alive beside the saved tensors while the loss runs.
+
+    Forward: the fp32 logits are log-softmax's input while its fp32 output is written.
+    Backward: nll_loss's gradient and log-softmax's input gradient (both fp32, vocab-wide)
+    coexist with the saved log-softmax output."""
+    x = _dims(model, train)
+    logits_fp32 = FP32 * x.s * x.b * x.vocab
+    return logits_fp32, 2 * logits_fp32
+
+
+def layer_backward_workspace(model: ModelSpec, train: TrainConfig) -> int:
+    """Activation gradients alive at once inside one layer's backward (an estimate the
+    profiler checks): the residual stream's incoming and outgoing gradients plus the larger
+    of the MLP's (three ffn-sized gradients for gated MLPs, two for GELU) and attention's
+    (eager: the gradients of the probabilities and of the scores; flash: dq, dk, dv and the
+    kernel's fp32 dq accumulator)."""
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    residual = 2 * x.ab * tokens * x.h // x.seq_div
+    mlp = (2 if model.mlp == "gelu" else 3) * x.ab * tokens * x.ffn
+    if x.flash:
+        attention = x.ab * tokens * (x.heads + 2 * x.kv_heads) * x.d + FP32 * tokens * x.heads * x.d
+    else:
+        attention = 2 * x.ab * x.heads * x.s * x.s * x.b
+    return residual + max(mlp, attention)
+
+
+def inflight(train: TrainConfig, stage: int) -> tuple[float, int, int]:
+    """Micro-batches whose activations a pipeline stage holds at its peak.
+
+    Returns (layer_factor, embed_count, head_count): the stage's per-layer activations are
+    multiplied by ``layer_factor`` x layers-on-stage; the embedding's and head's by their counts.
+    GPipe holds all m micro-batches; 1F1B stage r holds min(p - r, m) (Narayanan et al. 2021);
+    interleaved 1F1B with v chunks warms up 2(p - r - 1) + (v - 1)p + 1 chunk-forwards, each
+    of L/(pv) layers, which for stage 0 is L(1 + (p - 1)/(pv)) layers (Korthikanti et al. 2022).
+    """
+    p, m, v = train.pp, train.num_microbatches, train.chunks
+    if p == 1:
+        return 1.0, 1, 1
+    if train.schedule == "gpipe":
+        return float(m), m, m
+    if train.schedule == "1f1b":
+        n = min(p - stage, m)
+        return float(n), n, 1
+    chunk_forwards = min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v)
+    return chunk_forwards / v, min(m, 2 * p - 1), 1

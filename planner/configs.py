@@ -1,0 +1,278 @@
+"""The shared vocabulary: frozen, validated descriptions of a model, a GPU, a cluster and a run.
+
+Everything downstream (the planner's arithmetic, the strategy layer's real execution, the
+profiler's measurements) reads these objects, so a 7B plan and a 7B run are built from the
+very same ``ModelSpec``. Sizes are plain integers (elements, bytes); bandwidths are decimal
+GB/s per direction; peak throughput is dense (no 2:4 sparsity) TFLOP/s or TOPS.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from planner.errors import ConfigError, LayoutError
+
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16"]
+Offload = Literal["none", "optimizer", "params"]
+Optimizer = Literal["adamw", "sgd"]
+OptimizerImpl = Literal["fused", "foreach", "for-loop"]
+Checkpointing = Literal["none", "selective", "full"]
+Attention = Literal["flash", "eager"]
+Schedule = Literal["gpipe", "1f1b", "interleaved"]
+Engine = Literal["pytorch", "megatron", "deepspeed"]
+
+PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
+STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+"""CLI strategy names and the ZeRO stage each one is."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    """A decoder-only (or T5-style encoder-decoder) transformer, as the planner and the
+    reference model in ``strategies/model.py`` both understand it."""
+
+    name: str
+    num_layers: int = Field(gt=0, description="decoder layers")
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(default=0, ge=0, description="0 means = num_heads (no GQA)")
+    head_dim: int = Field(default=0, ge=0, description="0 means hidden_size / num_heads")
+    ffn_hidden_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    mlp: Literal["gelu", "swiglu", "geglu"] = "swiglu"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    position_embedding: Literal["rope", "learned", "alibi", "relative"] = "rope"
+    max_position_embeddings: int = Field(default=4096, gt=0)
+    tied_embeddings: bool = False
+    linear_bias: bool = Field(default=False, description="every linear layer has a bias (GPT-2, NeoX, BLOOM)")
+    qkv_bias: bool = Field(default=False, description="only the q, k, v projections have a bias (Qwen2)")
+    embedding_norm: bool = Field(default=False, description="a norm right after the embedding (BLOOM)")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="hidden and attention dropout")
+    encoder_layers: int = Field(default=0, ge=0, description="T5-style encoder layers (0: decoder-only)")
+    relative_attention_buckets: int = Field(default=32, gt=0)
+    source: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_derived(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            if not data.get("num_kv_heads"):
+                data["num_kv_heads"] = data.get("num_heads", 0)
+            if not data.get("head_dim") and data.get("num_heads"):
+                hidden, heads = data.get("hidden_size", 0), data["num_heads"]
+                if hidden % heads:
+                    raise ConfigError(
+                        f"hidden_size {hidden} is not divisible by num_heads {heads}; give head_dim explicitly"
+                    )
+                data["head_dim"] = hidden // heads
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        return self
+
+    @property
+    def total_layers(self) -> int:
+        """Encoder plus decoder layers: what a pipeline splits over its stages."""
+        return self.encoder_layers + self.num_layers
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def num_params(self) -> int:
+        """Exact parameter count (each tied tensor counted once)."""
+        from planner.params import total_params
+
+        return total_params(self)
+
+
+class PeakTflops(_Frozen):
+    """Dense peak throughput per data type, TFLOP/s (int8: TOPS). ``None``: not supported."""
+
+    fp32: float
+    tf32: float | None = None
+    bf16: float | None = None
+    fp16: float | None = None
+    fp8: float | None = None
+    int8: float | None = None
+
+    def for_dtype(self, dtype: str) -> float:
+        value = getattr(self, dtype, None)
+        if value is None:
+            raise ConfigError(f"this GPU has no {dtype} peak (it does not support {dtype} math)")
+        return value
+
+
+class GPUSpec(_Frozen):
+    name: str
+    memory_bytes: int = Field(gt=0, description="total device memory as the driver reports it")
+    peak_tflops: PeakTflops
+    hbm_bandwidth_gb_s: float = Field(gt=0)
+    intra_node_bandwidth_gb_s: float = Field(gt=0, description="GPU-to-GPU inside a node, per direction")
+    inter_node_bandwidth_gb_s: float = Field(gt=0, description="per GPU, per direction, across nodes")
+    host_link_bandwidth_gb_s: float = Field(gt=0, description="GPU-to-host (PCIe / C2C), per direction")
+    gpus_per_node: int = Field(default=8, gt=0)
+    interconnect: str = ""
+    source: str = ""
+
+
+class ClusterSpec(_Frozen):
+    gpu: GPUSpec
+    num_nodes: int = Field(default=1, gt=0)
+    gpus_per_node: int = Field(gt=0)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
+class TrainConfig(_Frozen):
+    """One fully specified training layout. The planner's search enumerates these."""
+
+    gpus: int = Field(gt=0)
+    dp: int = Field(default=0, ge=0, description="0 means gpus / (tp x pp)")
+    tp: int = Field(default=1, gt=0)
+    pp: int = Field(default=1, gt=0)
+    sequence_parallel: bool = False
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    offload: Offload = "none"
+    precision: Precision = "bf16-mixed"
+    optimizer: Optimizer = "adamw"
+    optimizer_impl: OptimizerImpl = "fused"
+    activation_checkpointing: Checkpointing = "none"
+    attention: Attention = "flash"
+    micro_batch: int = Field(default=1, gt=0)
+    global_batch: int = Field(default=0, ge=0, description="0 means micro_batch x dp x grad_accum")
+    grad_accum: int = Field(default=0, ge=0, description="0 means global_batch / (micro_batch x dp)")
+    seq_len: int = Field(default=4096, gt=0)
+    schedule: Schedule = "1f1b"
+    chunks: int = Field(default=1, gt=0, description="model chunks per pipeline stage (interleaved)")
+    engine: Engine = "pytorch"
+    ddp_bucket_mb: float = Field(default=25.0, gt=0, description="DDP bucket_cap_mb (MiB)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_derived(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        gpus, tp, pp = data.get("gpus"), data.get("tp", 1), data.get("pp", 1)
+        if not data.get("dp") and isinstance(gpus, int) and isinstance(tp, int) and isinstance(pp, int):
+            if gpus > 0 and tp > 0 and pp > 0:
+                if gpus % (tp * pp):
+                    raise LayoutError(
+                        f"tp x pp = {tp} x {pp} = {tp * pp} does not divide {gpus} GPUs; "
+                        f"choose tp and pp whose product divides {gpus}"
+                    )
+                data["dp"] = gpus // (tp * pp)
+        dp, mb = data.get("dp", 0), data.get("micro_batch", 1)
+        gb, ga = data.get("global_batch", 0), data.get("grad_accum", 0)
+        if isinstance(dp, int) and isinstance(mb, int) and dp > 0 and mb > 0:
+            if not gb and isinstance(ga, int):
+                data["grad_accum"] = ga or 1
+                data["global_batch"] = mb * dp * (ga or 1)
+            elif isinstance(gb, int) and gb > 0 and not ga:
+                if gb % (mb * dp):
+                    raise ConfigError(
+                        f"global batch {gb} is not divisible by micro-batch x dp = {mb} x {dp} = {mb * dp}; "
+                        f"use a global batch that is a multiple of {mb * dp}"
+                    )
+                data["grad_accum"] = gb // (mb * dp)
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.dp * self.tp * self.pp != self.gpus:
+            hint = (
+                f"; with tp={self.tp} and pp={self.pp} use dp = {self.gpus // (self.tp * self.pp)}"
+                if self.gpus % (self.tp * self.pp) == 0
+                else ""
+            )
+            raise LayoutError(
+                f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.dp * self.tp * self.pp} "
+                f"!= {self.gpus} GPUs{hint}"
+            )
+        if self.global_batch != self.micro_batch * self.dp * self.grad_accum:
+            raise ConfigError(
+                f"global batch {self.global_batch} != micro-batch {self.micro_batch} x dp {self.dp} "
+                f"x gradient accumulation {self.grad_accum}"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            raise LayoutError("sequence parallelism splits activations over the tensor-parallel group: it needs tp > 1")
+        if self.schedule == "interleaved" and self.pp == 1:
+            raise LayoutError("the interleaved schedule needs pipeline parallelism (pp > 1)")
+        if self.chunks > 1 and self.schedule != "interleaved":
+            raise LayoutError(f"--chunks {self.chunks} needs --schedule interleaved")
+        if self.schedule == "interleaved" and self.chunks < 2:
+            raise LayoutError("the interleaved schedule needs at least 2 model chunks per stage (--chunks 2)")
+        if self.offload == "params" and self.zero_stage != 3:
+            raise LayoutError("offloading parameters needs ZeRO-3 (--strategy zero3)")
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            raise LayoutError("offloading the optimizer needs a ZeRO stage (zero1, zero2 or zero3), not plain DDP")
+        if self.engine == "megatron":
+            if self.zero_stage > 1:
+                raise LayoutError(
+                    "Megatron-LM shards only optimizer state (its distributed optimizer = ZeRO-1); "
+                    "use --engine deepspeed or pytorch for ZeRO-2/3"
+                )
+            if self.offload != "none":
+                raise LayoutError("this planner models offload for the deepspeed and pytorch engines, not megatron")
+        if self.precision == "amp-bf16" and self.engine != "pytorch":
+            raise LayoutError("amp-bf16 (torch.autocast) is a PyTorch recipe: use --engine pytorch")
+        return self
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per optimizer step on one data-parallel replica (= pipeline m)."""
+        return self.grad_accum
+
+    @property
+    def strategy(self) -> str:
+        return {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[self.zero_stage]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def check_layout(model: ModelSpec, train: TrainConfig) -> None:
+    """Checks what depends on both the model and the layout; raises ``LayoutError``."""
+    tp = train.tp
+    for what, value in (
+        ("attention heads", model.num_heads),
+        ("key/value heads", model.num_kv_heads),
+        ("FFN hidden size", model.ffn_hidden_size),
+    ):
+        if value % tp:
+            divisors = [d for d in range(1, value + 1) if value % d == 0 and d <= train.gpus]
+            raise LayoutError(
+                f"tp={tp} does not divide the {value} {what} of {model.name}; "
+                f"use a tp among {', '.join(map(str, divisors[-6:]))}"
+            )
+    layers = model.total_layers
+    if train.pp > layers:
+        raise LayoutError(f"pp={train.pp} is more pipeline stages than the {layers} layers of {model.name}")
+    if train.pp * train.chunks > layers:
+        raise LayoutError(
+            f"pp x chunks = {train.pp} x {train.chunks} model chunks exceed the {layers} layers of {model.name}"
+        )
+    if train.engine == "megatron" and layers % (train.pp * train.chunks):
+        raise LayoutError(
+            f"Megatron-LM needs the {layers} layers divisible by pp x chunks = {train.pp * train.chunks}"
+        )
+    if train.sequence_parallel and train.seq_len % tp:
+        raise LayoutError(f"sequence parallelism needs seq len {train.seq_len} divisible by tp={tp}")
+    if model.position_embedding == "learned" and train.seq_len > model.max_position_embeddings:
+        raise LayoutError(
+            f"seq len {train.seq_len} exceeds the {model.max_position_embeddings} learned positions of "
+            f"{model.name}; use --seq-len {model.max_position_embeddings} or less"
+        )

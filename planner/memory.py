@@ -1,0 +1,452 @@
+"""Per-GPU memory: per rank, per pipeline stage, per component, at the peak phase.
+
+The model walks one training step on the most loaded rank of each pipeline stage and writes
+down what is resident at three moments:
+
+- ``forward``: the end of the forward pass (all in-flight micro-batches' activations, the
+  loss's fp32 logits), with ZeRO-3/FSDP gathered parameters;
+- ``backward``: the larger of the start of backward (activations still all saved, the loss's
+  vocab-wide gradients) and its end (activations freed, all gradients written);
+- ``optimizer``: parameters, gradients, optimizer state and the step's scratch.
+
+Between the two ends of the backward pass memory changes linearly (each layer frees its
+activations and writes its gradients), so the two ends bound it. The peak is the largest
+total over the phases -- not the sum of per-component maxima: a 7B AdamW step peaks at the
+optimizer step (16 B/param + scratch) while activations peak in forward, when gradients do
+not exist yet.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2019): with K bytes of optimizer state
+per parameter, DDP holds (2 + 2 + K)Psi, ZeRO-1 2Psi + 2Psi + K Psi/N, ZeRO-2
+2Psi + (2 + K)Psi/N, ZeRO-3 (2 + 2 + K)Psi/N. ``model_states`` computes exactly that; the
+phase model refines it per engine (``planner.engines``) with padding, whole-tensor partitions
+and FSDP2's gathered parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from math import ceil, prod
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from planner import activations as act
+from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
+from planner.engines import ENGINES, EngineSemantics
+from planner.params import (
+    flat_shard_numel,
+    fsdp_shard_numel,
+    greedy_partition_max,
+    local_tensor_shapes,
+    pipeline_stages,
+)
+from planner.precision import OPTIMIZER_STATES, RECIPES, Recipe
+
+COMPONENTS = ("params", "grads", "optimizer", "activations", "temporaries", "overhead")
+PHASES = ("forward", "backward", "optimizer")
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class MemoryBreakdown(_Result):
+    """Bytes per component at one moment on one rank."""
+
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    temporaries: int = 0
+    overhead: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.temporaries + self.overhead
+
+
+class RankMemory(_Result):
+    """Components at the peak phase, and the peak itself (their sum)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    temporaries: int
+    overhead: int
+    peak: int
+    peak_phase: str
+
+
+class HostMemory(_Result):
+    """Offloaded state held in CPU memory, per GPU rank and per node."""
+
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    per_rank: int = 0
+    per_node: int = 0
+
+
+class StageMemory(RankMemory):
+    stage: int
+    first_layer: int
+    last_layer: int
+    num_params: int = Field(description="parameters of this stage on one tensor-parallel rank")
+    inflight_microbatches: float
+    phases: dict[str, MemoryBreakdown]
+    temporaries_detail: dict[str, int] = Field(description="what the temporaries at the peak phase are")
+    host: HostMemory
+
+
+class Overheads(_Result):
+    """Memory the arithmetic of tensors does not see. Defaults are documented in
+    ``presets/calibration/default.json``; ``trainplan calibrate`` measures them."""
+
+    cuda_context_bytes: int = 0
+    communicator_bytes: int = Field(default=0, description="per process group with more than one rank")
+    fragmentation: float = Field(default=0.0, ge=0.0, description="fraction of allocated bytes")
+    calibrated: bool = False
+    source: str = ""
+
+    @classmethod
+    def none(cls) -> Overheads:
+        """No context, no communicators, no fragmentation: CPU runs and exact comparisons."""
+        return cls(source="none (CPU or exact comparison)")
+
+
+@lru_cache(maxsize=None)
+def default_overheads() -> Overheads:
+    raw = json.loads(resources.files("presets").joinpath("calibration/default.json").read_text())
+    return Overheads(**raw["overheads"], source=raw["source"])
+
+
+class ModelSummary(_Result):
+    name: str
+    num_params: int
+
+
+class MemoryEstimate(_Result):
+    model: ModelSummary
+    gpu: str
+    gpu_memory_bytes: int
+    train: TrainConfig
+    memory: RankMemory = Field(description="the most loaded rank (worst pipeline stage)")
+    stages: list[StageMemory]
+    host: HostMemory
+    fits: bool
+    headroom_bytes: int
+    max_micro_batch: int = Field(description="largest micro-batch that fits (0: not even 1)")
+    overheads: Overheads
+    notes: list[str] = []
+
+
+# ---------------------------------------------------------------- model states (ZeRO paper)
+
+
+class ModelStates(_Result):
+    params: int
+    grads: int
+    optimizer: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_states(num_params: int, dp: int, zero_stage: int, precision: str = "bf16-mixed",
+                 optimizer: str = "adamw", engine: str = "deepspeed") -> ModelStates:
+    """Per-rank model states as the ZeRO paper counts them: parameters, gradients and
+    optimizer state (fp32 master + states), sharded over ``dp`` ranks by stage, evenly.
+    ``engine="megatron"`` adds Megatron's persistent fp32 main-gradient copy."""
+    recipe = RECIPES[precision]
+    per_param_optimizer = _optimizer_bytes(recipe, optimizer, ENGINES[engine])
+    shard = ceil(num_params / dp)
+    return ModelStates(
+        params=recipe.param_bytes * (shard if zero_stage >= 3 else num_params),
+        grads=recipe.grad_bytes * (shard if zero_stage >= 2 else num_params),
+        optimizer=per_param_optimizer * (shard if zero_stage >= 1 else num_params),
+    )
+
+
+def _optimizer_bytes(recipe: Recipe, optimizer: str, engine: EngineSemantics) -> int:
+    per_param = recipe.master_bytes + OPTIMIZER_STATES[optimizer] * recipe.state_bytes
+    if engine.fp32_main_grads_in_optimizer and recipe.has_master and recipe.grad_bytes < 4:
+        per_param += 4
+    return per_param
+
+
+# ---------------------------------------------------------------- per-stage parameters
+
+
+@dataclass(frozen=True)
+class _StageParams:
+    """Element counts of one stage on the most loaded (tp rank 0, dp rank 0) rank."""
+
+    local: int  # after tensor parallelism
+    sharded: int  # ZeRO-2/3 shard per engine
+    optimizer_share: int  # ZeRO-1 share per engine
+    largest_tensor: int  # for per-tensor scratch
+    largest_tensor_sharded: int
+    largest_unit: int  # largest FSDP unit (unsharded, local to tp)
+    largest_pair: int  # largest two consecutive units (current + prefetched)
+    first_unit: int  # the unit still gathered at the end of backward
+    matmul_weights: int  # 2-D linear weights (autocast copies)
+
+
+@lru_cache(maxsize=8192)
+def _stage_params(model: ModelSpec, train_key: tuple, stage_index: int) -> _StageParams:
+    pp, chunks, tp, dp, zero_stage, engine_name = train_key
+    engine = ENGINES[engine_name]
+    stage = pipeline_stages(model, pp, chunks)[stage_index]
+    shapes = local_tensor_shapes(stage.units, tp, engine.vocab_multiple)
+    local = sum(prod(s) for s in shapes)
+    if engine.sharding == "flat":
+        sharded = flat_shard_numel(shapes, dp)
+    else:
+        sharded = fsdp_shard_numel(shapes, dp)
+    if zero_stage == 1 and engine.zero1_partition == "greedy-tensors":
+        optimizer_share = greedy_partition_max(shapes, dp)
+    else:
+        optimizer_share = sharded
+    unit_sizes = [sum(prod(s) for s in local_tensor_shapes((u,), tp, engine.vocab_multiple)) for u in stage.units]
+    pairs = [a + b for a, b in zip(unit_sizes, unit_sizes[1:])] or unit_sizes
+    largest = max(prod(s) for s in shapes)
+    largest_sharded = max(ceil(s[0] / dp) * prod(s[1:]) for s in shapes)
+    matmul = sum(
+        prod(t.local_shape(tp, engine.vocab_multiple if t.name in ("embed.weight", "head.weight") else 1))
+        for u in stage.units
+        for t in u.tensors
+        if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name
+    )
+    return _StageParams(local, sharded, optimizer_share, largest, largest_sharded,
+                        max(unit_sizes), max(pairs), unit_sizes[0], matmul)
+
+
+# ---------------------------------------------------------------- the phase model
+
+
+def _add(parts: dict[str, int], name: str, value: int | float) -> None:
+    if value:
+        parts[name] = parts.get(name, 0) + int(value)
+
+
+def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int) -> StageMemory:
+    recipe = RECIPES[train.precision]
+    engine = ENGINES[train.engine]
+    stage = pipeline_stages(model, train.pp, train.chunks)[stage_index]
+    key = (train.pp, train.chunks, train.tp, train.dp, train.zero_stage, train.engine)
+    sp = _stage_params(model, key, stage_index)
+    zero, offload = train.zero_stage, train.offload
+    fsdp = train.engine == "pytorch" and zero >= 2
+
+    # --- persistent state (bytes)
+    n_param = sp.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else sp.local
+    n_grad = sp.sharded if zero >= 2 else sp.local
+    n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
+    params = 0 if offload == "params" else n_param * recipe.param_bytes
+    optimizer = 0 if offload != "none" else n_state * _optimizer_bytes(recipe, train.optimizer, engine)
+    grads_full = n_grad * recipe.grad_bytes
+    # Offloading moves gradients to the host: DeepSpeed streams them out during backward; our
+    # PyTorch offload copies them after backward, so they are on the GPU until then.
+    grads_on_gpu = offload == "none" or (offload == "optimizer" and train.engine == "pytorch")
+    grads_at_end = grads_full if grads_on_gpu else 0
+    # FSDP2 (zero_grad(set_to_none=True)) has no gradients in the first micro-batch's forward;
+    # later micro-batches (accumulation, or any pipeline) run with the accumulated shards.
+    # DDP's buckets (gradient_as_bucket_view) outlive zero_grad; a single process has no DDP.
+    grads_persist = (zero <= 1 and train.dp > 1) or engine.grads_between_steps
+    grads_in_forward = grads_at_end if grads_persist or train.num_microbatches > 1 else 0
+
+    # --- activations (one micro-batch's worth of each part; ``inflight`` says how many)
+    layer_factor, embed_count, head_count = act.inflight(train, stage_index)
+    layer_kinds = [u.kind for u in stage.units if u.kind in ("encoder", "decoder")]
+    layers_mb = sum(act.layer_bytes(model, train, kind) for kind in layer_kinds)
+    embed_mb = sum(act.embedding_terms(model, train).values()) if stage.has_embedding else 0
+    head_mb = sum(act.head_terms(model, train).values()) if stage.has_head else 0
+    # torch.autocast casts each linear weight to bf16 per forward, and linear saves the cast.
+    autocast_mb = 2 * sp.matmul_weights if train.precision == "amp-bf16" and zero <= 1 else 0
+    activations = int(layer_factor * (layers_mb + autocast_mb)) + embed_count * embed_mb + head_count * head_mb
+    kind = layer_kinds[-1] if layer_kinds else "decoder"
+    one_layer = act.layer_bytes(model, train, kind) if layer_kinds else 0
+    recompute_set = (
+        act.layer_bytes(model, train, kind, "none") if train.activation_checkpointing == "full" and layer_kinds else 0
+    )
+
+    # --- temporaries
+    gather = recipe.gather_bytes
+    if zero >= 3:
+        gathered_fwd = gathered_bwd_end = sp.largest_pair * gather
+    elif zero == 2 and engine.zero2_gathers_params:
+        gathered_fwd, gathered_bwd_end = sp.local * gather, sp.first_unit * gather
+    else:
+        gathered_fwd = gathered_bwd_end = 0
+    loss_fwd, loss_bwd = act.loss_transients(model, train) if stage.has_head else (0, 0)
+    workspace = act.layer_backward_workspace(model, train) if layer_kinds else 0
+    if fsdp:
+        # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
+        grad_reduce = sp.largest_unit * (gather + recipe.reduce_bytes)
+    elif engine.reduce_bucket_elements and zero >= 1:
+        grad_reduce = min(engine.reduce_bucket_elements, sp.local) * recipe.grad_bytes
+    elif not engine.grads_between_steps:
+        # autograd's gradient of one tensor before DDP copies it into its bucket view
+        grad_reduce = sp.largest_tensor * recipe.grad_bytes
+    else:
+        grad_reduce = 0
+
+    forward_tmp: dict[str, int] = {}
+    _add(forward_tmp, "gathered_params", gathered_fwd)
+    _add(forward_tmp, "loss_logits_fp32", loss_fwd)
+    forward = MemoryBreakdown(params=params, grads=grads_in_forward, optimizer=optimizer,
+                              activations=activations, temporaries=sum(forward_tmp.values()))
+
+    # Three moments of the backward pass: the loss's backward (last stage), the first layer's
+    # backward (head freed, workspace and -- with full recompute -- one recomputed layer),
+    # and the last layer's backward (this micro-batch's activations freed, gradients written).
+    moments: list[tuple[MemoryBreakdown, dict[str, int]]] = []
+    if stage.has_head:
+        tmp = {}
+        _add(tmp, "gathered_params", gathered_fwd)
+        _add(tmp, "loss_gradients_fp32", loss_bwd)
+        moments.append((forward.model_copy(update={"temporaries": sum(tmp.values())}), tmp))
+    for acts, grads, gathered in (
+        (activations - head_mb, grads_in_forward, gathered_fwd),
+        (activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer, grads_at_end, gathered_bwd_end),
+    ):
+        tmp = {}
+        _add(tmp, "gathered_params", gathered)
+        _add(tmp, "activation_gradients", workspace)
+        _add(tmp, "gradient_reduction", grad_reduce)
+        moments.append((MemoryBreakdown(params=params, grads=grads, optimizer=optimizer,
+                                        activations=max(int(acts), 0) + recompute_set,
+                                        temporaries=sum(tmp.values())), tmp))
+    backward, backward_tmp = max(moments, key=lambda m: m[0].total)
+
+    optimizer_tmp: dict[str, int] = {}
+    if offload == "none":
+        state_elems = n_state
+        if train.optimizer_impl == "foreach":
+            _add(optimizer_tmp, "optimizer_foreach_scratch", state_elems * recipe.state_bytes)
+        elif train.optimizer_impl == "for-loop":
+            largest = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor
+            _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest * recipe.state_bytes)
+        if recipe.has_master and recipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
+            _add(optimizer_tmp, "fp32_grad_copy", state_elems * 4)
+    phases = {
+        "forward": forward,
+        "backward": backward,
+        "optimizer": MemoryBreakdown(params=params, grads=grads_full if offload == "none" else 0,
+                                     optimizer=optimizer, temporaries=sum(optimizer_tmp.values())),
+    }
+    details = {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp}
+
+    # --- overheads on top of the largest allocated total
+    groups = sum(1 for size in (train.dp, train.tp, train.pp) if size > 1)
+    fixed_overhead = overheads.cuda_context_bytes + groups * overheads.communicator_bytes
+    phases = {
+        name: b.model_copy(update={"overhead": fixed_overhead + int(overheads.fragmentation * b.total)})
+        for name, b in phases.items()
+    }
+    peak_phase = max(PHASES, key=lambda name: phases[name].total)
+    peak = phases[peak_phase]
+
+    host = _host_memory(train, recipe, engine, n_param, n_state)
+    return StageMemory(
+        stage=stage_index,
+        first_layer=stage.layers[0],
+        last_layer=stage.layers[1],
+        num_params=sp.local,
+        inflight_microbatches=layer_factor,
+        params=peak.params,
+        grads=peak.grads,
+        optimizer=peak.optimizer,
+        activations=peak.activations,
+        temporaries=peak.temporaries,
+        overhead=peak.overhead,
+        peak=peak.total,
+        peak_phase=peak_phase,
+        phases=phases,
+        temporaries_detail=details[peak_phase],
+        host=host,
+    )
+
+
+def _host_memory(train: TrainConfig, recipe: Recipe, engine: EngineSemantics, n_param: int, n_state: int) -> HostMemory:
+    if train.offload == "none":
+        return HostMemory()
+    params = n_param * recipe.param_bytes if train.offload == "params" else 0
+    grads = n_state * 4  # gradients land on the host in fp32 for the CPU optimizer
+    optimizer = n_state * (recipe.master_bytes + OPTIMIZER_STATES[train.optimizer] * recipe.state_bytes)
+    per_rank = params + grads + optimizer
+    return HostMemory(params=params, grads=grads, optimizer=optimizer, per_rank=per_rank, per_node=0)
+
+
+def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
+                    overheads: Overheads | None = None, search_micro_batch: bool = True) -> MemoryEstimate:
+    """Per-rank memory of ``train`` for ``model`` on ``gpu``: every pipeline stage, the worst
+    one as ``memory``, host memory for offload, the fit verdict and the largest micro-batch
+    that fits."""
+    check_layout(model, train)
+    overheads = default_overheads() if overheads is None else overheads
+    stages = [_stage_memory(model, train, overheads, i) for i in range(train.pp)]
+    worst = max(stages, key=lambda s: s.peak)
+    gpus_per_node = min(gpu.gpus_per_node, train.gpus)
+    host_rank = max(stages, key=lambda s: s.host.per_rank).host
+    host = host_rank.model_copy(update={"per_node": host_rank.per_rank * gpus_per_node})
+    fits = worst.peak <= gpu.memory_bytes
+    max_mb = largest_micro_batch(model, gpu, train, overheads) if search_micro_batch else 0
+    return MemoryEstimate(
+        model=ModelSummary(name=model.name, num_params=model.num_params),
+        gpu=gpu.name,
+        gpu_memory_bytes=gpu.memory_bytes,
+        train=train,
+        memory=RankMemory(**{k: getattr(worst, k) for k in RankMemory.model_fields}),
+        stages=stages,
+        host=host,
+        fits=fits,
+        headroom_bytes=gpu.memory_bytes - worst.peak,
+        max_micro_batch=max_mb,
+        overheads=overheads,
+        notes=_notes(model, train),
+    )
+
+
+def peak_bytes(model: ModelSpec, train: TrainConfig, overheads: Overheads) -> int:
+    """The worst stage's peak, without building the full result (the search's inner loop)."""
+    return max(_stage_memory(model, train, overheads, i).peak for i in range(train.pp))
+
+
+def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, overheads: Overheads,
+                        limit: int = 4096) -> int:
+    """Largest micro-batch whose peak fits (activations grow with it; 0 if not even 1 fits)."""
+
+    def fits(mb: int) -> bool:
+        trial = train.model_copy(update={"micro_batch": mb, "global_batch": mb * train.dp * train.grad_accum})
+        return peak_bytes(model, trial, overheads) <= gpu.memory_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _notes(model: ModelSpec, train: TrainConfig) -> list[str]:
+    notes = []
+    if train.activation_checkpointing == "selective" and train.attention == "flash":
+        notes.append("selective recompute saves almost nothing with flash attention: flash already "
+                     "recomputes the attention scores instead of saving them")
+    if model.tied_embeddings and train.pp > 1:
+        notes.append("tied embeddings across pipeline stages: the last stage holds a copy of the embedding")
+    if train.engine == "pytorch" and train.zero_stage == 2:
+        notes.append("ZeRO-2 as FSDP2 (reshard_after_forward=False): a parameter shard between steps, "
+                     "the full parameters gathered from the first forward to each layer's backward")
+    return notes

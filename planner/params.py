@@ -1,0 +1,282 @@
+"""Parameter inventory: every weight tensor of the reference model, with its shape and how
+tensor parallelism splits it.
+
+The planner needs more than a parameter *count*: FSDP2 pads each tensor's first dimension
+to a multiple of the shard group, ZeroRedundancyOptimizer assigns whole tensors to ranks, and
+Megatron splits column-parallel layers on dim 0 and row-parallel layers on dim 1. Per-rank
+bytes are exact only if we reason tensor by tensor. The names and shapes here are those of
+``strategies/model.py`` (checked by a test), so a prediction and a measurement refer to the
+same tensors.
+
+A model is a sequence of *units* -- the granularity at which pipelines split and FSDP wraps:
+``embed``, one unit per layer, ``head``. All layers of one kind have identical tensors, so
+everything is computed per unit kind and multiplied.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from functools import lru_cache
+from math import ceil, prod
+
+from planner.configs import ModelSpec
+
+# Megatron-LM pads the vocabulary so that each tensor-parallel shard is a multiple of 128
+# (--make-vocab-size-divisible-by 128); PyTorch's DTensor sharding does not pad.
+MEGATRON_VOCAB_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: int | None = None
+    """Dimension split by tensor parallelism (0: column-parallel / vocab-parallel,
+    1: row-parallel), or None when replicated on every tensor-parallel rank."""
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    def local_shape(self, tp: int, vocab_multiple: int = 1) -> tuple[int, ...]:
+        """Shape on the most loaded tensor-parallel rank (rank 0)."""
+        if self.tp_dim is None or tp == 1:
+            return self.shape
+        dim = self.shape[self.tp_dim]
+        if vocab_multiple > 1:
+            dim = ceil(dim / (vocab_multiple * tp)) * vocab_multiple * tp
+        shape = list(self.shape)
+        shape[self.tp_dim] = ceil(dim / tp)
+        return tuple(shape)
+
+
+def _norm(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
+    h = spec.hidden_size
+    tensors = [ParamTensor(f"{prefix}.weight", (h,))]
+    if spec.norm == "layernorm":
+        tensors.append(ParamTensor(f"{prefix}.bias", (h,)))
+    return tensors
+
+
+def _linear(name: str, out_features: int, in_features: int, tp_dim: int | None, bias: bool) -> list[ParamTensor]:
+    tensors = [ParamTensor(f"{name}.weight", (out_features, in_features), tp_dim)]
+    if bias:
+        # A column-parallel layer splits its bias with its output; a row-parallel layer adds
+        # its bias after the all-reduce, so the bias is replicated.
+        tensors.append(ParamTensor(f"{name}.bias", (out_features,), 0 if tp_dim == 0 else None))
+    return tensors
+
+
+def _attention(spec: ModelSpec, prefix: str, relative_bias: bool) -> list[ParamTensor]:
+    h, d = spec.hidden_size, spec.head_dim
+    q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
+    qkv_bias = spec.linear_bias or spec.qkv_bias
+    tensors = (
+        _linear(f"{prefix}.q", q_out, h, 0, qkv_bias)
+        + _linear(f"{prefix}.k", kv_out, h, 0, qkv_bias)
+        + _linear(f"{prefix}.v", kv_out, h, 0, qkv_bias)
+        + _linear(f"{prefix}.o", h, q_out, 1, spec.linear_bias)
+    )
+    if relative_bias:
+        tensors.append(ParamTensor(f"{prefix}.rel_bias.weight", (spec.relative_attention_buckets, spec.num_heads), 1))
+    return tensors
+
+
+def _mlp(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
+    h, f, bias = spec.hidden_size, spec.ffn_hidden_size, spec.linear_bias
+    if spec.mlp == "gelu":
+        return _linear(f"{prefix}.fc1", f, h, 0, bias) + _linear(f"{prefix}.fc2", h, f, 1, bias)
+    return (
+        _linear(f"{prefix}.gate", f, h, 0, bias)
+        + _linear(f"{prefix}.up", f, h, 0, bias)
+        + _linear(f"{prefix}.down", h, f, 1, bias)
+    )
+
+
+def layer_tensors(spec: ModelSpec, kind: str, first: bool = False) -> tuple[ParamTensor, ...]:
+    """Tensors of one layer. ``kind`` is ``"decoder"`` or ``"encoder"``; a decoder layer of an
+    encoder-decoder model also has cross-attention. ``first``: the first layer of its stack,
+    which holds the T5 relative position bias."""
+    relative = spec.position_embedding == "relative" and first
+    tensors = _norm(spec, "attn_norm") + _attention(spec, "attn", relative)
+    if kind == "decoder" and spec.encoder_layers:
+        tensors += _norm(spec, "cross_norm") + _attention(spec, "cross", False)
+    tensors += _norm(spec, "mlp_norm") + _mlp(spec, "mlp")
+    return tuple(tensors)
+
+
+def embed_tensors(spec: ModelSpec) -> tuple[ParamTensor, ...]:
+    h = spec.hidden_size
+    tensors = [ParamTensor("embed.weight", (spec.vocab_size, h), 0)]
+    if spec.position_embedding == "learned":
+        tensors.append(ParamTensor("pos_embed.weight", (spec.max_position_embeddings, h)))
+    if spec.embedding_norm:
+        tensors += _norm(spec, "embed_norm")
+    return tuple(tensors)
+
+
+def head_tensors(spec: ModelSpec, tied_copy: bool = False) -> tuple[ParamTensor, ...]:
+    """Final norm(s) and the output projection. ``tied_copy``: the head's weight is the tied
+    embedding, held again because the head lives on another pipeline stage (Megatron keeps such
+    a copy and all-reduces its gradient with the first stage)."""
+    tensors = list(_norm(spec, "final_norm"))
+    if spec.encoder_layers:
+        tensors += _norm(spec, "encoder_final_norm")
+    if not spec.tied_embeddings or tied_copy:
+        tensors.append(ParamTensor("head.weight", (spec.vocab_size, spec.hidden_size), 0))
+    return tuple(tensors)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A pipeline / FSDP unit: the embedding, one layer, or the head."""
+
+    kind: str  # "embed" | "encoder" | "decoder" | "head"
+    tensors: tuple[ParamTensor, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+
+def model_units(spec: ModelSpec) -> list[Unit]:
+    """All units in forward order (unique tensors: a tied head does not repeat the embedding)."""
+    units = [Unit("embed", embed_tensors(spec))]
+    for i in range(spec.encoder_layers):
+        units.append(Unit("encoder", layer_tensors(spec, "encoder", first=i == 0)))
+    for i in range(spec.num_layers):
+        units.append(Unit("decoder", layer_tensors(spec, "decoder", first=i == 0)))
+    units.append(Unit("head", head_tensors(spec)))
+    return units
+
+
+def total_params(spec: ModelSpec) -> int:
+    return sum(unit.numel for unit in model_units(spec))
+
+
+def named_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Fully qualified parameter names and shapes, as ``strategies/model.py`` names them."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    layer_index = {"encoder": 0, "decoder": 0}
+    for unit in model_units(spec):
+        if unit.kind in layer_index:
+            stack = "encoder_layers" if unit.kind == "encoder" else "layers"
+            prefix = f"{stack}.{layer_index[unit.kind]}."
+            layer_index[unit.kind] += 1
+        else:
+            prefix = ""
+        for tensor in unit.tensors:
+            shapes[prefix + tensor.name] = tensor.shape
+    return shapes
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+@dataclass(frozen=True)
+class StageUnits:
+    """What one pipeline stage (one rank of the pp group) holds."""
+
+    index: int
+    layers: tuple[int, int]  # [first, last) over encoder+decoder layers
+    units: tuple[Unit, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    @property
+    def has_embedding(self) -> bool:
+        return any(u.kind == "embed" for u in self.units)
+
+    @property
+    def has_head(self) -> bool:
+        return any(u.kind == "head" for u in self.units)
+
+
+def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous, as even as possible, earlier parts one layer larger (torchtitan / Megatron
+    with uneven layers both give the remainder to the first stages)."""
+    base, extra = divmod(num_layers, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def pipeline_stages(spec: ModelSpec, pp: int, chunks: int = 1) -> list[StageUnits]:
+    """Units held by each of the ``pp`` ranks. With ``chunks`` > 1 (interleaved schedule) rank r
+    holds model chunks r, r + pp, r + 2 pp, ... of ``pp * chunks`` equal chunks."""
+    units = model_units(spec)
+    embed, layers, head = units[0], units[1:-1], units[-1]
+    chunk_bounds = split_layers(len(layers), pp * chunks)
+    stages = []
+    for rank in range(pp):
+        held: list[Unit] = []
+        first_layer, last_layer = None, None
+        for c in range(chunks):
+            lo, hi = chunk_bounds[rank + c * pp]
+            held.extend(layers[lo:hi])
+            first_layer = lo if first_layer is None else first_layer
+            last_layer = hi
+        if rank == 0:
+            held.insert(0, embed)
+        if rank == pp - 1:
+            tied_copy = spec.tied_embeddings and pp > 1
+            held.append(Unit("head", head_tensors(spec, tied_copy=tied_copy)) if tied_copy else head)
+        stages.append(StageUnits(rank, (first_layer or 0, last_layer or 0), tuple(held)))
+    return stages
+
+
+# ---------------------------------------------------------------- per-rank shards
+
+
+def local_tensor_shapes(units: tuple[Unit, ...], tp: int, vocab_multiple: int = 1) -> list[tuple[int, ...]]:
+    shapes = []
+    for unit in units:
+        for tensor in unit.tensors:
+            multiple = vocab_multiple if tensor.name in ("embed.weight", "head.weight") else 1
+            shapes.append(tensor.local_shape(tp, multiple))
+    return shapes
+
+
+def local_numel(units: tuple[Unit, ...], tp: int, vocab_multiple: int = 1) -> int:
+    return sum(prod(s) for s in local_tensor_shapes(units, tp, vocab_multiple))
+
+
+def fsdp_shard_numel(shapes: list[tuple[int, ...]], world: int) -> int:
+    """Elements FSDP2 allocates per rank: each tensor's dim 0 padded to a multiple of the
+    shard group, then split evenly (``_get_dim0_padded_size`` / ``chunks[0]`` in
+    torch/distributed/fsdp/_fully_shard)."""
+    total = 0
+    for shape in shapes:
+        rest = prod(shape[1:]) if len(shape) > 1 else 1
+        total += ceil(shape[0] / world) * rest
+    return total
+
+
+def flat_shard_numel(shapes: list[tuple[int, ...]], world: int) -> int:
+    """Elements per rank when all tensors are flattened into one buffer and split evenly
+    (DeepSpeed ZeRO, Megatron's distributed optimizer)."""
+    return ceil(sum(prod(s) for s in shapes) / world)
+
+
+def greedy_partition_max(shapes: list[tuple[int, ...]], world: int) -> int:
+    """Largest per-rank share of ZeroRedundancyOptimizer: tensors sorted by size, largest first,
+    each given to the rank with the smallest total so far (``_partition_parameters``)."""
+    sizes = sorted((prod(s) for s in shapes), reverse=True)
+    loads = [(0, rank) for rank in range(world)]
+    heapq.heapify(loads)
+    for size in sizes:
+        load, rank = heapq.heappop(loads)
+        heapq.heappush(loads, (load + size, rank))
+    return max(load for load, _ in loads)
+
+
+@lru_cache(maxsize=4096)
+def stage_numel(spec: ModelSpec, pp: int, chunks: int, tp: int, vocab_multiple: int) -> tuple[int, ...]:
+    """Parameters per stage on one tensor-parallel rank (cached: the search asks often)."""
+    return tuple(local_numel(stage.units, tp, vocab_multiple) for stage in pipeline_stages(spec, pp, chunks))

@@ -1,0 +1,48 @@
+"""Precision recipes: how many bytes each kind of state takes per element.
+
+| recipe | params | grads | fp32 master | Adam m, v | compute | who uses it |
+|---|---|---|---|---|---|---|
+| fp32 | 4 | 4 | - | 4 + 4 | 4 | reference runs |
+| bf16-mixed | 2 | 2 | 4 | 4 + 4 | 2 | DeepSpeed / Megatron bf16 (ZeRO paper: 2 + 2 + 12) |
+| fp16-mixed | 2 | 2 | 4 | 4 + 4 | 2 | the same with loss scaling |
+| bf16-mixed-fp32-grads | 2 | 4 | 4 | 4 + 4 | 2 | Megatron-LM's default (fp32 main grads: 18 B/param) |
+| amp-bf16 | 4 | 4 | - | 4 + 4 | 2 | torch.autocast; FSDP2 MixedPrecisionPolicy(param_dtype=bf16) |
+| bf16 | 2 | 2 | - | 2 + 2 | 2 | pure bf16, optimizer state included |
+
+``gather_bytes`` is the dtype FSDP/ZeRO-3 all-gathers parameters in (bf16 under FSDP2's
+MixedPrecisionPolicy even though the shard is fp32); ``reduce_bytes`` the dtype gradients are
+reduce-scattered in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    param_bytes: int
+    grad_bytes: int
+    master_bytes: int
+    state_bytes: int
+    compute_bytes: int
+    compute_dtype: str
+    gather_bytes: int
+    reduce_bytes: int
+
+    @property
+    def has_master(self) -> bool:
+        return self.master_bytes > 0
+
+
+RECIPES: dict[str, Recipe] = {
+    "fp32": Recipe(4, 4, 0, 4, 4, "fp32", 4, 4),
+    "bf16-mixed": Recipe(2, 2, 4, 4, 2, "bf16", 2, 2),
+    "fp16-mixed": Recipe(2, 2, 4, 4, 2, "fp16", 2, 2),
+    "bf16-mixed-fp32-grads": Recipe(2, 4, 4, 4, 2, "bf16", 2, 4),
+    "amp-bf16": Recipe(4, 4, 0, 4, 2, "bf16", 2, 4),
+    "bf16": Recipe(2, 2, 0, 2, 2, "bf16", 2, 2),
+}
+
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
+"""State tensors per parameter: Adam's m and v; SGD's momentum buffer."""

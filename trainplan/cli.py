@@ -1,0 +1,300 @@
+"""Command line: ``plan`` and ``trainplan {plan, presets, ...}``.
+
+User mistakes become one line on stderr and a non-zero exit (2 for usage errors, 1 for the
+rest), never a traceback. Heavy imports (torch) happen only inside the commands that run
+things; ``plan`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+
+import click
+from pydantic import ValidationError
+
+from planner.errors import TrainplanError
+
+
+def _error(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+class _OneLineErrors:
+    """Mixin: run click in non-standalone mode and print every failure as one line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            _error(exc.format_message(), 2)
+        except click.ClickException as exc:
+            _error(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _error("aborted", 1)
+        except TrainplanError as exc:
+            _error(str(exc), 1)
+        except ValidationError as exc:
+            _error(_validation_message(exc), 1)
+        except BrokenPipeError:
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+class Command(_OneLineErrors, click.Command):
+    pass
+
+
+class Group(_OneLineErrors, click.Group):
+    command_class = Command
+
+
+def user_errors(fn):
+    """Library errors raised inside a command become ClickExceptions (exit 1, one line)."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TrainplanError as exc:
+            raise click.ClickException(str(exc)) from None
+        except ValidationError as exc:
+            raise click.ClickException(_validation_message(exc)) from None
+
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped output has no width to detect; tables need about 110 columns.
+        console = Console(highlight=False, width=120)
+    return console
+
+
+# ---------------------------------------------------------------- plan
+
+PRECISION_CHOICES = ["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16"]
+
+
+def plan_options(fn):
+    """Options shared by ``plan``, ``run`` and ``profile``: same names, same meaning."""
+    options = [
+        click.option("--model", "-m", "model_name", required=True,
+                     help="preset (llama-2-7b), size alias (7b) or a Hugging Face config.json"),
+        click.option("--gpus", "-g", type=click.IntRange(min=1), default=None,
+                     help="total GPUs (default: nodes x gpus-per-node, or 1)"),
+        click.option("--nodes", type=click.IntRange(min=1), default=None, help="number of nodes"),
+        click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
+                     help="GPUs per node (default: the GPU preset's, usually 8)"),
+        click.option("--gpu", "gpu_name", default="h100-sxm-80gb", show_default=True, help="GPU preset"),
+        click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3"]), default=None,
+                     help="data-parallel strategy (default: try all)"),
+        click.option("--offload", type=click.Choice(["none", "optimizer", "params"]), default=None,
+                     help="offload optimizer state (and params) to host memory"),
+        click.option("--tp", type=click.IntRange(min=1), default=None, help="tensor-parallel size"),
+        click.option("--pp", type=click.IntRange(min=1), default=None, help="pipeline-parallel size"),
+        click.option("--sequence-parallel/--no-sequence-parallel", default=False, show_default=True),
+        click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default="1f1b",
+                     show_default=True, help="pipeline schedule"),
+        click.option("--chunks", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="model chunks per stage (interleaved)"),
+        click.option("--ac", "activation_checkpointing", type=click.Choice(["none", "selective", "full"]),
+                     default="none", show_default=True, help="activation checkpointing"),
+        click.option("--attention", type=click.Choice(["flash", "eager"]), default="flash", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="bf16-mixed", show_default=True),
+        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True),
+        click.option("--optimizer-impl", type=click.Choice(["fused", "foreach", "for-loop"]), default="fused",
+                     show_default=True),
+        click.option("--seq-len", type=click.IntRange(min=1), default=4096, show_default=True),
+        click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--global-batch", type=click.IntRange(min=1), default=None,
+                     help="sequences per optimizer step (default: micro-batch x dp)"),
+        click.option("--engine", type=click.Choice(["pytorch", "megatron", "deepspeed"]), default="pytorch",
+                     show_default=True, help="whose memory semantics to predict"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def overhead_options(fn):
+    options = [
+        click.option("--cuda-context-mib", type=click.FloatRange(min=0), default=None,
+                     help="override the CUDA context overhead (MiB)"),
+        click.option("--communicator-mib", type=click.FloatRange(min=0), default=None,
+                     help="override the per-communicator (NCCL) overhead (MiB)"),
+        click.option("--fragmentation", type=click.FloatRange(min=0, max=1), default=None,
+                     help="override the allocator fragmentation fraction"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def resolve_gpus(gpus, nodes, gpus_per_node, gpu_spec) -> tuple[int, int]:
+    """Total GPUs and GPUs per node from --gpus / --nodes / --gpus-per-node."""
+    per_node = gpus_per_node or gpu_spec.gpus_per_node
+    if gpus is None:
+        gpus = (nodes or 1) * per_node if (nodes or gpus_per_node) else 1
+    elif nodes is not None and nodes * per_node != gpus:
+        raise click.UsageError(f"--gpus {gpus} != --nodes {nodes} x --gpus-per-node {per_node}")
+    return gpus, min(per_node, gpus)
+
+
+def _overheads(cuda_context_mib, communicator_mib, fragmentation):
+    from planner.memory import default_overheads
+
+    base = default_overheads()
+    update = {}
+    if cuda_context_mib is not None:
+        update["cuda_context_bytes"] = int(cuda_context_mib * 2**20)
+    if communicator_mib is not None:
+        update["communicator_bytes"] = int(communicator_mib * 2**20)
+    if fragmentation is not None:
+        update["fragmentation"] = fragmentation
+    if update:
+        update["source"] = base.source + " (overridden on the command line)"
+    return base.model_copy(update=update) if update else base
+
+
+@click.command("plan", cls=Command)
+@plan_options
+@overhead_options
+@click.option("--top", type=click.IntRange(min=0), default=15, show_default=True,
+              help="rows to show in search mode (0: all)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@user_errors
+def plan_command(model_name, gpus, nodes, gpus_per_node, gpu_name, strategy, offload, tp, pp, sequence_parallel,
+                 schedule, chunks, activation_checkpointing, attention, precision, optimizer, optimizer_impl,
+                 seq_len, micro_batch, global_batch, engine, cuda_context_mib, communicator_mib, fragmentation,
+                 top, as_json):
+    """Predict per-GPU memory for every layout the flags leave open.
+
+    Flags are constraints: give --strategy, --tp and --pp to fix the layout and see the
+    detailed breakdown per component, phase and pipeline stage."""
+    from planner.catalog import load_gpu, load_model
+    from planner.configs import STRATEGIES
+    from planner.memory import estimate_memory
+    from planner.search import STRATEGY_CHOICES, SearchSpace, enumerate_configs, search
+
+    model = load_model(model_name)
+    gpu = load_gpu(gpu_name)
+    gpus, per_node = resolve_gpus(gpus, nodes, gpus_per_node, gpu)
+    overheads = _overheads(cuda_context_mib, communicator_mib, fragmentation)
+    fixed = dict(
+        sequence_parallel=sequence_parallel, schedule=schedule,
+        chunks=chunks, activation_checkpointing=activation_checkpointing, attention=attention,
+        precision=precision, optimizer=optimizer, optimizer_impl=optimizer_impl, seq_len=seq_len,
+        micro_batch=micro_batch, engine=engine,
+    )
+    if global_batch is not None:
+        fixed["global_batch"] = global_batch
+    if strategy is not None:
+        strategies = [(STRATEGIES[strategy], offload or "none")]
+    elif offload is not None:
+        strategies = [(z, o) for z, o in STRATEGY_CHOICES if o == offload]
+    else:
+        strategies = None
+    space = SearchSpace(gpus=gpus, gpus_per_node=per_node, tp=[tp] if tp else None, pp=[pp] if pp else None,
+                        strategies=strategies, fixed=fixed)
+    configs = enumerate_configs(model, space)
+    console = _console()
+    if len(configs) == 1:
+        result = estimate_memory(model, gpu, configs[0], overheads)
+        if as_json:
+            click.echo(result.model_dump_json(indent=2))
+        else:
+            from trainplan.report import render_estimate
+
+            render_estimate(result, console)
+        return
+    plan_result = search(model, gpu, space, overheads)
+    if as_json:
+        click.echo(plan_result.model_dump_json(indent=2))
+    else:
+        from trainplan.report import render_plan
+
+        render_plan(plan_result, console, top)
+
+
+# ---------------------------------------------------------------- presets
+
+
+@click.command("presets", cls=Command)
+@click.option("--json", "as_json", is_flag=True, help="print the presets as JSON")
+@user_errors
+def presets_command(as_json):
+    """List the model and GPU presets (names, aliases, sizes, sources)."""
+    import json
+
+    from planner import catalog
+
+    models = []
+    for preset_id in catalog.model_ids():
+        preset, spec = catalog.model_preset(preset_id), catalog.load_model(preset_id)
+        models.append(dict(id=preset_id, aliases=list(preset.aliases), num_params=spec.num_params,
+                           layers=spec.total_layers, hidden=spec.hidden_size, heads=spec.num_heads,
+                           kv_heads=spec.num_kv_heads, vocab=spec.vocab_size, source=spec.source))
+    gpus = []
+    for preset_id in catalog.gpu_ids():
+        preset, spec = catalog.gpu_preset(preset_id), catalog.load_gpu(preset_id)
+        gpus.append(dict(id=preset_id, aliases=list(preset.aliases), name=spec.name, memory_bytes=spec.memory_bytes,
+                         bf16_tflops=spec.peak_tflops.bf16, fp32_tflops=spec.peak_tflops.fp32,
+                         int8_tops=spec.peak_tflops.int8, hbm_gb_s=spec.hbm_bandwidth_gb_s, source=spec.source))
+    if as_json:
+        click.echo(json.dumps({"models": models, "gpus": gpus}, indent=2))
+        return
+    from rich.table import Table
+
+    from trainplan.report import gib, params_text
+
+    console = _console()
+    table = Table(title="models", title_justify="left", header_style="bold")
+    for column in ("id", "aliases", "params", "layers", "hidden", "heads (kv)", "vocab"):
+        table.add_column(column, justify="right" if column not in ("id", "aliases") else "left")
+    for m in models:
+        table.add_row(m["id"], ", ".join(m["aliases"]), params_text(m["num_params"]), str(m["layers"]),
+                      str(m["hidden"]), f"{m['heads']} ({m['kv_heads']})", f"{m['vocab']:,}")
+    console.print(table)
+    table = Table(title="GPUs", title_justify="left", header_style="bold")
+    for column in ("id", "aliases", "memory GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "int8 TOPS", "HBM GB/s"):
+        table.add_column(column, justify="right" if column not in ("id", "aliases") else "left")
+    for g in gpus:
+        table.add_row(g["id"], ", ".join(g["aliases"]), gib(g["memory_bytes"]),
+                      f"{g['bf16_tflops']:g}" if g["bf16_tflops"] else "-", f"{g['fp32_tflops']:g}",
+                      f"{g['int8_tops']:g}" if g["int8_tops"] else "-", f"{g['hbm_gb_s']:g}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="trainplan")
+def main():
+    """trainplan: will it fit, which layout is fastest -- planned, run and measured."""
+
+
+main.add_command(plan_command)
+main.add_command(presets_command)
+
+
+def plan_main():
+    plan_command.main(prog_name="plan")
+
+
+if __name__ == "__main__":
+    main()
