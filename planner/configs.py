@@ -195,7 +195,7 @@ class TrainConfig(_Frozen):
             hint = (
                 f"; with tp={self.tp} and pp={self.pp} use dp = {self.gpus // (self.tp * self.pp)}"
                 if self.gpus % (self.tp * self.pp) == 0
-                else ""
+                else f"; tp x pp = {self.tp * self.pp} does not divide {self.gpus} GPUs"
             )
             raise LayoutError(
                 f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.dp * self.tp * self.pp} "

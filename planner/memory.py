@@ -195,6 +195,7 @@ class _StageParams:
     largest_unit: int  # largest FSDP unit (unsharded, local to tp)
     largest_pair: int  # largest two consecutive units (current + prefetched)
     first_unit: int  # the unit still gathered at the end of backward
+    last_to_differentiate: int  # units whose gradients are still being written then
     matmul_weights: int  # 2-D linear weights (autocast copies)
 
 
@@ -223,8 +224,11 @@ def _stage_params(model: ModelSpec, train_key: tuple, stage_index: int) -> _Stag
         for t in u.tensors
         if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name
     )
+    # When the stage's first layer is differentiated, its gradients and the embedding's
+    # (if the stage has it) are not written yet.
+    pending = sum(unit_sizes[:2]) if stage.has_embedding else unit_sizes[0]
     return _StageParams(local, sharded, optimizer_share, largest, largest_sharded,
-                        max(unit_sizes), max(pairs), unit_sizes[0], matmul)
+                        max(unit_sizes), max(pairs), unit_sizes[0], pending, matmul)
 
 
 # ---------------------------------------------------------------- the phase model
@@ -312,9 +316,10 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
         _add(tmp, "gathered_params", gathered_fwd)
         _add(tmp, "loss_gradients_fp32", loss_bwd)
         moments.append((forward.model_copy(update={"temporaries": sum(tmp.values())}), tmp))
+    grads_before_first_layer = grads_at_end if grads_persist else grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
     for acts, grads, gathered in (
         (activations - head_mb, grads_in_forward, gathered_fwd),
-        (activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer, grads_at_end, gathered_bwd_end),
+        (activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer, grads_before_first_layer, gathered_bwd_end),
     ):
         tmp = {}
         _add(tmp, "gathered_params", gathered)

@@ -63,7 +63,9 @@ class SearchSpace:
     def pp_values(self, model: ModelSpec, tp: int) -> list[int]:
         if self.pp is not None:
             return self.pp
-        return [p for p in divisors(self.gpus // tp) if p <= model.total_layers] if self.gpus % tp == 0 else []
+        if self.gpus % tp:
+            return [1]  # an impossible fixed tp: let TrainConfig say what to change
+        return [p for p in divisors(self.gpus // tp) if p <= model.total_layers]
 
 
 def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]:
@@ -72,9 +74,7 @@ def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]
     engine = space.fixed.get("engine", "pytorch")
     for tp in space.tp_values(model):
         for pp in space.pp_values(model, tp):
-            if space.gpus % (tp * pp):
-                continue
-            dp = space.gpus // (tp * pp)
+            dp = space.gpus // (tp * pp) or 1
             strategies = space.strategies
             if strategies is None:
                 strategies = [
@@ -84,7 +84,7 @@ def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]
                 ]
             for zero, offload in strategies:
                 try:
-                    train = TrainConfig(gpus=space.gpus, tp=tp, pp=pp, dp=dp, zero_stage=zero, offload=offload,
+                    train = TrainConfig(gpus=space.gpus, tp=tp, pp=pp, zero_stage=zero, offload=offload,
                                         **space.fixed)
                     check_layout(model, train)
                 except (LayoutError, ConfigError) as exc:
