@@ -54,12 +54,12 @@ def render_plan(result: PlanResult, console: Console, top: int = 0) -> None:
     table.add_column("strategy")
     table.add_column("dp·tp·pp")
     for name in COMPONENTS:
-        table.add_column(COMPONENT_HEADERS[name], justify="right")
-    table.add_column("peak", justify="right", style="bold")
+        table.add_column(f"{COMPONENT_HEADERS[name]}\nGiB", justify="right")
+    table.add_column("peak\nGiB", justify="right", style="bold")
     table.add_column("at")
-    table.add_column("host", justify="right")
+    table.add_column("host\nGiB", justify="right")
     table.add_column("fit")
-    table.add_column("max mb", justify="right")
+    table.add_column("max\nmb", justify="right")
     shown = result.candidates[:top] if top else result.candidates
     for est in shown:
         mem = est.memory
