@@ -197,27 +197,28 @@ class _StageParams:
     first_unit: int  # the unit still gathered at the end of backward
     last_to_differentiate: int  # units whose gradients are still being written then
     matmul_weights: int  # 2-D linear weights (autocast copies)
+    encoder_layers: int
+    decoder_layers: int
+    has_embedding: bool
+    has_head: bool
+    first_layer: int
+    last_layer: int
 
 
-@lru_cache(maxsize=8192)
-def _stage_params(model: ModelSpec, train_key: tuple, stage_index: int) -> _StageParams:
-    pp, chunks, tp, dp, zero_stage, engine_name = train_key
+@lru_cache(maxsize=16384)
+def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero_stage: int, engine_name: str,
+                  stage_index: int) -> _StageParams:
     engine = ENGINES[engine_name]
     stage = pipeline_stages(model, pp, chunks)[stage_index]
     shapes = local_tensor_shapes(stage.units, tp, engine.vocab_multiple)
     local = sum(prod(s) for s in shapes)
-    if engine.sharding == "flat":
-        sharded = flat_shard_numel(shapes, dp)
-    else:
-        sharded = fsdp_shard_numel(shapes, dp)
+    sharded = flat_shard_numel(shapes, dp) if engine.sharding == "flat" else fsdp_shard_numel(shapes, dp)
     if zero_stage == 1 and engine.zero1_partition == "greedy-tensors":
         optimizer_share = greedy_partition_max(shapes, dp)
     else:
         optimizer_share = sharded
     unit_sizes = [sum(prod(s) for s in local_tensor_shapes((u,), tp, engine.vocab_multiple)) for u in stage.units]
     pairs = [a + b for a, b in zip(unit_sizes, unit_sizes[1:])] or unit_sizes
-    largest = max(prod(s) for s in shapes)
-    largest_sharded = max(ceil(s[0] / dp) * prod(s[1:]) for s in shapes)
     matmul = sum(
         prod(t.local_shape(tp, engine.vocab_multiple if t.name in ("embed.weight", "head.weight") else 1))
         for u in stage.units
@@ -227,11 +228,92 @@ def _stage_params(model: ModelSpec, train_key: tuple, stage_index: int) -> _Stag
     # When the stage's first layer is differentiated, its gradients and the embedding's
     # (if the stage has it) are not written yet.
     pending = sum(unit_sizes[:2]) if stage.has_embedding else unit_sizes[0]
-    return _StageParams(local, sharded, optimizer_share, largest, largest_sharded,
-                        max(unit_sizes), max(pairs), unit_sizes[0], pending, matmul)
+    kinds = [u.kind for u in stage.units]
+    return _StageParams(
+        local=local,
+        sharded=sharded,
+        optimizer_share=optimizer_share,
+        largest_tensor=max(prod(s) for s in shapes),
+        largest_tensor_sharded=max(ceil(s[0] / dp) * prod(s[1:]) for s in shapes),
+        largest_unit=max(unit_sizes),
+        largest_pair=max(pairs),
+        first_unit=unit_sizes[0],
+        last_to_differentiate=pending,
+        matmul_weights=matmul,
+        encoder_layers=kinds.count("encoder"),
+        decoder_layers=kinds.count("decoder"),
+        has_embedding=stage.has_embedding,
+        has_head=stage.has_head,
+        first_layer=stage.layers[0],
+        last_layer=stage.layers[1],
+    )
+
+
+@dataclass(frozen=True)
+class _ActSums:
+    """Activation bytes per micro-batch: per layer by kind, with and without recompute."""
+
+    encoder_layer: int
+    decoder_layer: int
+    encoder_layer_no_recompute: int
+    decoder_layer_no_recompute: int
+    embedding: int
+    head: int
+    loss_forward: int
+    loss_backward: int
+    workspace: int
+
+
+_ACT_FIELDS = ("seq_len", "micro_batch", "tp", "sequence_parallel", "precision", "attention", "engine",
+               "activation_checkpointing")
+
+
+@lru_cache(maxsize=16384)
+def _act_sums(model: ModelSpec, key: tuple) -> _ActSums:
+    train = TrainConfig.model_construct(**dict(zip(_ACT_FIELDS, key)))
+    loss_forward, loss_backward = act.loss_transients(model, train)
+    return _ActSums(
+        encoder_layer=act.layer_bytes(model, train, "encoder"),
+        decoder_layer=act.layer_bytes(model, train, "decoder"),
+        encoder_layer_no_recompute=act.layer_bytes(model, train, "encoder", "none"),
+        decoder_layer_no_recompute=act.layer_bytes(model, train, "decoder", "none"),
+        embedding=sum(act.embedding_terms(model, train).values()),
+        head=sum(act.head_terms(model, train).values()),
+        loss_forward=loss_forward,
+        loss_backward=loss_backward,
+        workspace=act.layer_backward_workspace(model, train),
+    )
 
 
 # ---------------------------------------------------------------- the phase model
+
+
+@dataclass
+class _Mem:
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    temporaries: int = 0
+    overhead: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.temporaries + self.overhead
+
+
+@dataclass
+class _StageResult:
+    phases: dict[str, _Mem]
+    details: dict[str, dict[str, int]]
+    peak_phase: str
+    params: _StageParams
+    layer_factor: float
+    host: tuple[int, int, int]  # params, grads, optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.phases[self.peak_phase].total
 
 
 def _add(parts: dict[str, int], name: str, value: int | float) -> None:
@@ -239,13 +321,12 @@ def _add(parts: dict[str, int], name: str, value: int | float) -> None:
         parts[name] = parts.get(name, 0) + int(value)
 
 
-def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int) -> StageMemory:
+def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int) -> _StageResult:
     recipe = RECIPES[train.precision]
     engine = ENGINES[train.engine]
-    stage = pipeline_stages(model, train.pp, train.chunks)[stage_index]
-    key = (train.pp, train.chunks, train.tp, train.dp, train.zero_stage, train.engine)
-    sp = _stage_params(model, key, stage_index)
     zero, offload = train.zero_stage, train.offload
+    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.dp, zero, train.engine, stage_index)
+    sums = _act_sums(model, tuple(getattr(train, f) for f in _ACT_FIELDS))
     fsdp = train.engine == "pytorch" and zero >= 2
 
     # --- persistent state (bytes)
@@ -259,26 +340,26 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
     # PyTorch offload copies them after backward, so they are on the GPU until then.
     grads_on_gpu = offload == "none" or (offload == "optimizer" and train.engine == "pytorch")
     grads_at_end = grads_full if grads_on_gpu else 0
+    # DDP's buckets (gradient_as_bucket_view) outlive zero_grad; a single process has no DDP.
     # FSDP2 (zero_grad(set_to_none=True)) has no gradients in the first micro-batch's forward;
     # later micro-batches (accumulation, or any pipeline) run with the accumulated shards.
-    # DDP's buckets (gradient_as_bucket_view) outlive zero_grad; a single process has no DDP.
     grads_persist = (zero <= 1 and train.dp > 1) or engine.grads_between_steps
     grads_in_forward = grads_at_end if grads_persist or train.num_microbatches > 1 else 0
 
     # --- activations (one micro-batch's worth of each part; ``inflight`` says how many)
     layer_factor, embed_count, head_count = act.inflight(train, stage_index)
-    layer_kinds = [u.kind for u in stage.units if u.kind in ("encoder", "decoder")]
-    layers_mb = sum(act.layer_bytes(model, train, kind) for kind in layer_kinds)
-    embed_mb = sum(act.embedding_terms(model, train).values()) if stage.has_embedding else 0
-    head_mb = sum(act.head_terms(model, train).values()) if stage.has_head else 0
+    layers_mb = sp.encoder_layers * sums.encoder_layer + sp.decoder_layers * sums.decoder_layer
+    embed_mb = sums.embedding if sp.has_embedding else 0
+    head_mb = sums.head if sp.has_head else 0
     # torch.autocast casts each linear weight to bf16 per forward, and linear saves the cast.
     autocast_mb = 2 * sp.matmul_weights if train.precision == "amp-bf16" and zero <= 1 else 0
     activations = int(layer_factor * (layers_mb + autocast_mb)) + embed_count * embed_mb + head_count * head_mb
-    kind = layer_kinds[-1] if layer_kinds else "decoder"
-    one_layer = act.layer_bytes(model, train, kind) if layer_kinds else 0
-    recompute_set = (
-        act.layer_bytes(model, train, kind, "none") if train.activation_checkpointing == "full" and layer_kinds else 0
-    )
+    has_layers = sp.encoder_layers + sp.decoder_layers > 0
+    first_kind_is_encoder = sp.encoder_layers > 0
+    one_layer = (sums.encoder_layer if first_kind_is_encoder else sums.decoder_layer) if has_layers else 0
+    recompute_set = 0
+    if train.activation_checkpointing == "full" and has_layers:
+        recompute_set = sums.encoder_layer_no_recompute if first_kind_is_encoder else sums.decoder_layer_no_recompute
 
     # --- temporaries
     gather = recipe.gather_bytes
@@ -288,8 +369,8 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
         gathered_fwd, gathered_bwd_end = sp.local * gather, sp.first_unit * gather
     else:
         gathered_fwd = gathered_bwd_end = 0
-    loss_fwd, loss_bwd = act.loss_transients(model, train) if stage.has_head else (0, 0)
-    workspace = act.layer_backward_workspace(model, train) if layer_kinds else 0
+    loss_fwd, loss_bwd = (sums.loss_forward, sums.loss_backward) if sp.has_head else (0, 0)
+    workspace = sums.workspace if has_layers else 0
     if fsdp:
         # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
         grad_reduce = sp.largest_unit * (gather + recipe.reduce_bytes)
@@ -304,67 +385,78 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
     forward_tmp: dict[str, int] = {}
     _add(forward_tmp, "gathered_params", gathered_fwd)
     _add(forward_tmp, "loss_logits_fp32", loss_fwd)
-    forward = MemoryBreakdown(params=params, grads=grads_in_forward, optimizer=optimizer,
-                              activations=activations, temporaries=sum(forward_tmp.values()))
+    forward = _Mem(params, grads_in_forward, optimizer, activations, sum(forward_tmp.values()))
 
     # Three moments of the backward pass: the loss's backward (last stage), the first layer's
     # backward (head freed, workspace and -- with full recompute -- one recomputed layer),
     # and the last layer's backward (this micro-batch's activations freed, gradients written).
-    moments: list[tuple[MemoryBreakdown, dict[str, int]]] = []
-    if stage.has_head:
-        tmp = {}
+    moments: list[tuple[_Mem, dict[str, int]]] = []
+    if sp.has_head:
+        tmp: dict[str, int] = {}
         _add(tmp, "gathered_params", gathered_fwd)
         _add(tmp, "loss_gradients_fp32", loss_bwd)
-        moments.append((forward.model_copy(update={"temporaries": sum(tmp.values())}), tmp))
-    grads_before_first_layer = grads_at_end if grads_persist else grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
+        moments.append((_Mem(params, grads_in_forward, optimizer, activations, sum(tmp.values())), tmp))
+    if grads_persist or not sp.local:
+        grads_before_first_layer = grads_at_end
+    else:
+        grads_before_first_layer = grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
     for acts, grads, gathered in (
         (activations - head_mb, grads_in_forward, gathered_fwd),
-        (activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer, grads_before_first_layer, gathered_bwd_end),
+        (activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer, grads_before_first_layer,
+         gathered_bwd_end),
     ):
         tmp = {}
         _add(tmp, "gathered_params", gathered)
         _add(tmp, "activation_gradients", workspace)
         _add(tmp, "gradient_reduction", grad_reduce)
-        moments.append((MemoryBreakdown(params=params, grads=grads, optimizer=optimizer,
-                                        activations=max(int(acts), 0) + recompute_set,
-                                        temporaries=sum(tmp.values())), tmp))
+        moments.append((_Mem(params, grads, optimizer, max(int(acts), 0) + recompute_set, sum(tmp.values())), tmp))
     backward, backward_tmp = max(moments, key=lambda m: m[0].total)
 
     optimizer_tmp: dict[str, int] = {}
     if offload == "none":
-        state_elems = n_state
         if train.optimizer_impl == "foreach":
-            _add(optimizer_tmp, "optimizer_foreach_scratch", state_elems * recipe.state_bytes)
+            _add(optimizer_tmp, "optimizer_foreach_scratch", n_state * recipe.state_bytes)
         elif train.optimizer_impl == "for-loop":
             largest = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor
             _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest * recipe.state_bytes)
         if recipe.has_master and recipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
-            _add(optimizer_tmp, "fp32_grad_copy", state_elems * 4)
-    phases = {
-        "forward": forward,
-        "backward": backward,
-        "optimizer": MemoryBreakdown(params=params, grads=grads_full if offload == "none" else 0,
-                                     optimizer=optimizer, temporaries=sum(optimizer_tmp.values())),
-    }
-    details = {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp}
+            _add(optimizer_tmp, "fp32_grad_copy", n_state * 4)
+    step = _Mem(params, grads_full if offload == "none" else 0, optimizer, 0, sum(optimizer_tmp.values()))
 
-    # --- overheads on top of the largest allocated total
+    phases = {"forward": forward, "backward": backward, "optimizer": step}
+    # --- overheads on top of each phase's allocated total
     groups = sum(1 for size in (train.dp, train.tp, train.pp) if size > 1)
     fixed_overhead = overheads.cuda_context_bytes + groups * overheads.communicator_bytes
-    phases = {
-        name: b.model_copy(update={"overhead": fixed_overhead + int(overheads.fragmentation * b.total)})
-        for name, b in phases.items()
-    }
+    for mem in phases.values():
+        mem.overhead = fixed_overhead + int(overheads.fragmentation * mem.total)
     peak_phase = max(PHASES, key=lambda name: phases[name].total)
-    peak = phases[peak_phase]
 
-    host = _host_memory(train, recipe, engine, n_param, n_state)
+    host = (0, 0, 0)
+    if offload != "none":
+        host = (
+            n_param * recipe.param_bytes if offload == "params" else 0,
+            n_state * 4,  # gradients land on the host in fp32 for the CPU optimizer
+            n_state * (recipe.master_bytes + OPTIMIZER_STATES[train.optimizer] * recipe.state_bytes),
+        )
+    return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
+                        peak_phase, sp, layer_factor, host)
+
+
+def _breakdown(mem: _Mem) -> MemoryBreakdown:
+    return MemoryBreakdown(params=mem.params, grads=mem.grads, optimizer=mem.optimizer, activations=mem.activations,
+                           temporaries=mem.temporaries, overhead=mem.overhead)
+
+
+def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int) -> StageMemory:
+    core = _stage_core(model, train, overheads, stage_index)
+    peak = core.phases[core.peak_phase]
+    host_params, host_grads, host_optimizer = core.host
     return StageMemory(
         stage=stage_index,
-        first_layer=stage.layers[0],
-        last_layer=stage.layers[1],
-        num_params=sp.local,
-        inflight_microbatches=layer_factor,
+        first_layer=core.params.first_layer,
+        last_layer=core.params.last_layer,
+        num_params=core.params.local,
+        inflight_microbatches=core.layer_factor,
         params=peak.params,
         grads=peak.grads,
         optimizer=peak.optimizer,
@@ -372,21 +464,12 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
         temporaries=peak.temporaries,
         overhead=peak.overhead,
         peak=peak.total,
-        peak_phase=peak_phase,
-        phases=phases,
-        temporaries_detail=details[peak_phase],
-        host=host,
+        peak_phase=core.peak_phase,
+        phases={name: _breakdown(mem) for name, mem in core.phases.items()},
+        temporaries_detail=core.details[core.peak_phase],
+        host=HostMemory(params=host_params, grads=host_grads, optimizer=host_optimizer,
+                        per_rank=host_params + host_grads + host_optimizer),
     )
-
-
-def _host_memory(train: TrainConfig, recipe: Recipe, engine: EngineSemantics, n_param: int, n_state: int) -> HostMemory:
-    if train.offload == "none":
-        return HostMemory()
-    params = n_param * recipe.param_bytes if train.offload == "params" else 0
-    grads = n_state * 4  # gradients land on the host in fp32 for the CPU optimizer
-    optimizer = n_state * (recipe.master_bytes + OPTIMIZER_STATES[train.optimizer] * recipe.state_bytes)
-    per_rank = params + grads + optimizer
-    return HostMemory(params=params, grads=grads, optimizer=optimizer, per_rank=per_rank, per_node=0)
 
 
 def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
@@ -421,26 +504,33 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
 
 def peak_bytes(model: ModelSpec, train: TrainConfig, overheads: Overheads) -> int:
     """The worst stage's peak, without building the full result (the search's inner loop)."""
-    return max(_stage_memory(model, train, overheads, i).peak for i in range(train.pp))
+    return max(_stage_core(model, train, overheads, i).peak for i in range(train.pp))
 
 
 def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, overheads: Overheads,
                         limit: int = 4096) -> int:
-    """Largest micro-batch whose peak fits (activations grow with it; 0 if not even 1 fits)."""
+    """Largest micro-batch whose peak fits (0 if not even 1 fits), at the same accumulation.
 
-    def fits(mb: int) -> bool:
+    Every phase total is linear in the micro-batch and the peak is their maximum, a convex
+    function: extrapolating from micro-batches 1 and 2 bounds the answer from above, and a
+    bisection below that bound finds it with a few evaluations."""
+
+    def peak(mb: int) -> int:
         trial = train.model_copy(update={"micro_batch": mb, "global_batch": mb * train.dp * train.grad_accum})
-        return peak_bytes(model, trial, overheads) <= gpu.memory_bytes
+        return peak_bytes(model, trial, overheads)
 
-    if not fits(1):
+    budget = gpu.memory_bytes
+    p1 = peak(1)
+    if p1 > budget:
         return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
+    slope = peak(2) - p1
+    hi = limit if slope <= 0 else min(limit, 1 + (budget - p1) // slope)
+    if peak(hi) <= budget:
+        return hi
+    lo = 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
     return lo
 
 

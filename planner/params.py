@@ -207,7 +207,8 @@ def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def pipeline_stages(spec: ModelSpec, pp: int, chunks: int = 1) -> list[StageUnits]:
+@lru_cache(maxsize=1024)
+def pipeline_stages(spec: ModelSpec, pp: int, chunks: int = 1) -> tuple[StageUnits, ...]:
     """Units held by each of the ``pp`` ranks. With ``chunks`` > 1 (interleaved schedule) rank r
     holds model chunks r, r + pp, r + 2 pp, ... of ``pp * chunks`` equal chunks."""
     units = model_units(spec)
@@ -228,7 +229,7 @@ def pipeline_stages(spec: ModelSpec, pp: int, chunks: int = 1) -> list[StageUnit
             tied_copy = spec.tied_embeddings and pp > 1
             held.append(Unit("head", head_tensors(spec, tied_copy=tied_copy)) if tied_copy else head)
         stages.append(StageUnits(rank, (first_layer or 0, last_layer or 0), tuple(held)))
-    return stages
+    return tuple(stages)
 
 
 # ---------------------------------------------------------------- per-rank shards
