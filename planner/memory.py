@@ -41,6 +41,7 @@ from planner.params import (
     greedy_partition_max,
     local_tensor_shapes,
     pipeline_stages,
+    representative_stages,
 )
 from planner.precision import OPTIMIZER_STATES, RECIPES, Recipe
 
@@ -121,7 +122,7 @@ class Overheads(_Result):
 @lru_cache(maxsize=None)
 def default_overheads() -> Overheads:
     raw = json.loads(resources.files("presets").joinpath("calibration/default.json").read_text())
-    return Overheads(**raw["overheads"], source=raw["source"])
+    return Overheads(**raw["overheads"], source=raw["overheads_source"])
 
 
 class ModelSummary(_Result):
@@ -504,7 +505,8 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
 
 def peak_bytes(model: ModelSpec, train: TrainConfig, overheads: Overheads) -> int:
     """The worst stage's peak, without building the full result (the search's inner loop)."""
-    return max(_stage_core(model, train, overheads, i).peak for i in range(train.pp))
+    stages = representative_stages(model, train.pp, train.chunks)
+    return max(_stage_core(model, train, overheads, i).peak for i in stages)
 
 
 def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, overheads: Overheads,

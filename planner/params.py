@@ -281,3 +281,20 @@ def greedy_partition_max(shapes: list[tuple[int, ...]], world: int) -> int:
 def stage_numel(spec: ModelSpec, pp: int, chunks: int, tp: int, vocab_multiple: int) -> tuple[int, ...]:
     """Parameters per stage on one tensor-parallel rank (cached: the search asks often)."""
     return tuple(local_numel(stage.units, tp, vocab_multiple) for stage in pipeline_stages(spec, pp, chunks))
+
+
+@lru_cache(maxsize=4096)
+def representative_stages(spec: ModelSpec, pp: int, chunks: int = 1) -> tuple[int, ...]:
+    """Stages that can be the worst: the first, the last, and the first stage of each run of
+    stages holding the same layers. Between them, stages hold the same layers and fewer
+    in-flight micro-batches (every schedule's warm-up shrinks with the stage index), so
+    neither their memory nor their time can exceed the run's first stage."""
+    stages = pipeline_stages(spec, pp, chunks)
+    picked = {0, pp - 1}
+    previous = None
+    for stage in stages:
+        signature = tuple(u.kind for u in stage.units)
+        if signature != previous:
+            picked.add(stage.index)
+            previous = signature
+    return tuple(sorted(picked))

@@ -1,17 +1,24 @@
-"""Enumerating layouts: every dp x tp x pp factorization and strategy the user left open.
+"""Search: every layout the flags leave open, what fits, what is fastest, and why.
 
 Flags are constraints. A ``SearchSpace`` holds, per knob, either the user's value or every
-value worth trying; ``enumerate_configs`` yields the valid ``TrainConfig`` combinations.
+value worth trying: dp x tp x pp factorizations (tp inside a node, dividing the heads),
+ZeRO stage and offload, activation checkpointing, micro-batch (with gradient accumulation
+making up the global batch), pipeline schedule. Each candidate is screened with the fast
+paths of the memory and step-time models; only the shown ones are built in full.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from pydantic import BaseModel, ConfigDict
 
-from planner.configs import STRATEGIES, ModelSpec, TrainConfig, check_layout
+from planner.calibration import Calibration, default_calibration
+from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.errors import ConfigError, LayoutError, TrainplanError
-from planner.memory import MemoryEstimate, ModelSummary, Overheads, estimate_memory
+from planner.estimate import Estimate, estimate
+from planner.memory import ModelSummary, peak_bytes
+from planner.step_time import Throughput, estimate_step
 
 STRATEGY_CHOICES: tuple[tuple[int, str], ...] = (
     (0, "none"),
@@ -22,6 +29,9 @@ STRATEGY_CHOICES: tuple[tuple[int, str], ...] = (
     (3, "params"),
 )
 """The strategies the seed notes rank: DDP, ZeRO-1, ZeRO-2, ZeRO-2+offload, ZeRO-3, ZeRO-3+offload."""
+
+SORT_KEYS = ("throughput", "memory", "mfu")
+GIB = 2**30
 
 
 def strategy_label(train: TrainConfig) -> str:
@@ -35,28 +45,49 @@ def strategy_label(train: TrainConfig) -> str:
     return name
 
 
+def layout_label(train: TrainConfig) -> str:
+    text = f"dp{train.dp}·tp{train.tp}·pp{train.pp}"
+    if train.sequence_parallel:
+        text += "+sp"
+    if train.pp > 1:
+        text += f" {train.schedule}" + (f"×{train.chunks}" if train.chunks > 1 else "")
+    return text
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass
 class SearchSpace:
-    """Each list is the values to try; a single-element list is a fixed choice."""
+    """Each list is the values to try (one element: a fixed choice; None: the default set)."""
 
     gpus: int
     gpus_per_node: int = 8
     tp: list[int] | None = None
     pp: list[int] | None = None
     strategies: list[tuple[int, str]] | None = None  # (zero stage, offload)
-    fixed: dict = field(default_factory=dict)  # every other TrainConfig field
+    activation_checkpointing: list[str] | None = None
+    micro_batch: list[int] | None = None
+    schedules: list[tuple[str, int]] | None = None  # (schedule, chunks)
+    sequence_parallel: bool | None = None  # None: on whenever tp > 1
+    global_batch: int | None = None  # None: see global_batch_for
+    allow_cross_node_tp: bool = False
+    fixed: dict = field(default_factory=dict)  # precision, optimizer, attention, seq_len, engine, ...
 
     def tp_values(self, model: ModelSpec) -> list[int]:
         if self.tp is not None:
+            for t in self.tp:
+                if t > self.gpus_per_node and not self.allow_cross_node_tp:
+                    raise LayoutError(
+                        f"tp={t} spans nodes ({self.gpus_per_node} GPUs per node): tensor parallelism all-reduces "
+                        f"every layer; use --tp {self.gpus_per_node} or less, or --allow-cross-node-tp"
+                    )
             return self.tp
         # Tensor parallelism stays inside a node (its all-reduces are per layer).
         return [
             t for t in divisors(self.gpus)
-            if t <= self.gpus_per_node
+            if (t <= self.gpus_per_node or self.allow_cross_node_tp)
             and model.num_heads % t == 0 and model.num_kv_heads % t == 0 and model.ffn_hidden_size % t == 0
         ]
 
@@ -67,6 +98,53 @@ class SearchSpace:
             return [1]  # an impossible fixed tp: let TrainConfig say what to change
         return [p for p in divisors(self.gpus // tp) if p <= model.total_layers]
 
+    def strategy_values(self, dp: int, engine: str) -> list[tuple[int, str]]:
+        if self.strategies is not None:
+            return self.strategies
+        return [
+            (z, o) for z, o in STRATEGY_CHOICES
+            # ZeRO without offload over one data-parallel rank is plain DDP.
+            if (dp > 1 or z == 0 or o != "none") and (engine != "megatron" or (z <= 1 and o == "none"))
+        ]
+
+    def checkpointing_values(self) -> list[str]:
+        if self.activation_checkpointing is not None:
+            return self.activation_checkpointing
+        # With flash attention, Megatron's selective recompute keeps what no recompute keeps.
+        eager = self.fixed.get("attention", "flash") == "eager"
+        return ["none", "selective", "full"] if eager else ["none", "full"]
+
+    def global_batch_for(self, dp: int) -> int:
+        """The given global batch; else one micro-batch per replica when the micro-batch is
+        fixed (no accumulation), else one sequence per GPU (the same for every layout)."""
+        if self.global_batch is not None:
+            return self.global_batch
+        if self.micro_batch is not None and len(self.micro_batch) == 1:
+            return self.micro_batch[0] * dp
+        return self.gpus
+
+    def micro_batch_values(self, per_replica: int) -> list[int]:
+        if self.micro_batch is not None:
+            return self.micro_batch
+        values, mb = [], 1
+        while mb <= min(per_replica, 64):
+            if per_replica % mb == 0:
+                values.append(mb)
+            mb *= 2
+        return values or [1]
+
+    def schedule_values(self, model: ModelSpec, pp: int, microbatches: int) -> list[tuple[str, int]]:
+        if pp == 1:
+            return [("1f1b", 1)]
+        if self.schedules is not None:
+            return self.schedules
+        values = [("1f1b", 1)]
+        for chunks in (2, 4):
+            # Megatron's interleaved schedule needs the micro-batches to be a multiple of pp.
+            if model.total_layers % (pp * chunks) == 0 and microbatches % pp == 0:
+                values.append(("interleaved", chunks))
+        return values
+
 
 def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]:
     configs: list[TrainConfig] = []
@@ -75,22 +153,27 @@ def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]
     for tp in space.tp_values(model):
         for pp in space.pp_values(model, tp):
             dp = space.gpus // (tp * pp) or 1
-            strategies = space.strategies
-            if strategies is None:
-                strategies = [
-                    (z, o) for z, o in STRATEGY_CHOICES
-                    # ZeRO without offload over one data-parallel rank is plain DDP.
-                    if (dp > 1 or z == 0 or o != "none") and (engine != "megatron" or (z <= 1 and o == "none"))
-                ]
-            for zero, offload in strategies:
-                try:
-                    train = TrainConfig(gpus=space.gpus, tp=tp, pp=pp, zero_stage=zero, offload=offload,
-                                        **space.fixed)
-                    check_layout(model, train)
-                except (LayoutError, ConfigError) as exc:
-                    first_error = first_error or exc
-                    continue
-                configs.append(train)
+            sequence_parallel = space.sequence_parallel if space.sequence_parallel is not None else tp > 1
+            global_batch = space.global_batch_for(dp)
+            per_replica = global_batch // dp if global_batch % dp == 0 else 0
+            micro_batches = space.micro_batch_values(per_replica) if per_replica else (space.micro_batch or [1])
+            for zero, offload in space.strategy_values(dp, engine):
+                for checkpointing in space.checkpointing_values():
+                    for mb in micro_batches:
+                        microbatches = per_replica // mb if per_replica and per_replica % mb == 0 else 0
+                        for schedule, chunks in space.schedule_values(model, pp, microbatches):
+                            try:
+                                train = TrainConfig(
+                                    gpus=space.gpus, tp=tp, pp=pp, zero_stage=zero, offload=offload,
+                                    activation_checkpointing=checkpointing, micro_batch=mb,
+                                    global_batch=global_batch, schedule=schedule, chunks=chunks,
+                                    sequence_parallel=sequence_parallel and tp > 1, **space.fixed,
+                                )
+                                check_layout(model, train)
+                            except (LayoutError, ConfigError) as exc:
+                                first_error = first_error or exc
+                                continue
+                            configs.append(train)
     if not configs:
         if first_error is not None:
             raise first_error
@@ -98,8 +181,22 @@ def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]
     return configs
 
 
+# ---------------------------------------------------------------- results
+
+
+class StrategySummary(BaseModel):
+    """The best variant of one seed strategy, and why it is or is not the answer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    strategy: str
+    best: Estimate | None
+    fits: bool
+    note: str
+
+
 class PlanResult(BaseModel):
-    """Search mode's result: every candidate the constraints leave, best first."""
+    """Search mode's result: the candidates (best first), the recommendation and its reason."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -107,23 +204,161 @@ class PlanResult(BaseModel):
     gpu: str
     gpu_memory_bytes: int
     gpus: int
-    candidates: list[MemoryEstimate]
+    gpus_per_node: int
+    calibration: str
+    sort: str
+    num_candidates: int
+    num_fitting: int
+    candidates: list[Estimate]
+    strategies: list[StrategySummary]
+    recommended: Estimate | None
+    reason: str
+    advice: list[str] = []
 
 
-def search(model: ModelSpec, gpu, space: SearchSpace, overheads: Overheads | None = None) -> PlanResult:
-    configs = sorted(
-        enumerate_configs(model, space),
-        # the simplest layouts first (pure data parallelism), then by strategy, as the seeds list them
-        key=lambda t: (t.tp * t.pp, t.pp, t.tp, t.zero_stage, ("none", "optimizer", "params").index(t.offload)),
-    )
-    estimates = [estimate_memory(model, gpu, train, overheads) for train in configs]
+@dataclass
+class _Screened:
+    train: TrainConfig
+    peak: int
+    throughput: Throughput
+
+
+def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
+            gpus_per_node: int) -> list[_Screened]:
+    return [
+        _Screened(train, peak_bytes(model, train, cal.overheads),
+                  estimate_step(model, gpu, train, cal, gpus_per_node, check=False))
+        for train in configs
+    ]
+
+
+def _sort_key(sort: str):
+    if sort == "memory":
+        return lambda c: (c.peak, -c.throughput.tokens_per_s)
+    if sort == "mfu":
+        return lambda c: (-c.throughput.mfu, c.peak)
+    return lambda c: (-c.throughput.tokens_per_s, c.peak)
+
+
+def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Calibration | None = None,
+           top: int = 10, sort: str = "throughput") -> PlanResult:
+    if sort not in SORT_KEYS:
+        raise ConfigError(f"unknown sort key {sort!r}; use one of {', '.join(SORT_KEYS)}")
+    cal = calibration or default_calibration()
+    screened = _screen(model, gpu, enumerate_configs(model, space), cal, space.gpus_per_node)
+    fitting = sorted((c for c in screened if c.peak <= gpu.memory_bytes), key=_sort_key(sort))
+    build_cache: dict[int, Estimate] = {}
+
+    def build(c: _Screened) -> Estimate:
+        if id(c) not in build_cache:
+            build_cache[id(c)] = estimate(model, gpu, c.train, cal, space.gpus_per_node)
+        return build_cache[id(c)]
+
+    shown = fitting[:top] if top else fitting
+    by_speed = sorted(fitting, key=_sort_key("throughput"))
+    recommended = build(by_speed[0]) if by_speed else None
+    strategies = _strategy_summaries(screened, gpu, build, by_speed[0] if by_speed else None)
+    advice: list[str] = []
+    if recommended is None:
+        closest = sorted(screened, key=lambda c: c.peak)[: (top or 10)]
+        candidates = [build(c) for c in closest]
+        advice = _advice(model, gpu, space, closest[0])
+        reason = (f"nothing fits: the smallest peak is {closest[0].peak / GIB:.1f} GiB "
+                  f"({strategy_label(closest[0].train)}, {layout_label(closest[0].train)}) "
+                  f"against {gpu.memory_bytes / GIB:.1f} GiB per GPU")
+    else:
+        candidates = [build(c) for c in shown]
+        reason = _reason(recommended, strategies, gpu)
     return PlanResult(
         model=ModelSummary(name=model.name, num_params=model.num_params),
         gpu=gpu.name,
         gpu_memory_bytes=gpu.memory_bytes,
         gpus=space.gpus,
-        candidates=estimates,
+        gpus_per_node=space.gpus_per_node,
+        calibration=cal.id,
+        sort=sort,
+        num_candidates=len(screened),
+        num_fitting=len(fitting),
+        candidates=candidates,
+        strategies=strategies,
+        recommended=recommended,
+        reason=reason,
+        advice=advice,
     )
 
 
-__all__ = ["STRATEGIES", "PlanResult", "SearchSpace", "enumerate_configs", "search", "strategy_label"]
+def _strategy_summaries(screened: list[_Screened], gpu: GPUSpec, build, best: _Screened | None
+                        ) -> list[StrategySummary]:
+    """For each seed strategy: its fastest fitting variant over every searched layout, or the
+    variant with the smallest peak when none fits."""
+    pool = screened
+    summaries = []
+    labels = list(dict.fromkeys(strategy_label(c.train) for c in sorted(pool, key=lambda c: (
+        c.train.zero_stage, ("none", "optimizer", "params").index(c.train.offload)))))
+    for label in labels:
+        group = [c for c in pool if strategy_label(c.train) == label]
+        fits = [c for c in group if c.peak <= gpu.memory_bytes]
+        if fits:
+            top = min(fits, key=_sort_key("throughput"))
+            note = _compare(top, best) if best is not None and top is not best else "recommended"
+            summaries.append(StrategySummary(strategy=label, best=build(top), fits=True, note=note))
+        else:
+            smallest = min(group, key=lambda c: c.peak)
+            summaries.append(StrategySummary(
+                strategy=label, best=build(smallest), fits=False,
+                note=f"does not fit ({smallest.peak / GIB:.1f} GiB > {gpu.memory_bytes / GIB:.1f} GiB at best)",
+            ))
+    return summaries
+
+
+_CAUSES = {
+    "compute_s": "compute",
+    "recompute_s": "activation recomputation",
+    "tp_communication_s": "tensor-parallel all-reduces",
+    "pp_communication_s": "pipeline transfers",
+    "dp_communication_exposed_s": "exposed data-parallel communication",
+    "bubble_s": "pipeline bubble",
+    "offload_s": "CPU optimizer and PCIe copies",
+    "optimizer_s": "optimizer step",
+}
+
+
+def _compare(candidate: _Screened, best: _Screened) -> str:
+    """Why ``candidate`` is slower: the breakdown term that grew most per token (layouts may
+    train different global batches when the micro-batch is fixed), in ms per candidate step."""
+    slower = best.throughput.tokens_per_s / candidate.throughput.tokens_per_s - 1
+    if slower <= 0.005:
+        return "is as fast as the recommendation"
+    tokens_a, tokens_b = candidate.train.tokens_per_step, best.train.tokens_per_step
+    a, b = candidate.throughput.breakdown.model_dump(), best.throughput.breakdown.model_dump()
+    cause = max(_CAUSES, key=lambda k: a[k] / tokens_a - b[k] / tokens_b)
+    delta_ms = (a[cause] - b[cause] * tokens_a / tokens_b) * 1e3
+    return (f"is {slower:.0%} slower at its best ({layout_label(candidate.train)}, micro-batch "
+            f"{candidate.train.micro_batch}): +{delta_ms:,.0f} ms of {_CAUSES[cause]} per step")
+
+
+def _reason(best: Estimate, strategies: list[StrategySummary], gpu: GPUSpec) -> str:
+    t, th = best.train, best.throughput
+    head = (
+        f"{strategy_label(t)}, {layout_label(t)}, micro-batch {t.micro_batch}, accumulation {t.grad_accum}, "
+        f"checkpointing {t.activation_checkpointing}: {th.tokens_per_s_per_gpu:,.0f} tokens/s per GPU "
+        f"(MFU {th.mfu:.0%}), fits with {best.headroom_bytes / GIB:.1f} GiB headroom."
+    )
+    others = [f"{s.strategy} {s.note}" for s in strategies if s.note != "recommended"]
+    return head + (" " + "; ".join(others) + "." if others else "")
+
+
+def _advice(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, closest: _Screened) -> list[str]:
+    t = closest.train
+    advice = []
+    over = closest.peak / gpu.memory_bytes
+    advice.append(f"more GPUs: ZeRO-3 shards model states over data parallelism (the closest layout needs "
+                  f"{over:.2f}x the memory)")
+    if t.micro_batch > 1:
+        advice.append("a smaller --micro-batch (with more gradient accumulation)")
+    if t.activation_checkpointing != "full":
+        advice.append("--ac full (keeps only each layer's input)")
+    if t.offload != "params":
+        advice.append("--offload params with ZeRO-3 (optimizer state and parameters in host memory)")
+    advice.append(f"a shorter --seq-len than {t.seq_len}, or a GPU with more memory than {gpu.memory_bytes / GIB:.0f} GiB")
+    return advice

@@ -9,7 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from planner.memory import MemoryEstimate
+from planner.estimate import Estimate
 from planner.search import PlanResult
 from trainplan.cli import main, plan_command
 
@@ -21,9 +21,14 @@ def _plan(*args):
 def test_plan_search_table_renders():
     result = _plan("--model", "7b", "--gpus", "8")
     assert result.exit_code == 0, result.output
-    for label in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-2+offload", "ZeRO-3", "ZeRO-3+offload", "8·1·1", "fits", "OOM"):
+    for label in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-2+offload", "ZeRO-3", "ZeRO-3+offload", "8·1·1", "fits",
+                  "recommended:", "tok/s", "MFU"):
         assert label in result.stdout
     assert "GiB" in result.stdout
+    # pure data parallelism only: plain DDP of 7B (112 GB of states) cannot fit 80 GB
+    result = _plan("--model", "7b", "--gpus", "8", "--tp", "1", "--pp", "1")
+    assert result.exit_code == 0, result.output
+    assert "OOM" in result.stdout and "DDP does not fit" in result.stdout
 
 
 def test_plan_fixed_prints_breakdown_per_phase():
@@ -36,7 +41,7 @@ def test_plan_fixed_prints_breakdown_per_phase():
 
 def test_plan_fixed_pipeline_shows_stages_and_host():
     result = _plan("--model", "13b", "--gpus", "8", "--strategy", "zero1", "--tp", "2", "--pp", "2",
-                   "--global-batch", "32")
+                   "--global-batch", "32", "--micro-batch", "1")
     assert result.exit_code == 0, result.output
     assert "stage 0" in result.stdout and "stage 1" in result.stdout
     result = _plan("--model", "7b", "--gpus", "8", "--strategy", "zero3", "--offload", "params", "--tp", "1", "--pp", "1")
@@ -45,7 +50,7 @@ def test_plan_fixed_pipeline_shows_stages_and_host():
 
 def test_plan_json_fixed_round_trips():
     result = _plan("--model", "7b", "--gpus", "8", "--strategy", "zero2", "--tp", "1", "--pp", "2",
-                   "--global-batch", "16", "--json")
+                   "--global-batch", "16", "--micro-batch", "1", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     for key in ("params", "grads", "optimizer", "activations", "temporaries", "overhead", "peak"):
@@ -54,15 +59,22 @@ def test_plan_json_fixed_round_trips():
     assert len(data["stages"]) == 2
     assert data["model"]["num_params"] == 6_738_415_616
     assert "host" in data
-    assert MemoryEstimate.model_validate_json(result.stdout).model_dump() == data
+    for key in ("step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "mfu"):
+        assert data["throughput"][key] > 0
+    for key in ("compute_s", "bubble_s", "offload_s", "dp_communication_exposed_s"):
+        assert key in data["throughput"]["breakdown"]
+    assert Estimate.model_validate_json(result.stdout).model_dump() == data
 
 
-def test_plan_json_search_has_candidates():
+def test_plan_json_search_has_candidates_and_recommendation():
     result = _plan("--model", "7b", "--gpus", "8", "--json")
     assert result.exit_code == 0, result.output
     parsed = PlanResult.model_validate_json(result.stdout)
-    assert len(parsed.candidates) > 6
-    assert all(isinstance(c.memory.peak, int) for c in parsed.candidates)
+    assert len(parsed.candidates) == 10 and parsed.num_candidates > 100
+    assert all(isinstance(c.memory.peak, int) and c.throughput.tokens_per_s > 0 for c in parsed.candidates)
+    assert parsed.recommended is not None and parsed.recommended == parsed.candidates[0]
+    data = json.loads(result.stdout)
+    assert data["recommended"]["throughput"]["breakdown"]["compute_s"] > 0
 
 
 def test_presets_lists_models_and_gpus():

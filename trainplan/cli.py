@@ -90,7 +90,8 @@ PRECISION_CHOICES = ["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads"
 
 
 def plan_options(fn):
-    """Options shared by ``plan``, ``run`` and ``profile``: same names, same meaning."""
+    """Options shared by ``plan``, ``run`` and ``profile``: same names, same meaning.
+    A knob left unset is open: ``plan`` searches it, ``run`` takes its default."""
     options = [
         click.option("--model", "-m", "model_name", required=True,
                      help="preset (llama-2-7b), size alias (7b) or a Hugging Face config.json"),
@@ -101,27 +102,29 @@ def plan_options(fn):
                      help="GPUs per node (default: the GPU preset's, usually 8)"),
         click.option("--gpu", "gpu_name", default="h100-sxm-80gb", show_default=True, help="GPU preset"),
         click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3"]), default=None,
-                     help="data-parallel strategy (default: try all)"),
+                     help="data-parallel strategy [default: search all]"),
         click.option("--offload", type=click.Choice(["none", "optimizer", "params"]), default=None,
-                     help="offload optimizer state (and params) to host memory"),
-        click.option("--tp", type=click.IntRange(min=1), default=None, help="tensor-parallel size"),
-        click.option("--pp", type=click.IntRange(min=1), default=None, help="pipeline-parallel size"),
-        click.option("--sequence-parallel/--no-sequence-parallel", default=False, show_default=True),
-        click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default="1f1b",
-                     show_default=True, help="pipeline schedule"),
-        click.option("--chunks", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="model chunks per stage (interleaved)"),
+                     help="offload optimizer state and gradients (and parameters) to host memory"),
+        click.option("--tp", type=click.IntRange(min=1), default=None, help="tensor-parallel size [default: search]"),
+        click.option("--pp", type=click.IntRange(min=1), default=None, help="pipeline-parallel size [default: search]"),
+        click.option("--sequence-parallel/--no-sequence-parallel", default=None,
+                     help="sequence parallelism with tp [default: on when tp > 1]"),
+        click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default=None,
+                     help="pipeline schedule [default: search 1f1b and interleaved]"),
+        click.option("--chunks", type=click.IntRange(min=1), default=None,
+                     help="model chunks per stage for the interleaved schedule"),
         click.option("--ac", "activation_checkpointing", type=click.Choice(["none", "selective", "full"]),
-                     default="none", show_default=True, help="activation checkpointing"),
+                     default=None, help="activation checkpointing [default: search]"),
         click.option("--attention", type=click.Choice(["flash", "eager"]), default="flash", show_default=True),
         click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="bf16-mixed", show_default=True),
         click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True),
         click.option("--optimizer-impl", type=click.Choice(["fused", "foreach", "for-loop"]), default="fused",
                      show_default=True),
         click.option("--seq-len", type=click.IntRange(min=1), default=4096, show_default=True),
-        click.option("--micro-batch", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+                     help="sequences per micro-batch [default: search, 1 for a fixed layout]"),
         click.option("--global-batch", type=click.IntRange(min=1), default=None,
-                     help="sequences per optimizer step (default: micro-batch x dp)"),
+                     help="sequences per optimizer step [default: one per GPU]"),
         click.option("--engine", type=click.Choice(["pytorch", "megatron", "deepspeed"]), default="pytorch",
                      show_default=True, help="whose memory semantics to predict"),
     ]
@@ -132,6 +135,8 @@ def plan_options(fn):
 
 def overhead_options(fn):
     options = [
+        click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False), default=None,
+                     help="calibration JSON (default: the shipped one for this GPU, else documented defaults)"),
         click.option("--cuda-context-mib", type=click.FloatRange(min=0), default=None,
                      help="override the CUDA context overhead (MiB)"),
         click.option("--communicator-mib", type=click.FloatRange(min=0), default=None,
@@ -154,10 +159,10 @@ def resolve_gpus(gpus, nodes, gpus_per_node, gpu_spec) -> tuple[int, int]:
     return gpus, min(per_node, gpus)
 
 
-def _overheads(cuda_context_mib, communicator_mib, fragmentation):
-    from planner.memory import default_overheads
+def resolve_calibration(path, gpu, cuda_context_mib=None, communicator_mib=None, fragmentation=None):
+    from planner.calibration import calibration_for_gpu, load_calibration
 
-    base = default_overheads()
+    cal = load_calibration(path) if path else calibration_for_gpu(gpu.name)
     update = {}
     if cuda_context_mib is not None:
         update["cuda_context_bytes"] = int(cuda_context_mib * 2**20)
@@ -166,54 +171,84 @@ def _overheads(cuda_context_mib, communicator_mib, fragmentation):
     if fragmentation is not None:
         update["fragmentation"] = fragmentation
     if update:
-        update["source"] = base.source + " (overridden on the command line)"
-    return base.model_copy(update=update) if update else base
+        update["source"] = cal.overheads.source + " (overridden on the command line)"
+        cal = cal.model_copy(update={"overheads": cal.overheads.model_copy(update=update)})
+    return cal
 
 
-@click.command("plan", cls=Command)
-@plan_options
-@overhead_options
-@click.option("--top", type=click.IntRange(min=0), default=15, show_default=True,
-              help="rows to show in search mode (0: all)")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@user_errors
-def plan_command(model_name, gpus, nodes, gpus_per_node, gpu_name, strategy, offload, tp, pp, sequence_parallel,
-                 schedule, chunks, activation_checkpointing, attention, precision, optimizer, optimizer_impl,
-                 seq_len, micro_batch, global_batch, engine, cuda_context_mib, communicator_mib, fragmentation,
-                 top, as_json):
-    """Predict per-GPU memory for every layout the flags leave open.
-
-    Flags are constraints: give --strategy, --tp and --pp to fix the layout and see the
-    detailed breakdown per component, phase and pipeline stage."""
+def build_space(options: dict):
+    """Model, GPU and the search space from the shared options."""
     from planner.catalog import load_gpu, load_model
     from planner.configs import STRATEGIES
-    from planner.memory import estimate_memory
-    from planner.search import STRATEGY_CHOICES, SearchSpace, enumerate_configs, search
+    from planner.search import STRATEGY_CHOICES, SearchSpace
 
-    model = load_model(model_name)
-    gpu = load_gpu(gpu_name)
-    gpus, per_node = resolve_gpus(gpus, nodes, gpus_per_node, gpu)
-    overheads = _overheads(cuda_context_mib, communicator_mib, fragmentation)
-    fixed = dict(
-        sequence_parallel=sequence_parallel, schedule=schedule,
-        chunks=chunks, activation_checkpointing=activation_checkpointing, attention=attention,
-        precision=precision, optimizer=optimizer, optimizer_impl=optimizer_impl, seq_len=seq_len,
-        micro_batch=micro_batch, engine=engine,
-    )
-    if global_batch is not None:
-        fixed["global_batch"] = global_batch
+    model = load_model(options["model_name"])
+    gpu = load_gpu(options["gpu_name"])
+    gpus, per_node = resolve_gpus(options["gpus"], options["nodes"], options["gpus_per_node"], gpu)
+    strategy, offload = options["strategy"], options["offload"]
     if strategy is not None:
         strategies = [(STRATEGIES[strategy], offload or "none")]
     elif offload is not None:
         strategies = [(z, o) for z, o in STRATEGY_CHOICES if o == offload]
     else:
         strategies = None
-    space = SearchSpace(gpus=gpus, gpus_per_node=per_node, tp=[tp] if tp else None, pp=[pp] if pp else None,
-                        strategies=strategies, fixed=fixed)
+    schedule, chunks = options["schedule"], options["chunks"]
+    if schedule is not None or chunks is not None:
+        schedule = schedule or ("interleaved" if (chunks or 1) > 1 else "1f1b")
+        schedules = [(schedule, chunks or (2 if schedule == "interleaved" else 1))]
+    else:
+        schedules = None
+    fixed_layout = strategy is not None and options["tp"] is not None and options["pp"] is not None
+    micro_batch = options["micro_batch"]
+    if micro_batch is None and fixed_layout and options["global_batch"] is None:
+        micro_batch = 1
+    checkpointing = options["activation_checkpointing"]
+    if fixed_layout:  # a fixed layout takes the defaults for what is still open
+        checkpointing = checkpointing or "none"
+        schedules = schedules or [("1f1b", 1)]
+    space = SearchSpace(
+        gpus=gpus,
+        gpus_per_node=per_node,
+        tp=[options["tp"]] if options["tp"] else None,
+        pp=[options["pp"]] if options["pp"] else None,
+        strategies=strategies,
+        activation_checkpointing=[checkpointing] if checkpointing else None,
+        micro_batch=[micro_batch] if micro_batch else None,
+        schedules=schedules,
+        sequence_parallel=options["sequence_parallel"],
+        global_batch=options["global_batch"],
+        allow_cross_node_tp=options.get("allow_cross_node_tp", False),
+        fixed=dict(attention=options["attention"], precision=options["precision"], optimizer=options["optimizer"],
+                   optimizer_impl=options["optimizer_impl"], seq_len=options["seq_len"], engine=options["engine"]),
+    )
+    return model, gpu, space
+
+
+@click.command("plan", cls=Command)
+@plan_options
+@overhead_options
+@click.option("--allow-cross-node-tp", is_flag=True, help="let tensor parallelism span nodes")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="ranked layouts to show (0: all that fit)")
+@click.option("--sort", type=click.Choice(["throughput", "memory", "mfu"]), default="throughput", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@user_errors
+def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmentation, top, sort, as_json,
+                 **options):
+    """Predict per-GPU memory and throughput for every layout the flags leave open, and
+    recommend the fastest that fits.
+
+    Flags are constraints. Fix --strategy, --tp and --pp (and --ac, --micro-batch) to see one
+    layout in detail: memory per component, phase and pipeline stage, and its step time."""
+    from planner.estimate import estimate
+    from planner.search import enumerate_configs, search
+
+    model, gpu, space = build_space(options)
+    cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
     configs = enumerate_configs(model, space)
     console = _console()
     if len(configs) == 1:
-        result = estimate_memory(model, gpu, configs[0], overheads)
+        result = estimate(model, gpu, configs[0], cal, space.gpus_per_node)
         if as_json:
             click.echo(result.model_dump_json(indent=2))
         else:
@@ -221,13 +256,15 @@ def plan_command(model_name, gpus, nodes, gpus_per_node, gpu_name, strategy, off
 
             render_estimate(result, console)
         return
-    plan_result = search(model, gpu, space, overheads)
+    plan_result = search(model, gpu, space, cal, top=top, sort=sort)
     if as_json:
         click.echo(plan_result.model_dump_json(indent=2))
     else:
         from trainplan.report import render_plan
 
-        render_plan(plan_result, console, top)
+        render_plan(plan_result, console)
+    if plan_result.recommended is None:
+        raise click.ClickException(plan_result.reason + "; try " + "; ".join(plan_result.advice))
 
 
 # ---------------------------------------------------------------- presets

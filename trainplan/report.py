@@ -10,14 +10,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from planner.memory import COMPONENTS, PHASES, MemoryEstimate
-from planner.search import PlanResult, strategy_label
+from planner.estimate import Estimate
+from planner.memory import COMPONENTS, PHASES
+from planner.search import PlanResult, layout_label, strategy_label
 
 GIB = 2**30
+COMPONENT_HEADERS = {"params": "params", "grads": "grads", "optimizer": "optim", "activations": "activ",
+                     "temporaries": "temps", "overhead": "overh"}
+PHASE_SHORT = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}
 
 
-def gib(n: int | float) -> str:
-    return f"{n / GIB:,.2f}"
+def gib(n: int | float, decimals: int = 2) -> str:
+    return f"{n / GIB:,.{decimals}f}"
 
 
 def params_text(n: int) -> str:
@@ -31,78 +35,110 @@ def _fit(fits: bool) -> Text:
     return Text("fits", style="bold green") if fits else Text("OOM", style="bold red")
 
 
-def layout_text(est: MemoryEstimate, short: bool = False) -> str:
+def _short_layout(est: Estimate) -> str:
     t = est.train
-    text = f"{t.dp}·{t.tp}·{t.pp}" if short else f"dp{t.dp}·tp{t.tp}·pp{t.pp}"
-    if t.sequence_parallel:
-        text += "+sp"
+    text = f"{t.dp}·{t.tp}·{t.pp}" + ("+sp" if t.sequence_parallel else "")
+    if t.pp > 1 and t.schedule != "1f1b":
+        text += " gpipe" if t.schedule == "gpipe" else f" int×{t.chunks}"
     return text
 
 
-COMPONENT_HEADERS = {"params": "params", "grads": "grads", "optimizer": "optim", "activations": "activ",
-                     "temporaries": "temps", "overhead": "overh"}
-PHASE_SHORT = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}
-
-
-def render_plan(result: PlanResult, console: Console, top: int = 0) -> None:
-    console.print(
-        f"[bold]{result.model.name}[/] ({params_text(result.model.num_params)} parameters) on "
-        f"{result.gpus} × {result.gpu} ({gib(result.gpu_memory_bytes)} GiB each) — "
-        f"{len(result.candidates)} layouts"
-    )
+def _memory_table() -> Table:
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
-    table.add_column("strategy")
-    table.add_column("dp·tp·pp")
+    table.add_column("strategy", no_wrap=True)
+    table.add_column("dp·tp·pp", no_wrap=True)
     for name in COMPONENTS:
         table.add_column(f"{COMPONENT_HEADERS[name]}\nGiB", justify="right")
     table.add_column("peak\nGiB", justify="right", style="bold")
     table.add_column("at")
     table.add_column("host\nGiB", justify="right")
     table.add_column("fit")
-    table.add_column("max\nmb", justify="right")
-    shown = result.candidates[:top] if top else result.candidates
-    for est in shown:
-        mem = est.memory
+    return table
+
+
+def _memory_cells(est: Estimate) -> list:
+    mem, t = est.memory, est.train
+    return [
+        strategy_label(t),
+        _short_layout(est),
+        *(gib(getattr(mem, name), 1) for name in COMPONENTS),
+        gib(mem.peak, 1),
+        PHASE_SHORT[mem.peak_phase],
+        gib(est.host.per_rank, 1) if est.host.per_rank else "-",
+        _fit(est.fits),
+    ]
+
+
+def render_plan(result: PlanResult, console: Console) -> None:
+    console.print(
+        f"[bold]{result.model.name}[/] ({params_text(result.model.num_params)} parameters) on {result.gpus} × "
+        f"{result.gpu} ({gib(result.gpu_memory_bytes)} GiB each, {result.gpus_per_node} per node) — "
+        f"{result.num_candidates:,} layouts searched, {result.num_fitting:,} fit"
+    )
+    if result.strategies:
+        table = _memory_table()
+        table.title = "strategies, each at its fastest layout that fits (or its smallest peak)"
+        table.title_justify = "left"
+        table.add_column("tok/s\n/GPU", justify="right")
+        table.add_column("MFU", justify="right")
+        for summary in result.strategies:
+            est = summary.best
+            if est is None:
+                continue
+            th = est.throughput
+            table.add_row(*_memory_cells(est), f"{th.tokens_per_s_per_gpu:,.0f}" if summary.fits else "-",
+                          f"{th.mfu:.0%}" if summary.fits else "-")
+        console.print(table)
+    title = "closest layouts (none fits)" if result.recommended is None else f"fastest layouts (by {result.sort})"
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, title=title, title_justify="left")
+    for name, justify in (("#", "right"), ("strategy", "left"), ("dp·tp·pp", "left"), ("mb×acc", "right"), ("ac", "left"),
+                          ("peak\nGiB", "right"), ("step\ns", "right"), ("tok/s\n/GPU", "right"), ("MFU", "right"),
+                          ("compute\ns", "right"), ("comm\ns", "right"), ("bubble\ns", "right"),
+                          ("offload\ns", "right")):
+        table.add_column(name, justify=justify)
+    for rank, est in enumerate(result.candidates, 1):
+        t, th = est.train, est.throughput
+        b = th.breakdown
         table.add_row(
-            strategy_label(est.train),
-            layout_text(est, short=True),
-            *(gib(getattr(mem, name)) for name in COMPONENTS),
-            gib(mem.peak),
-            PHASE_SHORT[mem.peak_phase],
-            gib(est.host.per_rank) if est.host.per_rank else "-",
-            _fit(est.fits),
-            str(est.max_micro_batch),
+            str(rank), strategy_label(t), _short_layout(est), f"{t.micro_batch}×{t.grad_accum}", t.activation_checkpointing,
+            Text(gib(est.memory.peak, 1), style="green" if est.fits else "red"),
+            f"{th.step_time_s:.2f}", f"{th.tokens_per_s_per_gpu:,.0f}", f"{th.mfu:.0%}",
+            f"{b.compute_s + b.recompute_s:.2f}", f"{b.exposed_communication_s:.2f}", f"{b.bubble_s:.2f}",
+            f"{b.offload_s + b.optimizer_s:.2f}",
         )
     console.print(table)
-    if len(shown) < len(result.candidates):
-        console.print(f"[dim]… {len(result.candidates) - len(shown)} more layouts (--top 0 shows all)[/]")
-    t = result.candidates[0].train if result.candidates else None
+    if result.recommended is not None:
+        console.print(Text.assemble(("recommended: ", "bold green"), result.reason))
+    else:
+        console.print(Text.assemble(("nothing fits: ", "bold red"), result.reason))
+        for line in result.advice:
+            console.print(f"  • {line}")
+    t = (result.recommended or (result.candidates[0] if result.candidates else None))
     if t is not None:
+        tr = t.train
         console.print(
-            f"[dim]micro-batch {t.micro_batch} × seq {t.seq_len}, {t.precision}, {t.optimizer} ({t.optimizer_impl}), "
-            f"{t.attention} attention, checkpointing {t.activation_checkpointing}, engine {t.engine}. "
-            f"Memory per GPU in GiB (2^30 bytes); peak = the largest total over forward (fwd) / backward (bwd) / "
-            f"optimizer step (opt), worst pipeline stage; host = offloaded GiB per GPU; max mb = largest "
-            f"micro-batch that fits.[/]"
+            f"[dim]seq {tr.seq_len}, global batch {tr.global_batch}, {tr.precision}, {tr.optimizer} ({tr.optimizer_impl}), "
+            f"{tr.attention} attention, engine {tr.engine}; calibration: {result.calibration}. Memory per GPU in GiB "
+            f"(2^30 bytes); peak = the largest total over forward / backward / optimizer step (at), worst pipeline stage; "
+            f"comm = exposed communication; mb×acc = micro-batch × gradient accumulation.[/]"
         )
 
 
-def render_estimate(est: MemoryEstimate, console: Console) -> None:
+def render_estimate(est: Estimate, console: Console) -> None:
     t = est.train
     console.print(
         f"[bold]{est.model.name}[/] ({est.model.num_params:,} parameters) — {strategy_label(t)}, "
-        f"{layout_text(est)} on {t.gpus} × {est.gpu} ({gib(est.gpu_memory_bytes)} GiB)"
+        f"{layout_label(t)} on {t.gpus} × {est.gpu} ({gib(est.gpu_memory_bytes)} GiB)"
     )
     console.print(
         f"[dim]micro-batch {t.micro_batch}, seq {t.seq_len}, global batch {t.global_batch} "
         f"(accumulation {t.grad_accum}), {t.precision}, {t.optimizer} ({t.optimizer_impl}), {t.attention} attention, "
-        f"checkpointing {t.activation_checkpointing}"
-        + (f", {t.schedule} schedule" + (f" × {t.chunks} chunks" if t.chunks > 1 else "") if t.pp > 1 else "")
-        + f", engine {t.engine}[/]"
+        f"checkpointing {t.activation_checkpointing}, engine {t.engine}[/]"
     )
     for stage in est.stages:
-        title = f"stage {stage.stage}" if t.pp > 1 else "per GPU"
-        title += f" — layers {stage.first_layer}–{stage.last_layer - 1}" if stage.last_layer > stage.first_layer else ""
+        title = f"stage {stage.stage}" if t.pp > 1 else "memory per GPU"
+        if stage.last_layer > stage.first_layer:
+            title += f" — layers {stage.first_layer}–{stage.last_layer - 1}"
         if t.pp > 1:
             title += f", {stage.inflight_microbatches:g} micro-batches in flight"
         table = Table(title=title, title_justify="left", header_style="bold")
@@ -118,24 +154,35 @@ def render_estimate(est: MemoryEstimate, console: Console) -> None:
             parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in stage.temporaries_detail.items())
             console.print(f"  [dim]temporaries at the peak ({stage.peak_phase}): {parts} GiB[/]")
     mem = est.memory
-    verdict = _fit(est.fits)
-    line = Text.assemble(
+    worst = max(est.stages, key=lambda s: s.peak)
+    console.print(Text.assemble(
         "peak ", (f"{gib(mem.peak)} GiB", "bold"), f" at {mem.peak_phase}",
-        f" (stage {max(est.stages, key=lambda s: s.peak).stage})" if t.pp > 1 else "",
-        f" of {gib(est.gpu_memory_bytes)} GiB: ", verdict,
+        f" (stage {worst.stage})" if t.pp > 1 else "",
+        f" of {gib(est.gpu_memory_bytes)} GiB: ", _fit(est.fits),
         f", headroom {gib(est.headroom_bytes)} GiB; largest micro-batch that fits: {est.max_micro_batch}",
-    )
-    console.print(line)
+    ))
     if est.host.per_rank:
         h = est.host
         console.print(
             f"host memory (offload): {gib(h.per_rank)} GiB per GPU — params {gib(h.params)}, grads {gib(h.grads)}, "
             f"optimizer {gib(h.optimizer)} — {gib(h.per_node)} GiB per node"
         )
+    th = est.throughput
+    b = th.breakdown
+    console.print(Text.assemble(
+        "step ", (f"{th.step_time_s:.3f} s", "bold"), f": {th.tokens_per_s:,.0f} tokens/s, ",
+        (f"{th.tokens_per_s_per_gpu:,.0f} tokens/s per GPU", "bold"), f", MFU {th.mfu:.1%}, HFU {th.hfu:.1%} ",
+        f"({'calibrated' if th.calibrated else 'default efficiency'} {th.compute_efficiency:.0%} of peak)",
+    ))
+    parts = [("compute", b.compute_s), ("recompute", b.recompute_s), ("tensor-parallel comm", b.tp_communication_s),
+             ("pipeline transfers", b.pp_communication_s), ("exposed data-parallel comm", b.dp_communication_exposed_s),
+             ("bubble", b.bubble_s), ("offload", b.offload_s), ("optimizer", b.optimizer_s)]
+    console.print("  [dim]" + ", ".join(f"{name} {value:.3f} s" for name, value in parts if value > 0) + "[/]")
     o = est.overheads
     console.print(
         f"[dim]overhead: CUDA context {gib(o.cuda_context_bytes)} GiB + {gib(o.communicator_bytes)} GiB per "
-        f"communicator + {o.fragmentation:.0%} fragmentation ({'calibrated' if o.calibrated else 'uncalibrated defaults'})[/]"
+        f"communicator + {o.fragmentation:.0%} fragmentation ({'calibrated' if o.calibrated else 'uncalibrated defaults'}); "
+        f"calibration: {est.calibration}[/]"
     )
     for note in est.notes:
         console.print(f"[yellow]note:[/] {note}")

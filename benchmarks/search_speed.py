@@ -1,0 +1,63 @@
+"""Times the planner's full search (every knob open) and prints the figures.
+
+    python benchmarks/search_speed.py
+
+Cases: llama-2-70b on 1,024 H100s (global batch 1,024) and llama-2-7b on 8 H100s; each is
+timed in-process (search only, best of 5, caches cleared before each run so every run does
+the full work), then ``plan --model 7b --gpus 8`` end to end as a subprocess (process start
+to exit, best of 5).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+
+
+def _clear_caches() -> None:
+    from planner import calibration, catalog, memory, params
+
+    for fn in (memory._stage_params, memory._act_sums, params.pipeline_stages, params.representative_stages,
+               params.stage_numel, catalog._model_from_preset, catalog._gpu_from_preset,
+               calibration.default_calibration):
+        fn.cache_clear()
+
+
+def time_search(model_name: str, gpus: int, global_batch: int | None, repeats: int = 5) -> tuple[float, int, int]:
+    from planner.catalog import load_gpu, load_model
+    from planner.search import SearchSpace, search
+
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        _clear_caches()
+        start = time.perf_counter()
+        model, gpu = load_model(model_name), load_gpu("h100-sxm-80gb")
+        space = SearchSpace(gpus=gpus, gpus_per_node=min(8, gpus), global_batch=global_batch)
+        result = search(model, gpu, space, top=10)
+        best = min(best, time.perf_counter() - start)
+    return best, result.num_candidates, result.num_fitting
+
+
+def time_cli(args: list[str], repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "trainplan.cli", *args], check=True, capture_output=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    print(f"python {platform.python_version()} on {platform.machine()}, {platform.processor() or 'cpu'}")
+    for model, gpus, batch in (("llama-2-70b", 1024, 1024), ("llama-2-7b", 8, None)):
+        seconds, candidates, fitting = time_search(model, gpus, batch)
+        print(f"search {model} on {gpus} GPUs (global batch {batch or gpus}): {candidates:,} candidates evaluated, "
+              f"{fitting:,} fit, {seconds * 1e3:.0f} ms")
+    seconds = time_cli(["plan", "--model", "7b", "--gpus", "8"])
+    print(f"`plan --model 7b --gpus 8` end to end (process start to exit): {seconds * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

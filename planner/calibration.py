@@ -1,0 +1,106 @@
+"""Calibration: the constants arithmetic cannot know, as data.
+
+A calibration file holds memory overheads (CUDA context, communicators, fragmentation) and
+throughput constants (compute efficiency per dtype, collective bandwidth efficiency and
+latency, overlap contention, host-link efficiency, CPU Adam speed, optimizer-step HBM
+efficiency), with its source, device, environment and date. ``presets/calibration/default.json``
+holds documented, uncalibrated defaults; ``trainplan calibrate`` writes measured ones.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from planner.errors import ConfigFileError
+from planner.memory import Overheads
+
+
+class ThroughputConstants(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    compute_efficiency: dict[str, float] = Field(
+        description="fraction of the dense peak that a transformer's compute sustains, per dtype")
+    compute_efficiency_by_gpu: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per GPU name (GPUSpec.name), overriding compute_efficiency")
+    collective_bandwidth_efficiency: float = Field(gt=0, le=1, description="NCCL bus bandwidth / NVLink bandwidth")
+    inter_node_bandwidth_efficiency: float = Field(gt=0, le=1, description="NCCL bus bandwidth / network bandwidth")
+    intra_node_latency_s: float = Field(ge=0, description="per ring step inside a node")
+    inter_node_latency_s: float = Field(ge=0, description="per ring step across nodes")
+    overlap_contention: float = Field(ge=0, le=1, description="fraction of overlapped communication time that "
+                                                              "still slows compute (SMs and HBM shared)")
+    host_link_efficiency: float = Field(gt=0, le=1, description="achieved / nominal PCIe bandwidth")
+    cpu_adam_params_per_s: float = Field(gt=0, description="CPU Adam update rate per GPU's share of host cores")
+    optimizer_hbm_efficiency: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth of the step")
+
+    def efficiency(self, gpu_name: str, dtype: str) -> float:
+        return self.compute_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.compute_efficiency[dtype])
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    id: str
+    source: str
+    calibrated: bool = False
+    device: str | None = None
+    environment: dict[str, str] = {}
+    date: str | None = None
+    overheads: Overheads
+    throughput: ThroughputConstants
+    calibrated_constants: list[str] = Field(default_factory=list, description="which constants were measured")
+
+
+@lru_cache(maxsize=None)
+def default_calibration() -> Calibration:
+    raw = json.loads(resources.files("presets").joinpath("calibration/default.json").read_text())
+    return _parse(raw, "presets/calibration/default.json")
+
+
+def _parse(raw: dict, where: str) -> Calibration:
+    try:
+        overheads = dict(raw["overheads"])
+        overheads.setdefault("source", raw.get("source", where))
+        overheads.setdefault("calibrated", bool(raw.get("calibrated", False)))
+        return Calibration(**{**raw, "overheads": overheads})
+    except (KeyError, TypeError) as exc:
+        raise ConfigFileError(f"calibration {where} lacks {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigFileError(f"calibration {where}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """A calibration file (``trainplan calibrate`` output); missing throughput constants fall
+    back to the defaults, so a memory-only calibration is valid."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigFileError(f"calibration file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigFileError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigFileError(f"{path} must hold a JSON object")
+    base = default_calibration().model_dump()
+    merged = {**base, **raw}
+    merged["throughput"] = {**base["throughput"], **raw.get("throughput", {})}
+    merged["throughput"]["compute_efficiency_by_gpu"] = {
+        **base["throughput"]["compute_efficiency_by_gpu"], **raw.get("throughput", {}).get("compute_efficiency_by_gpu", {})
+    }
+    merged["overheads"] = {**{k: v for k, v in base["overheads"].items() if k != "source"}, **raw.get("overheads", {})}
+    return _parse(merged, str(path))
+
+
+def calibration_for_gpu(gpu_name: str) -> Calibration:
+    """The shipped calibration measured on this GPU model, if any; otherwise the defaults."""
+    folder = resources.files("presets").joinpath("calibration")
+    for entry in folder.iterdir():
+        if entry.name.endswith(".json") and entry.name != "default.json":
+            raw = json.loads(entry.read_text())
+            if raw.get("device") == gpu_name:
+                return load_calibration(Path(str(entry)))
+    return default_calibration()

@@ -1,0 +1,146 @@
+"""Floating-point operations: per token, per micro-batch on one GPU, per step.
+
+Three counts, kept apart on purpose:
+
+- **model FLOPs** (for MFU): forward + backward = 3 x forward, every matmul (2 FLOPs per
+  multiply-add) including the logits, attention counted over the full s x s square as
+  PaLM (Chowdhery et al. 2022, appendix B), nanoGPT's ``estimate_mfu`` and Korthikanti et al.
+  2022 (Eq. 7: 72BLsh^2(1 + s/(6h) + v/(12hL)) for GPT) count it; no recomputation.
+- **hardware FLOPs** (for HFU): model FLOPs plus recomputation, same conventions
+  (Narayanan et al. 2021 Eq. 3: 96BslH^2(1 + s/(6H) + V/(16lH)) with full recompute).
+- **executed FLOPs** (for time): what the GPU really runs -- causal flash attention skips the
+  masked half of the square, and its backward recomputes the scores (5 matmuls against the
+  forward's 2, i.e. 2.5x).
+
+Embedding lookups, norms, activations and the softmax are not matmuls; their time is inside
+the compute efficiency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.configs import ModelSpec, TrainConfig
+from planner.params import layer_tensors, pipeline_stages
+
+BACKWARD_MATMUL_FACTOR = 2.0  # dgrad + wgrad
+FLASH_BACKWARD_FACTOR = 2.5  # FlashAttention-2 backward: 5 matmuls vs 2 in forward
+
+
+def _matmul_params(tensors) -> int:
+    return sum(
+        t.numel for t in tensors
+        if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name
+    )
+
+
+def layer_matmul_params(model: ModelSpec, kind: str = "decoder") -> int:
+    """Weights a layer multiplies with per token (q, k, v, o, MLP; cross-attention too)."""
+    return _matmul_params(layer_tensors(model, kind))
+
+
+def head_matmul_params(model: ModelSpec) -> int:
+    """The output projection (the tied embedding counts: the logits are a matmul with it)."""
+    return model.vocab_size * model.hidden_size
+
+
+def attention_square_flops(model: ModelSpec, seq_len: int, kind: str = "decoder") -> int:
+    """Forward FLOPs of QK^T and (softmax)V for one sequence over the full s x s square."""
+    per_attention = 4 * seq_len * seq_len * model.num_heads * model.head_dim
+    return per_attention * (2 if kind == "decoder" and model.encoder_layers else 1)
+
+
+def model_forward_flops_per_sequence(model: ModelSpec, seq_len: int) -> int:
+    matmuls = 2 * seq_len * (
+        model.encoder_layers * layer_matmul_params(model, "encoder")
+        + model.num_layers * layer_matmul_params(model, "decoder")
+        + head_matmul_params(model)
+    )
+    attention = (model.encoder_layers * attention_square_flops(model, seq_len, "encoder")
+                 + model.num_layers * attention_square_flops(model, seq_len, "decoder"))
+    return matmuls + attention
+
+
+def model_flops_per_token(model: ModelSpec, seq_len: int) -> float:
+    """3 x forward: ~6N + 12 L h s (PaLM's accounting) for decoder-only models."""
+    return 3 * model_forward_flops_per_sequence(model, seq_len) / seq_len
+
+
+def model_flops_per_step(model: ModelSpec, train: TrainConfig) -> int:
+    return 3 * model_forward_flops_per_sequence(model, train.seq_len) * train.global_batch
+
+
+def recompute_flops_per_sequence(model: ModelSpec, seq_len: int, checkpointing: str) -> int:
+    """Extra forward work in backward: full recompute repeats the layers' forward (not the
+    head's); selective recompute repeats the core attention (the s x s products)."""
+    if checkpointing == "none":
+        return 0
+    layers_attention = (model.encoder_layers * attention_square_flops(model, seq_len, "encoder")
+                        + model.num_layers * attention_square_flops(model, seq_len, "decoder"))
+    if checkpointing == "selective":
+        return layers_attention
+    layers_matmul = 2 * seq_len * (model.encoder_layers * layer_matmul_params(model, "encoder")
+                                   + model.num_layers * layer_matmul_params(model, "decoder"))
+    return layers_matmul + layers_attention
+
+
+def hardware_flops_per_step(model: ModelSpec, train: TrainConfig) -> int:
+    recompute = recompute_flops_per_sequence(model, train.seq_len, train.activation_checkpointing)
+    return model_flops_per_step(model, train) + recompute * train.global_batch
+
+
+@dataclass(frozen=True)
+class StageFlops:
+    """Executed FLOPs of one micro-batch on one GPU of a pipeline stage (all its chunks)."""
+
+    forward: float
+    backward: float
+    recompute: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.recompute
+
+
+def stage_flops(model: ModelSpec, train: TrainConfig, stage_index: int) -> StageFlops:
+    s, b, t = train.seq_len, train.micro_batch, train.tp
+    stage = pipeline_stages(model, train.pp, train.chunks)[stage_index]
+    flash = train.attention == "flash"
+    matmul_params = 0
+    attention = 0.0
+    for unit in stage.units:
+        if unit.kind in ("encoder", "decoder"):
+            matmul_params += _matmul_params(unit.tensors)
+            square = attention_square_flops(model, s, unit.kind)
+            causal = unit.kind == "decoder"
+            if flash and causal:
+                # causal flash skips the masked half (cross-attention is not causal)
+                square = square / 2 if not model.encoder_layers else square * 3 / 4
+            attention += square
+        elif unit.kind == "head":
+            matmul_params += head_matmul_params(model)
+    matmul = 2 * s * b * matmul_params / t
+    attention = attention * b / t
+    forward = matmul + attention
+    backward = BACKWARD_MATMUL_FACTOR * matmul + (FLASH_BACKWARD_FACTOR if flash else 2.0) * attention
+    if train.activation_checkpointing == "full":
+        head = 2 * s * b * head_matmul_params(model) / t if stage.has_head else 0
+        recompute = forward - head
+    elif train.activation_checkpointing == "selective":
+        recompute = attention
+    else:
+        recompute = 0.0
+    return StageFlops(forward=forward, backward=backward, recompute=recompute)
+
+
+__all__ = [
+    "StageFlops",
+    "attention_square_flops",
+    "hardware_flops_per_step",
+    "head_matmul_params",
+    "layer_matmul_params",
+    "model_flops_per_step",
+    "model_flops_per_token",
+    "recompute_flops_per_sequence",
+    "stage_flops",
+]

@@ -1,0 +1,208 @@
+"""Step time, tokens per second, MFU and HFU.
+
+One optimizer step on the slowest pipeline stage:
+
+    step = pipeline + max over stages (exposed data-parallel communication + offload + optimizer)
+    pipeline = (m + (p - 1)/v) x T_mb          (GPipe / 1F1B: v = 1; interleaved: v chunks)
+    T_mb = compute + recompute + tensor-parallel comm + pipeline p2p   (one micro-batch)
+
+so the bubble is (p - 1)/(v m) of the pipeline (Narayanan et al. 2021, sec. 2.2). Compute is
+executed FLOPs over (dense peak x compute efficiency). Tensor-parallel all-reduces (or
+reduce-scatter + all-gather with sequence parallelism) sit on the critical path (Megatron-LM
+runs them synchronously). Data-parallel and ZeRO collectives overlap the backward (and, for
+FSDP all-gathers, the forward) of their micro-batch: what does not fit the compute window is
+exposed, and the overlapped part still costs ``overlap_contention`` of its time because NCCL
+kernels share the SMs and HBM. Offloading adds the PCIe copies and the CPU Adam update.
+
+Per micro-batch or per step, by strategy:
+
+| strategy | per micro-batch | per step |
+|---|---|---|
+| DDP | - | all-reduce gradients (overlapping the last backward) |
+| ZeRO-1 | - | all-reduce (PyTorch) or reduce-scatter (Megatron/DeepSpeed) gradients; all-gather parameters after the step |
+| ZeRO-2 | reduce-scatter gradients in backward; FSDP2 also all-gathers parameters in forward | DeepSpeed: all-gather parameters after the step |
+| ZeRO-3 | all-gather in forward and backward, reduce-scatter in backward | - |
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from planner import comm
+from planner.calibration import Calibration, default_calibration
+from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
+from planner.engines import ENGINES
+from planner.flops import hardware_flops_per_step, model_flops_per_step, stage_flops
+from planner.memory import _stage_params
+from planner.params import representative_stages
+from planner.precision import OPTIMIZER_STATES, RECIPES
+
+
+class StepBreakdown(BaseModel):
+    """Seconds per step; they add up to ``step_time_s``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    compute_s: float
+    recompute_s: float
+    tp_communication_s: float
+    pp_communication_s: float
+    dp_communication_exposed_s: float
+    bubble_s: float
+    offload_s: float
+    optimizer_s: float
+
+    @property
+    def exposed_communication_s(self) -> float:
+        return self.tp_communication_s + self.pp_communication_s + self.dp_communication_exposed_s
+
+
+class Throughput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    step_time_s: float
+    tokens_per_s: float
+    tokens_per_s_per_gpu: float
+    mfu: float
+    hfu: float
+    model_tflops_per_gpu: float
+    hardware_tflops_per_gpu: float
+    breakdown: StepBreakdown
+    dp_communication_s: float  # before overlap, for reference
+    compute_efficiency: float
+    calibrated: bool
+
+
+def _exposed(comm_s: float, window_s: float, contention: float) -> float:
+    return max(0.0, comm_s - window_s) + contention * min(comm_s, window_s)
+
+
+def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None = None,
+                  gpus_per_node: int | None = None, check: bool = True) -> Throughput:
+    if check:
+        check_layout(model, train)
+    cal = calibration or default_calibration()
+    k = cal.throughput
+    recipe = RECIPES[train.precision]
+    engine = ENGINES[train.engine]
+    dtype = recipe.compute_dtype
+    peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
+    efficiency = k.efficiency(gpu.name, dtype)
+    flops_rate = peak * efficiency
+    constants = comm.CommConstants(k.collective_bandwidth_efficiency, k.inter_node_bandwidth_efficiency,
+                                   k.intra_node_latency_s, k.inter_node_latency_s)
+    links = comm.placement(gpu, train, gpus_per_node or gpu.gpus_per_node, constants)
+    s, b, t, p, v, m = train.seq_len, train.micro_batch, train.tp, train.pp, train.chunks, train.num_microbatches
+    zero, dp = train.zero_stage, train.dp
+
+    hidden_bytes = s * b * model.hidden_size * recipe.compute_bytes
+    tp_collectives_per_layer = 2 + (1 if model.encoder_layers else 0)
+    passes = 3 if train.activation_checkpointing == "full" else 2
+    # pipeline p2p: Megatron's scatter/gather (and sequence parallelism) send 1/t of the tensor
+    p2p_bytes = hidden_bytes / t if (train.sequence_parallel or train.engine != "pytorch") else hidden_bytes
+
+    stages = representative_stages(model, p, v)
+    per_stage = {}
+    for i in stages:
+        f = stage_flops(model, train, i)
+        sp = _stage_params(model, p, v, t, dp, zero, train.engine, i)
+        layers = sp.encoder_layers + sp.decoder_layers
+        compute = (f.forward + f.backward) / flops_rate
+        recompute = f.recompute / flops_rate
+        tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
+        pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
+        per_stage[i] = (compute, recompute, tp_s, pp_s, f, sp)
+    t_mb = {i: c + r + tp_s + pp_s for i, (c, r, tp_s, pp_s, _, _) in per_stage.items()}
+    slowest = max(stages, key=lambda i: t_mb[i])
+    compute, recompute, tp_s, pp_s, _, _ = per_stage[slowest]
+    bubble = (p - 1) / v * t_mb[slowest] if p > 1 else 0.0
+
+    tail = {}  # per stage: (dp exposed, dp raw, offload, optimizer)
+    for i in stages:
+        _, _, _, _, f, sp = per_stage[i]
+        fwd_window = f.forward / flops_rate
+        bwd_window = (f.backward + f.recompute) / flops_rate
+        grad_bytes = sp.local * recipe.grad_bytes
+        param_bytes = sp.local * recipe.param_bytes
+        gather_bytes = sp.local * recipe.gather_bytes
+        reduce_bytes = sp.local * (recipe.reduce_bytes if zero >= 2 else recipe.grad_bytes)
+        link = links.dp
+        c = k.overlap_contention
+        dp_raw = dp_exposed = 0.0
+        if dp > 1:
+            if zero == 0 or (zero == 1 and train.engine == "pytorch"):
+                ar = comm.all_reduce_s(grad_bytes, dp, link)
+                last_bucket = comm.all_reduce_s(min(train.ddp_bucket_mb * 2**20, grad_bytes), dp, link)
+                dp_raw, dp_exposed = ar, _exposed(ar, bwd_window, c) + last_bucket
+                if zero == 1:  # ZeroRedundancyOptimizer broadcasts each rank's updated share
+                    ag = comm.all_gather_s(param_bytes, dp, link)
+                    dp_raw, dp_exposed = dp_raw + ag, dp_exposed + ag
+            elif zero == 1:
+                rs = comm.reduce_scatter_s(grad_bytes, dp, link)
+                ag = comm.all_gather_s(param_bytes, dp, link)
+                dp_raw, dp_exposed = rs + ag, _exposed(rs, bwd_window, c) + ag
+            elif zero == 2:
+                rs = comm.reduce_scatter_s(reduce_bytes, dp, link)
+                if engine.zero2_gathers_params:  # FSDP2: gather in every forward, scatter in every backward
+                    ag = comm.all_gather_s(gather_bytes, dp, link)
+                    dp_raw = m * (rs + ag)
+                    dp_exposed = m * (_exposed(ag, fwd_window, c) + _exposed(rs, bwd_window, c))
+                else:  # DeepSpeed: scatter per micro-batch, gather the updated parameters once
+                    ag = comm.all_gather_s(param_bytes, dp, link)
+                    dp_raw = m * rs + ag
+                    dp_exposed = m * _exposed(rs, bwd_window, c) + ag
+            else:
+                ag = comm.all_gather_s(gather_bytes, dp, link)
+                rs = comm.reduce_scatter_s(reduce_bytes, dp, link)
+                first = comm.all_gather_s(sp.first_unit * recipe.gather_bytes, dp, link)
+                dp_raw = m * (2 * ag + rs)
+                dp_exposed = m * (first + _exposed(ag, fwd_window, c) + _exposed(ag + rs, bwd_window, c))
+        n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
+        offload = 0.0
+        if train.offload != "none":
+            d2h = comm.host_transfer_s(n_state * recipe.grad_bytes, gpu, k.host_link_efficiency)
+            h2d = comm.host_transfer_s(n_state * recipe.param_bytes, gpu, k.host_link_efficiency)
+            cpu_adam = n_state / k.cpu_adam_params_per_s
+            offload = d2h + cpu_adam + h2d
+            if train.offload == "params":
+                # every all-gather first copies the parameter shard up, every gradient shard comes down
+                per_mb = comm.host_transfer_s(sp.sharded * recipe.gather_bytes * 2 + sp.sharded * recipe.grad_bytes,
+                                              gpu, k.host_link_efficiency)
+                offload += m * _exposed(per_mb, fwd_window + bwd_window, c)
+            optimizer = 0.0
+        else:
+            master_or_param = recipe.master_bytes or recipe.param_bytes
+            states = OPTIMIZER_STATES[train.optimizer] * recipe.state_bytes
+            touched = 2 * (master_or_param + states) + recipe.grad_bytes + (recipe.param_bytes if recipe.has_master else 0)
+            optimizer = n_state * touched / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+        tail[i] = (dp_exposed, dp_raw, offload, optimizer)
+    worst_tail = max(stages, key=lambda i: sum(tail[i][j] for j in (0, 2, 3)))
+    dp_exposed, dp_raw, offload, optimizer = tail[worst_tail]
+
+    pipeline = m * t_mb[slowest] + bubble
+    step = pipeline + dp_exposed + offload + optimizer
+    tokens = train.global_batch * s
+    model_flops = model_flops_per_step(model, train)
+    hardware_flops = hardware_flops_per_step(model, train)
+    return Throughput(
+        step_time_s=step,
+        tokens_per_s=tokens / step,
+        tokens_per_s_per_gpu=tokens / step / train.gpus,
+        mfu=model_flops / (step * train.gpus * peak),
+        hfu=hardware_flops / (step * train.gpus * peak),
+        model_tflops_per_gpu=model_flops / step / train.gpus / 1e12,
+        hardware_tflops_per_gpu=hardware_flops / step / train.gpus / 1e12,
+        breakdown=StepBreakdown(
+            compute_s=m * compute,
+            recompute_s=m * recompute,
+            tp_communication_s=m * tp_s,
+            pp_communication_s=m * pp_s,
+            dp_communication_exposed_s=dp_exposed,
+            bubble_s=bubble,
+            offload_s=offload,
+            optimizer_s=optimizer,
+        ),
+        dp_communication_s=dp_raw,
+        compute_efficiency=efficiency,
+        calibrated=cal.calibrated,
+    )
