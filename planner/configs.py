@@ -121,6 +121,7 @@ class GPUSpec(_Frozen):
     inter_node_bandwidth_gb_s: float = Field(gt=0, description="per GPU, per direction, across nodes")
     host_link_bandwidth_gb_s: float = Field(gt=0, description="GPU-to-host (PCIe / C2C), per direction")
     gpus_per_node: int = Field(default=8, gt=0)
+    host_memory_per_node_bytes: int = Field(default=2**40, gt=0, description="CPU memory per node (offload)")
     interconnect: str = ""
     source: str = ""
 

@@ -18,6 +18,6 @@ class Estimate(MemoryEstimate):
 def estimate(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None = None,
              gpus_per_node: int | None = None, search_micro_batch: bool = True) -> Estimate:
     cal = calibration or default_calibration()
-    memory = estimate_memory(model, gpu, train, cal.overheads, search_micro_batch=search_micro_batch)
+    memory = estimate_memory(model, gpu, train, cal.overheads, search_micro_batch, gpus_per_node)
     throughput = estimate_step(model, gpu, train, cal, gpus_per_node, check=False)
     return Estimate(**dict(memory), throughput=throughput, calibration=cal.id)

@@ -138,7 +138,7 @@ class MemoryEstimate(_Result):
     memory: RankMemory = Field(description="the most loaded rank (worst pipeline stage)")
     stages: list[StageMemory]
     host: HostMemory
-    fits: bool
+    fits: bool = Field(description="the peak fits the GPU, and offloaded state fits the node's host memory")
     headroom_bytes: int
     max_micro_batch: int = Field(description="largest micro-batch that fits (0: not even 1)")
     overheads: Overheads
@@ -474,7 +474,8 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
 
 
 def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
-                    overheads: Overheads | None = None, search_micro_batch: bool = True) -> MemoryEstimate:
+                    overheads: Overheads | None = None, search_micro_batch: bool = True,
+                    gpus_per_node: int | None = None) -> MemoryEstimate:
     """Per-rank memory of ``train`` for ``model`` on ``gpu``: every pipeline stage, the worst
     one as ``memory``, host memory for offload, the fit verdict and the largest micro-batch
     that fits."""
@@ -482,10 +483,10 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
     overheads = default_overheads() if overheads is None else overheads
     stages = [_stage_memory(model, train, overheads, i) for i in range(train.pp)]
     worst = max(stages, key=lambda s: s.peak)
-    gpus_per_node = min(gpu.gpus_per_node, train.gpus)
+    gpus_per_node = min(gpus_per_node or gpu.gpus_per_node, train.gpus)
     host_rank = max(stages, key=lambda s: s.host.per_rank).host
     host = host_rank.model_copy(update={"per_node": host_rank.per_rank * gpus_per_node})
-    fits = worst.peak <= gpu.memory_bytes
+    fits = worst.peak <= gpu.memory_bytes and host.per_node <= gpu.host_memory_per_node_bytes
     max_mb = largest_micro_batch(model, gpu, train, overheads) if search_micro_batch else 0
     return MemoryEstimate(
         model=ModelSummary(name=model.name, num_params=model.num_params),
@@ -505,8 +506,13 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
 
 def peak_bytes(model: ModelSpec, train: TrainConfig, overheads: Overheads) -> int:
     """The worst stage's peak, without building the full result (the search's inner loop)."""
-    stages = representative_stages(model, train.pp, train.chunks)
-    return max(_stage_core(model, train, overheads, i).peak for i in stages)
+    return screen_memory(model, train, overheads)[0]
+
+
+def screen_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads) -> tuple[int, int]:
+    """(worst stage's GPU peak, largest host bytes per rank) from the representative stages."""
+    cores = [_stage_core(model, train, overheads, i) for i in representative_stages(model, train.pp, train.chunks)]
+    return max(c.peak for c in cores), max(sum(c.host) for c in cores)
 
 
 def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, overheads: Overheads,

@@ -17,7 +17,7 @@ from planner.calibration import Calibration, default_calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.errors import ConfigError, LayoutError, TrainplanError
 from planner.estimate import Estimate, estimate
-from planner.memory import ModelSummary, peak_bytes
+from planner.memory import ModelSummary, screen_memory
 from planner.step_time import Throughput, estimate_step
 
 STRATEGY_CHOICES: tuple[tuple[int, str], ...] = (
@@ -220,16 +220,21 @@ class PlanResult(BaseModel):
 class _Screened:
     train: TrainConfig
     peak: int
+    host_per_node: int
+    fits: bool
     throughput: Throughput
 
 
 def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
             gpus_per_node: int) -> list[_Screened]:
-    return [
-        _Screened(train, peak_bytes(model, train, cal.overheads),
-                  estimate_step(model, gpu, train, cal, gpus_per_node, check=False))
-        for train in configs
-    ]
+    screened = []
+    for train in configs:
+        peak, host_per_rank = screen_memory(model, train, cal.overheads)
+        host = host_per_rank * min(gpus_per_node, train.gpus)
+        fits = peak <= gpu.memory_bytes and host <= gpu.host_memory_per_node_bytes
+        screened.append(_Screened(train, peak, host, fits,
+                                  estimate_step(model, gpu, train, cal, gpus_per_node, check=False)))
+    return screened
 
 
 def _sort_key(sort: str):
@@ -246,7 +251,7 @@ def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Cali
         raise ConfigError(f"unknown sort key {sort!r}; use one of {', '.join(SORT_KEYS)}")
     cal = calibration or default_calibration()
     screened = _screen(model, gpu, enumerate_configs(model, space), cal, space.gpus_per_node)
-    fitting = sorted((c for c in screened if c.peak <= gpu.memory_bytes), key=_sort_key(sort))
+    fitting = sorted((c for c in screened if c.fits), key=_sort_key(sort))
     build_cache: dict[int, Estimate] = {}
 
     def build(c: _Screened) -> Estimate:
@@ -260,12 +265,17 @@ def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Cali
     strategies = _strategy_summaries(screened, gpu, build, by_speed[0] if by_speed else None)
     advice: list[str] = []
     if recommended is None:
-        closest = sorted(screened, key=lambda c: c.peak)[: (top or 10)]
+        def overcommit(c: _Screened) -> float:
+            return max(c.peak / gpu.memory_bytes, c.host_per_node / gpu.host_memory_per_node_bytes)
+
+        closest = sorted(screened, key=overcommit)[: (top or 10)]
         candidates = [build(c) for c in closest]
-        advice = _advice(model, gpu, space, closest[0])
-        reason = (f"nothing fits: the smallest peak is {closest[0].peak / GIB:.1f} GiB "
-                  f"({strategy_label(closest[0].train)}, {layout_label(closest[0].train)}) "
-                  f"against {gpu.memory_bytes / GIB:.1f} GiB per GPU")
+        advice = _advice(gpu, closest[0], overcommit(closest[0]))
+        c = closest[0]
+        reason = (f"the closest layout ({strategy_label(c.train)}, {layout_label(c.train)}) needs "
+                  f"{c.peak / GIB:.1f} GiB per GPU (of {gpu.memory_bytes / GIB:.1f})"
+                  + (f" and {c.host_per_node / GIB:,.0f} GiB of host memory per node "
+                     f"(of {gpu.host_memory_per_node_bytes / GIB:,.0f})" if c.host_per_node else ""))
     else:
         candidates = [build(c) for c in shown]
         reason = _reason(recommended, strategies, gpu)
@@ -297,17 +307,19 @@ def _strategy_summaries(screened: list[_Screened], gpu: GPUSpec, build, best: _S
         c.train.zero_stage, ("none", "optimizer", "params").index(c.train.offload)))))
     for label in labels:
         group = [c for c in pool if strategy_label(c.train) == label]
-        fits = [c for c in group if c.peak <= gpu.memory_bytes]
+        fits = [c for c in group if c.fits]
         if fits:
             top = min(fits, key=_sort_key("throughput"))
             note = _compare(top, best) if best is not None and top is not best else "recommended"
             summaries.append(StrategySummary(strategy=label, best=build(top), fits=True, note=note))
         else:
             smallest = min(group, key=lambda c: c.peak)
-            summaries.append(StrategySummary(
-                strategy=label, best=build(smallest), fits=False,
-                note=f"does not fit ({smallest.peak / GIB:.1f} GiB > {gpu.memory_bytes / GIB:.1f} GiB at best)",
-            ))
+            if smallest.peak <= gpu.memory_bytes:
+                note = (f"does not fit the host: {smallest.host_per_node / GIB:,.0f} GiB of offloaded state per node > "
+                        f"{gpu.host_memory_per_node_bytes / GIB:,.0f} GiB")
+            else:
+                note = f"does not fit ({smallest.peak / GIB:.1f} GiB > {gpu.memory_bytes / GIB:.1f} GiB at best)"
+            summaries.append(StrategySummary(strategy=label, best=build(smallest), fits=False, note=note))
     return summaries
 
 
@@ -348,17 +360,14 @@ def _reason(best: Estimate, strategies: list[StrategySummary], gpu: GPUSpec) -> 
     return head + (" " + "; ".join(others) + "." if others else "")
 
 
-def _advice(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, closest: _Screened) -> list[str]:
+def _advice(gpu: GPUSpec, closest: _Screened, overcommit: float) -> list[str]:
     t = closest.train
-    advice = []
-    over = closest.peak / gpu.memory_bytes
-    advice.append(f"more GPUs: ZeRO-3 shards model states over data parallelism (the closest layout needs "
-                  f"{over:.2f}x the memory)")
+    advice = [f"about {overcommit:.1f}x the GPUs: ZeRO-3 and offload shard model states over data parallelism"]
     if t.micro_batch > 1:
         advice.append("a smaller --micro-batch (with more gradient accumulation)")
     if t.activation_checkpointing != "full":
         advice.append("--ac full (keeps only each layer's input)")
-    if t.offload != "params":
+    if t.offload != "params" and closest.peak > gpu.memory_bytes:
         advice.append("--offload params with ZeRO-3 (optimizer state and parameters in host memory)")
     advice.append(f"a shorter --seq-len than {t.seq_len}, or a GPU with more memory than {gpu.memory_bytes / GIB:.0f} GiB")
     return advice

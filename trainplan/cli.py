@@ -264,7 +264,7 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
 
         render_plan(plan_result, console)
     if plan_result.recommended is None:
-        raise click.ClickException(plan_result.reason + "; try " + "; ".join(plan_result.advice))
+        raise click.ClickException(f"nothing fits: {plan_result.reason}; try {'; '.join(plan_result.advice)}")
 
 
 # ---------------------------------------------------------------- presets

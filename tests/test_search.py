@@ -1,0 +1,102 @@
+"""Layout search, ranking and recommendation."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from planner.calibration import default_calibration
+from planner.catalog import load_gpu, load_model
+from planner.configs import TrainConfig
+from planner.errors import LayoutError
+from planner.memory import estimate_memory, peak_bytes
+from planner.search import SearchSpace, enumerate_configs, search
+from planner.step_time import estimate_step
+from trainplan.cli import plan_command
+
+LLAMA7B, LLAMA70B = load_model("llama-2-7b"), load_model("llama-2-70b")
+H100 = load_gpu("h100-sxm-80gb")
+
+
+def test_recommendation_is_the_fastest_that_fits():
+    space = SearchSpace(gpus=8, global_batch=64)
+    result = search(LLAMA7B, H100, space, top=0)
+    cal = default_calibration()
+    best_speed = max(
+        estimate_step(LLAMA7B, H100, t, cal).tokens_per_s
+        for t in enumerate_configs(LLAMA7B, space)
+        if peak_bytes(LLAMA7B, t, cal.overheads) <= H100.memory_bytes
+    )
+    assert result.recommended.throughput.tokens_per_s == pytest.approx(best_speed)
+    speeds = [c.throughput.tokens_per_s for c in result.candidates]
+    assert speeds == sorted(speeds, reverse=True)
+    assert all(c.fits for c in result.candidates)
+    assert len(result.candidates) == result.num_fitting
+    assert "tokens/s per GPU" in result.reason and "headroom" in result.reason
+
+
+def test_search_meets_the_global_batch_with_micro_batch_and_accumulation():
+    result = search(LLAMA7B, H100, SearchSpace(gpus=8, global_batch=256), top=0)
+    for c in result.candidates:
+        t = c.train
+        assert t.micro_batch * t.dp * t.grad_accum == 256
+    assert len({c.train.micro_batch for c in result.candidates}) > 2
+
+
+def test_sort_by_memory():
+    result = search(LLAMA7B, H100, SearchSpace(gpus=8), top=5, sort="memory")
+    peaks = [c.memory.peak for c in result.candidates]
+    assert peaks == sorted(peaks)
+
+
+def test_tensor_parallel_stays_inside_a_node():
+    gpt3 = load_model("gpt3-175b")  # 96 heads: tp 16 would divide them
+    fixed = {"seq_len": 2048}
+    configs = enumerate_configs(gpt3, SearchSpace(gpus=32, gpus_per_node=8, global_batch=32, fixed=fixed))
+    assert max(t.tp for t in configs) == 8
+    with pytest.raises(LayoutError, match="tp=16 spans nodes"):
+        enumerate_configs(gpt3, SearchSpace(gpus=32, gpus_per_node=8, tp=[16], fixed=fixed))
+    allowed = enumerate_configs(gpt3, SearchSpace(gpus=32, gpus_per_node=8, tp=[16], allow_cross_node_tp=True,
+                                                  global_batch=32, fixed=fixed))
+    assert allowed and all(t.tp == 16 for t in allowed)
+
+
+def test_every_strategy_is_summarised_with_a_reason():
+    result = search(LLAMA7B, H100, SearchSpace(gpus=8, tp=[1], pp=[1]))
+    labels = [s.strategy for s in result.strategies]
+    assert labels == ["DDP", "ZeRO-1", "ZeRO-2", "ZeRO-2+offload", "ZeRO-3", "ZeRO-3+offload"]
+    ddp = result.strategies[0]
+    assert not ddp.fits and "does not fit" in ddp.note
+    assert "DDP does not fit" in result.reason
+    slower = [s for s in result.strategies if s.fits and s.note != "recommended"]
+    assert slower and all("slower" in s.note or "as fast" in s.note for s in slower)
+
+
+def test_nothing_fits_shows_closest_and_what_to_change():
+    result = search(load_model("llama-3.1-405b"), H100, SearchSpace(gpus=8))
+    assert result.recommended is None and result.num_fitting == 0
+    assert result.candidates and result.reason.startswith("the closest layout")
+    assert any("the GPUs" in a for a in result.advice)
+    cli = CliRunner().invoke(plan_command, ["--model", "405b", "--gpus", "8"])
+    assert cli.exit_code == 1
+    assert "closest layouts" in cli.stdout
+    assert cli.stderr.startswith("error: nothing fits") and len(cli.stderr.strip().splitlines()) == 1
+
+
+def test_global_batch_not_divisible_is_a_clear_error():
+    cli = CliRunner().invoke(plan_command, ["--model", "7b", "--gpus", "8", "--strategy", "zero2", "--tp", "1",
+                                            "--pp", "1", "--global-batch", "12"])
+    assert cli.exit_code == 1
+    assert "global batch 12 is not divisible" in cli.stderr
+
+
+@pytest.mark.parametrize(("pp", "schedule", "chunks"), [(4, "1f1b", 1), (8, "gpipe", 1), (5, "1f1b", 1),
+                                                        (4, "interleaved", 2)])
+def test_fast_peak_equals_the_worst_of_all_stages(pp, schedule, chunks):
+    """The search screens with a few representative stages; it must agree with all stages."""
+    model = load_model("llama-2-13b")
+    train = TrainConfig(gpus=8 * pp, pp=pp, zero_stage=1, global_batch=64, schedule=schedule, chunks=chunks,
+                        micro_batch=1)
+    cal = default_calibration()
+    full = estimate_memory(model, H100, train, cal.overheads, search_micro_batch=False)
+    assert peak_bytes(model, train, cal.overheads) == full.memory.peak

@@ -1,0 +1,142 @@
+"""Step time and throughput against published runs, with the default (uncalibrated) efficiency.
+
+Narayanan et al. 2021 report achieved teraFLOP/s per GPU computed with their Eq. 3 (which
+includes recomputation), on A100-80GB (Selene: 8 A100 per node, NVLink 3, 8 x 200 Gb/s HDR),
+GPT models with V = 51,200, s = 2,048, fp16, full activation recomputation, the interleaved
+schedule where their scripts use it (examples/academic_paper_scripts/sc21/run_table_1.sh).
+We predict the step time and convert it the same way.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.catalog import load_gpu, load_model
+from planner.configs import ModelSpec, TrainConfig
+from planner.step_time import estimate_step
+
+A100 = load_gpu("a100-80gb")
+
+
+def _gpt(h, a, layers):
+    return ModelSpec(name="gpt", num_layers=layers, hidden_size=h, num_heads=a, ffn_hidden_size=4 * h,
+                     vocab_size=51200, mlp="gelu", norm="layernorm", position_embedding="learned",
+                     max_position_embeddings=2048, linear_bias=True)
+
+
+def _eq3_tflops_per_gpu(model, train, seconds):
+    B, s, l, h, V = train.global_batch, train.seq_len, model.num_layers, model.hidden_size, 51200
+    flops = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    return flops / seconds / train.gpus / 1e12
+
+
+def _megatron(model, gpus, tp, pp, batch, micro_batch, chunks):
+    train = TrainConfig(gpus=gpus, tp=tp, pp=pp, precision="fp16-mixed", micro_batch=micro_batch,
+                        global_batch=batch, seq_len=2048, activation_checkpointing="full", attention="eager",
+                        engine="megatron", schedule="interleaved" if chunks > 1 else "1f1b", chunks=chunks)
+    return _eq3_tflops_per_gpu(model, train, estimate_step(model, A100, train).step_time_s)
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden", "heads", "layers", "tp", "pp", "gpus", "batch", "micro_batch", "chunks", "published"),
+    [
+        # Table 1 rows (micro-batch and layers per virtual stage from run_table_1.sh)
+        ("145.6B", 12288, 96, 80, 8, 8, 1536, 2304, 2, 2, 148),
+        ("310.1B", 16384, 128, 96, 8, 16, 1920, 2160, 1, 2, 155),
+        ("529.6B", 20480, 128, 105, 8, 35, 2520, 2520, 1, 3, 163),
+        ("1008.0B", 25600, 160, 128, 8, 64, 3072, 3072, 1, 1, 163),
+        # Table 2, PTD-P rows for GPT-3 175B (t = 8, p = 12, micro-batch 1, batch 1536)
+        ("174.6B/384", 12288, 96, 96, 8, 12, 384, 1536, 1, 1, 153),
+        ("174.6B/768", 12288, 96, 96, 8, 12, 768, 1536, 1, 1, 149),
+        ("174.6B/1536", 12288, 96, 96, 8, 12, 1536, 1536, 1, 1, 141),
+    ],
+)
+def test_narayanan_2021_throughput_within_15_percent(name, hidden, heads, layers, tp, pp, gpus, batch, micro_batch,
+                                                    chunks, published):
+    """Narayanan et al. 2021, Table 1 and Table 2 (PTD-P): achieved TFLOP/s per A100."""
+    ours = _megatron(_gpt(hidden, heads, layers), gpus, tp, pp, batch, micro_batch, chunks)
+    assert ours == pytest.approx(published, rel=0.15), f"{name}: ours {ours:.1f} vs {published}"
+
+
+def test_zero3_falls_behind_ptdp_at_scale():
+    """Narayanan et al. 2021 Table 2: for 175B on 1536 GPUs ZeRO-3 (no model parallelism,
+    micro-batch 1) reaches 44 TFLOP/s per GPU against PTD-P's 141. We do not reach 15% on the
+    ZeRO-3 rows (ours: ~60) -- DeepSpeed's ZeRO-3 of 2021 overlapped less than our model
+    assumes -- but the gap and its direction hold: ZeRO-3 is at least 2x slower."""
+    model = _gpt(12288, 96, 96)
+    zero3 = TrainConfig(gpus=1536, zero_stage=3, precision="fp16-mixed", micro_batch=1, global_batch=1536,
+                        seq_len=2048, activation_checkpointing="full", attention="eager", engine="deepspeed")
+    zero3_tflops = _eq3_tflops_per_gpu(model, zero3, estimate_step(model, A100, zero3).step_time_s)
+    ptdp_tflops = _megatron(model, 1536, 8, 12, 1536, 1, 1)
+    assert ptdp_tflops > 2 * zero3_tflops
+    assert zero3_tflops < 80
+
+
+def test_bloom_176b_within_15_percent():
+    """BigScience BLOOM-176B (bigscience-workshop/bigscience, train/tr11-176B-ml): 384 A100-80GB,
+    TP=4, PP=12, DP=8, micro-batch 2, global batch 2048, seq 2048, bf16, activation
+    checkpointing, DeepSpeed's BF16 optimizer (ZeRO-1): ~150 TFLOP/s per GPU, computed by their
+    log as 8 x N x tokens / time (hardware FLOPs with recomputation)."""
+    model = load_model("bloom-176b")
+    train = TrainConfig(gpus=384, tp=4, pp=12, zero_stage=1, precision="bf16-mixed", micro_batch=2,
+                        global_batch=2048, seq_len=2048, activation_checkpointing="full", attention="eager",
+                        engine="deepspeed")
+    step = estimate_step(model, A100, train).step_time_s
+    tflops = 8 * model.num_params * 2048 * 2048 / step / 384 / 1e12
+    assert tflops == pytest.approx(150, rel=0.15)
+
+
+def test_seed_speed_ordering_7b_on_8_gpus():
+    """Seed note 004 (after DeepSpeed's and Hugging Face's guidance): speed ZeRO-1 > ZeRO-2 >
+    ZeRO-2+offload > ZeRO-3 > ZeRO-3+offload, memory the reverse. Their example: a 7B model on
+    8 GPUs (A100-40GB), per-GPU micro-batch 1 at seq 2048; a pretraining-sized global batch of
+    1,024 sequences (2M tokens; DeepSpeed's semantics, which the ordering describes). ZeRO-3
+    pays its two all-gathers and reduce-scatter every micro-batch; offload pays the CPU Adam
+    once per step."""
+    model, gpu = load_model("llama-2-7b"), load_gpu("a100-40gb")
+    cases = [(1, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "params")]
+    speeds = []
+    for zero, offload in cases:
+        train = TrainConfig(gpus=8, zero_stage=zero, offload=offload, micro_batch=1, global_batch=1024, seq_len=2048,
+                            engine="deepspeed")
+        speeds.append(estimate_step(model, gpu, train).tokens_per_s)
+    assert speeds == sorted(speeds, reverse=True), speeds
+
+
+def test_bubble_and_interleaving():
+    """Narayanan et al. 2021 sec. 2.2: the bubble is (p - 1)/m of the ideal time for 1F1B and
+    (p - 1)/(v m) with v interleaved chunks."""
+    model = load_model("llama-2-13b")
+    gpu = load_gpu("h100-sxm-80gb")
+    base = dict(gpus=8, pp=8, global_batch=32, seq_len=2048, zero_stage=1)
+    plain = estimate_step(model, gpu, TrainConfig(**base))
+    inter = estimate_step(model, gpu, TrainConfig(**base, schedule="interleaved", chunks=5))
+    per_mb = (plain.step_time_s - plain.breakdown.bubble_s - plain.breakdown.dp_communication_exposed_s
+              - plain.breakdown.optimizer_s) / 32
+    assert plain.breakdown.bubble_s == pytest.approx(7 * per_mb, rel=1e-6)
+    assert inter.breakdown.bubble_s < plain.breakdown.bubble_s / 4
+
+
+def test_mfu_definition():
+    model, gpu = load_model("llama-2-7b"), load_gpu("h100-sxm-80gb")
+    train = TrainConfig(gpus=8, zero_stage=3, global_batch=64, seq_len=4096)
+    th = estimate_step(model, gpu, train)
+    from planner.flops import model_flops_per_step
+
+    assert th.mfu == pytest.approx(model_flops_per_step(model, train) / (th.step_time_s * 8 * 989.4e12))
+    assert th.tokens_per_s == pytest.approx(64 * 4096 / th.step_time_s)
+    assert th.tokens_per_s_per_gpu == pytest.approx(th.tokens_per_s / 8)
+    b = th.breakdown
+    parts = (b.compute_s + b.recompute_s + b.tp_communication_s + b.pp_communication_s + b.dp_communication_exposed_s
+             + b.bubble_s + b.offload_s + b.optimizer_s)
+    assert parts == pytest.approx(th.step_time_s)
+    # MFU counts the full s x s attention square (PaLM's convention) while causal flash runs
+    # half of it, so MFU may exceed the compute efficiency slightly -- but not HFU's ratio.
+    assert 0 < th.mfu < 1 and th.hfu >= th.mfu
+
+
+def test_cross_node_dp_is_slower():
+    model, gpu = load_model("llama-2-7b"), load_gpu("h100-sxm-80gb")
+    one_node = estimate_step(model, gpu, TrainConfig(gpus=8, zero_stage=3, global_batch=8), gpus_per_node=8)
+    spread = estimate_step(model, gpu, TrainConfig(gpus=8, zero_stage=3, global_batch=8), gpus_per_node=1)
+    assert spread.breakdown.dp_communication_exposed_s > 3 * one_node.breakdown.dp_communication_exposed_s
