@@ -8,7 +8,7 @@ We itemise the same tensors so that the formula generalises to:
 
 - flash attention: no s^2 scores are saved; the kernel keeps q, k, v, its output and the
   fp32 log-sum-exp (4 bytes per head per token) and recomputes the scores in backward;
-- GQA: k and v have ``num_kv_heads`` heads;
+- GQA: k and v have ``num_kv_heads`` heads (flash); the eager path repeats them to all heads;
 - SwiGLU / GeGLU: gate output (the activation's input), activation output, up output and
   their product (the down projection's input) -- four ffn-sized tensors;
 - RMSNorm / LayerNorm statistics (fp32 rstd, and mean for LayerNorm) per token;
@@ -76,13 +76,15 @@ def _dims(model: ModelSpec, train: TrainConfig) -> _Dims:
 
 def _attention_terms(x: _Dims, prefix: str) -> dict[str, int]:
     tokens = x.s * x.b
+    # Flash kernels take GQA's k, v at kv width; the eager path repeats them to every head.
+    kv_heads = x.kv_heads if x.flash else x.heads
     terms = {
         f"{prefix}_norm_input": x.ab * tokens * x.h // x.seq_div,
         f"{prefix}_norm_stats": x.stats * tokens // x.seq_div,
         f"{prefix}_qkv_input": x.ab * tokens * x.h // x.linear_input_div,
         f"{prefix}_q": x.ab * tokens * x.heads * x.d,
-        f"{prefix}_k": x.ab * tokens * x.kv_heads * x.d,
-        f"{prefix}_v": x.ab * tokens * x.kv_heads * x.d,
+        f"{prefix}_k": x.ab * tokens * kv_heads * x.d,
+        f"{prefix}_v": x.ab * tokens * kv_heads * x.d,
         # Flash: the kernel's output is also the output projection's input (one tensor).
         # Eager: probs @ v saves its inputs only; the projection saves the reshaped output.
         f"{prefix}_out": x.ab * tokens * x.heads * x.d,
@@ -160,6 +162,8 @@ def embedding_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
     x = _dims(model, train)
     tokens = x.s * x.b
     terms = {"token_ids": INDEX_BYTES * tokens}
+    if model.position_embedding == "learned":
+        terms["position_ids"] = INDEX_BYTES * x.s  # one arange, shared by the batch
     if model.embedding_norm:
         terms["embed_norm_input"] = x.ab * tokens * x.h // x.seq_div
         terms["embed_norm_stats"] = x.stats * tokens // x.seq_div
@@ -183,6 +187,7 @@ def head_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
         "head_input": x.ab * tokens * x.h // x.linear_input_div,
         "log_softmax": FP32 * tokens * x.vocab,
         "targets": INDEX_BYTES * tokens,
+        "loss_total_weight": FP32,  # nll_loss's scalar normaliser
     }
     if model.encoder_layers:
         terms["encoder_final_norm_input"] = x.ab * tokens * x.h // x.seq_div

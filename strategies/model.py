@@ -1,0 +1,255 @@
+"""The reference decoder, built from the planner's ``ModelSpec``.
+
+Llama-style (RMSNorm, RoPE, GQA, SwiGLU) or GPT-2-style (LayerNorm, GELU, learned positions,
+biases, tied head) -- whatever the spec says. Parameter names and shapes are exactly those of
+``planner.params`` (a test compares them), so the planner's per-tensor sharding arithmetic
+and a measured run talk about the same tensors.
+
+The model is built on the meta device and materialised per rank after sharding
+(``materialize``): a 7B layout never holds the full model on one rank. Initial values are a
+function of the parameter's name and global index only, so every layout starts from the same
+weights and, fed the same samples, must reach the same loss.
+
+Saved-for-backward tensors are kept to what the planner's activation model counts
+(``planner/activations.py``): a fused RMSNorm (input + fp32 rstd), q/k/v kept in
+[batch, seq, heads, head_dim] memory so that SDPA's output is the output projection's input
+without a copy, GQA through SDPA's ``enable_gqa`` (k, v at kv width), and the loss computed in
+one expression so the 16-bit logits die before the fp32 log-softmax is written.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from planner.configs import ModelSpec
+from planner.errors import ConfigError
+from strategies.kernels.attention import core_attention
+from strategies.kernels.norm import RMSNorm
+
+ROPE_THETA = 10000.0
+INIT_STD = 0.02
+
+
+def _norm(spec: ModelSpec, device, dtype) -> nn.Module:
+    if spec.norm == "rmsnorm":
+        return RMSNorm(spec.hidden_size, device=device, dtype=dtype)
+    return nn.LayerNorm(spec.hidden_size, device=device, dtype=dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, seq, heads, head_dim]; cos, sin: [seq, 1, head_dim] (constants, so the
+    multiplications save nothing the size of x)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        qkv_bias = spec.linear_bias or spec.qkv_bias
+        kw = dict(device=device, dtype=dtype)
+        self.head_dim = d
+        self.q = nn.Linear(h, spec.num_heads * d, bias=qkv_bias, **kw)
+        self.k = nn.Linear(h, spec.num_kv_heads * d, bias=qkv_bias, **kw)
+        self.v = nn.Linear(h, spec.num_kv_heads * d, bias=qkv_bias, **kw)
+        self.o = nn.Linear(spec.num_heads * d, h, bias=spec.linear_bias, **kw)
+        self.rope = spec.position_embedding == "rope"
+        self.dropout = spec.dropout
+        self.kernel = "flash"  # or "eager"; set by ``strategies.checkpointing`` / the run config
+        self.recompute_core = False  # Megatron's selective recompute of the core attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        d = self.head_dim
+        # [b, s, heads, d]: with the local head count under tensor parallelism
+        q, k, v = self.q(x).view(b, s, -1, d), self.k(x).view(b, s, -1, d), self.v(x).view(b, s, -1, d)
+        if self.rope:
+            q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        if self.recompute_core:
+            out = checkpoint(core_attention, q, k, v, self.kernel, dropout, use_reentrant=False)
+        else:
+            out = core_attention(q, k, v, self.kernel, dropout)
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+        super().__init__()
+        h, f, bias = spec.hidden_size, spec.ffn_hidden_size, spec.linear_bias
+        kw = dict(device=device, dtype=dtype)
+        self.kind = spec.mlp
+        if spec.mlp == "gelu":
+            self.fc1 = nn.Linear(h, f, bias=bias, **kw)
+            self.fc2 = nn.Linear(f, h, bias=bias, **kw)
+        else:
+            self.gate = nn.Linear(h, f, bias=bias, **kw)
+            self.up = nn.Linear(h, f, bias=bias, **kw)
+            self.down = nn.Linear(f, h, bias=bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gelu":
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        act = F.silu if self.kind == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+        return self.down(act(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+        super().__init__()
+        self.attn_norm = _norm(spec, device, dtype)
+        self.attn = Attention(spec, device, dtype)
+        self.mlp_norm = _norm(spec, device, dtype)
+        self.mlp = MLP(spec, device, dtype)
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+        return h + self.dropout(self.mlp(self.mlp_norm(h)))
+
+
+class Transformer(nn.Module):
+    """A whole model, or one pipeline stage of it (``embed`` / ``head`` set to None)."""
+
+    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+        super().__init__()
+        if spec.encoder_layers:
+            raise ConfigError(f"{spec.name} is an encoder-decoder model: trainplan plans it but does not run it")
+        if spec.position_embedding not in ("rope", "learned"):
+            raise ConfigError(f"{spec.name} uses {spec.position_embedding} positions, which the reference model "
+                              f"does not implement (rope and learned are)")
+        kw = dict(device=device, dtype=dtype)
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, **kw)
+        self.pos_embed = (nn.Embedding(spec.max_position_embeddings, spec.hidden_size, **kw)
+                          if spec.position_embedding == "learned" else None)
+        self.embed_norm = _norm(spec, device, dtype) if spec.embedding_norm else None
+        self.embed_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        # A ModuleDict keeps the names "layers.<i>" when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): Block(spec, device, dtype) for i in range(spec.num_layers)})
+        self.final_norm = _norm(spec, device, dtype)
+        self.head = (None if spec.tied_embeddings
+                     else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, **kw))
+        self.has_head = True  # False on pipeline stages before the last
+        cos, sin = rope_tables(spec, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            h = self.embed(inputs)
+            if self.pos_embed is not None:
+                h = h + self.pos_embed(torch.arange(inputs.shape[1], device=inputs.device))
+            if self.embed_norm is not None:
+                h = self.embed_norm(h)
+            h = self.embed_dropout(h)
+        else:
+            h = inputs
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos, self.rope_sin)
+        if not self.has_head:
+            return h
+        h = self.final_norm(h)
+        if targets is None:
+            return self.logits(h)
+        # One expression: the 16-bit logits are freed once cast, before log-softmax runs.
+        return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(0, 1))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+
+
+def rope_tables(spec: ModelSpec, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    d = spec.head_dim
+    length = spec.max_position_embeddings
+    if device is not None and torch.device(device).type == "meta":
+        return torch.empty(length, 1, d, device="meta"), torch.empty(length, 1, d, device="meta")
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def build_model(spec: ModelSpec, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> Transformer:
+    return Transformer(spec, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- deterministic initialisation
+
+
+def _init_value(name: str, shape: torch.Size, dtype: torch.dtype, device, num_layers: int, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of a parameter: a function of its name only."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if "norm" in name:
+        return torch.ones(shape, dtype=dtype, device=device)
+    std = INIT_STD
+    if name.endswith(("attn.o.weight", "mlp.down.weight", "mlp.fc2.weight")):
+        std = INIT_STD / math.sqrt(2 * num_layers)  # GPT-2's residual-projection scaling
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    value = torch.empty(shape, dtype=torch.float32, device=device)
+    value.normal_(0.0, std, generator=generator)
+    return value.to(dtype)
+
+
+def _local_slices(param: torch.Tensor) -> tuple[slice, ...] | None:
+    """Where a DTensor's local shard sits in the global tensor (None for a plain tensor)."""
+    if not hasattr(param, "device_mesh"):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: str | torch.device, seed: int = 0) -> nn.Module:
+    """Allocate a meta-built (and possibly sharded) model on ``device`` and fill each local
+    shard with its slice of the layout-independent initial value. One full tensor exists at a
+    time, transiently."""
+    spec = _find_spec(model)
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        canonical = canonical_name(name)
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.numel() == 0:
+            continue
+        full = _init_value(canonical, param.shape, param.dtype, local.device, spec.num_layers, seed)
+        slices = _local_slices(param)
+        local.copy_(full[slices] if slices is not None else full)
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            cos, sin = rope_tables(module.spec, device)
+            module.rope_cos.copy_(cos)
+            module.rope_sin.copy_(sin)
+    return model
+
+
+def canonical_name(name: str) -> str:
+    """The planner's name of a parameter: without wrapper prefixes (DDP's ``module.``,
+    checkpoint wrappers, torch.compile's ``_orig_mod.``)."""
+    for wrapper in ("module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def _find_spec(model: nn.Module) -> ModelSpec:
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            return module.spec
+    raise ConfigError("materialize() needs a model built by strategies.model.build_model")
