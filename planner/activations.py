@@ -74,10 +74,11 @@ def _dims(model: ModelSpec, train: TrainConfig) -> _Dims:
     )
 
 
-def _attention_terms(x: _Dims, prefix: str) -> dict[str, int]:
+def _attention_terms(x: _Dims, prefix: str, selective: bool = False) -> dict[str, int]:
     tokens = x.s * x.b
-    # Flash kernels take GQA's k, v at kv width; the eager path repeats them to every head.
-    kv_heads = x.kv_heads if x.flash else x.heads
+    # Flash kernels take GQA's k, v at kv width; the eager path repeats them to every head,
+    # inside the core attention -- which selective recompute checkpoints at its kv-width inputs.
+    kv_heads = x.kv_heads if x.flash or selective else x.heads
     terms = {
         f"{prefix}_norm_input": x.ab * tokens * x.h // x.seq_div,
         f"{prefix}_norm_stats": x.stats * tokens // x.seq_div,
@@ -142,13 +143,14 @@ def layer_terms(model: ModelSpec, train: TrainConfig, kind: str = "decoder", rec
     recompute = train.activation_checkpointing if recompute is None else recompute
     if recompute == "full":
         return {"layer_input": x.ab * x.s * x.b * x.h // x.seq_div}
-    terms = _attention_terms(x, "attn")
+    selective = recompute == "selective"
+    terms = _attention_terms(x, "attn", selective)
     dropped = list(_core_attention_keys("attn"))
     if kind == "decoder" and model.encoder_layers:
-        terms |= _attention_terms(x, "cross")
+        terms |= _attention_terms(x, "cross", selective)
         dropped += _core_attention_keys("cross")
     terms |= _mlp_terms(model, x)
-    if recompute == "selective":
+    if selective:
         terms = {k: v for k, v in terms.items() if k not in dropped}
     return terms
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.errors import ConfigError, LayoutError
 
@@ -86,7 +86,6 @@ class ModelSpec(_Frozen):
         """Encoder plus decoder layers: what a pipeline splits over its stages."""
         return self.encoder_layers + self.num_layers
 
-    @computed_field  # type: ignore[prop-decorator]
     @property
     def num_params(self) -> int:
         """Exact parameter count (each tied tensor counted once)."""

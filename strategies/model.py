@@ -218,10 +218,12 @@ def _local_slices(param: torch.Tensor) -> tuple[slice, ...] | None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: str | torch.device, seed: int = 0) -> nn.Module:
+def materialize(model: nn.Module, device: str | torch.device, seed: int = 0,
+                buffer_device: str | torch.device | None = None) -> nn.Module:
     """Allocate a meta-built (and possibly sharded) model on ``device`` and fill each local
     shard with its slice of the layout-independent initial value. One full tensor exists at a
-    time, transiently."""
+    time, transiently. ``buffer_device``: where the RoPE tables live when the parameters are
+    offloaded to the host."""
     spec = _find_spec(model)
     model.to_empty(device=device)
     for name, param in model.named_parameters():
@@ -234,18 +236,16 @@ def materialize(model: nn.Module, device: str | torch.device, seed: int = 0) -> 
         local.copy_(full[slices] if slices is not None else full)
     for module in model.modules():
         if isinstance(module, Transformer):
-            cos, sin = rope_tables(module.spec, device)
-            module.rope_cos.copy_(cos)
-            module.rope_sin.copy_(sin)
+            cos, sin = rope_tables(module.spec, buffer_device or device)
+            module.rope_cos, module.rope_sin = cos, sin
     return model
 
 
 def canonical_name(name: str) -> str:
     """The planner's name of a parameter: without wrapper prefixes (DDP's ``module.``,
     checkpoint wrappers, torch.compile's ``_orig_mod.``)."""
-    for wrapper in ("module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
+    wrappers = {"module", "_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"}
+    return ".".join(part for part in name.split(".") if part not in wrappers)
 
 
 def _find_spec(model: nn.Module) -> ModelSpec:

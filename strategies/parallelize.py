@@ -1,0 +1,90 @@
+"""``parallelize``: one fixed, readable order (torchtitan's): pipeline split -> tensor (and
+sequence) parallel -> activation checkpointing -> compile -> FSDP2 (ZeRO-2/3, offload) ->
+materialise on the device -> DDP (DDP, ZeRO-1) -> optimizer (ZeRO-1 shards it) -> schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from planner.configs import TrainConfig
+from planner.errors import ConfigError
+from strategies.checkpointing import apply_activation_checkpointing, set_attention_kernel
+from strategies.ddp import apply_ddp
+from strategies.fsdp import apply_fsdp
+from strategies.kernels.optim import MasterWeightOptimizer, make_optimizer
+from strategies.mesh import ParallelDims
+from strategies.model import Transformer, materialize
+from strategies.offload import apply_offload
+from strategies.pipeline import Pipeline, apply_pipeline, stage_modules
+from strategies.precision import PrecisionPlan, precision_plan
+from strategies.tensor_parallel import apply_tensor_parallel, finish_tensor_parallel
+from strategies.zero1 import apply_zero1
+
+
+@dataclass
+class Parallelized:
+    modules: list[nn.Module]  # what this rank runs: the model (maybe DDP-wrapped) or its stage chunks
+    optimizer: torch.optim.Optimizer
+    pipeline: Pipeline | None
+    precision: PrecisionPlan
+    mesh: object
+    device: torch.device
+    cfg: TrainConfig
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def loss_parallel(self) -> bool:
+        return self.cfg.tp > 1
+
+    def parameters(self):
+        for module in self.modules:
+            yield from module.parameters()
+
+
+def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, device: torch.device,
+                seed: int = 0, compile: bool = False) -> Parallelized:
+    """``model`` is built on the meta device; returns this rank's materialised share."""
+    dims = ParallelDims(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, world=world)
+    mesh = dims.build_mesh(device.type)
+    sharded = cfg.zero_stage >= 2
+    precision = precision_plan(cfg.precision, sharded)
+    offload = apply_offload(model, mesh["dp"], cfg, device.type)
+    if cfg.offload == "params" and precision.fsdp_param_dtype is not None:
+        raise ConfigError("amp-bf16 with parameter offload is not supported; use bf16-mixed or fp32")
+
+    pp_rank = mesh["pp"].get_local_rank()
+    stages = stage_modules(model, pp_rank, cfg) if cfg.pp > 1 else [(0, model)]
+    modules = []
+    for _, module in stages:
+        set_attention_kernel(module, cfg.attention)
+        apply_tensor_parallel(module, mesh["tp"], cfg)
+        apply_activation_checkpointing(module, mesh, cfg)
+        if compile:
+            for name, block in list(module.layers.items()):
+                module.layers[name] = torch.compile(block)
+        if sharded:
+            apply_fsdp(module, mesh["dp"], cfg, precision.mp_policy(), offload.fsdp_policy)
+        materialize(module, "cpu" if cfg.offload == "params" else device, seed, buffer_device=device)
+        finish_tensor_parallel(module, mesh["tp"])
+        modules.append(module)
+    if not sharded:
+        device_ids = [device.index] if device.type == "cuda" else None
+        modules = [apply_ddp(module, mesh["dp"], cfg, device_ids) for module in modules]
+        for i, (index, _) in enumerate(stages):
+            stages[i] = (index, modules[i])
+
+    params = [p for module in modules for p in module.parameters()]
+    if cfg.zero_stage == 1:
+        optimizer = apply_zero1(params, mesh["dp"], cfg, precision.master_weights, precision.loss_scaling,
+                                offload.optimizer_state_device)
+    elif precision.master_weights or offload.optimizer_state_device is not None:
+        optimizer = MasterWeightOptimizer(params, name=cfg.optimizer, impl=cfg.optimizer_impl,
+                                          state_device=offload.optimizer_state_device,
+                                          loss_scaling=precision.loss_scaling)
+    else:
+        optimizer = make_optimizer(params, cfg.optimizer, cfg.optimizer_impl)
+    pipeline = apply_pipeline(stages, mesh["pp"], cfg, device) if cfg.pp > 1 else None
+    return Parallelized(modules, optimizer, pipeline, precision, mesh, device, cfg)

@@ -1,0 +1,63 @@
+"""Precision recipes, by the planner's names, on PyTorch's own machinery.
+
+| recipe | parameters | gradients | master / optimizer state | forward |
+|---|---|---|---|---|
+| fp32 | fp32 | fp32 | AdamW states fp32 | fp32 |
+| bf16-mixed | bf16 | bf16 | fp32 master + states (MasterWeightOptimizer) | bf16 |
+| fp16-mixed | fp16 | fp16 | fp32 master + states, dynamic loss scaling | fp16 |
+| amp-bf16 | fp32 | fp32 | fp32 states | torch.autocast(bf16); under FSDP2, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) |
+| bf16 | bf16 | bf16 | bf16 states | bf16 |
+
+Megatron's ``bf16-mixed-fp32-grads`` (fp32 main-gradient buffers) is planned, not run.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from planner.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    recipe: str
+    param_dtype: torch.dtype
+    master_weights: bool
+    loss_scaling: bool
+    autocast_dtype: torch.dtype | None  # for unsharded amp-bf16
+    fsdp_param_dtype: torch.dtype | None  # FSDP2 MixedPrecisionPolicy
+    fsdp_reduce_dtype: torch.dtype | None
+
+    def autocast(self, device_type: str):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def mp_policy(self):
+        if self.fsdp_param_dtype is None:
+            return None
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.fsdp_param_dtype, reduce_dtype=self.fsdp_reduce_dtype)
+
+
+def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
+    """``sharded``: FSDP2 (ZeRO-2/3) owns the parameters."""
+    if recipe == "fp32":
+        return PrecisionPlan(recipe, torch.float32, False, False, None, None, None)
+    if recipe in ("bf16-mixed", "fp16-mixed"):
+        dtype = torch.bfloat16 if recipe == "bf16-mixed" else torch.float16
+        return PrecisionPlan(recipe, dtype, True, recipe == "fp16-mixed", None, None, None)
+    if recipe == "amp-bf16":
+        if sharded:
+            return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
+        return PrecisionPlan(recipe, torch.float32, False, False, torch.bfloat16, None, None)
+    if recipe == "bf16":
+        return PrecisionPlan(recipe, torch.bfloat16, False, False, None, None, None)
+    raise ConfigError(f"precision {recipe} is planned but not run by trainplan's strategy layer "
+                      f"(use bf16-mixed, fp16-mixed, amp-bf16, bf16 or fp32)")

@@ -1,0 +1,98 @@
+"""One rank of a run. torchrun-compatible: reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT from the environment, so both work:
+
+    trainplan run --model tiny-llama --nproc 4 --strategy zero3 ...
+    torchrun --nproc-per-node 4 -m strategies.worker run.json result.json
+
+NCCL when CUDA is present, gloo otherwise. Rank 0 gathers every rank's record and writes the
+result atomically. A failure prints one line ("rank R: ...") on stderr and exits non-zero
+(3 for out-of-memory), so the launcher can end the other ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from pathlib import Path
+
+EXIT_FAILED, EXIT_OOM = 1, 3
+
+
+def _write_atomic(path: str, text: str) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m strategies.worker RUN_CONFIG.json RESULT.json", file=sys.stderr)
+        return 2
+    config_path, result_path = argv
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    try:
+        return _run(config_path, result_path, rank, world, local_rank)
+    except Exception as exc:  # one line for the launcher; the traceback is not the user's problem
+        oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"rank {rank}: {'out of memory: ' if oom else ''}{type(exc).__name__}: {message}", file=sys.stderr,
+              flush=True)
+        if os.environ.get("TRAINPLAN_TRACEBACK"):
+            raise
+        return EXIT_OOM if oom else EXIT_FAILED
+
+
+def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from strategies.train import RunConfig, RunResult, run_rank
+
+    config = RunConfig.model_validate_json(Path(config_path).read_text())
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if world > 1 or "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    try:
+        records, bytes_record = run_rank(config, rank, world, device)
+        gathered = [None] * world
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, bytes_record)
+        else:
+            gathered = [bytes_record]
+        if rank == 0:
+            timed = [r.step_time_s for r in records[config.warmup:]] or [r.step_time_s for r in records]
+            median = statistics.median(timed)
+            result = RunResult(
+                model_name=config.model.name,
+                num_params=config.model.num_params,
+                train=config.train,
+                world=world,
+                backend=backend,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch_version=torch.__version__,
+                steps=records,
+                ranks=gathered,
+                median_step_time_s=median,
+                tokens_per_s=config.train.global_batch * config.train.seq_len / median,
+            )
+            _write_atomic(result_path, result.model_dump_json(indent=2))
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
