@@ -422,7 +422,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
             _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest * recipe.state_bytes)
         if recipe.has_master and recipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
             _add(optimizer_tmp, "fp32_grad_copy", n_state * 4)
-    step = _Mem(params, grads_full if offload == "none" else 0, optimizer, 0, sum(optimizer_tmp.values()))
+    # With PyTorch optimizer offload the GPU gradients live until zero_grad, through the CPU step.
+    step = _Mem(params, grads_at_end, optimizer, 0, sum(optimizer_tmp.values()))
 
     phases = {"forward": forward, "backward": backward, "optimizer": step}
     # --- overheads on top of each phase's allocated total
@@ -432,15 +433,27 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         mem.overhead = fixed_overhead + int(overheads.fragmentation * mem.total)
     peak_phase = max(PHASES, key=lambda name: phases[name].total)
 
-    host = (0, 0, 0)
-    if offload != "none":
-        host = (
-            n_param * recipe.param_bytes if offload == "params" else 0,
-            n_state * 4,  # gradients land on the host in fp32 for the CPU optimizer
-            n_state * (recipe.master_bytes + OPTIMIZER_STATES[train.optimizer] * recipe.state_bytes),
-        )
+    host = _host_bytes(train, recipe, n_param, n_grad, n_state)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
                         peak_phase, sp, layer_factor, host)
+
+
+def _host_bytes(train: TrainConfig, recipe: Recipe, n_param: int, n_grad: int, n_state: int) -> tuple[int, int, int]:
+    """(params, grads, optimizer) held in host memory per rank.
+
+    Optimizer offload (ZeRO-Offload): an fp32 copy of the rank's parameters (the master, even
+    for fp32 training: the GPU keeps its own copy) plus the optimizer state on the host, and
+    the gradients brought over in fp32 for the CPU step. Parameter offload (ZeRO-3 with
+    FSDP2's CPUOffloadPolicy): parameter and gradient shards live on the host in their own
+    dtype and the optimizer steps them there (with fp32 masters for mixed-precision recipes);
+    DeepSpeed keeps fp32 gradients."""
+    if train.offload == "none":
+        return 0, 0, 0
+    states = OPTIMIZER_STATES[train.optimizer] * recipe.state_bytes
+    if train.offload == "optimizer":
+        return 0, n_state * 4, n_state * (4 + states)
+    grad_bytes = recipe.grad_bytes if train.engine == "pytorch" else 4
+    return n_param * recipe.param_bytes, n_grad * grad_bytes, n_state * (recipe.master_bytes + states)
 
 
 def _breakdown(mem: _Mem) -> MemoryBreakdown:

@@ -59,6 +59,19 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
+# What a rank reports when another rank died under it, not why the run failed.
+_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited",
+                 "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
+
+
+def _root_cause(failed: list[int], logs: list[Path]) -> int:
+    """The failed rank whose message is its own error rather than a lost peer."""
+    for rank in failed:
+        if not any(marker in _last_line(logs[rank]) for marker in _PEER_FAILURE):
+            return rank
+    return failed[0]
+
+
 def launch(config_json: str, nproc: int, timeout_s: float = 600.0, threads_per_rank: int | None = None):
     """Runs ``nproc`` ranks of the run described by ``config_json`` (a RunConfig); returns the
     RunResult JSON text written by rank 0. Raises RunFailedError."""
@@ -84,10 +97,9 @@ def launch(config_json: str, nproc: int, timeout_s: float = 600.0, threads_per_r
                 codes = [p.poll() for p in procs]
                 failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
-                    time.sleep(0.2)  # let a simultaneous failure elsewhere report too
-                    rank = failed[0]
-                    code = procs[rank].returncode
                     _kill(procs)
+                    rank = _root_cause(failed, logs)
+                    code = procs[rank].returncode
                     line = _last_line(logs[rank]) or f"rank {rank} exited with code {code}"
                     raise RunFailedError(f"run failed: {line}", rank=rank, oom=code == 3)
                 if all(c == 0 for c in codes):

@@ -125,7 +125,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A whole model, or one pipeline stage of it (``embed`` / ``head`` set to None)."""
 
-    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+    def __init__(self, spec: ModelSpec, device=None, dtype=None, max_seq_len: int = 0):
         super().__init__()
         if spec.encoder_layers:
             raise ConfigError(f"{spec.name} is an encoder-decoder model: trainplan plans it but does not run it")
@@ -145,7 +145,8 @@ class Transformer(nn.Module):
         self.head = (None if spec.tied_embeddings
                      else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, **kw))
         self.has_head = True  # False on pipeline stages before the last
-        cos, sin = rope_tables(spec, device)
+        self.rope_length = max(spec.max_position_embeddings, max_seq_len)
+        cos, sin = rope_tables(spec, device, self.rope_length)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -159,8 +160,13 @@ class Transformer(nn.Module):
             h = self.embed_dropout(h)
         else:
             h = inputs
+        # RoPE tables in the compute dtype, cast once per forward and shared by every layer
+        # (q * cos then saves one small table, not a copy per layer).
+        device_type = h.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        cos, sin = self.rope_cos.to(dtype), self.rope_sin.to(dtype)
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, cos, sin)
         if not self.has_head:
             return h
         h = self.final_norm(h)
@@ -173,9 +179,9 @@ class Transformer(nn.Module):
         return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
 
 
-def rope_tables(spec: ModelSpec, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(spec: ModelSpec, device=None, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     d = spec.head_dim
-    length = spec.max_position_embeddings
+    length = length or spec.max_position_embeddings
     if device is not None and torch.device(device).type == "meta":
         return torch.empty(length, 1, d, device="meta"), torch.empty(length, 1, d, device="meta")
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
@@ -184,8 +190,9 @@ def rope_tables(spec: ModelSpec, device=None) -> tuple[torch.Tensor, torch.Tenso
     return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
 
-def build_model(spec: ModelSpec, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> Transformer:
-    return Transformer(spec, device=device, dtype=dtype)
+def build_model(spec: ModelSpec, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32,
+                max_seq_len: int = 0) -> Transformer:
+    return Transformer(spec, device=device, dtype=dtype, max_seq_len=max_seq_len)
 
 
 # ---------------------------------------------------------------- deterministic initialisation
@@ -236,7 +243,7 @@ def materialize(model: nn.Module, device: str | torch.device, seed: int = 0,
         local.copy_(full[slices] if slices is not None else full)
     for module in model.modules():
         if isinstance(module, Transformer):
-            cos, sin = rope_tables(module.spec, buffer_device or device)
+            cos, sin = rope_tables(module.spec, buffer_device or device, module.rope_length)
             module.rope_cos, module.rope_sin = cos, sin
     return model
 

@@ -79,8 +79,8 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     params = [p for module in modules for p in module.parameters()]
     if cfg.zero_stage == 1:
         optimizer = apply_zero1(params, mesh["dp"], cfg, precision.master_weights, precision.loss_scaling,
-                                offload.optimizer_state_device)
-    elif precision.master_weights or offload.optimizer_state_device is not None:
+                                offload.optimizer_state_device)  # offload=params needs ZeRO-3, never here
+    elif precision.master_weights or cfg.offload == "optimizer":
         optimizer = MasterWeightOptimizer(params, name=cfg.optimizer, impl=cfg.optimizer_impl,
                                           state_device=offload.optimizer_state_device,
                                           loss_scaling=precision.loss_scaling)

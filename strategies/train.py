@@ -170,8 +170,8 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> 
     torch.manual_seed(config.seed)
     source = (TokenFile(config.data, spec.vocab_size, cfg.seq_len) if config.data
               else SyntheticTokens(spec.vocab_size, cfg.seq_len, config.seed))
-    par = parallelize(build_model(spec, "meta", _param_dtype(cfg)), cfg, world, rank, device, config.seed,
-                      config.compile)
+    model = build_model(spec, "meta", _param_dtype(cfg), max_seq_len=cfg.seq_len)
+    par = parallelize(model, cfg, world, rank, device, config.seed, config.compile)
     records, bytes_record = [], None
     tokens_per_step = cfg.global_batch * cfg.seq_len
     for step in range(config.steps):

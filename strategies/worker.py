@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank {rank}: {'out of memory: ' if oom else ''}{type(exc).__name__}: {message}", file=sys.stderr,
               flush=True)
         if os.environ.get("TRAINPLAN_TRACEBACK"):
-            raise
-        return EXIT_OOM if oom else EXIT_FAILED
+            import traceback
+
+            traceback.print_exc()
+        # Leave at once: the other ranks may sit in a collective this one will never join, and
+        # tearing the process group down politely would wait for them.
+        os._exit(EXIT_OOM if oom else EXIT_FAILED)
 
 
 def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: int) -> int:
@@ -63,8 +67,8 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
     if world > 1 or "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
+    records, bytes_record = run_rank(config, rank, world, device)
     try:
-        records, bytes_record = run_rank(config, rank, world, device)
         gathered = [None] * world
         if dist.is_initialized():
             dist.all_gather_object(gathered, bytes_record)
@@ -95,4 +99,10 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: with gloo, destructors of background threads sometimes call
+    # std::terminate after a clean destroy_process_group(), turning a finished rank into a
+    # crash. Everything the run produced is written by now.
+    os._exit(code)

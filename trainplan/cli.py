@@ -87,6 +87,7 @@ def _console():
 # ---------------------------------------------------------------- plan
 
 PRECISION_CHOICES = ["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16"]
+DEFAULT_SEQ_LEN = 4096
 
 
 def plan_options(fn):
@@ -120,7 +121,8 @@ def plan_options(fn):
         click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True),
         click.option("--optimizer-impl", type=click.Choice(["fused", "foreach", "for-loop"]), default="fused",
                      show_default=True),
-        click.option("--seq-len", type=click.IntRange(min=1), default=4096, show_default=True),
+        click.option("--seq-len", type=click.IntRange(min=1), default=None,
+                     help="tokens per sequence [default: 4096; run: at most the model's positions]"),
         click.option("--micro-batch", type=click.IntRange(min=1), default=None,
                      help="sequences per micro-batch [default: search, 1 for a fixed layout]"),
         click.option("--global-batch", type=click.IntRange(min=1), default=None,
@@ -219,7 +221,8 @@ def build_space(options: dict):
         global_batch=options["global_batch"],
         allow_cross_node_tp=options.get("allow_cross_node_tp", False),
         fixed=dict(attention=options["attention"], precision=options["precision"], optimizer=options["optimizer"],
-                   optimizer_impl=options["optimizer_impl"], seq_len=options["seq_len"], engine=options["engine"]),
+                   optimizer_impl=options["optimizer_impl"], seq_len=options["seq_len"] or DEFAULT_SEQ_LEN,
+                   engine=options["engine"]),
     )
     return model, gpu, space
 
@@ -265,6 +268,97 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
         render_plan(plan_result, console)
     if plan_result.recommended is None:
         raise click.ClickException(f"nothing fits: {plan_result.reason}; try {'; '.join(plan_result.advice)}")
+
+
+# ---------------------------------------------------------------- run
+
+
+def run_options(fn):
+    options = [
+        click.option("--nproc", type=click.IntRange(min=1), default=None,
+                     help="ranks to launch [default: --gpus, else the visible GPUs, else 1]"),
+        click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True),
+        click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+                     help="steps left out of the median step time"),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--data", type=click.Path(dir_okay=False), default=None,
+                     help="token file (uint16 .bin/.u16 or int32 .i32) [default: synthetic samples]"),
+        click.option("--compile", "compile_", is_flag=True, help="torch.compile each block"),
+        click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+                     help="seconds before every rank is stopped"),
+        click.option("--fail-rank", type=int, default=None, hidden=True),
+        click.option("--fail-step", type=int, default=0, hidden=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def visible_gpus() -> int:
+    """CUDA devices visible to this process, without initialising CUDA here (NVML)."""
+    from trainplan.nvml import device_count
+
+    return device_count()
+
+
+def build_run_config(options: dict, run: dict):
+    """One fully specified layout from the shared options: what ``plan`` leaves open, ``run``
+    takes at its default (DDP, tp = pp = 1, no checkpointing, micro-batch 1, 1F1B)."""
+    from planner.catalog import load_model
+    from planner.configs import STRATEGIES, TrainConfig, check_layout
+    from strategies.train import RunConfig
+
+    model = load_model(options["model_name"])
+    nproc = run["nproc"]
+    gpus = options["gpus"] or nproc or visible_gpus() or 1
+    if nproc is not None and nproc != gpus:
+        raise click.UsageError(f"--nproc {nproc} != --gpus {gpus}: run launches one rank per GPU of the layout")
+    tp, pp = options["tp"] or 1, options["pp"] or 1
+    schedule = options["schedule"] or ("interleaved" if (options["chunks"] or 1) > 1 else "1f1b")
+    sequence_parallel = options["sequence_parallel"] if options["sequence_parallel"] is not None else tp > 1
+    seq_len = options["seq_len"] or min(DEFAULT_SEQ_LEN, model.max_position_embeddings)
+    fields = dict(
+        gpus=gpus, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+        zero_stage=STRATEGIES[options["strategy"] or "ddp"], offload=options["offload"] or "none",
+        precision=options["precision"], optimizer=options["optimizer"], optimizer_impl=options["optimizer_impl"],
+        activation_checkpointing=options["activation_checkpointing"] or "none", attention=options["attention"],
+        micro_batch=options["micro_batch"] or 1, seq_len=seq_len, schedule=schedule,
+        chunks=options["chunks"] or (2 if schedule == "interleaved" else 1), engine="pytorch",
+    )
+    if options["global_batch"]:
+        fields["global_batch"] = options["global_batch"]
+    elif pp > 1:
+        fields["grad_accum"] = pp  # 1F1B needs at least pp micro-batches
+    if options["engine"] != "pytorch":
+        raise click.UsageError("run executes PyTorch's engines: --engine must be pytorch")
+    train = TrainConfig(**fields)
+    check_layout(model, train)
+    return RunConfig(model=model, train=train, steps=run["steps"], warmup=run["warmup"], seed=run["seed"],
+                     data=run["data"], compile=run["compile_"], fail_rank=run["fail_rank"],
+                     fail_step=run["fail_step"])
+
+
+@click.command("run", cls=Command)
+@plan_options
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@user_errors
+def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, fail_step, as_json, **options):
+    """Run a layout for a few steps on PyTorch's own engines and report loss, step time and
+    tokens/s. NCCL on GPUs, gloo on CPU; one process per rank (torchrun-compatible)."""
+    from strategies.launch import launch
+    from strategies.train import RunResult
+
+    run = dict(nproc=nproc, steps=steps, warmup=warmup, seed=seed, data=data, compile_=compile_,
+               fail_rank=fail_rank, fail_step=fail_step)
+    config = build_run_config(options, run)
+    result = RunResult.model_validate_json(launch(config.model_dump_json(), config.train.gpus, timeout))
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+        return
+    from trainplan.report import render_run
+
+    render_run(result, _console())
 
 
 # ---------------------------------------------------------------- presets
@@ -326,6 +420,7 @@ def main():
 
 
 main.add_command(plan_command)
+main.add_command(run_command)
 main.add_command(presets_command)
 
 

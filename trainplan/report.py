@@ -186,3 +186,42 @@ def render_estimate(est: Estimate, console: Console) -> None:
     )
     for note in est.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def bytes_text(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+def render_run(result, console: Console) -> None:
+    t = result.train
+    console.print(
+        f"[bold]{result.model_name}[/] ({result.num_params:,} parameters) — {strategy_label(t)}, {layout_label(t)}, "
+        f"{result.world} rank{'s' if result.world > 1 else ''} on {result.device} ({result.backend}), "
+        f"torch {result.torch_version}"
+    )
+    console.print(f"[dim]micro-batch {t.micro_batch} × accumulation {t.grad_accum} × dp {t.dp} = global batch "
+                  f"{t.global_batch}, seq {t.seq_len}, {t.precision}, checkpointing {t.activation_checkpointing}, "
+                  f"{t.attention} attention[/]")
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+    for name in ("step", "loss", "step time s", "tokens/s"):
+        table.add_column(name, justify="right")
+    for step in result.steps:
+        table.add_row(str(step.step), f"{step.loss:.6f}", f"{step.step_time_s:.3f}", f"{step.tokens_per_s:,.0f}")
+    console.print(table)
+    console.print(f"median step {result.median_step_time_s:.3f} s (after warm-up): "
+                  f"[bold]{result.tokens_per_s:,.0f} tokens/s[/], {result.tokens_per_s / result.world:,.0f} per rank")
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="resident per rank after the last step",
+                  title_justify="left")
+    for name in ("rank", "params", "grads", "optimizer", "max allocated"):
+        table.add_column(name, justify="right")
+    for r in result.ranks:
+        table.add_row(str(r.rank), bytes_text(r.params), bytes_text(r.grads), bytes_text(r.optimizer),
+                      bytes_text(r.max_memory_allocated))
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
