@@ -196,6 +196,28 @@ def head_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
     return terms
 
 
+def pipeline_output_bytes(model: ModelSpec, train: TrainConfig, last_stage: bool) -> int:
+    """What torch.distributed.pipelining keeps per in-flight micro-batch beyond the saved
+    tensors: the stage's output, held for that micro-batch's backward -- the hidden state on
+    inner stages, the logits (before the fp32 cast) on the last. Megatron frees the output's
+    data once sent (Korthikanti et al. 2022, appendix B), so only the pytorch engine pays."""
+    if train.pp == 1 or train.engine != "pytorch":
+        return 0
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    return x.ab * tokens * x.vocab if last_stage else x.ab * tokens * x.h // x.seq_div
+
+
+def pipeline_recv_buffer_bytes(model: ModelSpec, train: TrainConfig) -> int:
+    """One of torch.distributed.pipelining's receive buffers: a stage allocates one per
+    micro-batch for the activations it receives (all but the first stage) and one for the
+    gradients it receives (all but the last), once, and keeps them between steps."""
+    if train.pp == 1 or train.engine != "pytorch":
+        return 0
+    x = _dims(model, train)
+    return x.ab * x.s * x.b * x.h // x.seq_div
+
+
 def loss_transients(model: ModelSpec, train: TrainConfig) -> tuple[int, int]:
     """(forward, backward) bytes alive beside the saved tensors while the loss runs.
 
@@ -204,6 +226,10 @@ def loss_transients(model: ModelSpec, train: TrainConfig) -> tuple[int, int]:
     coexist with the saved log-softmax output."""
     x = _dims(model, train)
     logits_fp32 = FP32 * x.s * x.b * x.vocab
+    if train.tp > 1 and train.engine == "pytorch":
+        # DTensor's loss_parallel works on the vocabulary shard through one more fp32
+        # shard-sized tensor (the max-shifted logits) in forward and in backward (measured).
+        return 2 * logits_fp32, 3 * logits_fp32
     return logits_fp32, 2 * logits_fp32
 
 

@@ -98,6 +98,7 @@ class StageMemory(RankMemory):
     last_layer: int
     num_params: int = Field(description="parameters of this stage on one tensor-parallel rank")
     inflight_microbatches: float
+    saved_activations: int = Field(description="activations saved at the end of forward (all in-flight micro-batches)")
     phases: dict[str, MemoryBreakdown]
     temporaries_detail: dict[str, int] = Field(description="what the temporaries at the peak phase are")
     host: HostMemory
@@ -196,6 +197,7 @@ class _StageParams:
     largest_unit: int  # largest FSDP unit (unsharded, local to tp)
     largest_pair: int  # largest two consecutive units (current + prefetched)
     first_unit: int  # the unit still gathered at the end of backward
+    last_unit: int  # the unit that runs just before the loss (the head, on the last stage)
     last_to_differentiate: int  # units whose gradients are still being written then
     matmul_weights: int  # 2-D linear weights (autocast copies)
     encoder_layers: int
@@ -239,6 +241,7 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
         largest_unit=max(unit_sizes),
         largest_pair=max(pairs),
         first_unit=unit_sizes[0],
+        last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
         matmul_weights=matmul,
         encoder_layers=kinds.count("encoder"),
@@ -263,9 +266,12 @@ class _ActSums:
     loss_forward: int
     loss_backward: int
     workspace: int
+    pipeline_output_inner: int
+    pipeline_output_last: int
+    pipeline_recv_buffer: int
 
 
-_ACT_FIELDS = ("seq_len", "micro_batch", "tp", "sequence_parallel", "precision", "attention", "engine",
+_ACT_FIELDS = ("seq_len", "micro_batch", "tp", "pp", "sequence_parallel", "precision", "attention", "engine",
                "activation_checkpointing")
 
 
@@ -283,6 +289,9 @@ def _act_sums(model: ModelSpec, key: tuple) -> _ActSums:
         loss_forward=loss_forward,
         loss_backward=loss_backward,
         workspace=act.layer_backward_workspace(model, train),
+        pipeline_output_inner=act.pipeline_output_bytes(model, train, last_stage=False),
+        pipeline_output_last=act.pipeline_output_bytes(model, train, last_stage=True),
+        pipeline_recv_buffer=act.pipeline_recv_buffer_bytes(model, train),
     )
 
 
@@ -311,6 +320,7 @@ class _StageResult:
     params: _StageParams
     layer_factor: float
     host: tuple[int, int, int]  # params, grads, optimizer
+    saved_activations: int  # at the end of forward: what the forward leaves for backward
 
     @property
     def peak(self) -> int:
@@ -351,9 +361,12 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     layer_factor, embed_count, head_count = act.inflight(train, stage_index)
     layers_mb = sp.encoder_layers * sums.encoder_layer + sp.decoder_layers * sums.decoder_layer
     embed_mb = sums.embedding if sp.has_embedding else 0
-    head_mb = sums.head if sp.has_head else 0
+    # the pipeline keeps each in-flight micro-batch's stage output (logits on the last stage)
+    head_mb = (sums.head + sums.pipeline_output_last) if sp.has_head else 0
+    layers_mb_output = 0 if sp.has_head else sums.pipeline_output_inner
     # torch.autocast casts each linear weight to bf16 per forward, and linear saves the cast.
     autocast_mb = 2 * sp.matmul_weights if train.precision == "amp-bf16" and zero <= 1 else 0
+    layers_mb += layers_mb_output
     activations = int(layer_factor * (layers_mb + autocast_mb)) + embed_count * embed_mb + head_count * head_mb
     has_layers = sp.encoder_layers + sp.decoder_layers > 0
     first_kind_is_encoder = sp.encoder_layers > 0
@@ -365,11 +378,16 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # --- temporaries
     gather = recipe.gather_bytes
     if zero >= 3:
+        # current + prefetched unit while layers run; at the loss only the unit that ran last
+        # (the head) is still gathered -- FSDP2 frees it in its backward
         gathered_fwd = gathered_bwd_end = sp.largest_pair * gather
+        gathered_at_loss, gathered_at_loss_backward = sp.last_unit * gather, 0
     elif zero == 2 and engine.zero2_gathers_params:
         gathered_fwd, gathered_bwd_end = sp.local * gather, sp.first_unit * gather
+        # + the all-gather buffer of the unit that ran last, not yet released at the loss
+        gathered_at_loss, gathered_at_loss_backward = gathered_fwd + sp.last_unit * gather, gathered_fwd
     else:
-        gathered_fwd = gathered_bwd_end = 0
+        gathered_fwd = gathered_bwd_end = gathered_at_loss = gathered_at_loss_backward = 0
     loss_fwd, loss_bwd = (sums.loss_forward, sums.loss_backward) if sp.has_head else (0, 0)
     workspace = sums.workspace if has_layers else 0
     if fsdp:
@@ -382,38 +400,55 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         grad_reduce = sp.largest_tensor * recipe.grad_bytes
     else:
         grad_reduce = 0
+    recv_buffers = 0
+    if sums.pipeline_recv_buffer:
+        chunk_indices = [stage_index + c * train.pp for c in range(train.chunks)]
+        last_chunk = train.pp * train.chunks - 1
+        directions = sum((i != 0) + (i != last_chunk) for i in chunk_indices)
+        recv_buffers = directions * train.num_microbatches * sums.pipeline_recv_buffer
 
-    forward_tmp: dict[str, int] = {}
-    _add(forward_tmp, "gathered_params", gathered_fwd)
-    _add(forward_tmp, "loss_logits_fp32", loss_fwd)
-    forward = _Mem(params, grads_in_forward, optimizer, activations, sum(forward_tmp.values()))
+    # Two moments of the forward pass: the loss (all activations, the fp32 logits) and the last
+    # layer (the head's activations not yet written, the gathered units).
+    forward_moments: list[tuple[_Mem, dict[str, int]]] = []
+    for acts, gathered, loss in ((activations, gathered_at_loss, loss_fwd), (activations - head_mb, gathered_fwd, 0)):
+        tmp: dict[str, int] = {}
+        _add(tmp, "gathered_params", gathered)
+        _add(tmp, "loss_logits_fp32", loss)
+        _add(tmp, "pipeline_recv_buffers", recv_buffers)
+        forward_moments.append((_Mem(params, grads_in_forward, optimizer, max(int(acts), 0), sum(tmp.values())), tmp))
+    forward, forward_tmp = max(forward_moments, key=lambda m: m[0].total)
 
-    # Three moments of the backward pass: the loss's backward (last stage), the first layer's
-    # backward (head freed, workspace and -- with full recompute -- one recomputed layer),
-    # and the last layer's backward (this micro-batch's activations freed, gradients written).
+    # Moments of the backward pass: the loss's backward (last stage); the first layer's
+    # backward (head freed; activation gradients and, with full recompute, one recomputed
+    # layer); right after it, that layer's gradient reduction (its activations freed); and the
+    # stage's last layer (this micro-batch's activations freed, gradients written).
     moments: list[tuple[_Mem, dict[str, int]]] = []
     if sp.has_head:
-        tmp: dict[str, int] = {}
-        _add(tmp, "gathered_params", gathered_fwd)
+        tmp = {}
+        _add(tmp, "gathered_params", gathered_at_loss_backward)
         _add(tmp, "loss_gradients_fp32", loss_bwd)
+        _add(tmp, "pipeline_recv_buffers", recv_buffers)
         moments.append((_Mem(params, grads_in_forward, optimizer, activations, sum(tmp.values())), tmp))
     if grads_persist or not sp.local:
         grads_before_first_layer = grads_at_end
     else:
         grads_before_first_layer = grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
-    for acts, grads, gathered in (
-        (activations - head_mb, grads_in_forward, gathered_fwd),
-        (activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer, grads_before_first_layer,
-         gathered_bwd_end),
+    end_acts = activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer
+    for acts, grads, gathered, work, reduce, recompute in (
+        (activations - head_mb, grads_in_forward, gathered_fwd, workspace, 0, recompute_set),
+        (activations - head_mb - one_layer, grads_in_forward, gathered_fwd, 0, grad_reduce, 0),
+        (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, recompute_set),
     ):
         tmp = {}
         _add(tmp, "gathered_params", gathered)
-        _add(tmp, "activation_gradients", workspace)
-        _add(tmp, "gradient_reduction", grad_reduce)
-        moments.append((_Mem(params, grads, optimizer, max(int(acts), 0) + recompute_set, sum(tmp.values())), tmp))
+        _add(tmp, "activation_gradients", work)
+        _add(tmp, "gradient_reduction", reduce)
+        _add(tmp, "pipeline_recv_buffers", recv_buffers)
+        moments.append((_Mem(params, grads, optimizer, max(int(acts), 0) + recompute, sum(tmp.values())), tmp))
     backward, backward_tmp = max(moments, key=lambda m: m[0].total)
 
     optimizer_tmp: dict[str, int] = {}
+    _add(optimizer_tmp, "pipeline_recv_buffers", recv_buffers)
     if offload == "none":
         if train.optimizer_impl == "foreach":
             _add(optimizer_tmp, "optimizer_foreach_scratch", n_state * recipe.state_bytes)
@@ -435,7 +470,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     host = _host_bytes(train, recipe, n_param, n_grad, n_state)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
-                        peak_phase, sp, layer_factor, host)
+                        peak_phase, sp, layer_factor, host, activations)
 
 
 def _host_bytes(train: TrainConfig, recipe: Recipe, n_param: int, n_grad: int, n_state: int) -> tuple[int, int, int]:
@@ -471,6 +506,7 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
         last_layer=core.params.last_layer,
         num_params=core.params.local,
         inflight_microbatches=core.layer_factor,
+        saved_activations=core.saved_activations,
         params=peak.params,
         grads=peak.grads,
         optimizer=peak.optimizer,

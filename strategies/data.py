@@ -47,6 +47,10 @@ class TokenFile:
 
 
 def batch(source, first_index: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets of samples first_index .. first_index + size - 1."""
-    samples = torch.stack([source.sample(first_index + i) for i in range(size)])
-    return samples[:, :-1].to(device), samples[:, 1:].to(device)
+    """Inputs and next-token targets of samples first_index .. first_index + size - 1 (real
+    tensors, also when a simulated rank runs under FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        samples = torch.stack([source.sample(first_index + i) for i in range(size)])
+        return samples[:, :-1].to(device), samples[:, 1:].to(device)

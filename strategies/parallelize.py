@@ -39,16 +39,24 @@ class Parallelized:
     def loss_parallel(self) -> bool:
         return self.cfg.tp > 1
 
+    @property
+    def ddp(self) -> bool:
+        return any(type(m).__name__ == "DistributedDataParallel" for m in self.modules)
+
     def parameters(self):
         for module in self.modules:
             yield from module.parameters()
 
 
+def build_mesh(cfg: TrainConfig, world: int, device: torch.device):
+    return ParallelDims(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, world=world).build_mesh(device.type)
+
+
 def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, device: torch.device,
-                seed: int = 0, compile: bool = False) -> Parallelized:
-    """``model`` is built on the meta device; returns this rank's materialised share."""
-    dims = ParallelDims(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, world=world)
-    mesh = dims.build_mesh(device.type)
+                seed: int = 0, compile: bool = False, mesh=None) -> Parallelized:
+    """``model`` is built on the meta device; returns this rank's materialised share. Pass a
+    ``mesh`` built outside a FakeTensorMode when simulating (DeviceMesh cannot be faked)."""
+    mesh = mesh if mesh is not None else build_mesh(cfg, world, device)
     sharded = cfg.zero_stage >= 2
     precision = precision_plan(cfg.precision, sharded)
     offload = apply_offload(model, mesh["dp"], cfg, device.type)

@@ -57,8 +57,10 @@ class Pipeline:
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
+        # return_outputs=False: the schedule would otherwise keep every micro-batch's stage
+        # output (the logits, on the last stage) until the next step, to return them merged.
         self.schedule.step(*args, target=targets if self.has_last else None,
-                           losses=losses if self.has_last else None)
+                           losses=losses if self.has_last else None, return_outputs=False)
         return losses
 
 

@@ -10,7 +10,7 @@ over data-parallel ranks), so every layout follows the single-process trajectory
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ from planner.errors import ConfigError
 from strategies.data import SyntheticTokens, TokenFile, batch
 from strategies.kernels.optim import MasterWeightOptimizer, state_tensors
 from strategies.model import build_model
-from strategies.parallelize import Parallelized, parallelize
+from strategies.parallelize import Parallelized, build_mesh, parallelize
 
 
 class RunConfig(BaseModel):
@@ -36,13 +36,17 @@ class RunConfig(BaseModel):
     compile: bool = False
     measure_activations: bool = Field(default=False, description="MemTracker over the last step's first "
                                                                  "micro-batch forward (not with pipelines)")
+    profile: bool = Field(default=False, description="per-phase memory of the last step (profiler.memory)")
+    simulate_world: int | None = Field(default=None, description="run rank 0 of this many ranks in one process "
+                                                                 "(fake process group)")
     fail_rank: int | None = Field(default=None, description="testing: this rank raises at fail_step")
     fail_step: int = 0
+    fail_kind: str = Field(default="error", description="testing: 'error', or 'oom' for a simulated out-of-memory")
 
 
 class StepRecord(BaseModel):
     step: int
-    loss: float
+    loss: float | None = Field(description="None for a simulated rank (fake tensors have no values)")
     step_time_s: float
     tokens_per_s: float
 
@@ -55,10 +59,17 @@ class RankBytes(BaseModel):
     params: int
     grads: int
     optimizer: int
+    host_params: int = 0
+    host_grads: int = 0
+    host_optimizer: int = 0
     activations: int | None = Field(default=None, description="activation bytes at the end of one micro-batch's "
                                                               "forward (MemTracker), when measured")
+    phases: dict[str, dict[str, int]] = Field(default_factory=dict, description="per phase: the planner's "
+                                              "components at that phase's peak (profiler.memory)")
+    phase_totals: dict[str, int] = Field(default_factory=dict)
     max_memory_allocated: int | None = None
     max_memory_reserved: int | None = None
+    device_used: int | None = Field(default=None, description="NVML: device memory this process uses")
 
 
 class RunResult(BaseModel):
@@ -73,6 +84,7 @@ class RunResult(BaseModel):
     ranks: list[RankBytes]
     median_step_time_s: float
     tokens_per_s: float
+    simulated_world: int | None = None
     notes: list[str] = []
 
 
@@ -82,29 +94,57 @@ def _scalar(t: torch.Tensor) -> float:
     return float(t.detach().float().item())
 
 
-def _unique_bytes(tensors) -> int:
-    storages = {}
+def _local_tensors(tensors):
     for t in tensors:
-        if t is None:
+        if t is not None:
+            yield t.to_local() if hasattr(t, "to_local") else t
+
+
+def _unique_bytes(tensors, device_type: str | None = None) -> int:
+    """Bytes of the unique storages behind ``tensors`` (on ``device_type`` only, if given)."""
+    storages = {}
+    for local in _local_tensors(tensors):
+        if device_type is not None and local.device.type != device_type:
             continue
-        local = t.to_local() if hasattr(t, "to_local") else t
         storage = local.untyped_storage()
-        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        storages[storage._cdata] = storage.nbytes()  # the StorageImpl: unique, also for fake tensors
     return sum(storages.values())
 
 
 def resident_bytes(par: Parallelized, rank: int) -> RankBytes:
+    """On a GPU, what lives on the device and what lives on the host (offload) apart; on a CPU
+    everything is "device"."""
     params = list(par.parameters())
+    grads = [p.grad for p in params]
+    states = state_tensors(par.optimizer)
+    device = par.device.type
+    host = "cpu" if device != "cpu" else None
     record = RankBytes(
         rank=rank,
-        params=_unique_bytes(params),
-        grads=_unique_bytes(p.grad for p in params),
-        optimizer=_unique_bytes(state_tensors(par.optimizer)),
+        params=_unique_bytes(params, device if host else None),
+        grads=_unique_bytes(grads, device if host else None),
+        optimizer=_unique_bytes(states, device if host else None),
+        host_params=_unique_bytes(params, host) if host else 0,
+        host_grads=_unique_bytes(grads, host) if host else 0,
+        host_optimizer=_unique_bytes(states, host) if host else 0,
     )
-    if par.device.type == "cuda":
+    if device == "cuda":
         record.max_memory_allocated = torch.cuda.max_memory_allocated(par.device)
         record.max_memory_reserved = torch.cuda.max_memory_reserved(par.device)
+        record.device_used = _device_used(par.device)
     return record
+
+
+def _device_used(device: torch.device) -> int | None:
+    """NVML: this process's device memory (CUDA context, NCCL, the caching allocator's
+    reservations); where the driver cannot attribute memory to processes, the device's."""
+    from trainplan.nvml import NvmlUnavailable, device_info, process_used_memory
+
+    try:
+        used = process_used_memory(device.index or 0)
+        return used if used is not None else device_info(device.index or 0)["memory_used"]
+    except NvmlUnavailable:
+        return None
 
 
 def _loss_context(par: Parallelized):
@@ -120,9 +160,24 @@ def _optimizer_with_scaler(optimizer) -> MasterWeightOptimizer | None:
     return inner if isinstance(inner, MasterWeightOptimizer) and inner.loss_scaling else None
 
 
-def train_step(par: Parallelized, source, step: int, measure: dict | None = None) -> tuple[float, int]:
-    """One optimizer step; returns (sum of micro-batch losses on this rank, their count).
-    ``measure``: a dict that receives the activation bytes of the first micro-batch's forward."""
+class _NoPhases:
+    """Stand-in for profiler.memory.PhaseMemory when a step is not profiled."""
+
+    current_phase = "forward"
+
+    @contextmanager
+    def phase(self, name: str):
+        self.current_phase = name
+        yield
+
+
+def train_step(par: Parallelized, source, step: int, measure: dict | None = None, phases=None,
+               losses: bool = True) -> tuple[float, int]:
+    """One optimizer step's forward and backward; returns (sum of micro-batch losses on this
+    rank, their count). ``measure`` receives the activation bytes of the first micro-batch's
+    forward; ``phases`` marks forward and backward regions (profiling)."""
+    phases = phases or _NoPhases()
+    value = _scalar if losses else (lambda t: 0.0)
     cfg = par.cfg
     dp_rank = par.mesh["dp"].get_local_rank()
     per_replica = cfg.global_batch // cfg.dp
@@ -133,9 +188,10 @@ def train_step(par: Parallelized, source, step: int, measure: dict | None = None
         if scaler is not None:
             raise ConfigError("fp16-mixed loss scaling is not supported with pipeline parallelism; use bf16-mixed")
         inputs, targets = batch(source, first, per_replica, par.device)
-        with _loss_context(par):
-            losses = par.pipeline.step(inputs, targets)
-        return sum(_scalar(loss) for loss in losses), len(losses)
+        # forward and backward interleave inside a pipeline schedule: one region, "backward"
+        with _loss_context(par), phases.phase("backward"):
+            stage_losses = par.pipeline.step(inputs, targets)
+        return sum(value(loss) for loss in stage_losses), len(stage_losses)
     model = par.modules[0]
     m = cfg.num_microbatches
     for j in range(m):
@@ -143,14 +199,15 @@ def train_step(par: Parallelized, source, step: int, measure: dict | None = None
         sync = nullcontext() if j == m - 1 or not hasattr(model, "no_sync") else model.no_sync()
         tracker = _activation_tracker(par) if measure is not None and j == 0 else nullcontext()
         with sync, _loss_context(par), tracker:
-            with par.precision.autocast(par.device.type):
+            with par.precision.autocast(par.device.type), phases.phase("forward"):
                 loss = model(inputs, targets)
             if measure is not None and j == 0:
                 snapshot = tracker.get_tracker_snapshot("current")
                 measure["activations"] = sum(d.get("Activation", 0) for d in snapshot.values())
             scaled = loss / m
-            (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
-        total += _scalar(loss)
+            with phases.phase("backward"):
+                (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
+        total += value(loss)
         count += 1
     return total, count
 
@@ -170,32 +227,76 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> 
     torch.manual_seed(config.seed)
     source = (TokenFile(config.data, spec.vocab_size, cfg.seq_len) if config.data
               else SyntheticTokens(spec.vocab_size, cfg.seq_len, config.seed))
+    fake = _fake_mode(config, device)
     model = build_model(spec, "meta", _param_dtype(cfg), max_seq_len=cfg.seq_len)
-    par = parallelize(model, cfg, world, rank, device, config.seed, config.compile)
+    mesh = build_mesh(cfg, world, device)
+    with fake:
+        par = parallelize(model, cfg, world, rank, device, config.seed, config.compile, mesh=mesh)
+        return _loop(config, par, source, rank, device, losses=config.simulate_world is None)
+
+
+def _fake_mode(config: RunConfig, device: torch.device):
+    """A simulated world on CPU runs under FakeTensorMode: shapes and sizes, no real memory
+    (a 7B rank fits in a few hundred MB of RAM). On a GPU the tensors are real."""
+    if config.simulate_world is None or device.type != "cpu":
+        return nullcontext()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch.device,
+          losses: bool) -> tuple[list[StepRecord], RankBytes]:
+    cfg = par.cfg
     records, bytes_record = [], None
     tokens_per_step = cfg.global_batch * cfg.seq_len
+    phases = _NoPhases()
     for step in range(config.steps):
         if config.fail_rank == rank and config.fail_step == step:
+            if config.fail_kind == "oom":
+                raise torch.OutOfMemoryError(f"out of memory at backward of step {step}: simulated (--fail-kind oom)")
             raise RuntimeError(f"deliberate failure of rank {rank} at step {step} (--fail-rank)")
+        last = step == config.steps - 1
+        if last and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        last = step == config.steps - 1
         measure = {} if last and config.measure_activations and par.pipeline is None else None
-        total, count = train_step(par, source, step, measure)
-        par.optimizer.step()
-        if last:
-            bytes_record = resident_bytes(par, rank)
-            if measure:
-                bytes_record.activations = measure["activations"]
-        par.optimizer.zero_grad(set_to_none=True)
+        # Interleaved schedules run several stage modules of one rank in alternation, which the
+        # trackers' per-module bookkeeping cannot follow: resident bytes only, there.
+        tracked = last and config.profile and cfg.schedule != "interleaved"
+        if tracked:
+            from profiler.memory import PhaseMemory
+
+            phases = PhaseMemory(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2)
+        try:
+            with phases if tracked else nullcontext():
+                total, count = train_step(par, source, step, measure, phases, losses)
+                with phases.phase("optimizer"):
+                    par.optimizer.step()
+                if last:
+                    bytes_record = resident_bytes(par, rank)
+        except torch.OutOfMemoryError as exc:
+            phase = getattr(phases, "current_phase", None) or "the step"
+            raise torch.OutOfMemoryError(f"out of memory at {phase} of step {step}: "
+                                         f"{str(exc).splitlines()[0]}") from None
+        if measure:
+            bytes_record.activations = measure["activations"]
+        if tracked:
+            bytes_record.phases, bytes_record.phase_totals = phases.peaks, phases.totals
+            if phases.forward_end:
+                bytes_record.activations = phases.forward_end["activations"]
+        # DDP's gradients are views into its buckets, which live on anyway: zero them in place
+        # (the planner counts DDP gradients in every phase); elsewhere free them.
+        par.optimizer.zero_grad(set_to_none=not par.ddp)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         summed = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-        if dist.is_initialized():
+        if dist.is_initialized() and losses:
             dist.all_reduce(summed)
-        loss = (summed[0] / summed[1]).item()
+        loss = (summed[0] / summed[1]).item() if losses and summed[1] > 0 else None
         records.append(StepRecord(step=step, loss=loss, step_time_s=elapsed, tokens_per_s=tokens_per_step / elapsed))
     return records, bytes_record
 

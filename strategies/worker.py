@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for the launcher; the traceback is not the user's problem
         oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"rank {rank}: {'out of memory: ' if oom else ''}{type(exc).__name__}: {message}", file=sys.stderr,
-              flush=True)
+        if oom and not message.startswith("out of memory"):
+            message = f"out of memory: {message}"
+        print(f"rank {rank}: {message if oom else f'{type(exc).__name__}: {message}'}", file=sys.stderr, flush=True)
         if os.environ.get("TRAINPLAN_TRACEBACK"):
             import traceback
 
@@ -64,13 +65,19 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if world > 1 or "MASTER_ADDR" in os.environ:
+    if config.simulate_world:
+        # One process stands in for rank 0 of a larger world: collectives are no-ops.
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        rank, world, backend = 0, config.simulate_world, "fake"
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    elif world > 1 or "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     records, bytes_record = run_rank(config, rank, world, device)
     try:
         gathered = [None] * world
-        if dist.is_initialized():
+        if dist.is_initialized() and not config.simulate_world:
             dist.all_gather_object(gathered, bytes_record)
         else:
             gathered = [bytes_record]
@@ -89,6 +96,7 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
                 ranks=gathered,
                 median_step_time_s=median,
                 tokens_per_s=config.train.global_batch * config.train.seq_len / median,
+                simulated_world=config.simulate_world,
             )
             _write_atomic(result_path, result.model_dump_json(indent=2))
     finally:

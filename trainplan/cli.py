@@ -48,6 +48,13 @@ class _OneLineErrors:
             _error(_validation_message(exc), 1)
         except BrokenPipeError:
             sys.exit(1)
+        except Exception as exc:  # a bug, not a user mistake: still one line, traceback on request
+            import os
+
+            if os.environ.get("TRAINPLAN_TRACEBACK"):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            _error(f"internal error ({type(exc).__name__}: {first}); set TRAINPLAN_TRACEBACK=1 for the traceback", 1)
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -361,6 +368,165 @@ def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, 
     render_run(result, _console())
 
 
+# ---------------------------------------------------------------- profile
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write a whole file or nothing: a temporary beside it, then an atomic rename."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _device_gpu(gpu_name_option: str):
+    """The GPU preset: the detected GPU's, when one matches, else the --gpu preset; and
+    whether this machine runs on CPU."""
+    from planner.catalog import gpu_ids, load_gpu
+    from trainplan.nvml import NvmlUnavailable, device_info
+
+    try:
+        name = device_info(0)["name"]
+    except NvmlUnavailable:
+        return load_gpu(gpu_name_option), True
+    for preset_id in gpu_ids():
+        spec = load_gpu(preset_id)
+        if spec.name == name:
+            return spec, False
+    return load_gpu(gpu_name_option), False
+
+
+@click.command("profile", cls=Command)
+@plan_options
+@run_options
+@overhead_options
+@click.option("--simulate-world", type=click.IntRange(min=2), default=None,
+              help="measure rank 0 of this many GPUs in one process (fake process group)")
+@click.option("--recommend", is_flag=True, help="run the planner's top candidates and recommend the best measured")
+@click.option("--candidates", "top_k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="how many planned candidates --recommend runs")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the report as JSON (atomically)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--fail-kind", type=click.Choice(["error", "oom"]), default="error", hidden=True)
+@user_errors
+def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, fail_step, calibration_path,
+                    cuda_context_mib, communicator_mib, fragmentation, simulate_world, recommend, top_k, out, as_json,
+                    fail_kind, **options):
+    """Plan a layout, run it, measure every component per rank and phase, and compare.
+
+    The same flags as plan and run. --simulate-world N measures one rank of an N-GPU layout in
+    one process (memory only). --recommend runs the planner's best candidates and picks the
+    fastest that really fits."""
+    from profiler.run import profile_layout
+
+    gpu, on_cpu = _device_gpu(options["gpu_name"])
+    cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
+    if recommend:
+        return _profile_recommend(options, dict(nproc=nproc, steps=steps, warmup=warmup, seed=seed, data=data,
+                                               compile_=compile_, fail_rank=None, fail_step=0), gpu, cal, on_cpu,
+                                  top_k, timeout, out, as_json)
+    run = dict(nproc=simulate_world or nproc, steps=max(steps, 3), warmup=warmup, seed=seed, data=data,
+               compile_=compile_, fail_rank=fail_rank, fail_step=fail_step)
+    if simulate_world and options["gpus"] not in (None, simulate_world):
+        raise click.UsageError(f"--simulate-world {simulate_world} != --gpus {options['gpus']}")
+    config = build_run_config(options, run)
+    report = profile_layout(config.model, gpu, config.train, cal, steps=config.steps, simulate_world=simulate_world,
+                            timeout_s=timeout, on_cpu=on_cpu, data=data, seed=seed, fail_rank=fail_rank,
+                            fail_step=fail_step, fail_kind=fail_kind)
+    _emit_report(report, out, as_json)
+    if report.status != "ok":
+        raise click.ClickException(report.message)
+
+
+def _emit_report(report, out, as_json) -> None:
+    text = report.model_dump_json(indent=2)
+    if out:
+        write_atomic(out, text)
+    if as_json:
+        click.echo(text)
+    else:
+        from trainplan.report import render_profile
+
+        render_profile(report, _console())
+
+
+def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_json):
+    """Plan, then run the top candidates the strategy layer can execute; recommend the best
+    measured one that fits."""
+    from planner.catalog import load_model
+    from planner.search import search
+    from profiler.run import profile_layout
+    from profiler.report import RecommendReport
+    from trainplan.report import render_recommend
+
+    model, _, space = build_space(options)
+    space.fixed["engine"] = "pytorch"
+    result = search(model, gpu, space, cal, top=0)
+    runnable = [c for c in result.candidates if _runnable(c.train)][:top_k]
+    if not runnable:
+        raise click.ClickException("no planned candidate can be run here (see `trainplan plan`)")
+    reports = [profile_layout(load_model(options["model_name"]), gpu, c.train, cal, steps=run["steps"],
+                              timeout_s=timeout, on_cpu=on_cpu, data=run["data"], seed=run["seed"])
+               for c in runnable]
+    report = RecommendReport.from_reports(reports)
+    text = report.model_dump_json(indent=2)
+    if out:
+        write_atomic(out, text)
+    if as_json:
+        click.echo(text)
+    else:
+        render_recommend(report, _console())
+    if report.recommended is None:
+        raise click.ClickException("none of the measured candidates ran without running out of memory")
+
+
+def _runnable(train) -> bool:
+    """What PyTorch's engines run (strategies/): DDP-based strategies only without tp/pp when
+    dp > 1; no 16-bit loss scaling with pipelines; not Megatron's fp32-grads recipe."""
+    if train.zero_stage <= 1 and train.dp > 1 and (train.tp > 1 or train.pp > 1):
+        return False
+    return train.precision != "bf16-mixed-fp32-grads" and not (train.pp > 1 and train.precision == "fp16-mixed")
+
+
+@click.command("compare", cls=Command)
+@click.argument("report_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@user_errors
+def compare_command(report_path, as_json):
+    """Re-render a saved profile report (trainplan profile --out FILE)."""
+    from pathlib import Path
+
+    from pydantic import ValidationError as PydanticValidationError
+
+    from profiler.report import ProfileReport, RecommendReport
+
+    try:
+        text = Path(report_path).read_text()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {report_path}: {exc.strerror or exc}") from None
+    for cls in (ProfileReport, RecommendReport):
+        try:
+            report = cls.model_validate_json(text)
+            break
+        except PydanticValidationError:
+            continue
+    else:
+        raise click.ClickException(f"{report_path} is not a trainplan profile report")
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+        return
+    from trainplan.report import render_profile, render_recommend
+
+    (render_profile if isinstance(report, ProfileReport) else render_recommend)(report, _console())
+
+
 # ---------------------------------------------------------------- presets
 
 
@@ -421,6 +587,8 @@ def main():
 
 main.add_command(plan_command)
 main.add_command(run_command)
+main.add_command(profile_command)
+main.add_command(compare_command)
 main.add_command(presets_command)
 
 

@@ -211,7 +211,8 @@ def render_run(result, console: Console) -> None:
     for name in ("step", "loss", "step time s", "tokens/s"):
         table.add_column(name, justify="right")
     for step in result.steps:
-        table.add_row(str(step.step), f"{step.loss:.6f}", f"{step.step_time_s:.3f}", f"{step.tokens_per_s:,.0f}")
+        loss = "-" if step.loss is None else f"{step.loss:.6f}"
+        table.add_row(str(step.step), loss, f"{step.step_time_s:.3f}", f"{step.tokens_per_s:,.0f}")
     console.print(table)
     console.print(f"median step {result.median_step_time_s:.3f} s (after warm-up): "
                   f"[bold]{result.tokens_per_s:,.0f} tokens/s[/], {result.tokens_per_s / result.world:,.0f} per rank")
@@ -225,3 +226,81 @@ def render_run(result, console: Console) -> None:
     console.print(table)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _quantity(value, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "bytes":
+        return bytes_text(int(value))
+    if unit == "s":
+        return f"{value:.3f} s"
+    return f"{value:,.0f}"
+
+
+def _error_text(error: float | None) -> Text:
+    if error is None:
+        return Text("-")
+    style = "green" if abs(error) <= 5 else ("yellow" if abs(error) <= 15 else "red")
+    return Text(f"{error:+.1f}%", style=style)
+
+
+def render_profile(report, console: Console) -> None:
+    t = report.train
+    layout = f"dp{t['dp']}·tp{t['tp']}·pp{t['pp']}" + ("+sp" if t["sequence_parallel"] else "")
+    strategy = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}[t["zero_stage"]]
+    if t["offload"] != "none":
+        strategy += f"+offload({t['offload']})"
+    where = f"simulated world of {report.simulated_world}" if report.simulated_world else f"{t['gpus']} rank(s)"
+    env = report.environment
+    console.print(
+        f"[bold]{report.model}[/] ({report.num_params:,} parameters) — {strategy}, {layout}, {where} on "
+        f"{env.get('device', env.get('gpu', '?'))} (torch {env.get('torch', '?')}, {env.get('date', '')})"
+    )
+    console.print(f"[dim]micro-batch {t['micro_batch']} × accumulation {t['grad_accum']}, seq {t['seq_len']}, "
+                  f"{t['precision']}, checkpointing {t['activation_checkpointing']}, {t['attention']} attention; "
+                  f"prediction for {report.gpu}[/]")
+    if report.status != "ok":
+        console.print(Text.assemble((f"{report.status}: ", "bold red"), report.message))
+        return
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="most loaded rank", title_justify="left")
+    for name, justify in (("quantity", "left"), ("predicted", "right"), ("measured", "right"), ("error", "right")):
+        table.add_column(name, justify=justify)
+    for row in report.rows:
+        table.add_row(row.quantity, _quantity(row.predicted, row.unit), _quantity(row.measured, row.unit),
+                      _error_text(row.error_pct))
+    console.print(table)
+    if len(report.measured.ranks) > 1:
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="per rank: predicted / measured",
+                      title_justify="left")
+        for name in ("rank", "stage", "params", "grads", "optimizer", "activations", "peak"):
+            table.add_column(name, justify="right")
+        for measured in report.measured.ranks:
+            predicted = report.predicted.ranks[measured.rank]
+            cells = [f"{bytes_text(getattr(predicted.memory, k))} / {bytes_text(getattr(measured.memory, k))}"
+                     for k in ("params", "grads", "optimizer", "activations")]
+            peak = f"{bytes_text(predicted.memory.peak - predicted.memory.overhead)} / {bytes_text(measured.memory.peak)}"
+            table.add_row(str(measured.rank), str(measured.stage), *cells, peak)
+        console.print(table)
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+
+
+def render_recommend(report, console: Console) -> None:
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="planned candidates, run and measured",
+                  title_justify="left")
+    for name in ("#", "layout", "predicted peak", "measured peak", "predicted tok/s", "measured tok/s", "status"):
+        table.add_column(name, justify="right" if name not in ("layout", "status") else "left")
+    for i, r in enumerate(report.reports):
+        t = r.train
+        strategy = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}[t["zero_stage"]]
+        layout = f"{strategy} dp{t['dp']}·tp{t['tp']}·pp{t['pp']} mb{t['micro_batch']}×{t['grad_accum']} {t['activation_checkpointing']}"
+        measured = r.measured
+        table.add_row(str(i + 1), layout, bytes_text(r.predicted.memory.peak),
+                      bytes_text(measured.memory.peak) if measured else "-",
+                      f"{r.predicted.tokens_per_s:,.0f}" if r.predicted.tokens_per_s else "-",
+                      f"{measured.tokens_per_s:,.0f}" if measured and measured.tokens_per_s else "-",
+                      Text(r.status, style="green" if r.status == "ok" else "red"))
+    console.print(table)
+    style = "bold green" if report.recommended is not None else "bold red"
+    console.print(Text.assemble(("recommended: " if report.recommended is not None else "none: ", style), report.reason))

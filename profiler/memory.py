@@ -1,0 +1,139 @@
+"""Per-phase memory with PyTorch's own trackers, in the planner's vocabulary.
+
+``MemTracker`` (or ``FSDPMemTracker`` for FSDP2 models) follows every tensor a step creates
+and tags it (parameter, gradient, activation, temporary, optimizer state...). It keeps one
+running peak; ``PhaseMemory`` restarts that peak at each phase boundary -- forward, backward,
+optimizer step -- so each phase has its own peak and the breakdown at that moment. Categories
+map onto the planner's component keys:
+
+| tracker category | planner key |
+|---|---|
+| Parameter, Sharded Param | params |
+| Gradient, Sharded Grad | grads |
+| Optstate, OptState | optimizer |
+| Activation | activations |
+| Temp, Unsharded Param, Unsharded Grad, All-Gather, Reduce-Scatter, Input, Other | temporaries |
+| Buffer | buffers (not a planner component; reported apart) |
+
+On CUDA the trackers round every storage up to the caching allocator's 512-byte block (the
+documented allocator rounding rule); on CPU they count exact bytes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from copy import deepcopy
+
+import torch
+
+KEYS = ("params", "grads", "optimizer", "activations", "temporaries", "buffers")
+PHASES = ("forward", "backward", "optimizer")
+
+_CATEGORY_TO_KEY = {
+    "Parameter": "params",
+    "Sharded Param": "params",
+    "Gradient": "grads",
+    "Sharded Grad": "grads",
+    "Optstate": "optimizer",
+    "OptState": "optimizer",  # FSDPMemTracker's spelling
+    "Activation": "activations",
+    "Buffer": "buffers",  # RoPE tables: not a planner component, reported apart
+}
+
+
+def to_components(snapshot: dict) -> dict[str, int]:
+    """Sum a tracker snapshot ({device: {category: bytes}}) over devices into planner keys."""
+    components = dict.fromkeys(KEYS, 0)
+    for device_snapshot in snapshot.values():
+        for category, nbytes in device_snapshot.items():
+            name = getattr(category, "value", category)
+            if name == "Total":
+                continue
+            components[_CATEGORY_TO_KEY.get(name, "temporaries")] += int(nbytes)
+    return components
+
+
+def _repeatable(tracker_class):
+    """A tracker that accepts the root module running forward again in the same step (gradient
+    accumulation, pipeline micro-batches): its per-module statistics restart, the per-tensor
+    accounting -- all we read -- goes on."""
+
+    class Repeatable(tracker_class):
+        def _pre_fw_hook(self, module, inputs):
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                name = self._mod_tracker.get_known_fqn(module)
+                parents = set(self._mod_tracker.parents) - {name}
+                if len(parents) == 1 and "Global" in parents:
+                    self.memory_tracking.clear()
+            super()._pre_fw_hook(module, inputs)
+
+    return Repeatable
+
+
+def _optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizer and those it wraps (ZeroRedundancyOptimizer's local one, a master-weight
+    optimizer's inner one): their state is what the tracker must see as optimizer state."""
+    found, queue = [], [optimizer]
+    while queue:
+        opt = queue.pop()
+        if isinstance(opt, torch.optim.Optimizer) and opt not in found:
+            found.append(opt)
+            queue += [getattr(opt, "optim", None), getattr(opt, "_inner", None)]
+    return found
+
+
+class PhaseMemory:
+    """Context manager around a training step; ``phase(name)`` marks each region."""
+
+    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, fsdp: bool = False):
+        optimizers = _optimizers(optimizer)
+        if fsdp:
+            from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+            from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+
+            root = modules[0] if len(modules) == 1 else torch.nn.ModuleList(modules)
+            self.tracker = _repeatable(FSDPMemTracker)(root, optimizer)
+            # FSDPMemTracker.track_external is a no-op: register wrapped optimizers' state directly
+            for inner in optimizers[1:]:
+                self.tracker._track_optimizer_states(_FSDPRefType.OPT, inner)
+        else:
+            from torch.distributed._tools.mem_tracker import MemTracker
+
+            self.tracker = _repeatable(MemTracker)()
+            self.tracker.track_external(*modules, *optimizers)
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.totals: dict[str, int] = {}
+        self.current_phase: str | None = None
+        self.forward_end: dict[str, int] = {}  # what forward leaves saved (largest micro-batch)
+
+    def __enter__(self) -> PhaseMemory:
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tracker.__exit__(*exc)
+
+    def _restart_peak(self) -> None:
+        # MemTracker keeps one running peak; start it again from the current state.
+        current = self.tracker.get_tracker_snapshot("current")
+        self.tracker._peak_mem_snap = deepcopy(current)
+        self.tracker._peak_mem = {dev: snap.get("Total", sum(snap.values())) for dev, snap in current.items()}
+
+    @contextmanager
+    def phase(self, name: str):
+        self.current_phase = name
+        self._restart_peak()
+        yield
+        peak = self.tracker.get_tracker_snapshot("peak")
+        total = sum(snap.get("Total", 0) for snap in peak.values())
+        if total >= self.totals.get(name, -1):
+            self.totals[name] = total
+            self.peaks[name] = to_components(peak)
+        if name == "forward":
+            end = self.current()
+            if end["activations"] >= self.forward_end.get("activations", -1):
+                self.forward_end = end
+
+    def current(self) -> dict[str, int]:
+        return to_components(self.tracker.get_tracker_snapshot("current"))

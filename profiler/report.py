@@ -1,0 +1,238 @@
+"""Predicted against measured, per component, per rank: the ``ProfileReport``.
+
+Measured components of a rank, in the planner's definitions:
+
+- ``params``, ``grads``, ``optimizer``: the bytes of the unique storages the rank holds after
+  its last optimizer step (exact; offloaded bytes apart, as ``host``);
+- ``activations``: what the forward pass leaves saved for backward (the tracker's activations
+  at the end of forward); with pipelines, where forward and backward interleave, the
+  activations at the step's peak;
+- ``temporaries``: the rest of the peak phase's total (gathered parameters, buffers of the
+  loss, activation gradients, optimizer-step scratch), i.e. total - the components above;
+- ``peak``: the largest phase total the tracker saw (allocated bytes, as the planner's peak
+  without overhead); on CUDA also ``torch.cuda.max_memory_allocated``;
+- ``overhead`` (CUDA): what NVML says the process uses beyond its peak allocation (context,
+  NCCL, allocator fragmentation).
+
+Error % = (predicted - measured) / measured.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from planner.estimate import Estimate
+from strategies.train import RankBytes, RunResult
+
+MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "temporaries", "overhead", "peak")
+
+
+class Memory(BaseModel):
+    """Integer bytes with the planner's keys."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    temporaries: int
+    overhead: int
+    peak: int
+    peak_phase: str | None = None
+
+
+class HostBytes(BaseModel):
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+
+
+class RankMemory(BaseModel):
+    rank: int
+    stage: int
+    memory: Memory
+    host: HostBytes
+    phases: dict[str, int] = Field(default_factory=dict, description="total per phase")
+    max_memory_allocated: int | None = None
+    max_memory_reserved: int | None = None
+    device_used: int | None = None
+
+
+class Side(BaseModel):
+    memory: Memory = Field(description="the most loaded rank")
+    ranks: list[RankMemory]
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+
+
+class Row(BaseModel):
+    quantity: str
+    unit: str
+    predicted: float | None
+    measured: float | None
+    error_pct: float | None
+
+
+class ProfileReport(BaseModel):
+    model: str
+    num_params: int
+    train: dict
+    gpu: str
+    environment: dict[str, str]
+    simulated_world: int | None = None
+    status: str = Field(description="ok, oom or failed")
+    message: str = ""
+    predicted: Side
+    measured: Side | None = None
+    rows: list[Row] = []
+    notes: list[str] = []
+
+
+def _error(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or measured is None or measured == 0:
+        return None
+    return (predicted - measured) / measured * 100
+
+
+def stage_of(rank: int, dp: int, tp: int) -> int:
+    return rank // (dp * tp)  # mesh (pp, dp, tp): tensor parallel fastest
+
+
+def predicted_side(est: Estimate) -> Side:
+    t = est.train
+    ranks = []
+    for rank in range(t.gpus):
+        stage = est.stages[stage_of(rank, t.dp, t.tp)]
+        resident = stage.phases["optimizer"]
+        ranks.append(RankMemory(
+            rank=rank, stage=stage.stage,
+            memory=Memory(params=resident.params, grads=resident.grads, optimizer=resident.optimizer,
+                          activations=stage.saved_activations, temporaries=stage.temporaries,
+                          overhead=stage.overhead, peak=stage.peak, peak_phase=stage.peak_phase),
+            host=HostBytes(params=stage.host.params, grads=stage.host.grads, optimizer=stage.host.optimizer),
+            phases={name: phase.total for name, phase in stage.phases.items()},
+        ))
+    worst = max(ranks, key=lambda r: r.memory.peak)
+    th = est.throughput
+    return Side(memory=worst.memory, ranks=ranks, step_time_s=th.step_time_s, tokens_per_s=th.tokens_per_s,
+                mfu=th.mfu)
+
+
+def _measured_rank(r: RankBytes, stage: int, pipeline: bool) -> RankMemory:
+    phases = r.phases or {}
+    totals = {name: total - phases[name].get("buffers", 0) for name, total in r.phase_totals.items()}
+    peak_phase = max(totals, key=totals.get) if totals else None
+    at_peak = phases.get(peak_phase, {}) if peak_phase else {}
+    saved = r.activations if r.activations is not None and not pipeline else at_peak.get("activations", 0)
+    peak = totals.get(peak_phase, 0) if peak_phase else 0
+    activations_at_peak = at_peak.get("activations", 0)
+    temporaries = max(0, peak - r.params - at_peak.get("grads", r.grads) - at_peak.get("optimizer", r.optimizer)
+                      - activations_at_peak) if peak_phase else 0
+    overhead = 0
+    if r.device_used is not None and r.max_memory_allocated is not None:
+        overhead = max(0, r.device_used - r.max_memory_allocated)
+    return RankMemory(
+        rank=r.rank, stage=stage,
+        memory=Memory(params=r.params, grads=r.grads, optimizer=r.optimizer, activations=saved,
+                      temporaries=temporaries, overhead=overhead, peak=peak, peak_phase=peak_phase),
+        host=HostBytes(params=r.host_params, grads=r.host_grads, optimizer=r.host_optimizer),
+        phases=totals, max_memory_allocated=r.max_memory_allocated, max_memory_reserved=r.max_memory_reserved,
+        device_used=r.device_used,
+    )
+
+
+def measured_side(result: RunResult, est: Estimate) -> Side:
+    t = result.train
+    ranks = [_measured_rank(r, stage_of(r.rank, t.dp, t.tp), t.pp > 1) for r in result.ranks if r is not None]
+    worst = max(ranks, key=lambda r: (r.max_memory_allocated or 0, r.memory.peak))
+    simulated = result.simulated_world is not None
+    tokens = None if simulated else result.tokens_per_s
+    step = None if simulated else result.median_step_time_s
+    mfu = None
+    if step:
+        mfu = est.throughput.mfu * est.throughput.step_time_s / step
+    return Side(memory=worst.memory, ranks=ranks, step_time_s=step, tokens_per_s=tokens, mfu=mfu)
+
+
+def compare(est: Estimate, result: RunResult, environment: dict[str, str]) -> ProfileReport:
+    predicted = predicted_side(est)
+    measured = measured_side(result, est)
+    # Compare the most loaded measured rank with the prediction for the same rank.
+    m = measured.memory
+    worst_rank = max(measured.ranks, key=lambda r: (r.max_memory_allocated or 0, r.memory.peak)).rank
+    p_rank = predicted.ranks[worst_rank]
+    p = p_rank.memory
+    rows = [Row(quantity=key, unit="bytes", predicted=getattr(p, key), measured=getattr(m, key),
+                error_pct=_error(getattr(p, key), getattr(m, key)))
+            for key in ("params", "grads", "optimizer", "activations")]
+    if m.peak_phase:
+        phase_tmp = est.stages[p_rank.stage].phases[m.peak_phase].temporaries
+        rows.append(Row(quantity=f"temporaries ({m.peak_phase})", unit="bytes", predicted=phase_tmp,
+                        measured=m.temporaries, error_pct=_error(phase_tmp, m.temporaries)))
+    allocated_peak = p.peak - p.overhead
+    rows.append(Row(quantity="peak (allocated)", unit="bytes", predicted=allocated_peak, measured=m.peak,
+                    error_pct=_error(allocated_peak, m.peak)))
+    rank = next(r for r in measured.ranks if r.rank == worst_rank)
+    if rank.max_memory_allocated is not None:
+        rows.append(Row(quantity="max_memory_allocated", unit="bytes", predicted=allocated_peak,
+                        measured=rank.max_memory_allocated, error_pct=_error(allocated_peak, rank.max_memory_allocated)))
+    if rank.device_used is not None:
+        rows.append(Row(quantity="device used (NVML)", unit="bytes", predicted=p.peak, measured=rank.device_used,
+                        error_pct=_error(p.peak, rank.device_used)))
+    for key in ("params", "grads", "optimizer"):
+        hp, hm = getattr(p_rank.host, key), getattr(rank.host, key)
+        if hp or hm:
+            rows.append(Row(quantity=f"host {key}", unit="bytes", predicted=hp, measured=hm, error_pct=_error(hp, hm)))
+    notes = []
+    if result.device == "cpu" and measured.step_time_s is not None:
+        notes.append(f"timings on a CPU are not comparable with the prediction for {est.gpu}; memory is")
+    elif measured.step_time_s is not None:
+        rows.append(Row(quantity="step time", unit="s", predicted=predicted.step_time_s,
+                        measured=measured.step_time_s, error_pct=_error(predicted.step_time_s, measured.step_time_s)))
+        rows.append(Row(quantity="tokens/s", unit="tokens/s", predicted=predicted.tokens_per_s,
+                        measured=measured.tokens_per_s, error_pct=_error(predicted.tokens_per_s, measured.tokens_per_s)))
+    else:
+        notes.append(f"simulated world of {result.simulated_world}: one process holds rank 0's share with a fake "
+                     f"process group, so memory is measured and communication time is not")
+    if result.train.pp > 1:
+        notes.append("pipeline: forward and backward interleave inside the schedule; measured activations are those "
+                     "at the step's peak")
+    if result.device == "cpu":
+        notes.append("CPU run: no CUDA context, communicators or allocator fragmentation; overhead is 0 on both sides")
+    return ProfileReport(
+        model=result.model_name, num_params=result.num_params, train=result.train.model_dump(), gpu=est.gpu,
+        environment=environment, simulated_world=result.simulated_world, status="ok",
+        predicted=predicted, measured=measured, rows=rows, notes=notes + list(est.notes),
+    )
+
+
+def failed_report(est: Estimate, environment: dict[str, str], status: str, message: str) -> ProfileReport:
+    predicted = predicted_side(est)
+    verdict = "fits" if est.fits else "does not fit"
+    text = (f"predicted {predicted.memory.peak / 2**30:.1f} GiB per GPU ({verdict} in "
+            f"{est.gpu_memory_bytes / 2**30:.1f} GiB); measured: {message}")
+    return ProfileReport(model=est.model.name, num_params=est.model.num_params, train=est.train.model_dump(),
+                         gpu=est.gpu, environment=environment, status=status, message=text, predicted=predicted)
+
+
+class RecommendReport(BaseModel):
+    """``profile --recommend``: the planner's top candidates, each planned and measured."""
+
+    reports: list[ProfileReport]
+    recommended: int | None = Field(description="index into reports of the fastest measured layout that fits")
+    reason: str
+
+    @classmethod
+    def from_reports(cls, reports: list[ProfileReport]) -> RecommendReport:
+        ok = [i for i, r in enumerate(reports) if r.status == "ok" and r.measured is not None]
+        if not ok:
+            return cls(reports=reports, recommended=None, reason="every candidate ran out of memory")
+        best = max(ok, key=lambda i: reports[i].measured.tokens_per_s or 0.0)
+        b = reports[best]
+        reason = (f"candidate {best + 1} measured {b.measured.tokens_per_s:,.0f} tokens/s "
+                  f"(predicted {b.predicted.tokens_per_s:,.0f})")
+        others = [f"candidate {i + 1}: {reports[i].measured.tokens_per_s:,.0f}" for i in ok if i != best]
+        failed = [f"candidate {i + 1}: {reports[i].status}" for i in range(len(reports)) if i not in ok]
+        if others or failed:
+            reason += "; " + ", ".join(others + failed)
+        return cls(reports=reports, recommended=best, reason=reason)

@@ -1,0 +1,54 @@
+"""Profile a layout: plan it, run it with per-phase memory tracking, compare."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from planner.calibration import Calibration
+from planner.configs import GPUSpec, ModelSpec, TrainConfig
+from planner.estimate import estimate
+from planner.memory import Overheads
+from profiler.report import ProfileReport, compare, failed_report
+from strategies.launch import RunFailedError, launch
+from strategies.train import RunConfig, RunResult
+
+MIN_STEPS = 3  # DDP rebuilds its buckets in the second step; profile a later one
+
+
+def environment(result: RunResult | None = None) -> dict[str, str]:
+    from trainplan.nvml import NvmlUnavailable, device_info
+
+    env = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version()}
+    try:
+        info = device_info(0)
+        env |= {"gpu": info["name"], "driver": info["driver"]}
+    except NvmlUnavailable as exc:
+        env["gpu"] = f"none ({exc})"
+    if result is not None:
+        env |= {"torch": result.torch_version, "backend": result.backend, "device": result.device}
+    return env
+
+
+def profile_layout(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration, *,
+                   steps: int = MIN_STEPS, simulate_world: int | None = None, timeout_s: float = 1800,
+                   on_cpu: bool = True, data: str | None = None, seed: int = 0, fail_rank: int | None = None,
+                   fail_step: int = 0, fail_kind: str = "error") -> ProfileReport:
+    """Plan, run (``simulate_world``: one process for rank 0), measure, compare. An
+    out-of-memory run is a result (status "oom"); any other failure raises RunFailedError."""
+    if on_cpu:
+        # no CUDA context, communicators or allocator on a CPU: predict without overheads
+        calibration = calibration.model_copy(update={"overheads": Overheads.none()})
+    est = estimate(model, gpu, train, calibration)
+    config = RunConfig(model=model, train=train, steps=max(steps, MIN_STEPS), warmup=MIN_STEPS - 1, seed=seed,
+                       data=data, profile=True, simulate_world=simulate_world, fail_rank=fail_rank,
+                       fail_step=fail_step, fail_kind=fail_kind)
+    nproc = 1 if simulate_world else train.gpus
+    try:
+        result = RunResult.model_validate_json(launch(config.model_dump_json(), nproc, timeout_s))
+    except RunFailedError as exc:
+        if exc.oom:
+            message = str(exc).split(": ", 2)[-1] if ": " in str(exc) else str(exc)
+            return failed_report(est, environment(), "oom", message)
+        raise
+    return compare(est, result, environment(result))
