@@ -122,9 +122,20 @@ class PhaseMemory:
 
     @contextmanager
     def phase(self, name: str):
+        self.begin(name)
+        yield
+        self.end()
+
+    def begin(self, name: str) -> None:
+        if self.current_phase is not None:
+            self.end()
         self.current_phase = name
         self._restart_peak()
-        yield
+
+    def end(self) -> None:
+        name, self.current_phase = self.current_phase, None
+        if name is None:
+            return
         peak = self.tracker.get_tracker_snapshot("peak")
         total = sum(snap.get("Total", 0) for snap in peak.values())
         if total >= self.totals.get(name, -1):
@@ -134,6 +145,12 @@ class PhaseMemory:
             end = self.current()
             if end["activations"] >= self.forward_end.get("activations", -1):
                 self.forward_end = end
+
+    def reset_peaks(self) -> None:
+        """Forget earlier steps' phase peaks (the tracker measures the latest step)."""
+        self.peaks.clear()
+        self.totals.clear()
+        self.forward_end = {}
 
     def current(self) -> dict[str, int]:
         return to_components(self.tracker.get_tracker_snapshot("current"))

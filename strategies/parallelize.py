@@ -4,6 +4,7 @@ materialise on the device -> DDP (DDP, ZeRO-1) -> optimizer (ZeRO-1 shards it) -
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ class Parallelized:
     device: torch.device
     cfg: TrainConfig
     notes: list[str] = field(default_factory=list)
+    simulated_ddp: bool = False
 
     @property
     def loss_parallel(self) -> bool:
@@ -41,7 +43,7 @@ class Parallelized:
 
     @property
     def ddp(self) -> bool:
-        return any(type(m).__name__ == "DistributedDataParallel" for m in self.modules)
+        return self.simulated_ddp or any(type(m).__name__ == "DistributedDataParallel" for m in self.modules)
 
     def parameters(self):
         for module in self.modules:
@@ -53,10 +55,16 @@ def build_mesh(cfg: TrainConfig, world: int, device: torch.device):
 
 
 def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, device: torch.device,
-                seed: int = 0, compile: bool = False, mesh=None) -> Parallelized:
-    """``model`` is built on the meta device; returns this rank's materialised share. Pass a
-    ``mesh`` built outside a FakeTensorMode when simulating (DeviceMesh cannot be faked)."""
+                seed: int = 0, compile: bool = False, mesh=None, fake=None, simulated: bool = False) -> Parallelized:
+    """``model`` is built on the meta device; returns this rank's materialised share.
+
+    Simulating a rank of a larger world (a fake process group): pass the ``mesh`` built
+    beforehand and the FakeTensorMode as ``fake``; the layout is transformed on the meta
+    device and only materialised (as fake tensors) under it. DDP's reducer needs real
+    storage, so a simulated DDP rank keeps plain modules (``Parallelized.keep_grads`` models
+    its buckets)."""
     mesh = mesh if mesh is not None else build_mesh(cfg, world, device)
+    fake = fake if fake is not None else nullcontext()
     sharded = cfg.zero_stage >= 2
     precision = precision_plan(cfg.precision, sharded)
     offload = apply_offload(model, mesh["dp"], cfg, device.type)
@@ -75,15 +83,21 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
                 module.layers[name] = torch.compile(block)
         if sharded:
             apply_fsdp(module, mesh["dp"], cfg, precision.mp_policy(), offload.fsdp_policy)
-        materialize(module, "cpu" if cfg.offload == "params" else device, seed, buffer_device=device)
+        with fake:
+            materialize(module, "cpu" if cfg.offload == "params" else device, seed, buffer_device=device)
         finish_tensor_parallel(module, mesh["tp"])
         modules.append(module)
-    if not sharded:
+    if not sharded and not simulated:
         device_ids = [device.index] if device.type == "cuda" else None
         modules = [apply_ddp(module, mesh["dp"], cfg, device_ids) for module in modules]
         for i, (index, _) in enumerate(stages):
             stages[i] = (index, modules[i])
 
+    with fake:
+        return _finish(modules, stages, cfg, precision, offload, mesh, device, simulated)
+
+
+def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -> Parallelized:
     params = [p for module in modules for p in module.parameters()]
     if cfg.zero_stage == 1:
         optimizer = apply_zero1(params, mesh["dp"], cfg, precision.master_weights, precision.loss_scaling,
@@ -95,4 +109,6 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     else:
         optimizer = make_optimizer(params, cfg.optimizer, cfg.optimizer_impl)
     pipeline = apply_pipeline(stages, mesh["pp"], cfg, device) if cfg.pp > 1 else None
-    return Parallelized(modules, optimizer, pipeline, precision, mesh, device, cfg)
+    par = Parallelized(modules, optimizer, pipeline, precision, mesh, device, cfg)
+    par.simulated_ddp = simulated and cfg.zero_stage <= 1 and cfg.dp > 1
+    return par

@@ -230,8 +230,10 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> 
     fake = _fake_mode(config, device)
     model = build_model(spec, "meta", _param_dtype(cfg), max_seq_len=cfg.seq_len)
     mesh = build_mesh(cfg, world, device)
+    par = parallelize(model, cfg, world, rank, device, config.seed, config.compile, mesh=mesh,
+                      fake=fake if config.simulate_world is not None and device.type == "cpu" else None,
+                      simulated=config.simulate_world is not None)
     with fake:
-        par = parallelize(model, cfg, world, rank, device, config.seed, config.compile, mesh=mesh)
         return _loop(config, par, source, rank, device, losses=config.simulate_world is None)
 
 

@@ -527,6 +527,51 @@ def compare_command(report_path, as_json):
     (render_profile if isinstance(report, ProfileReport) else render_recommend)(report, _console())
 
 
+# ---------------------------------------------------------------- calibrate
+
+
+@click.command("calibrate", cls=Command)
+@click.option("--model", "-m", "model_name", default="llama-3.2-1b", show_default=True,
+              help="model whose training steps are measured")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(min=3), default=6, show_default=True)
+@click.option("--precision", type=click.Choice(["bf16-mixed", "fp32", "bf16"]), default="bf16-mixed",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the calibration [default: calibration/<gpu>.json]")
+@click.option("--json", "as_json", is_flag=True, help="print the calibration as JSON")
+@user_errors
+def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, as_json):
+    """Measure this GPU (CUDA context, NCCL communicator, allocator fragmentation, compute and
+    optimizer efficiency) and write the planner's constants as a calibration file."""
+    import time
+    from pathlib import Path
+
+    from planner.catalog import gpu_ids, load_gpu, load_model
+    from profiler.calibrate import calibration_from, measure
+    from trainplan.nvml import device_info
+
+    name = device_info(0)["name"]
+    preset = next((p for p in gpu_ids() if load_gpu(p).name == name), None)
+    if preset is None:
+        raise click.ClickException(f"no GPU preset is named {name!r}; add one under presets/gpus first")
+    measured = measure(load_model(model_name), load_gpu(preset), seq_len, micro_batch, steps, precision)
+    measured["date"] = time.strftime("%Y-%m-%d")
+    cal = calibration_from(measured, load_gpu(preset), preset)
+    path = out or str(Path("calibration") / f"{preset}.json")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, cal.model_dump_json(indent=2))
+    if as_json:
+        click.echo(cal.model_dump_json(indent=2))
+    else:
+        o, t = cal.overheads, cal.throughput
+        click.echo(f"{name}: CUDA context {o.cuda_context_bytes / 2**20:.0f} MiB, communicator "
+                   f"{o.communicator_bytes / 2**20:.0f} MiB, fragmentation {o.fragmentation:.1%}, compute efficiency "
+                   f"{t.compute_efficiency_by_gpu[name]}, optimizer HBM efficiency {t.optimizer_hbm_efficiency:.0%}"
+                   f" -> {path}")
+
+
 # ---------------------------------------------------------------- presets
 
 
@@ -589,6 +634,7 @@ main.add_command(plan_command)
 main.add_command(run_command)
 main.add_command(profile_command)
 main.add_command(compare_command)
+main.add_command(calibrate_command)
 main.add_command(presets_command)
 
 
