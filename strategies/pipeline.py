@@ -11,6 +11,7 @@ logits and the schedule's ``loss_fn`` computes the loss, scaled by 1/m (``scale_
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,9 @@ class Pipeline:
         args = (inputs,) if self.has_first else ()
         # return_outputs=False: the schedule would otherwise keep every micro-batch's stage
         # output (the logits, on the last stage) until the next step, to return them merged.
+        extra = {"return_outputs": False} if "return_outputs" in inspect.signature(self.schedule.step).parameters else {}
         self.schedule.step(*args, target=targets if self.has_last else None,
-                           losses=losses if self.has_last else None, return_outputs=False)
+                           losses=losses if self.has_last else None, **extra)
         return losses
 
 

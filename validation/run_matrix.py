@@ -1,0 +1,95 @@
+"""Run the validation matrix and write every ProfileReport (plus the environment) to one JSON file.
+
+    python validation/run_matrix.py cpu  validation/cpu.json     # CI-sized, gloo and simulated worlds
+    python validation/run_matrix.py gpu  validation/gpu_h100.json  # on one GPU: 1B real, 7B simulated
+
+Each case is planned, run, measured and compared (profiler.run.profile_layout); an
+out-of-memory run is kept as a result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from planner.calibration import calibration_for_gpu, default_calibration
+from planner.catalog import gpu_ids, load_gpu, load_model
+from planner.configs import TrainConfig
+from profiler.run import environment, profile_layout
+
+CPU_CASES = [
+    # (label, model, simulate_world, TrainConfig fields)
+    ("DDP", "tiny-llama", None, dict(gpus=2, zero_stage=0)),
+    ("ZeRO-1", "tiny-llama", None, dict(gpus=2, zero_stage=1)),
+    ("ZeRO-2", "tiny-llama", None, dict(gpus=2, zero_stage=2)),
+    ("ZeRO-3", "tiny-llama", None, dict(gpus=2, zero_stage=3)),
+    ("TP+SP", "tiny-llama", None, dict(gpus=2, tp=2, sequence_parallel=True)),
+    ("PP 1F1B", "tiny-llama", None, dict(gpus=2, pp=2, global_batch=8)),
+    ("ZeRO-3, bf16-mixed", "tiny-llama", None, dict(gpus=2, zero_stage=3, precision="bf16-mixed")),
+    ("DDP, 8 simulated", "tiny-llama", 8, dict(gpus=8, zero_stage=0)),
+    ("ZeRO-1, 8 simulated", "tiny-llama", 8, dict(gpus=8, zero_stage=1)),
+    ("ZeRO-3, 8 simulated", "tiny-llama", 8, dict(gpus=8, zero_stage=3)),
+    ("7B ZeRO-3, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=3, seq_len=1024, micro_batch=1,
+                                                      precision="bf16-mixed")),
+]
+CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
+
+GPU_CASES = [
+    ("1B bf16-mixed", "llama-3.2-1b", None, dict(gpus=1, seq_len=2048, micro_batch=2)),
+    ("1B bf16-mixed, full AC", "llama-3.2-1b", None, dict(gpus=1, seq_len=4096, micro_batch=4,
+                                                          activation_checkpointing="full")),
+    ("1B amp-bf16", "llama-3.2-1b", None, dict(gpus=1, seq_len=2048, micro_batch=2, precision="amp-bf16")),
+    ("1B bf16-mixed, eager attention", "llama-3.2-1b", None, dict(gpus=1, seq_len=1024, micro_batch=2,
+                                                                  attention="eager")),
+    ("7B DDP, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=0)),
+    ("7B ZeRO-1, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=1)),
+    ("7B ZeRO-2, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=2)),
+    ("7B ZeRO-3, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=3)),
+    ("7B ZeRO-2+offload, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=2, offload="optimizer")),
+    ("7B ZeRO-3+offload, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=3, offload="params")),
+    ("8B TP8, 8 simulated", "llama-3-8b", 8, dict(gpus=8, tp=8, sequence_parallel=True)),
+    ("8B dp2xtp4 ZeRO-3, 8 simulated", "llama-3-8b", 8, dict(gpus=8, tp=4, zero_stage=3, sequence_parallel=True)),
+    ("7B PP4xdp2 ZeRO-3, 8 simulated", "llama-2-7b", 8, dict(gpus=8, pp=4, zero_stage=3, global_batch=16)),
+]
+GPU_DEFAULTS = dict(seq_len=4096, micro_batch=1, precision="bf16-mixed")
+
+
+def main() -> None:
+    kind, out = sys.argv[1], sys.argv[2]
+    only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
+    on_cpu = kind == "cpu"
+    cases, defaults = (CPU_CASES, CPU_DEFAULTS) if on_cpu else (GPU_CASES, GPU_DEFAULTS)
+    gpu = load_gpu("h100-sxm-80gb")
+    if not on_cpu:
+        from trainplan.nvml import device_info
+
+        name = device_info(0)["name"]
+        gpu = next((load_gpu(g) for g in gpu_ids() if load_gpu(g).name == name), gpu)
+    calibration = default_calibration() if on_cpu else calibration_for_gpu(gpu.name)
+    reports = []
+    for i, (label, model, simulate, fields) in enumerate(cases):
+        if only and str(i) not in only:
+            continue
+        start = time.time()
+        train = TrainConfig(**(defaults | fields))
+        cal = calibration
+        if simulate and not on_cpu:
+            # a fake process group has no NCCL communicators
+            cal = cal.model_copy(update={"overheads": cal.overheads.model_copy(update={"communicator_bytes": 0})})
+        try:
+            report = profile_layout(load_model(model), gpu, train, cal, simulate_world=simulate, on_cpu=on_cpu,
+                                    timeout_s=600)
+            entry = {"label": label, "report": json.loads(report.model_dump_json())}
+        except Exception as exc:  # keep going: one failed case must not lose the others
+            entry = {"label": label, "error": f"{type(exc).__name__}: {exc}"}
+        entry["seconds"] = round(time.time() - start, 1)
+        reports.append(entry)
+        print(f"{label}: {entry.get('error') or entry['report']['status']} ({entry['seconds']} s)", flush=True)
+        with open(out, "w") as f:
+            json.dump({"kind": kind, "environment": environment(), "calibration": calibration.id,
+                       "cases": reports}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
