@@ -48,6 +48,8 @@ class _Dims:
     stats: int  # norm statistics bytes per token
     dropout: bool
     flash: bool
+    norm_ab: int  # bytes of the residual stream (the norms' inputs)
+    cast_copies: bool  # torch.autocast casts a linear's input once per linear
 
 
 def _dims(model: ModelSpec, train: TrainConfig) -> _Dims:
@@ -71,7 +73,17 @@ def _dims(model: ModelSpec, train: TrainConfig) -> _Dims:
         stats=2 * FP32 if model.norm == "layernorm" else FP32,
         dropout=model.dropout > 0,
         flash=train.attention == "flash",
+        norm_ab=FP32 if _autocast(train) else RECIPES[train.precision].compute_bytes,
+        cast_copies=_autocast(train),
     )
+
+
+def _autocast(train: TrainConfig) -> bool:
+    """amp-bf16 without sharding runs under torch.autocast: fp32 parameters, so the residual
+    stream (embedding output plus each block's additions) stays fp32, and every linear casts
+    its own bf16 copy of its input (autocast caches casts of weights, not of activations).
+    Under FSDP2 the MixedPrecisionPolicy casts block inputs to bf16 instead."""
+    return train.precision == "amp-bf16" and train.zero_stage <= 1 and train.engine == "pytorch"
 
 
 def _attention_terms(x: _Dims, prefix: str, selective: bool = False) -> dict[str, int]:
@@ -80,9 +92,10 @@ def _attention_terms(x: _Dims, prefix: str, selective: bool = False) -> dict[str
     # inside the core attention -- which selective recompute checkpoints at its kv-width inputs.
     kv_heads = x.kv_heads if x.flash or selective else x.heads
     terms = {
-        f"{prefix}_norm_input": x.ab * tokens * x.h // x.seq_div,
+        f"{prefix}_norm_input": x.norm_ab * tokens * x.h // x.seq_div,
         f"{prefix}_norm_stats": x.stats * tokens // x.seq_div,
-        f"{prefix}_qkv_input": x.ab * tokens * x.h // x.linear_input_div,
+        # one input for q, k and v -- three autocast copies under torch.autocast
+        f"{prefix}_qkv_input": (3 if x.cast_copies else 1) * x.ab * tokens * x.h // x.linear_input_div,
         f"{prefix}_q": x.ab * tokens * x.heads * x.d,
         f"{prefix}_k": x.ab * tokens * kv_heads * x.d,
         f"{prefix}_v": x.ab * tokens * kv_heads * x.d,
@@ -116,10 +129,11 @@ def _core_attention_keys(prefix: str) -> tuple[str, ...]:
 def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     tokens = x.s * x.b
     ffn_tensor = x.ab * tokens * x.ffn
+    gated = model.mlp != "gelu"
     terms = {
-        "mlp_norm_input": x.ab * tokens * x.h // x.seq_div,
+        "mlp_norm_input": x.norm_ab * tokens * x.h // x.seq_div,
         "mlp_norm_stats": x.stats * tokens // x.seq_div,
-        "mlp_input": x.ab * tokens * x.h // x.linear_input_div,
+        "mlp_input": (2 if x.cast_copies and gated else 1) * x.ab * tokens * x.h // x.linear_input_div,
     }
     if model.mlp == "gelu":
         terms |= {"mlp_act_input": ffn_tensor, "mlp_down_input": ffn_tensor}
@@ -142,7 +156,7 @@ def layer_terms(model: ModelSpec, train: TrainConfig, kind: str = "decoder", rec
     x = _dims(model, train)
     recompute = train.activation_checkpointing if recompute is None else recompute
     if recompute == "full":
-        return {"layer_input": x.ab * x.s * x.b * x.h // x.seq_div}
+        return {"layer_input": x.norm_ab * x.s * x.b * x.h // x.seq_div}
     selective = recompute == "selective"
     terms = _attention_terms(x, "attn", selective)
     dropped = list(_core_attention_keys("attn"))
@@ -184,7 +198,7 @@ def head_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
     x = _dims(model, train)
     tokens = x.s * x.b
     terms = {
-        "final_norm_input": x.ab * tokens * x.h // x.seq_div,
+        "final_norm_input": x.norm_ab * tokens * x.h // x.seq_div,
         "final_norm_stats": x.stats * tokens // x.seq_div,
         "head_input": x.ab * tokens * x.h // x.linear_input_div,
         "log_softmax": FP32 * tokens * x.vocab,

@@ -36,6 +36,8 @@ class ThroughputConstants(BaseModel):
     host_link_efficiency: float = Field(gt=0, le=1, description="achieved / nominal PCIe bandwidth")
     cpu_adam_params_per_s: float = Field(gt=0, description="CPU Adam update rate per GPU's share of host cores")
     optimizer_hbm_efficiency: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth of the step")
+    eager_attention_passes: float = Field(default=20.0, ge=0, description="memory passes over the s x s scores "
+                                          "per layer (forward + backward) of unfused attention, at HBM speed")
 
     def efficiency(self, gpu_name: str, dtype: str) -> float:
         return self.compute_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.compute_efficiency[dtype])

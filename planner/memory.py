@@ -36,6 +36,7 @@ from planner import activations as act
 from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.engines import ENGINES, EngineSemantics
 from planner.params import (
+    embed_tensors,
     flat_shard_numel,
     fsdp_shard_numel,
     greedy_partition_max,
@@ -228,6 +229,8 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
         for t in u.tensors
         if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name
     )
+    if model.tied_embeddings and stage.has_head:  # the logits multiply by the embedding
+        matmul += prod(embed_tensors(model)[0].local_shape(tp, engine.vocab_multiple))
     # When the stage's first layer is differentiated, its gradients and the embedding's
     # (if the stage has it) are not written yet.
     pending = sum(unit_sizes[:2]) if stage.has_embedding else unit_sizes[0]
@@ -377,12 +380,14 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     # --- temporaries
     gather = recipe.gather_bytes
-    if zero >= 3:
+    if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch"):
         # current + prefetched unit while layers run; at the loss only the unit that ran last
         # (the head) is still gathered -- FSDP2 frees it in its backward
         gathered_fwd = gathered_bwd_end = sp.largest_pair * gather
         gathered_at_loss, gathered_at_loss_backward = sp.last_unit * gather, 0
-    elif zero == 2 and engine.zero2_gathers_params:
+    elif (zero == 2 and engine.zero2_gathers_params) or (zero >= 3 and train.pp > 1 and train.engine == "pytorch"):
+        # ZeRO-2 as FSDP2; and FSDP2 under torch.distributed.pipelining, which keeps every unit
+        # gathered until the last micro-batch's backward (no resharding in between)
         gathered_fwd, gathered_bwd_end = sp.local * gather, sp.first_unit * gather
         # + the all-gather buffer of the unit that ran last, not yet released at the loss
         gathered_at_loss, gathered_at_loss_backward = gathered_fwd + sp.last_unit * gather, gathered_fwd

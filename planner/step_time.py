@@ -109,6 +109,13 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         layers = sp.encoder_layers + sp.decoder_layers
         compute = (f.forward + f.backward) / flops_rate
         recompute = f.recompute / flops_rate
+        if train.attention == "eager":
+            # the s x s scores are streamed through HBM by the elementwise ops around the matmuls
+            scores = (model.num_heads // t) * s * s * b * recipe.compute_bytes * layers
+            streamed = k.eager_attention_passes * scores / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+            compute += streamed
+            if train.activation_checkpointing != "none":
+                recompute += streamed / 2
         tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
         pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
         per_stage[i] = (compute, recompute, tp_s, pp_s, f, sp)

@@ -41,10 +41,13 @@ _CATEGORY_TO_KEY = {
 }
 
 
-def to_components(snapshot: dict) -> dict[str, int]:
-    """Sum a tracker snapshot ({device: {category: bytes}}) over devices into planner keys."""
+def to_components(snapshot: dict, device_type: str | None = None) -> dict[str, int]:
+    """A tracker snapshot ({device: {category: bytes}}) in planner keys, for the devices of
+    ``device_type`` (the GPU; offloaded host tensors are not GPU memory), or all devices."""
     components = dict.fromkeys(KEYS, 0)
-    for device_snapshot in snapshot.values():
+    for device, device_snapshot in snapshot.items():
+        if device_type is not None and getattr(device, "type", str(device)) != device_type:
+            continue
         for category, nbytes in device_snapshot.items():
             name = getattr(category, "value", category)
             if name == "Total":
@@ -85,8 +88,10 @@ def _optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]
 class PhaseMemory:
     """Context manager around a training step; ``phase(name)`` marks each region."""
 
-    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, fsdp: bool = False):
+    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, fsdp: bool = False,
+                 device_type: str | None = None):
         optimizers = _optimizers(optimizer)
+        self.device_type = device_type
         if fsdp:
             from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -137,10 +142,11 @@ class PhaseMemory:
         if name is None:
             return
         peak = self.tracker.get_tracker_snapshot("peak")
-        total = sum(snap.get("Total", 0) for snap in peak.values())
+        components = to_components(peak, self.device_type)
+        total = sum(components.values())
         if total >= self.totals.get(name, -1):
             self.totals[name] = total
-            self.peaks[name] = to_components(peak)
+            self.peaks[name] = components
         if name == "forward":
             end = self.current()
             if end["activations"] >= self.forward_end.get("activations", -1):
@@ -153,4 +159,4 @@ class PhaseMemory:
         self.forward_end = {}
 
     def current(self) -> dict[str, int]:
-        return to_components(self.tracker.get_tracker_snapshot("current"))
+        return to_components(self.tracker.get_tracker_snapshot("current"), self.device_type)

@@ -155,9 +155,15 @@ def measured_side(result: RunResult, est: Estimate) -> Side:
 
 
 def compare(est: Estimate, result: RunResult, environment: dict[str, str]) -> ProfileReport:
+    return build_report(est, measured_side(result, est), environment, result.device, result.simulated_world,
+                        result.model_name, result.num_params)
+
+
+def build_report(est: Estimate, measured: Side, environment: dict[str, str], device: str,
+                 simulated_world: int | None, model_name: str, num_params: int) -> ProfileReport:
+    """Rows for the most loaded measured rank against the prediction for that same rank.
+    Also used to re-predict stored measurements with the current planner (validation/)."""
     predicted = predicted_side(est)
-    measured = measured_side(result, est)
-    # Compare the most loaded measured rank with the prediction for the same rank.
     m = measured.memory
     worst_rank = max(measured.ranks, key=lambda r: (r.max_memory_allocated or 0, r.memory.peak)).rank
     p_rank = predicted.ranks[worst_rank]
@@ -184,7 +190,7 @@ def compare(est: Estimate, result: RunResult, environment: dict[str, str]) -> Pr
         if hp or hm:
             rows.append(Row(quantity=f"host {key}", unit="bytes", predicted=hp, measured=hm, error_pct=_error(hp, hm)))
     notes = []
-    if result.device == "cpu" and measured.step_time_s is not None:
+    if device == "cpu" and measured.step_time_s is not None:
         notes.append(f"timings on a CPU are not comparable with the prediction for {est.gpu}; memory is")
     elif measured.step_time_s is not None:
         rows.append(Row(quantity="step time", unit="s", predicted=predicted.step_time_s,
@@ -192,16 +198,16 @@ def compare(est: Estimate, result: RunResult, environment: dict[str, str]) -> Pr
         rows.append(Row(quantity="tokens/s", unit="tokens/s", predicted=predicted.tokens_per_s,
                         measured=measured.tokens_per_s, error_pct=_error(predicted.tokens_per_s, measured.tokens_per_s)))
     else:
-        notes.append(f"simulated world of {result.simulated_world}: one process holds rank 0's share with a fake "
+        notes.append(f"simulated world of {simulated_world}: one process holds rank 0's share with a fake "
                      f"process group, so memory is measured and communication time is not")
-    if result.train.pp > 1:
+    if est.train.pp > 1:
         notes.append("pipeline: forward and backward interleave inside the schedule; measured activations are those "
                      "at the step's peak")
-    if result.device == "cpu":
+    if device == "cpu":
         notes.append("CPU run: no CUDA context, communicators or allocator fragmentation; overhead is 0 on both sides")
     return ProfileReport(
-        model=result.model_name, num_params=result.num_params, train=result.train.model_dump(), gpu=est.gpu,
-        environment=environment, simulated_world=result.simulated_world, status="ok",
+        model=model_name, num_params=num_params, train=est.train.model_dump(), gpu=est.gpu,
+        environment=environment, simulated_world=simulated_world, status="ok",
         predicted=predicted, measured=measured, rows=rows, notes=notes + list(est.notes),
     )
 

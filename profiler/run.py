@@ -15,6 +15,7 @@ from strategies.launch import RunFailedError, launch
 from strategies.train import RunConfig, RunResult
 
 MIN_STEPS = 3  # DDP rebuilds its buckets in the second step; profile a later one
+TIMED_STEPS = 2  # untracked steps between warm-up and the tracked last step
 
 
 def environment(result: RunResult | None = None) -> dict[str, str]:
@@ -45,7 +46,8 @@ def profile_layout(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibrati
         # no CUDA context, communicators or allocator on a CPU: predict without overheads
         calibration = calibration.model_copy(update={"overheads": Overheads.none()})
     est = estimate(model, gpu, train, calibration)
-    config = RunConfig(model=model, train=train, steps=max(steps, MIN_STEPS), warmup=MIN_STEPS - 1, seed=seed,
+    steps = max(steps, MIN_STEPS + TIMED_STEPS) if simulate_world is None else max(steps, MIN_STEPS)
+    config = RunConfig(model=model, train=train, steps=steps, warmup=MIN_STEPS - 1, seed=seed,
                        data=data, profile=True, simulate_world=simulate_world, fail_rank=fail_rank,
                        fail_step=fail_step, fail_kind=fail_kind)
     nproc = 1 if simulate_world else train.gpus

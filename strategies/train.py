@@ -271,7 +271,7 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
         if tracked:
             from profiler.memory import PhaseMemory
 
-            phases = PhaseMemory(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2)
+            phases = PhaseMemory(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type)
         try:
             with phases if tracked else nullcontext():
                 total, count = train_step(par, source, step, measure, phases, losses)

@@ -82,7 +82,9 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
         else:
             gathered = [bytes_record]
         if rank == 0:
-            timed = [r.step_time_s for r in records[config.warmup:]] or [r.step_time_s for r in records]
+            # a profiled run's last step carries the memory tracker: not a timing
+            untracked = records[:-1] if config.profile else records
+            timed = [r.step_time_s for r in untracked[config.warmup:]] or [r.step_time_s for r in untracked]
             median = statistics.median(timed)
             result = RunResult(
                 model_name=config.model.name,

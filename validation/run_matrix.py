@@ -42,6 +42,9 @@ GPU_CASES = [
     ("1B amp-bf16", "llama-3.2-1b", None, dict(gpus=1, seq_len=2048, micro_batch=2, precision="amp-bf16")),
     ("1B bf16-mixed, eager attention", "llama-3.2-1b", None, dict(gpus=1, seq_len=1024, micro_batch=2,
                                                                   attention="eager")),
+    ("1B bf16-mixed, eager attention, seq 2048", "llama-3.2-1b", None, dict(gpus=1, seq_len=2048, micro_batch=1,
+                                                                          attention="eager")),
+    ("1B bf16-mixed, micro-batch 8", "llama-3.2-1b", None, dict(gpus=1, seq_len=1024, micro_batch=8)),
     ("7B DDP, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=0)),
     ("7B ZeRO-1, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=1)),
     ("7B ZeRO-2, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=2)),
@@ -86,9 +89,11 @@ def main() -> None:
         entry["seconds"] = round(time.time() - start, 1)
         reports.append(entry)
         print(f"{label}: {entry.get('error') or entry['report']['status']} ({entry['seconds']} s)", flush=True)
+        from importlib.metadata import version
+
         with open(out, "w") as f:
-            json.dump({"kind": kind, "environment": environment(), "calibration": calibration.id,
-                       "cases": reports}, f, indent=1)
+            json.dump({"kind": kind, "environment": environment() | {"torch": version("torch")},
+                       "calibration": calibration.id, "cases": reports}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""Regenerate the README's accuracy tables from the committed measurements.
+
+    python validation/accuracy_table.py            # markdown on stdout
+    python validation/accuracy_table.py --check    # exit 1 if a goal is missed
+
+Every stored report keeps what was *measured*; the prediction is recomputed here with the
+current planner (and the calibration the run used), so the table tracks the planner's code.
+Goals (issue: profiler): CPU -- params, grads and optimizer exact, activations within 5%;
+GPU -- peak error on ``torch.cuda.max_memory_allocated`` <= 3% median and <= 5% worst, step
+time within 10% after calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from planner.calibration import calibration_for_gpu, default_calibration
+from planner.catalog import gpu_ids, load_gpu, load_model
+from planner.configs import TrainConfig
+from planner.estimate import estimate
+from planner.memory import Overheads
+from profiler.report import ProfileReport, build_report
+
+HERE = Path(__file__).parent
+KEYS = ("params", "grads", "optimizer", "activations", "peak", "max_memory_allocated", "step time")
+
+
+def _gpu(name: str):
+    return next((load_gpu(g) for g in gpu_ids() if load_gpu(g).name == name), load_gpu("h100-sxm-80gb"))
+
+
+def repredict(report: ProfileReport, on_cpu: bool) -> ProfileReport:
+    train = TrainConfig(**report.train)
+    gpu = _gpu(report.gpu)
+    cal = default_calibration() if on_cpu else calibration_for_gpu(gpu.name)
+    if on_cpu:
+        cal = cal.model_copy(update={"overheads": Overheads.none()})
+    elif report.simulated_world:
+        cal = cal.model_copy(update={"overheads": cal.overheads.model_copy(update={"communicator_bytes": 0})})
+    est = estimate(load_model(report.model), gpu, train, cal)
+    device = "cpu" if on_cpu else "cuda"
+    return build_report(est, report.measured, report.environment, device, report.simulated_world, report.model,
+                        report.num_params)
+
+
+def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]]]:
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    head = (f"{'CPU (gloo)' if on_cpu else env.get('gpu')} — torch {env.get('torch', '?')}"
+            + ("" if on_cpu else f", driver {env.get('driver')}") + f", measured {env.get('date')}")
+    lines = [f"**{head}**", "", "| layout | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+    errors: dict[str, list[float]] = {k: [] for k in KEYS}
+    for case in data["cases"]:
+        if "report" not in case:
+            lines.append(f"| {case['label']} | failed: {case.get('error', '?')} |")
+            continue
+        report = ProfileReport.model_validate(case["report"])
+        if report.status != "ok":
+            lines.append(f"| {case['label']} | {report.status}: {report.message[:90]} |")
+            continue
+        rows = {row.quantity.split(" (")[0]: row for row in repredict(report, on_cpu).rows}
+        cells = []
+        for key in KEYS:
+            row = rows.get(key)
+            if row is not None and row.predicted == row.measured and key in ("params", "grads", "optimizer"):
+                cells.append("exact" if row.measured else "0 (offloaded)")
+                continue
+            if row is None or row.error_pct is None:
+                cells.append("-")
+                continue
+            errors[key].append(row.error_pct)
+            cells.append(f"{row.error_pct:+.1f}%" if row.measured != row.predicted else "exact")
+        lines.append(f"| {case['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), errors
+
+
+def main() -> int:
+    check = "--check" in sys.argv
+    failures = []
+    for name, on_cpu in (("cpu.json", True), ("gpu_h100.json", False)):
+        path = HERE / name
+        if not path.exists():
+            continue
+        text, errors = table(path, on_cpu)
+        print(text)
+        print()
+        for key in ("params", "grads", "optimizer"):
+            if any(e != 0 for e in errors[key]):
+                failures.append(f"{name}: {key} not exact")
+        if any(abs(e) > 5 for e in errors["activations"]):
+            failures.append(f"{name}: activations beyond 5%")
+        peaks = [abs(e) for e in errors["max_memory_allocated"]]
+        if peaks:
+            print(f"max_memory_allocated: median |error| {statistics.median(peaks):.1f}%, worst {max(peaks):.1f}% "
+                  f"over {len(peaks)} layouts")
+            if statistics.median(peaks) > 3 or max(peaks) > 5:
+                failures.append(f"{name}: peak goal missed")
+        steps = [abs(e) for e in errors["step time"]]
+        if steps:
+            print(f"step time: median |error| {statistics.median(steps):.1f}%, worst {max(steps):.1f}% "
+                  f"over {len(steps)} real runs ({sum(s <= 10 for s in steps)} within 10%)")
+        print()
+    for failure in failures:
+        print(f"goal missed: {failure}", file=sys.stderr)
+    return 1 if check and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
