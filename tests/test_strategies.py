@@ -158,3 +158,37 @@ def test_timeout_stops_every_rank():
     config = RunConfig(model=SPEC, train=TrainConfig(**base), steps=1000)
     with pytest.raises(RunFailedError, match="timed out"):
         launch(config.model_dump_json(), 2, timeout_s=4)
+
+
+def test_run_command_json_and_offload_on_cpu():
+    """``trainplan run --json``: a steps list (loss, step_time_s, tokens_per_s) and the resolved
+    layout. Offload runs on CPU too: FSDP2's CPUOffloadPolicy works there with pin_memory=False
+    (measured; DESIGN.md's table), so it is tested here rather than refused."""
+    import json
+
+    from click.testing import CliRunner
+
+    from trainplan.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--nproc", "2", "--strategy", "zero3",
+                                       "--offload", "params", "--steps", "3", "--seq-len", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["steps"]) == 3
+    assert all({"loss", "step_time_s", "tokens_per_s"} <= set(step) for step in data["steps"])
+    assert data["train"]["zero_stage"] == 3 and data["train"]["offload"] == "params" and data["world"] == 2
+
+
+def test_profile_recommend_runs_the_top_candidates():
+    import json
+
+    from click.testing import CliRunner
+
+    from trainplan.cli import main
+
+    result = CliRunner().invoke(main, ["profile", "--model", "tiny-llama", "--gpus", "2", "--recommend",
+                                       "--candidates", "2", "--seq-len", "64", "--precision", "fp32", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["reports"]) == 2 and data["recommended"] in (0, 1)
+    assert all(r["status"] == "ok" for r in data["reports"])

@@ -251,7 +251,8 @@ def render_profile(report, console: Console) -> None:
     strategy = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}[t["zero_stage"]]
     if t["offload"] != "none":
         strategy += f"+offload({t['offload']})"
-    where = f"simulated world of {report.simulated_world}" if report.simulated_world else f"{t['gpus']} rank(s)"
+    where = (f"simulated world of {report.simulated_world}" if report.simulated_world
+             else f"{t['gpus']} rank{'s' if t['gpus'] > 1 else ''}")
     env = report.environment
     console.print(
         f"[bold]{report.model}[/] ({report.num_params:,} parameters) — {strategy}, {layout}, {where} on "
@@ -271,16 +272,17 @@ def render_profile(report, console: Console) -> None:
                       _error_text(row.error_pct))
     console.print(table)
     if len(report.measured.ranks) > 1:
-        table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="per rank: predicted / measured",
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="per rank: prediction error",
                       title_justify="left")
-        for name in ("rank", "stage", "params", "grads", "optimizer", "activations", "peak"):
+        for name in ("rank", "stage", "params", "grads", "optimizer", "activations", "peak", "measured peak"):
             table.add_column(name, justify="right")
         for measured in report.measured.ranks:
             predicted = report.predicted.ranks[measured.rank]
-            cells = [f"{bytes_text(getattr(predicted.memory, k))} / {bytes_text(getattr(measured.memory, k))}"
+            pairs = [(getattr(predicted.memory, k), getattr(measured.memory, k))
                      for k in ("params", "grads", "optimizer", "activations")]
-            peak = f"{bytes_text(predicted.memory.peak - predicted.memory.overhead)} / {bytes_text(measured.memory.peak)}"
-            table.add_row(str(measured.rank), str(measured.stage), *cells, peak)
+            pairs.append((predicted.memory.peak - predicted.memory.overhead, measured.memory.peak))
+            cells = ["exact" if p == m else _error_text((p - m) / m * 100 if m else None) for p, m in pairs]
+            table.add_row(str(measured.rank), str(measured.stage), *cells, bytes_text(measured.memory.peak))
         console.print(table)
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")
@@ -302,5 +304,7 @@ def render_recommend(report, console: Console) -> None:
                       f"{measured.tokens_per_s:,.0f}" if measured and measured.tokens_per_s else "-",
                       Text(r.status, style="green" if r.status == "ok" else "red"))
     console.print(table)
+    if report.reports and report.reports[0].environment.get("device") == "cpu":
+        console.print("[dim]note: measured on a CPU; predicted tokens/s are for the GPU preset, memory compares[/]")
     style = "bold green" if report.recommended is not None else "bold red"
     console.print(Text.assemble(("recommended: " if report.recommended is not None else "none: ", style), report.reason))
