@@ -71,7 +71,8 @@ class MemoryBreakdown(_Result):
 
 
 class RankMemory(_Result):
-    """Components at the peak phase, and the peak itself (their sum)."""
+    """Components at the peak phase, and the peak itself (their sum). The same keys for a
+    prediction and a measurement (profiler.report)."""
 
     params: int
     grads: int
@@ -80,7 +81,7 @@ class RankMemory(_Result):
     temporaries: int
     overhead: int
     peak: int
-    peak_phase: str
+    peak_phase: str | None = None
 
 
 class HostMemory(_Result):

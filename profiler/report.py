@@ -22,35 +22,21 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from planner.estimate import Estimate
+from planner.memory import HostMemory
+from planner.memory import RankMemory as PlannerRankMemory
 from strategies.train import RankBytes, RunResult
 
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "temporaries", "overhead", "peak")
 
 
-class Memory(BaseModel):
-    """Integer bytes with the planner's keys."""
-
-    params: int
-    grads: int
-    optimizer: int
-    activations: int
-    temporaries: int
-    overhead: int
-    peak: int
-    peak_phase: str | None = None
-
-
-class HostBytes(BaseModel):
-    params: int = 0
-    grads: int = 0
-    optimizer: int = 0
+Memory = PlannerRankMemory  # integer bytes with the planner's keys, predicted or measured
 
 
 class RankMemory(BaseModel):
     rank: int
     stage: int
     memory: Memory
-    host: HostBytes
+    host: HostMemory
     phases: dict[str, int] = Field(default_factory=dict, description="total per phase")
     max_memory_allocated: int | None = None
     max_memory_reserved: int | None = None
@@ -109,7 +95,7 @@ def predicted_side(est: Estimate) -> Side:
             memory=Memory(params=resident.params, grads=resident.grads, optimizer=resident.optimizer,
                           activations=stage.saved_activations, temporaries=stage.temporaries,
                           overhead=stage.overhead, peak=stage.peak, peak_phase=stage.peak_phase),
-            host=HostBytes(params=stage.host.params, grads=stage.host.grads, optimizer=stage.host.optimizer),
+            host=stage.host,
             phases={name: phase.total for name, phase in stage.phases.items()},
         ))
     worst = max(ranks, key=lambda r: r.memory.peak)
@@ -135,7 +121,8 @@ def _measured_rank(r: RankBytes, stage: int, pipeline: bool) -> RankMemory:
         rank=r.rank, stage=stage,
         memory=Memory(params=r.params, grads=r.grads, optimizer=r.optimizer, activations=saved,
                       temporaries=temporaries, overhead=overhead, peak=peak, peak_phase=peak_phase),
-        host=HostBytes(params=r.host_params, grads=r.host_grads, optimizer=r.host_optimizer),
+        host=HostMemory(params=r.host_params, grads=r.host_grads, optimizer=r.host_optimizer,
+                        per_rank=r.host_params + r.host_grads + r.host_optimizer),
         phases=totals, max_memory_allocated=r.max_memory_allocated, max_memory_reserved=r.max_memory_reserved,
         device_used=r.device_used,
     )

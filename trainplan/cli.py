@@ -446,15 +446,17 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
 
 
 def _emit_report(report, out, as_json) -> None:
+    """--out (atomically), then --json or the table, for a profile or a recommendation report."""
     text = report.model_dump_json(indent=2)
     if out:
         write_atomic(out, text)
     if as_json:
         click.echo(text)
-    else:
-        from trainplan.report import render_profile
+        return
+    from profiler.report import ProfileReport
+    from trainplan.report import render_profile, render_recommend
 
-        render_profile(report, _console())
+    (render_profile if isinstance(report, ProfileReport) else render_recommend)(report, _console())
 
 
 def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_json):
@@ -464,7 +466,6 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
     from planner.search import search
     from profiler.run import profile_layout
     from profiler.report import RecommendReport
-    from trainplan.report import render_recommend
 
     model, _, space = build_space(options)
     space.fixed["engine"] = "pytorch"
@@ -476,13 +477,7 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
                               timeout_s=timeout, on_cpu=on_cpu, data=run["data"], seed=run["seed"])
                for c in runnable]
     report = RecommendReport.from_reports(reports)
-    text = report.model_dump_json(indent=2)
-    if out:
-        write_atomic(out, text)
-    if as_json:
-        click.echo(text)
-    else:
-        render_recommend(report, _console())
+    _emit_report(report, out, as_json)
     if report.recommended is None:
         raise click.ClickException("none of the measured candidates ran without running out of memory")
 
