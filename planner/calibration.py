@@ -10,7 +10,7 @@ holds documented, uncalibrated defaults; ``trainplan calibrate`` writes measured
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -57,7 +57,7 @@ class Calibration(BaseModel):
     calibrated_constants: list[str] = Field(default_factory=list, description="which constants were measured")
 
 
-@lru_cache(maxsize=None)
+@cache
 def default_calibration() -> Calibration:
     raw = json.loads(resources.files("presets").joinpath("calibration/default.json").read_text())
     return _parse(raw, "presets/calibration/default.json")
@@ -66,7 +66,7 @@ def default_calibration() -> Calibration:
 def _parse(raw: dict, where: str) -> Calibration:
     try:
         overheads = dict(raw["overheads"])
-        overheads.setdefault("source", raw.get("source", where))
+        overheads.setdefault("source", raw.get("overheads_source", raw.get("source", where)))
         overheads.setdefault("calibrated", bool(raw.get("calibrated", False)))
         return Calibration(**{**raw, "overheads": overheads})
     except (KeyError, TypeError) as exc:

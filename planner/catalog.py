@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -28,7 +28,7 @@ class Preset:
     raw: dict
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(kind: str) -> dict[str, Preset]:
     presets = {}
     for entry in sorted(resources.files("presets").joinpath(kind).iterdir(), key=lambda p: p.name):
@@ -38,7 +38,7 @@ def _load(kind: str) -> dict[str, Preset]:
     return presets
 
 
-@lru_cache(maxsize=None)
+@cache
 def _aliases(kind: str) -> dict[str, str]:
     table: dict[str, str] = {}
     for preset in _load(kind).values():
@@ -76,13 +76,13 @@ def _resolve(kind: str, name: str, list_command: str) -> str:
     raise UnknownPresetError(kind.rstrip("s"), name, ids, list_command)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model_from_preset(preset_id: str) -> ModelSpec:
     raw = model_preset(preset_id).raw
     return ModelSpec(name=preset_id, source=raw["source"], **raw["spec"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gpu_from_preset(preset_id: str) -> GPUSpec:
     return GPUSpec(**gpu_preset(preset_id).raw["spec"])
 

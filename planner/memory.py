@@ -24,10 +24,8 @@ and FSDP2's gathered parameters.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from math import ceil, prod
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -122,10 +120,10 @@ class Overheads(_Result):
         return cls(source="none (CPU or exact comparison)")
 
 
-@lru_cache(maxsize=None)
 def default_overheads() -> Overheads:
-    raw = json.loads(resources.files("presets").joinpath("calibration/default.json").read_text())
-    return Overheads(**raw["overheads"], source=raw["overheads_source"])
+    from planner.calibration import default_calibration  # it imports this module
+
+    return default_calibration().overheads
 
 
 class ModelSummary(_Result):
