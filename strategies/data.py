@@ -53,4 +53,4 @@ def batch(source, first_index: int, size: int, device) -> tuple[torch.Tensor, to
 
     with unset_fake_temporarily():
         samples = torch.stack([source.sample(first_index + i) for i in range(size)])
-        return samples[:, :-1].to(device), samples[:, 1:].to(device)
+        return samples[:, :-1].contiguous().to(device), samples[:, 1:].contiguous().to(device)

@@ -231,7 +231,7 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> 
     model = build_model(spec, "meta", _param_dtype(cfg), max_seq_len=cfg.seq_len)
     mesh = build_mesh(cfg, world, device)
     par = parallelize(model, cfg, world, rank, device, config.seed, config.compile, mesh=mesh,
-                      fake=fake if config.simulate_world is not None and device.type == "cpu" else None,
+                      fake=None if isinstance(fake, nullcontext) else fake,
                       simulated=config.simulate_world is not None)
     with fake:
         return _loop(config, par, source, rank, device, losses=config.simulate_world is None)
@@ -239,8 +239,12 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> 
 
 def _fake_mode(config: RunConfig, device: torch.device):
     """A simulated world on CPU runs under FakeTensorMode: shapes and sizes, no real memory
-    (a 7B rank fits in a few hundred MB of RAM). On a GPU the tensors are real."""
-    if config.simulate_world is None or device.type != "cpu":
+    (a 7B rank fits in a few hundred MB of RAM). On a GPU the tensors are real; so are they
+    with tensor or pipeline parallelism, whose data-dependent steps (DTensor's vocab-parallel
+    embedding, the pipeline schedule) cannot run on fake tensors -- then the rank's own share
+    is allocated for real."""
+    t = config.train
+    if config.simulate_world is None or device.type != "cpu" or t.tp > 1 or t.pp > 1:
         return nullcontext()
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -30,6 +30,7 @@ CPU_CASES = [
     ("DDP, 8 simulated", "tiny-llama", 8, dict(gpus=8, zero_stage=0)),
     ("ZeRO-1, 8 simulated", "tiny-llama", 8, dict(gpus=8, zero_stage=1)),
     ("ZeRO-3, 8 simulated", "tiny-llama", 8, dict(gpus=8, zero_stage=3)),
+    ("ZeRO-2 dp4xtp2+SP, 8 simulated", "tiny-llama", 8, dict(gpus=8, tp=2, zero_stage=2, sequence_parallel=True)),
     ("7B ZeRO-3, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=3, seq_len=1024, micro_batch=1,
                                                       precision="bf16-mixed")),
 ]
