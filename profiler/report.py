@@ -42,6 +42,13 @@ class RankMemory(BaseModel):
     max_memory_reserved: int | None = None
     device_used: int | None = None
 
+    @property
+    def fragmentation(self) -> float | None:
+        """The caching allocator's reserve beyond its peak allocation (reserved / allocated - 1)."""
+        if not self.max_memory_allocated or self.max_memory_reserved is None:
+            return None
+        return self.max_memory_reserved / self.max_memory_allocated - 1
+
 
 class Side(BaseModel):
     memory: Memory = Field(description="the most loaded rank")

@@ -284,6 +284,10 @@ def render_profile(report, console: Console) -> None:
             cells = ["exact" if p == m else _error_text((p - m) / m * 100 if m else None) for p, m in pairs]
             table.add_row(str(measured.rank), str(measured.stage), *cells, bytes_text(measured.memory.peak))
         console.print(table)
+    rank = max(report.measured.ranks, key=lambda r: r.max_memory_allocated or 0)
+    if rank.fragmentation is not None:
+        console.print(f"[dim]allocator: {bytes_text(rank.max_memory_reserved)} reserved at a "
+                      f"{bytes_text(rank.max_memory_allocated)} peak allocation ({rank.fragmentation:.1%} beyond it)[/]")
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")
 
