@@ -20,7 +20,7 @@ def _clear_caches() -> None:
     from planner import calibration, catalog, memory, params
 
     for fn in (memory._stage_params, memory._act_sums, params.pipeline_stages, params.representative_stages,
-               params.stage_numel, catalog._model_from_preset, catalog._gpu_from_preset,
+               catalog._model_from_preset, catalog._gpu_from_preset,
                calibration.default_calibration):
         fn.cache_clear()
 

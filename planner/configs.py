@@ -23,7 +23,6 @@ Attention = Literal["flash", "eager"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 Engine = Literal["pytorch", "megatron", "deepspeed"]
 
-PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 """CLI strategy names and the ZeRO stage each one is."""
 

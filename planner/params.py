@@ -244,10 +244,6 @@ def local_tensor_shapes(units: tuple[Unit, ...], tp: int, vocab_multiple: int = 
     return shapes
 
 
-def local_numel(units: tuple[Unit, ...], tp: int, vocab_multiple: int = 1) -> int:
-    return sum(prod(s) for s in local_tensor_shapes(units, tp, vocab_multiple))
-
-
 def fsdp_shard_numel(shapes: list[tuple[int, ...]], world: int) -> int:
     """Elements FSDP2 allocates per rank: each tensor's dim 0 padded to a multiple of the
     shard group, then split evenly (``_get_dim0_padded_size`` / ``chunks[0]`` in
@@ -275,12 +271,6 @@ def greedy_partition_max(shapes: list[tuple[int, ...]], world: int) -> int:
         load, rank = heapq.heappop(loads)
         heapq.heappush(loads, (load + size, rank))
     return max(load for load, _ in loads)
-
-
-@lru_cache(maxsize=4096)
-def stage_numel(spec: ModelSpec, pp: int, chunks: int, tp: int, vocab_multiple: int) -> tuple[int, ...]:
-    """Parameters per stage on one tensor-parallel rank (cached: the search asks often)."""
-    return tuple(local_numel(stage.units, tp, vocab_multiple) for stage in pipeline_stages(spec, pp, chunks))
 
 
 @lru_cache(maxsize=4096)

@@ -34,8 +34,6 @@ class RunConfig(BaseModel):
     seed: int = 0
     data: str | None = Field(default=None, description="token file; None: synthetic samples")
     compile: bool = False
-    measure_activations: bool = Field(default=False, description="MemTracker over the last step's first "
-                                                                 "micro-batch forward (not with pipelines)")
     profile: bool = Field(default=False, description="per-phase memory of the last step (profiler.memory)")
     simulate_world: int | None = Field(default=None, description="run rank 0 of this many ranks in one process "
                                                                  "(fake process group)")
@@ -62,8 +60,8 @@ class RankBytes(BaseModel):
     host_params: int = 0
     host_grads: int = 0
     host_optimizer: int = 0
-    activations: int | None = Field(default=None, description="activation bytes at the end of one micro-batch's "
-                                                              "forward (MemTracker), when measured")
+    activations: int | None = Field(default=None, description="activation bytes at the end of forward "
+                                                              "(MemTracker), when profiled")
     phases: dict[str, dict[str, int]] = Field(default_factory=dict, description="per phase: the planner's "
                                               "components at that phase's peak (profiler.memory)")
     phase_totals: dict[str, int] = Field(default_factory=dict)
@@ -171,11 +169,9 @@ class _NoPhases:
         yield
 
 
-def train_step(par: Parallelized, source, step: int, measure: dict | None = None, phases=None,
-               losses: bool = True) -> tuple[float, int]:
+def train_step(par: Parallelized, source, step: int, phases=None, losses: bool = True) -> tuple[float, int]:
     """One optimizer step's forward and backward; returns (sum of micro-batch losses on this
-    rank, their count). ``measure`` receives the activation bytes of the first micro-batch's
-    forward; ``phases`` marks forward and backward regions (profiling)."""
+    rank, their count). ``phases`` marks forward and backward regions (profiling)."""
     phases = phases or _NoPhases()
     value = _scalar if losses else (lambda t: 0.0)
     cfg = par.cfg
@@ -197,27 +193,15 @@ def train_step(par: Parallelized, source, step: int, measure: dict | None = None
     for j in range(m):
         inputs, targets = batch(source, first + j * cfg.micro_batch, cfg.micro_batch, par.device)
         sync = nullcontext() if j == m - 1 or not hasattr(model, "no_sync") else model.no_sync()
-        tracker = _activation_tracker(par) if measure is not None and j == 0 else nullcontext()
-        with sync, _loss_context(par), tracker:
+        with sync, _loss_context(par):
             with par.precision.autocast(par.device.type), phases.phase("forward"):
                 loss = model(inputs, targets)
-            if measure is not None and j == 0:
-                snapshot = tracker.get_tracker_snapshot("current")
-                measure["activations"] = sum(d.get("Activation", 0) for d in snapshot.values())
             scaled = loss / m
             with phases.phase("backward"):
                 (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
         total += value(loss)
         count += 1
     return total, count
-
-
-def _activation_tracker(par: Parallelized):
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    tracker.track_external(*par.modules, par.optimizer)
-    return tracker
 
 
 def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> tuple[list[StepRecord], RankBytes]:
@@ -268,7 +252,6 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        measure = {} if last and config.measure_activations and par.pipeline is None else None
         # Interleaved schedules run several stage modules of one rank in alternation, which the
         # trackers' per-module bookkeeping cannot follow: resident bytes only, there.
         tracked = last and config.profile and cfg.schedule != "interleaved"
@@ -278,7 +261,7 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
             phases = PhaseMemory(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type)
         try:
             with phases if tracked else nullcontext():
-                total, count = train_step(par, source, step, measure, phases, losses)
+                total, count = train_step(par, source, step, phases, losses)
                 with phases.phase("optimizer"):
                     par.optimizer.step()
                 if last:
@@ -287,8 +270,6 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
             phase = getattr(phases, "current_phase", None) or "the step"
             raise torch.OutOfMemoryError(f"out of memory at {phase} of step {step}: "
                                          f"{str(exc).splitlines()[0]}") from None
-        if measure:
-            bytes_record.activations = measure["activations"]
         if tracked:
             bytes_record.phases, bytes_record.phase_totals = phases.peaks, phases.totals
             if phases.forward_end:

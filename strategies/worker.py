@@ -19,13 +19,6 @@ from pathlib import Path
 EXIT_FAILED, EXIT_OOM = 1, 3
 
 
-def _write_atomic(path: str, text: str) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
@@ -57,6 +50,7 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
     import torch.distributed as dist
 
     from strategies.train import RunConfig, RunResult, run_rank
+    from trainplan.files import write_atomic
 
     config = RunConfig.model_validate_json(Path(config_path).read_text())
     if torch.cuda.is_available():
@@ -100,7 +94,7 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
                 tokens_per_s=config.train.global_batch * config.train.seq_len / median,
                 simulated_world=config.simulate_world,
             )
-            _write_atomic(result_path, result.model_dump_json(indent=2))
+            write_atomic(result_path, result.model_dump_json(indent=2))
     finally:
         if dist.is_initialized():
             dist.barrier()

@@ -28,11 +28,11 @@ SEQ, BATCH, STEPS = 64, 4, 3
 LOSS_RTOL = 2e-6
 
 
-def _run(nproc: int, steps: int = STEPS, measure: bool = False, **fields) -> tuple[RunResult, TrainConfig]:
+def _run(nproc: int, steps: int = STEPS, profile: bool = False, **fields) -> tuple[RunResult, TrainConfig]:
     base = dict(gpus=nproc, seq_len=SEQ, micro_batch=1, global_batch=BATCH, precision="fp32")
     base.update(fields)
     train = TrainConfig(**base)
-    config = RunConfig(model=SPEC, train=train, steps=steps, measure_activations=measure)
+    config = RunConfig(model=SPEC, train=train, steps=steps, profile=profile)
     return RunResult.model_validate_json(launch(config.model_dump_json(), nproc, timeout_s=300)), train
 
 
@@ -132,7 +132,7 @@ def test_activation_checkpointing_direction_and_identical_losses():
     losses = {}
     for attention in ("flash", "eager"):
         for mode in ("none", "selective", "full"):
-            result, train = _run(1, steps=2, measure=True, attention=attention, activation_checkpointing=mode)
+            result, train = _run(1, steps=2, profile=True, attention=attention, activation_checkpointing=mode)
             measured[attention, mode] = result.ranks[0].activations
             losses[attention, mode] = [s.loss for s in result.steps]
             predicted = _expected(train).stages[0].phases["forward"].activations

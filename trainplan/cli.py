@@ -372,17 +372,11 @@ def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, 
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write a whole file or nothing: a temporary beside it, then an atomic rename."""
-    import os
-    from pathlib import Path
+    from trainplan.files import write_atomic as write
 
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        write(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

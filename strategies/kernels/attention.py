@@ -8,13 +8,8 @@ planner's ``--attention eager`` predicts exactly this path. Causal masking every
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
-
-BACKENDS = ("flash", "efficient", "cudnn", "math")
-
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "flash",
                    dropout: float = 0.0) -> torch.Tensor:
@@ -39,19 +34,3 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: 
     if dropout > 0:
         probs = F.dropout(probs, p=dropout)
     return torch.matmul(probs, v)
-
-
-def sdpa_backend(name: str):
-    """A context that pins SDPA to one backend (flash, efficient, cudnn, math); GPU kernels
-    other than math exist only on CUDA."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown SDPA backend {name!r}; use one of {', '.join(BACKENDS)}")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    return sdpa_kernel(table[name])
-
-
-def no_backend_pin():
-    return nullcontext()
