@@ -17,7 +17,24 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from planner.errors import ConfigFileError
-from planner.memory import Overheads
+
+
+class Overheads(BaseModel):
+    """Memory the arithmetic of tensors does not see. Defaults are documented in
+    ``presets/calibration/default.json``; ``trainplan calibrate`` measures them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cuda_context_bytes: int = 0
+    communicator_bytes: int = Field(default=0, description="per process group with more than one rank")
+    fragmentation: float = Field(default=0.0, ge=0.0, description="fraction of allocated bytes")
+    calibrated: bool = False
+    source: str = ""
+
+    @classmethod
+    def none(cls) -> Overheads:
+        """No context, no communicators, no fragmentation: CPU runs and exact comparisons."""
+        return cls(source="none (CPU or exact comparison)")
 
 
 class ThroughputConstants(BaseModel):
@@ -61,6 +78,10 @@ class Calibration(BaseModel):
 def default_calibration() -> Calibration:
     raw = json.loads(resources.files("presets").joinpath("calibration/default.json").read_text())
     return _parse(raw, "presets/calibration/default.json")
+
+
+def default_overheads() -> Overheads:
+    return default_calibration().overheads
 
 
 def _parse(raw: dict, where: str) -> Calibration:

@@ -85,13 +85,6 @@ class ModelSpec(_Frozen):
         """Encoder plus decoder layers: what a pipeline splits over its stages."""
         return self.encoder_layers + self.num_layers
 
-    @property
-    def num_params(self) -> int:
-        """Exact parameter count (each tied tensor counted once)."""
-        from planner.params import total_params
-
-        return total_params(self)
-
 
 class PeakTflops(_Frozen):
     """Dense peak throughput per data type, TFLOP/s (int8: TOPS). ``None``: not supported."""
@@ -121,6 +114,8 @@ class GPUSpec(_Frozen):
     gpus_per_node: int = Field(default=8, gt=0)
     host_memory_per_node_bytes: int = Field(default=2**40, gt=0, description="CPU memory per node (offload)")
     interconnect: str = ""
+    chip: str = Field(default="", description="the GPU die (GH100, GA100, AD102, ...): a GPU without a "
+                      "calibration of its own uses one measured on the same chip")
     source: str = ""
 
 

@@ -31,6 +31,7 @@ from math import ceil, prod
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from planner import activations as act
+from planner.calibration import Overheads, default_overheads
 from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.engines import ENGINES, EngineSemantics
 from planner.params import (
@@ -41,6 +42,7 @@ from planner.params import (
     local_tensor_shapes,
     pipeline_stages,
     representative_stages,
+    total_params,
 )
 from planner.precision import OPTIMIZER_STATES, RECIPES, Recipe
 
@@ -102,28 +104,6 @@ class StageMemory(RankMemory):
     phases: dict[str, MemoryBreakdown]
     temporaries_detail: dict[str, int] = Field(description="what the temporaries at the peak phase are")
     host: HostMemory
-
-
-class Overheads(_Result):
-    """Memory the arithmetic of tensors does not see. Defaults are documented in
-    ``presets/calibration/default.json``; ``trainplan calibrate`` measures them."""
-
-    cuda_context_bytes: int = 0
-    communicator_bytes: int = Field(default=0, description="per process group with more than one rank")
-    fragmentation: float = Field(default=0.0, ge=0.0, description="fraction of allocated bytes")
-    calibrated: bool = False
-    source: str = ""
-
-    @classmethod
-    def none(cls) -> Overheads:
-        """No context, no communicators, no fragmentation: CPU runs and exact comparisons."""
-        return cls(source="none (CPU or exact comparison)")
-
-
-def default_overheads() -> Overheads:
-    from planner.calibration import default_calibration  # it imports this module
-
-    return default_calibration().overheads
 
 
 class ModelSummary(_Result):
@@ -542,7 +522,7 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
     fits = worst.peak <= gpu.memory_bytes and host.per_node <= gpu.host_memory_per_node_bytes
     max_mb = largest_micro_batch(model, gpu, train, overheads) if search_micro_batch else 0
     return MemoryEstimate(
-        model=ModelSummary(name=model.name, num_params=model.num_params),
+        model=ModelSummary(name=model.name, num_params=total_params(model)),
         gpu=gpu.name,
         gpu_memory_bytes=gpu.memory_bytes,
         train=train,

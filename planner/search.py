@@ -19,6 +19,7 @@ from planner.errors import ConfigError, LayoutError, TrainplanError
 from planner.estimate import Estimate, estimate
 from planner.memory import ModelSummary, screen_memory
 from planner.step_time import Throughput, estimate_step
+from planner.params import total_params
 
 STRATEGY_CHOICES: tuple[tuple[int, str], ...] = (
     (0, "none"),
@@ -280,7 +281,7 @@ def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Cali
         candidates = [build(c) for c in shown]
         reason = _reason(recommended, strategies, gpu)
     return PlanResult(
-        model=ModelSummary(name=model.name, num_params=model.num_params),
+        model=ModelSummary(name=model.name, num_params=total_params(model)),
         gpu=gpu.name,
         gpu_memory_bytes=gpu.memory_bytes,
         gpus=space.gpus,

@@ -61,7 +61,7 @@ def measure(model: ModelSpec, gpu: GPUSpec, seq_len: int = 2048, micro_batch: in
     from strategies.model import build_model
     from strategies.parallelize import parallelize
     from strategies.train import train_step
-    from trainplan.nvml import device_info, process_used_memory
+    from strategies.nvml import device_info, process_used_memory
 
     if not torch.cuda.is_available():
         raise TrainplanError("calibrate measures a CUDA GPU, and this machine has none (no NVIDIA driver)")
@@ -118,7 +118,7 @@ def measure(model: ModelSpec, gpu: GPUSpec, seq_len: int = 2048, micro_batch: in
         "step_time_s": statistics.median(times), "forward_backward_s": statistics.median(
             [t - o for t, o in zip(times, optimizer_times)]),
         "optimizer_step_s": statistics.median(optimizer_times), "executed_flops": flops.total,
-        "num_params": model.num_params,
+        "num_params": total_params(model),
     }
 
 

@@ -9,7 +9,7 @@ from planner.calibration import Calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.errors import ConfigError
 from planner.estimate import estimate
-from planner.memory import Overheads
+from planner.calibration import Overheads
 from profiler.report import ProfileReport, compare, failed_report
 from strategies.launch import RunFailedError, launch
 from strategies.train import RunConfig, RunResult
@@ -19,7 +19,7 @@ TIMED_STEPS = 2  # untracked steps between warm-up and the tracked last step
 
 
 def environment(result: RunResult | None = None) -> dict[str, str]:
-    from trainplan.nvml import NvmlUnavailable, device_info
+    from strategies.nvml import NvmlUnavailable, device_info
 
     env = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version()}
     try:
@@ -53,7 +53,8 @@ def profile_layout(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibrati
                        fail_step=fail_step, fail_kind=fail_kind)
     nproc = 1 if simulate_world else train.gpus
     try:
-        result = RunResult.model_validate_json(launch(config.model_dump_json(), nproc, timeout_s))
+        result = RunResult.model_validate_json(launch(config.model_dump_json(), nproc, timeout_s,
+                                                          worker="profiler.worker"))
     except RunFailedError as exc:
         if exc.oom:
             message = str(exc).split(": ", 2)[-1] if ": " in str(exc) else str(exc)

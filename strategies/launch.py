@@ -69,9 +69,11 @@ def _root_cause(failed: list[int], logs: list[Path]) -> int:
     return failed[0]
 
 
-def launch(config_json: str, nproc: int, timeout_s: float = 600.0, threads_per_rank: int | None = None):
-    """Runs ``nproc`` ranks of the run described by ``config_json`` (a RunConfig); returns the
-    RunResult JSON text written by rank 0. Raises RunFailedError."""
+def launch(config_json: str, nproc: int, timeout_s: float = 600.0, threads_per_rank: int | None = None,
+           worker: str = "strategies.worker"):
+    """Runs ``nproc`` ranks of the run described by ``config_json`` (a RunConfig) as ``python -m
+    <worker>`` (``profiler.worker`` for a profiled run); returns the RunResult JSON text written
+    by rank 0. Raises RunFailedError."""
     with tempfile.TemporaryDirectory(prefix="trainplan-run-") as tmp:
         folder = Path(tmp)
         config_path, result_path = folder / "run.json", folder / "result.json"
@@ -85,7 +87,7 @@ def launch(config_json: str, nproc: int, timeout_s: float = 600.0, threads_per_r
                        OMP_NUM_THREADS=str(threads))
             log = folder / f"rank{rank}.log"
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "strategies.worker", str(config_path),
+            procs.append(subprocess.Popen([sys.executable, "-m", worker, str(config_path),
                                            str(result_path)], env=env, stdout=subprocess.DEVNULL,
                                           stderr=log.open("w"), start_new_session=True))
         deadline = time.time() + timeout_s

@@ -34,7 +34,8 @@ class RunConfig(BaseModel):
     seed: int = 0
     data: str | None = Field(default=None, description="token file; None: synthetic samples")
     compile: bool = False
-    profile: bool = Field(default=False, description="per-phase memory of the last step (profiler.memory)")
+    profile: bool = Field(default=False, description="per-phase memory of the last step: needs a phase tracker, "
+                                                     "which `python -m profiler.worker` provides")
     simulate_world: int | None = Field(default=None, description="run rank 0 of this many ranks in one process "
                                                                  "(fake process group)")
     fail_rank: int | None = Field(default=None, description="testing: this rank raises at fail_step")
@@ -136,7 +137,7 @@ def resident_bytes(par: Parallelized, rank: int) -> RankBytes:
 def _device_used(device: torch.device) -> int | None:
     """NVML: this process's device memory (CUDA context, NCCL, the caching allocator's
     reservations); where the driver cannot attribute memory to processes, the device's."""
-    from trainplan.nvml import NvmlUnavailable, device_info, process_used_memory
+    from strategies.nvml import NvmlUnavailable, device_info, process_used_memory
 
     try:
         used = process_used_memory(device.index or 0)
@@ -159,7 +160,10 @@ def _optimizer_with_scaler(optimizer) -> MasterWeightOptimizer | None:
 
 
 class _NoPhases:
-    """Stand-in for profiler.memory.PhaseMemory when a step is not profiled."""
+    """Stand-in for a phase tracker when a step is not profiled. A tracker (``profiler.memory.
+    PhaseMemory`` is the one the profiler injects) is a context manager with ``phase(name)``
+    regions, ``peaks``, ``totals`` and ``forward_end``, built as ``tracker(modules, optimizer,
+    fsdp=..., device_type=...)``."""
 
     current_phase = "forward"
 
@@ -204,10 +208,15 @@ def train_step(par: Parallelized, source, step: int, phases=None, losses: bool =
     return total, count
 
 
-def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> tuple[list[StepRecord], RankBytes]:
+def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
+             phase_tracker=None) -> tuple[list[StepRecord], RankBytes]:
+    """``phase_tracker``: the class that measures a profiled step per phase (see ``_NoPhases``);
+    the strategy layer runs steps, the layer above it measures them."""
     spec, cfg = config.model, config.train
     if cfg.gpus != world:
         raise ConfigError(f"the layout is for {cfg.gpus} GPUs but {world} ranks are running")
+    if config.profile and phase_tracker is None:
+        raise ConfigError("a profiled run needs a phase tracker: launch `python -m profiler.worker`")
     torch.manual_seed(config.seed)
     source = (TokenFile(config.data, spec.vocab_size, cfg.seq_len) if config.data
               else SyntheticTokens(spec.vocab_size, cfg.seq_len, config.seed))
@@ -218,7 +227,8 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device) -> 
                       fake=None if isinstance(fake, nullcontext) else fake,
                       simulated=config.simulate_world is not None)
     with fake:
-        return _loop(config, par, source, rank, device, losses=config.simulate_world is None)
+        return _loop(config, par, source, rank, device, losses=config.simulate_world is None,
+                     phase_tracker=phase_tracker)
 
 
 def _fake_mode(config: RunConfig, device: torch.device):
@@ -236,7 +246,7 @@ def _fake_mode(config: RunConfig, device: torch.device):
 
 
 def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch.device,
-          losses: bool) -> tuple[list[StepRecord], RankBytes]:
+          losses: bool, phase_tracker=None) -> tuple[list[StepRecord], RankBytes]:
     cfg = par.cfg
     records, bytes_record = [], None
     tokens_per_step = cfg.global_batch * cfg.seq_len
@@ -256,9 +266,7 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
         # trackers' per-module bookkeeping cannot follow: resident bytes only, there.
         tracked = last and config.profile and cfg.schedule != "interleaved"
         if tracked:
-            from profiler.memory import PhaseMemory
-
-            phases = PhaseMemory(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type)
+            phases = phase_tracker(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type)
         try:
             with phases if tracked else nullcontext():
                 total, count = train_step(par, source, step, phases, losses)

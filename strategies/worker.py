@@ -19,7 +19,8 @@ from pathlib import Path
 EXIT_FAILED, EXIT_OOM = 1, 3
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, phase_tracker=None) -> int:
+    """``phase_tracker``: measures a profiled step per phase (``profiler.worker`` passes one)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m strategies.worker RUN_CONFIG.json RESULT.json", file=sys.stderr)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     try:
-        return _run(config_path, result_path, rank, world, local_rank)
+        return _run(config_path, result_path, rank, world, local_rank, phase_tracker)
     except Exception as exc:  # one line for the launcher; the traceback is not the user's problem
         oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -45,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(EXIT_OOM if oom else EXIT_FAILED)
 
 
-def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: int) -> int:
+def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: int, phase_tracker=None) -> int:
     import torch
     import torch.distributed as dist
 
+    from planner.params import total_params
+    from strategies.files import write_atomic
     from strategies.train import RunConfig, RunResult, run_rank
-    from trainplan.files import write_atomic
 
     config = RunConfig.model_validate_json(Path(config_path).read_text())
     if torch.cuda.is_available():
@@ -68,7 +70,7 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
     elif world > 1 or "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
-    records, bytes_record = run_rank(config, rank, world, device)
+    records, bytes_record = run_rank(config, rank, world, device, phase_tracker)
     try:
         gathered = [None] * world
         if dist.is_initialized() and not config.simulate_world:
@@ -82,7 +84,7 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
             median = statistics.median(timed)
             result = RunResult(
                 model_name=config.model.name,
-                num_params=config.model.num_params,
+                num_params=total_params(config.model),
                 train=config.train,
                 world=world,
                 backend=backend,
@@ -102,11 +104,14 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
+def exit_now(code: int) -> None:
+    """Skip interpreter teardown: with gloo, destructors of background threads sometimes call
+    std::terminate after a clean destroy_process_group(), turning a finished rank into a crash.
+    Everything the run produced is written by now."""
     sys.stdout.flush()
     sys.stderr.flush()
-    # Skip interpreter teardown: with gloo, destructors of background threads sometimes call
-    # std::terminate after a clean destroy_process_group(), turning a finished rank into a
-    # crash. Everything the run produced is written by now.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main())

@@ -16,7 +16,8 @@ import pytest
 from planner import activations as act
 from planner.catalog import load_model
 from planner.configs import TrainConfig
-from planner.memory import Overheads, estimate_memory
+from planner.calibration import Overheads
+from planner.memory import estimate_memory
 from planner.catalog import load_gpu
 
 GPT3 = load_model("gpt3-175b").model_copy(update={"vocab_size": 51200})

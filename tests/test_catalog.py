@@ -8,6 +8,7 @@ import pytest
 
 from planner import catalog
 from planner.errors import ConfigFileError, UnknownPresetError
+from planner.params import total_params
 
 
 @pytest.mark.parametrize(("alias", "preset"), [("7b", "llama-2-7b"), ("8b", "llama-3-8b"), ("70b", "llama-2-70b"),
@@ -53,7 +54,7 @@ def test_hf_llama_config(tmp_path):
     cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
            "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32000, "hidden_act": "silu",
            "max_position_embeddings": 4096, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
-    assert catalog.load_model(_write(tmp_path, cfg)).num_params == 6_738_415_616
+    assert total_params(catalog.load_model(_write(tmp_path, cfg))) == 6_738_415_616
 
 
 def test_hf_mistral_config(tmp_path):
@@ -61,7 +62,7 @@ def test_hf_mistral_config(tmp_path):
     cfg = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
            "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 32000, "hidden_act": "silu",
            "max_position_embeddings": 32768, "sliding_window": 4096, "tie_word_embeddings": False}
-    assert catalog.load_model(_write(tmp_path, cfg)).num_params == 7_241_732_096
+    assert total_params(catalog.load_model(_write(tmp_path, cfg))) == 7_241_732_096
 
 
 def test_hf_qwen2_config_has_qkv_bias(tmp_path):
@@ -70,14 +71,14 @@ def test_hf_qwen2_config_has_qkv_bias(tmp_path):
     cfg = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
            "num_hidden_layers": 28, "num_key_value_heads": 4, "vocab_size": 152064, "hidden_act": "silu",
            "max_position_embeddings": 131072, "tie_word_embeddings": False}
-    assert catalog.load_model(_write(tmp_path, cfg)).num_params == 7_615_616_512
+    assert total_params(catalog.load_model(_write(tmp_path, cfg))) == 7_615_616_512
 
 
 def test_hf_gpt2_config(tmp_path):
     """openai-community/gpt2 config.json (n_inner null = 4 x n_embd, tied): 124,439,808."""
     cfg = {"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
            "n_inner": None, "vocab_size": 50257, "activation_function": "gelu_new"}
-    assert catalog.load_model(_write(tmp_path, cfg)).num_params == 124_439_808
+    assert total_params(catalog.load_model(_write(tmp_path, cfg))) == 124_439_808
 
 
 def test_hf_gpt_neox_config(tmp_path):
@@ -85,7 +86,7 @@ def test_hf_gpt_neox_config(tmp_path):
     cfg = {"model_type": "gpt_neox", "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
            "num_hidden_layers": 12, "vocab_size": 50304, "rotary_pct": 0.25, "use_parallel_residual": True,
            "max_position_embeddings": 2048, "tie_word_embeddings": False}
-    assert catalog.load_model(_write(tmp_path, cfg)).num_params == 162_322_944
+    assert total_params(catalog.load_model(_write(tmp_path, cfg))) == 162_322_944
 
 
 def test_malformed_config_files(tmp_path):

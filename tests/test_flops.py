@@ -7,6 +7,7 @@ import pytest
 from planner.catalog import load_model
 from planner.configs import ModelSpec, TrainConfig
 from planner.flops import hardware_flops_per_step, model_flops_per_step, model_flops_per_token, stage_flops
+from planner.params import total_params
 
 
 def _gpt(h, a, layers, vocab=51200):
@@ -32,7 +33,7 @@ def test_kaplan_six_n_for_large_models():
     fraction s/(6h) of it. Llama-2-70B: 6N + 12 L h s within 1% at seq 4096 (the rest: the
     untied input embedding is a lookup, not a matmul), and 6N alone within 3% at seq 1024."""
     model = load_model("llama-2-70b")
-    six_n = 6 * model.num_params
+    six_n = 6 * total_params(model)
     attention = 12 * model.num_layers * model.hidden_size * 4096
     assert model_flops_per_token(model, 4096) == pytest.approx(six_n + attention, rel=0.01)
     assert model_flops_per_token(model, 1024) == pytest.approx(six_n, rel=0.03)

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu]
 
 
 def _gpu():
-    from trainplan.nvml import device_info
+    from strategies.nvml import device_info
 
     name = device_info(0)["name"]
     from planner.catalog import gpu_ids

@@ -6,10 +6,12 @@ import pytest
 
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
-from planner.memory import MemoryEstimate, Overheads, default_overheads, estimate_memory
+from planner.calibration import Overheads, default_overheads
+from planner.memory import MemoryEstimate, estimate_memory
 from planner.params import fsdp_shard_numel, named_shapes
 
 from .conftest import GiB
+from planner.params import total_params
 
 LLAMA7B = load_model("llama-2-7b")
 H100 = load_gpu("h100-sxm-80gb")
@@ -33,7 +35,7 @@ def test_measured_7b_fp32_step_peaks_at_optimizer():
     assert stage.peak / GiB == pytest.approx(101.4, abs=0.05)
     forward = stage.phases["forward"]
     assert forward.grads == 0
-    assert forward.params + forward.optimizer == 12 * LLAMA7B.num_params
+    assert forward.params + forward.optimizer == 12 * total_params(LLAMA7B)
 
 
 def test_peak_is_max_over_phases_not_sum_of_maxima():

@@ -8,6 +8,7 @@ from planner.catalog import load_model, model_ids
 from planner.errors import ConfigError
 from planner.params import named_shapes
 from strategies.model import build_model, canonical_name
+from planner.params import total_params
 
 RUNNABLE = [m for m in model_ids() if load_model(m).encoder_layers == 0
             and load_model(m).position_embedding in ("rope", "learned")]
@@ -21,7 +22,7 @@ def test_reference_model_matches_planner_inventory(model_id):
     model = build_model(spec, "meta")
     shapes = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
     assert shapes == named_shapes(spec)
-    assert sum(p.numel() for p in model.parameters()) == spec.num_params
+    assert sum(p.numel() for p in model.parameters()) == total_params(spec)
 
 
 def test_unsupported_architectures_say_so():

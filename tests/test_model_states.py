@@ -6,9 +6,11 @@ import pytest
 
 from planner.catalog import load_gpu, load_model
 from planner.configs import ModelSpec, TrainConfig
-from planner.memory import Overheads, estimate_memory, model_states
+from planner.calibration import Overheads
+from planner.memory import estimate_memory, model_states
 
 from .conftest import GB, GiB
+from planner.params import total_params
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,7 @@ def test_seed_11b_fp32_parameters():
     assert states.params / GiB == pytest.approx(40.98, abs=0.01)
     # and the CPM-2 preset (the seeds' 11B model) in fp32
     cpm2 = load_model("cpm-2")
-    assert 4 * cpm2.num_params / GiB == pytest.approx(41.3, abs=0.1)
+    assert 4 * total_params(cpm2) / GiB == pytest.approx(41.3, abs=0.1)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +85,7 @@ def test_deepspeed_zero3_estimator_model_states():
     persistent stays. The 4 * largest_layer term is transient (gathered 16-bit parameters and
     gradients) and is compared separately below, so here: GPU model states only."""
     model, gpus = T5_3B_LIKE, 8
-    p = model.num_params
+    p = total_params(model)
     none = _deepspeed_estimate(model, gpus, 3, "none", "bf16-mixed-fp32-grads").stages[0].phases["optimizer"]
     assert none.params + none.grads + none.optimizer == pytest.approx(18 * p / gpus, abs=18)
     opt = _deepspeed_estimate(model, gpus, 3, "optimizer", "bf16-mixed-fp32-grads").stages[0].phases["optimizer"]
@@ -111,7 +113,7 @@ def test_deepspeed_zero2_estimator():
     master + Adam (12P/N) and, during the step, the fp32 copy of the gradient partition
     (4P/N): the optimizer phase totals 2P + 18P/N. With offload only the 16-bit params stay."""
     model, gpus = T5_3B_LIKE, 8
-    p = model.num_params
+    p = total_params(model)
     step = _deepspeed_estimate(model, gpus, 2, "none", "bf16-mixed").stages[0].phases["optimizer"]
     assert step.params + step.grads + step.optimizer + step.temporaries == pytest.approx(2 * p + 18 * p / gpus, abs=18)
     offload = _deepspeed_estimate(model, gpus, 2, "optimizer", "bf16-mixed").stages[0].phases["optimizer"]

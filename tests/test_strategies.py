@@ -16,7 +16,8 @@ import pytest
 
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
-from planner.memory import Overheads, estimate_memory
+from planner.calibration import Overheads
+from planner.memory import estimate_memory
 from strategies.launch import RunFailedError, launch
 from strategies.train import RunConfig, RunResult
 
@@ -33,7 +34,8 @@ def _run(nproc: int, steps: int = STEPS, profile: bool = False, **fields) -> tup
     base.update(fields)
     train = TrainConfig(**base)
     config = RunConfig(model=SPEC, train=train, steps=steps, profile=profile)
-    return RunResult.model_validate_json(launch(config.model_dump_json(), nproc, timeout_s=300)), train
+    worker = "profiler.worker" if profile else "strategies.worker"
+    return RunResult.model_validate_json(launch(config.model_dump_json(), nproc, timeout_s=300, worker=worker)), train
 
 
 @pytest.fixture(scope="module")

@@ -303,7 +303,7 @@ def run_options(fn):
 
 def visible_gpus() -> int:
     """CUDA devices visible to this process, without initialising CUDA here (NVML)."""
-    from trainplan.nvml import device_count
+    from strategies.nvml import device_count
 
     return device_count()
 
@@ -372,7 +372,7 @@ def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, 
 
 
 def write_atomic(path: str, text: str) -> None:
-    from trainplan.files import write_atomic as write
+    from strategies.files import write_atomic as write
 
     try:
         write(path, text)
@@ -384,7 +384,7 @@ def _device_gpu(gpu_name_option: str):
     """The GPU preset: the detected GPU's, when one matches, else the --gpu preset; and
     whether this machine runs on CPU."""
     from planner.catalog import gpu_ids, load_gpu
-    from trainplan.nvml import NvmlUnavailable, device_info
+    from strategies.nvml import NvmlUnavailable, device_info
 
     try:
         name = device_info(0)["name"]
@@ -539,7 +539,7 @@ def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, a
 
     from planner.catalog import gpu_ids, load_gpu, load_model
     from profiler.calibrate import calibration_from, measure
-    from trainplan.nvml import device_info
+    from strategies.nvml import device_info
 
     name = device_info(0)["name"]
     preset = next((p for p in gpu_ids() if load_gpu(p).name == name), None)
@@ -572,11 +572,12 @@ def presets_command(as_json):
     import json
 
     from planner import catalog
+    from planner.params import total_params
 
     models = []
     for preset_id in catalog.model_ids():
         preset, spec = catalog.model_preset(preset_id), catalog.load_model(preset_id)
-        models.append(dict(id=preset_id, aliases=list(preset.aliases), num_params=spec.num_params,
+        models.append(dict(id=preset_id, aliases=list(preset.aliases), num_params=total_params(spec),
                            layers=spec.total_layers, hidden=spec.hidden_size, heads=spec.num_heads,
                            kv_heads=spec.num_kv_heads, vocab=spec.vocab_size, source=spec.source))
     gpus = []

@@ -66,7 +66,7 @@ def main() -> None:
     cases, defaults = (CPU_CASES, CPU_DEFAULTS) if on_cpu else (GPU_CASES, GPU_DEFAULTS)
     gpu = load_gpu("h100-sxm-80gb")
     if not on_cpu:
-        from trainplan.nvml import device_info
+        from strategies.nvml import device_info
 
         name = device_info(0)["name"]
         gpu = next((load_gpu(g) for g in gpu_ids() if load_gpu(g).name == name), gpu)

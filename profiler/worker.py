@@ -1,0 +1,13 @@
+"""One rank of a profiled run: ``strategies.worker`` with the profiler's per-phase memory
+tracker injected (the strategy layer runs the steps; this layer measures them).
+
+    torchrun --nproc-per-node 2 -m profiler.worker run.json result.json
+"""
+
+from __future__ import annotations
+
+from profiler.memory import PhaseMemory
+from strategies.worker import exit_now, main
+
+if __name__ == "__main__":
+    exit_now(main(phase_tracker=PhaseMemory))
