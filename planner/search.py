@@ -18,8 +18,8 @@ from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.errors import ConfigError, LayoutError, TrainplanError
 from planner.estimate import Estimate, estimate
 from planner.memory import ModelSummary, screen_memory
-from planner.step_time import Throughput, estimate_step
 from planner.params import total_params
+from planner.step_time import Throughput, estimate_step
 
 STRATEGY_CHOICES: tuple[tuple[int, str], ...] = (
     (0, "none"),

@@ -27,6 +27,7 @@ from planner.calibration import Calibration, default_calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.errors import TrainplanError
 from planner.flops import stage_flops
+from planner.params import total_params
 from planner.precision import OPTIMIZER_STATES, RECIPES
 
 
@@ -59,9 +60,9 @@ def measure(model: ModelSpec, gpu: GPUSpec, seq_len: int = 2048, micro_batch: in
 
     from strategies.data import SyntheticTokens
     from strategies.model import build_model
+    from strategies.nvml import device_info, process_used_memory
     from strategies.parallelize import parallelize
     from strategies.train import train_step
-    from strategies.nvml import device_info, process_used_memory
 
     if not torch.cuda.is_available():
         raise TrainplanError("calibrate measures a CUDA GPU, and this machine has none (no NVIDIA driver)")

@@ -93,9 +93,10 @@ class PhaseMemory:
         optimizers = _optimizers(optimizer)
         self.device_type = device_type
         if fsdp:
-            from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
-            from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+            from torch.distributed._tools.fsdp2_mem_tracker import (
+                FSDPMemTracker,
+                _FSDPRefType,
+            )
 
             root = modules[0] if len(modules) == 1 else torch.nn.ModuleList(modules)
             self.tracker = _repeatable(FSDPMemTracker)(root, optimizer)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import platform
 import time
 
-from planner.calibration import Calibration
+from planner.calibration import Calibration, Overheads
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.errors import ConfigError
 from planner.estimate import estimate
-from planner.calibration import Overheads
 from profiler.report import ProfileReport, compare, failed_report
 from strategies.launch import RunFailedError, launch
 from strategies.train import RunConfig, RunResult

@@ -20,7 +20,10 @@ def apply_activation_checkpointing(model: Transformer, mesh, cfg) -> Transformer
             if isinstance(module, Attention):
                 module.recompute_core = True
     elif mode == "full":
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            checkpoint_wrapper,
+        )
 
         for name, block in list(model.layers.items()):
             model.layers[name] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)

@@ -12,7 +12,10 @@ from torch import nn
 
 from planner.configs import TrainConfig
 from planner.errors import ConfigError
-from strategies.checkpointing import apply_activation_checkpointing, set_attention_kernel
+from strategies.checkpointing import (
+    apply_activation_checkpointing,
+    set_attention_kernel,
+)
 from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
 from strategies.kernels.optim import MasterWeightOptimizer, make_optimizer

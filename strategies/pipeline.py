@@ -68,7 +68,12 @@ class Pipeline:
 
 def apply_pipeline(stages: list[tuple[int, Transformer]], mesh, cfg, device) -> Pipeline:
     """Builds the schedule for this rank's (already parallelized, materialised) stage modules."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
 
     total = cfg.pp * cfg.chunks
     group = mesh.get_group()

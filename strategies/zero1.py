@@ -5,7 +5,11 @@ broadcasts the parameters it owns."""
 
 from __future__ import annotations
 
-from strategies.kernels.optim import DEFAULTS, MasterWeightOptimizer, optimizer_class_and_kwargs
+from strategies.kernels.optim import (
+    DEFAULTS,
+    MasterWeightOptimizer,
+    optimizer_class_and_kwargs,
+)
 
 
 def apply_zero1(params, mesh, cfg, master_weights: bool, loss_scaling: bool, state_device=None):

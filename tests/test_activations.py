@@ -14,11 +14,10 @@ from __future__ import annotations
 import pytest
 
 from planner import activations as act
-from planner.catalog import load_model
-from planner.configs import TrainConfig
 from planner.calibration import Overheads
+from planner.catalog import load_gpu, load_model
+from planner.configs import TrainConfig
 from planner.memory import estimate_memory
-from planner.catalog import load_gpu
 
 GPT3 = load_model("gpt3-175b").model_copy(update={"vocab_size": 51200})
 S, B, H, A, L, T, P = 2048, 1, 12288, 96, 96, 8, 8

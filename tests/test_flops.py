@@ -6,7 +6,12 @@ import pytest
 
 from planner.catalog import load_model
 from planner.configs import ModelSpec, TrainConfig
-from planner.flops import hardware_flops_per_step, model_flops_per_step, model_flops_per_token, stage_flops
+from planner.flops import (
+    hardware_flops_per_step,
+    model_flops_per_step,
+    model_flops_per_token,
+    stage_flops,
+)
 from planner.params import total_params
 
 

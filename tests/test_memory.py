@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from planner.calibration import Overheads, default_overheads
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
-from planner.calibration import Overheads, default_overheads
 from planner.memory import MemoryEstimate, estimate_memory
-from planner.params import fsdp_shard_numel, named_shapes
+from planner.params import fsdp_shard_numel, named_shapes, total_params
 
 from .conftest import GiB
-from planner.params import total_params
 
 LLAMA7B = load_model("llama-2-7b")
 H100 = load_gpu("h100-sxm-80gb")

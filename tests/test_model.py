@@ -6,9 +6,8 @@ import pytest
 
 from planner.catalog import load_model, model_ids
 from planner.errors import ConfigError
-from planner.params import named_shapes
+from planner.params import named_shapes, total_params
 from strategies.model import build_model, canonical_name
-from planner.params import total_params
 
 RUNNABLE = [m for m in model_ids() if load_model(m).encoder_layers == 0
             and load_model(m).position_embedding in ("rope", "learned")]

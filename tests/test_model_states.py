@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from planner.calibration import Overheads
 from planner.catalog import load_gpu, load_model
 from planner.configs import ModelSpec, TrainConfig
-from planner.calibration import Overheads
 from planner.memory import estimate_memory, model_states
+from planner.params import total_params
 
 from .conftest import GB, GiB
-from planner.params import total_params
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,15 @@ import torch
 from click.testing import CliRunner
 
 import trainplan
-from planner.calibration import default_calibration, load_calibration
+from planner.calibration import Overheads, default_calibration, load_calibration
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
 from planner.errors import ConfigError
-from planner.calibration import Overheads
-from profiler.calibrate import calibration_from, fit_compute_efficiency, fit_fragmentation
+from profiler.calibrate import (
+    calibration_from,
+    fit_compute_efficiency,
+    fit_fragmentation,
+)
 from profiler.report import ProfileReport
 from profiler.run import profile_layout
 from strategies.kernels.optim import make_optimizer

@@ -14,8 +14,8 @@ import pytest
 from planner.catalog import load_gpu, load_model
 from planner.configs import ModelSpec, TrainConfig
 from planner.memory import estimate_memory
-from planner.step_time import estimate_step
 from planner.params import total_params
+from planner.step_time import estimate_step
 
 A100 = load_gpu("a100-80gb")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
+from planner.calibration import Overheads
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
-from planner.calibration import Overheads
 from planner.memory import estimate_memory
 from strategies.launch import RunFailedError, launch
 from strategies.train import RunConfig, RunResult

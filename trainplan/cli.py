@@ -458,8 +458,8 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
     measured one that fits."""
     from planner.catalog import load_model
     from planner.search import search
-    from profiler.run import profile_layout
     from profiler.report import RecommendReport
+    from profiler.run import profile_layout
 
     model, _, space = build_space(options)
     space.fixed["engine"] = "pytorch"

@@ -17,11 +17,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from planner.calibration import calibration_for_gpu, default_calibration
+from planner.calibration import Overheads, calibration_for_gpu, default_calibration
 from planner.catalog import gpu_ids, load_gpu, load_model
 from planner.configs import TrainConfig
 from planner.estimate import estimate
-from planner.calibration import Overheads
 from profiler.report import ProfileReport, build_report
 
 HERE = Path(__file__).parent

@@ -8,8 +8,10 @@ planner's ``--attention eager`` predicts exactly this path. Causal masking every
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
+
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "flash",
                    dropout: float = 0.0) -> torch.Tensor:
