@@ -21,7 +21,7 @@ All functions return bytes for one micro-batch on one tensor-parallel rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from math import ceil
 
 from planner.configs import ModelSpec, TrainConfig
@@ -30,6 +30,30 @@ from planner.precision import RECIPES
 
 INDEX_BYTES = 8  # int64 token ids / targets
 FP32 = 4
+
+
+@dataclass(frozen=True)
+class ActivationInputs:
+    """Every field of a ``TrainConfig`` that the per-micro-batch functions below read, and no
+    other: the memory model caches their results keyed by this object, so a field they read
+    but this object lacks fails loudly (AttributeError) instead of silently sharing a cache
+    entry between layouts that differ in it. (``inflight`` reads the schedule; it is never
+    cached and takes the full config.)"""
+
+    seq_len: int
+    micro_batch: int
+    tp: int
+    pp: int
+    sequence_parallel: bool
+    precision: str
+    attention: str
+    engine: str
+    activation_checkpointing: str
+    zero_stage: int  # torch.autocast runs only without FSDP2 (``_autocast``)
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> ActivationInputs:
+        return cls(**{f.name: getattr(train, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,7 @@ class _Dims:
     cast_copies: bool  # torch.autocast casts a linear's input once per linear
 
 
-def _dims(model: ModelSpec, train: TrainConfig) -> _Dims:
+def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
     tp, sp = train.tp, train.sequence_parallel
     engine = ENGINES[train.engine]
     vocab = model.vocab_size
@@ -78,7 +102,7 @@ def _dims(model: ModelSpec, train: TrainConfig) -> _Dims:
     )
 
 
-def _autocast(train: TrainConfig) -> bool:
+def _autocast(train: TrainConfig | ActivationInputs) -> bool:
     """amp-bf16 without sharding runs under torch.autocast: fp32 parameters, so the residual
     stream (embedding output plus each block's additions) stays fp32, and every linear casts
     its own bf16 copy of its input (autocast caches casts of weights, not of activations).
@@ -149,7 +173,7 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     return terms
 
 
-def layer_terms(model: ModelSpec, train: TrainConfig, kind: str = "decoder", recompute: str | None = None) -> dict[str, int]:
+def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder", recompute: str | None = None) -> dict[str, int]:
     """Saved tensors of one layer, by name, in bytes, for one micro-batch on one TP rank.
 
     ``recompute`` defaults to the config's activation checkpointing."""
@@ -169,11 +193,11 @@ def layer_terms(model: ModelSpec, train: TrainConfig, kind: str = "decoder", rec
     return terms
 
 
-def layer_bytes(model: ModelSpec, train: TrainConfig, kind: str = "decoder", recompute: str | None = None) -> int:
+def layer_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder", recompute: str | None = None) -> int:
     return sum(layer_terms(model, train, kind, recompute).values())
 
 
-def embedding_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
+def embedding_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> dict[str, int]:
     """Saved by the embedding on the first stage (per micro-batch)."""
     x = _dims(model, train)
     tokens = x.s * x.b
@@ -192,7 +216,7 @@ def embedding_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
     return terms
 
 
-def head_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
+def head_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> dict[str, int]:
     """Saved on the last stage: final norm, the head's input, the fp32 log-softmax of the
     logits (Korthikanti et al.: 'cross entropy ... 4sbv/t'), the targets."""
     x = _dims(model, train)
@@ -210,7 +234,7 @@ def head_terms(model: ModelSpec, train: TrainConfig) -> dict[str, int]:
     return terms
 
 
-def pipeline_output_bytes(model: ModelSpec, train: TrainConfig, last_stage: bool) -> int:
+def pipeline_output_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, last_stage: bool) -> int:
     """What torch.distributed.pipelining keeps per in-flight micro-batch beyond the saved
     tensors: the stage's output, held for that micro-batch's backward -- the hidden state on
     inner stages, the logits (before the fp32 cast) on the last. Megatron frees the output's
@@ -222,7 +246,7 @@ def pipeline_output_bytes(model: ModelSpec, train: TrainConfig, last_stage: bool
     return x.ab * tokens * x.vocab if last_stage else x.ab * tokens * x.h // x.seq_div
 
 
-def pipeline_recv_buffer_bytes(model: ModelSpec, train: TrainConfig) -> int:
+def pipeline_recv_buffer_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
     """One of torch.distributed.pipelining's receive buffers: a stage allocates one per
     micro-batch for the activations it receives (all but the first stage) and one for the
     gradients it receives (all but the last), once, and keeps them between steps."""
@@ -232,7 +256,7 @@ def pipeline_recv_buffer_bytes(model: ModelSpec, train: TrainConfig) -> int:
     return x.ab * x.s * x.b * x.h // x.seq_div
 
 
-def loss_transients(model: ModelSpec, train: TrainConfig) -> tuple[int, int]:
+def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> tuple[int, int]:
     """(forward, backward) bytes alive beside the saved tensors while the loss runs.
 
     Forward: the fp32 logits are log-softmax's input while its fp32 output is written.
@@ -247,7 +271,7 @@ def loss_transients(model: ModelSpec, train: TrainConfig) -> tuple[int, int]:
     return logits_fp32, 2 * logits_fp32
 
 
-def layer_backward_workspace(model: ModelSpec, train: TrainConfig) -> int:
+def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
     """Activation gradients alive at once inside one layer's backward (an estimate the
     profiler checks): the residual stream's incoming and outgoing gradients plus the larger
     of the MLP's (three ffn-sized gradients for gated MLPs, two for GELU) and attention's

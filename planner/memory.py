@@ -253,13 +253,9 @@ class _ActSums:
     pipeline_recv_buffer: int
 
 
-_ACT_FIELDS = ("seq_len", "micro_batch", "tp", "pp", "sequence_parallel", "precision", "attention", "engine",
-               "activation_checkpointing")
-
-
 @lru_cache(maxsize=16384)
-def _act_sums(model: ModelSpec, key: tuple) -> _ActSums:
-    train = TrainConfig.model_construct(**dict(zip(_ACT_FIELDS, key)))
+def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
+    """Keyed by exactly the fields the activation functions read (``ActivationInputs``)."""
     loss_forward, loss_backward = act.loss_transients(model, train)
     return _ActSums(
         encoder_layer=act.layer_bytes(model, train, "encoder"),
@@ -319,7 +315,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     engine = ENGINES[train.engine]
     zero, offload = train.zero_stage, train.offload
     sp = _stage_params(model, train.pp, train.chunks, train.tp, train.dp, zero, train.engine, stage_index)
-    sums = _act_sums(model, tuple(getattr(train, f) for f in _ACT_FIELDS))
+    sums = _act_sums(model, act.ActivationInputs.of(train))
     fsdp = train.engine == "pytorch" and zero >= 2
 
     # --- persistent state (bytes)
