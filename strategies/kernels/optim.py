@@ -88,7 +88,7 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
         if self.loss_scaling:
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-            if found_inf.item() > 0:
+            if _overflowed(found_inf):
                 self.scale /= 2.0
                 self._good_steps = 0
                 self.skipped_steps += 1
@@ -109,6 +109,15 @@ class MasterWeightOptimizer(torch.optim.Optimizer):
             return []
         return [t for state in self._inner.state.values() for t in state.values()
                 if isinstance(t, torch.Tensor) and t.dim() > 0]
+
+
+def _overflowed(found_inf: torch.Tensor) -> bool:
+    """The loss scaler's decision is data. A simulated rank (FakeTensorMode) has shapes but no
+    values: assume finite gradients, the common case, so the step runs and its memory is
+    measured (the isfinite checks above still allocate what they allocate on a real rank)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(found_inf) and found_inf.item() > 0
 
 
 def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
