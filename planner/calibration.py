@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from planner.configs import GPUSpec
 from planner.errors import ConfigFileError
 
 
@@ -67,11 +68,20 @@ class Calibration(BaseModel):
     source: str
     calibrated: bool = False
     device: str | None = None
+    chip: str = Field(default="", description="the measured GPU's die (GPUSpec.chip): GPUs of the same chip "
+                                              "without a calibration of their own use this one")
+    used_for: str = Field(default="", description="how this calibration was chosen for the planned GPU: empty "
+                                                  "(its own device, or a file the user named), or the reason")
     environment: dict[str, str] = {}
     date: str | None = None
     overheads: Overheads
     throughput: ThroughputConstants
     calibrated_constants: list[str] = Field(default_factory=list, description="which constants were measured")
+
+    @property
+    def label(self) -> str:
+        """The calibration's id, and why it applies when it was measured on another GPU."""
+        return f"{self.id} ({self.used_for})" if self.used_for else self.id
 
 
 @cache
@@ -118,12 +128,26 @@ def load_calibration(path: str | Path) -> Calibration:
     return _parse(merged, str(path))
 
 
-def calibration_for_gpu(gpu_name: str) -> Calibration:
-    """The shipped calibration measured on this GPU model, if any; otherwise the defaults."""
+def calibration_for_gpu(gpu: GPUSpec) -> Calibration:
+    """The shipped calibration measured on this GPU model; else one measured on the same chip
+    (an H200 takes the H100's: the same GH100 die, so the same kernels reach the same fraction
+    of its peak), with its measured compute efficiency carried over to this GPU's name and
+    ``used_for`` saying so; else the documented defaults."""
     folder = resources.files("presets").joinpath("calibration")
-    for entry in folder.iterdir():
+    same_chip = None
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json") and entry.name != "default.json":
             raw = json.loads(entry.read_text())
-            if raw.get("device") == gpu_name:
+            if raw.get("device") == gpu.name:
                 return load_calibration(Path(str(entry)))
-    return default_calibration()
+            if gpu.chip and raw.get("chip") == gpu.chip and same_chip is None:
+                same_chip = Path(str(entry))
+    if same_chip is None:
+        return default_calibration()
+    cal = load_calibration(same_chip)
+    by_gpu = dict(cal.throughput.compute_efficiency_by_gpu)
+    by_gpu[gpu.name] = by_gpu.get(cal.device or "", by_gpu.get(gpu.name, {}))
+    return cal.model_copy(update={
+        "throughput": cal.throughput.model_copy(update={"compute_efficiency_by_gpu": by_gpu}),
+        "used_for": f"measured on {cal.device}, the same {gpu.chip} chip as {gpu.name}",
+    })

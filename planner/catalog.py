@@ -95,8 +95,44 @@ def load_model(name_or_path: str) -> ModelSpec:
     return _model_from_preset(_resolve("models", name_or_path, "trainplan presets"))
 
 
-def load_gpu(name: str) -> GPUSpec:
-    return _gpu_from_preset(_resolve("gpus", name, "trainplan presets"))
+def load_gpu(name_or_path: str) -> GPUSpec:
+    """A preset id, an alias, or a JSON file in the presets' schema (``{"id": ..., "spec":
+    {...}}``, as ``presets/gpus/*.json``; a bare ``spec`` object is accepted too)."""
+    if name_or_path.endswith(".json") or Path(name_or_path).is_file():
+        return gpu_from_file(Path(name_or_path))
+    return _gpu_from_preset(_resolve("gpus", name_or_path, "trainplan presets"))
+
+
+def gpu_preset_for_device(device_name: str) -> str | None:
+    """The id of the preset whose GPU the driver names ``device_name`` (NVML's name), if any."""
+    return next((preset_id for preset_id in gpu_ids() if _gpu_from_preset(preset_id).name == device_name), None)
+
+
+def gpu_from_file(path: Path) -> GPUSpec:
+    raw = _read_json_object(path, "GPU file")
+    spec = raw["spec"] if "spec" in raw else raw
+    where = "spec." if "spec" in raw else ""
+    if not isinstance(spec, dict):
+        raise ConfigFileError(f"{path}: spec must be a JSON object of GPU settings")
+    try:
+        return GPUSpec(**spec)
+    except ValidationError as exc:
+        problems = "; ".join(f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigFileError(f"{path}: {problems} (see presets/gpus/*.json for the schema)") from None
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigFileError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"cannot read {what} {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigFileError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigFileError(f"{path} must hold a JSON object")
+    return raw
 
 
 # ---------------------------------------------------------------- Hugging Face config.json
@@ -113,16 +149,7 @@ def _first(cfg: dict, *keys: str, default=None):
 
 def model_from_hf_config(path: Path) -> ModelSpec:
     """Reads a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX styles)."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigFileError(f"model config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigFileError(f"cannot read model config file {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigFileError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigFileError(f"{path} must hold a JSON object of model settings")
+    cfg = _read_json_object(path, "model config file")
     model_type = str(cfg.get("model_type", "")).lower()
     name = cfg.get("_name_or_path") or Path(path).parent.name or model_type or "custom"
     try:

@@ -144,7 +144,7 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
         "source": f"measured by trainplan calibrate on {measured['gpu']} ({measured['date']})",
     })
     return Calibration(
-        id=preset_id, calibrated=True, device=gpu.name,
+        id=preset_id, calibrated=True, device=gpu.name, chip=gpu.chip,
         source=f"trainplan calibrate: {measured['model']}, seq {measured['seq_len']}, micro-batch "
                f"{measured['micro_batch']}, {measured['precision']} on {measured['gpu']}",
         environment={k: str(measured[k]) for k in ("gpu", "driver", "torch", "cuda")},

@@ -101,3 +101,17 @@ def test_malformed_config_files(tmp_path):
     with pytest.raises(ConfigFileError, match="num_layers: Input should be greater than 0"):
         catalog.load_model(_write(tmp_path, {"model_type": "llama", "hidden_size": 64, "intermediate_size": 1,
                                              "num_attention_heads": 4, "num_hidden_layers": -2, "vocab_size": 10}))
+
+
+def test_gpus_people_run_on_have_presets_with_sources_and_chips():
+    """Issue 9, item 6: each preset names its source and its chip (for calibration by chip)."""
+    wanted = ["h100-nvl", "h100-sxm-96gb", "h20", "gh200", "b200", "mi300x", "l40s", "rtx-a6000", "rtx-6000-ada",
+              "a10g", "l4", "t4", "v100-16gb", "v100-32gb", "gtx-1060-6gb"]
+    assert set(wanted) <= set(catalog.gpu_ids())
+    names = [catalog.load_gpu(g).name for g in catalog.gpu_ids()]
+    assert len(names) == len(set(names)), "two presets claim the same device name"
+    for gpu_id in catalog.gpu_ids():
+        gpu = catalog.load_gpu(gpu_id)
+        assert gpu.chip and "Peaks are dense" in gpu.source and "Host memory" in gpu.source, gpu_id
+    # Hopper parts share one die, so one calibration serves them all
+    assert {catalog.load_gpu(g).chip for g in ("h100-sxm-80gb", "h100-nvl", "h200", "gh200", "h20")} == {"GH100"}

@@ -16,12 +16,10 @@ pytestmark = [pytest.mark.gpu]
 
 
 def _gpu():
+    from planner.catalog import gpu_preset_for_device
     from strategies.nvml import device_info
 
-    name = device_info(0)["name"]
-    from planner.catalog import gpu_ids
-
-    return next((load_gpu(g) for g in gpu_ids() if load_gpu(g).name == name), load_gpu("h100-sxm-80gb"))
+    return load_gpu(gpu_preset_for_device(device_info(0)["name"]) or "h100-sxm-80gb")
 
 
 def test_bf16_mixed_run_on_cuda():

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from planner.calibration import Overheads, calibration_for_gpu, default_calibration
-from planner.catalog import gpu_ids, load_gpu, load_model
+from planner.catalog import gpu_preset_for_device, load_gpu, load_model
 from planner.configs import TrainConfig
 from planner.estimate import estimate
 from profiler.report import ProfileReport, build_report
@@ -28,13 +28,13 @@ KEYS = ("params", "grads", "optimizer", "activations", "peak", "max_memory_alloc
 
 
 def _gpu(name: str):
-    return next((load_gpu(g) for g in gpu_ids() if load_gpu(g).name == name), load_gpu("h100-sxm-80gb"))
+    return load_gpu(gpu_preset_for_device(name) or "h100-sxm-80gb")
 
 
 def repredict(report: ProfileReport, on_cpu: bool) -> ProfileReport:
     train = TrainConfig(**report.train)
     gpu = _gpu(report.gpu)
-    cal = default_calibration() if on_cpu else calibration_for_gpu(gpu.name)
+    cal = default_calibration() if on_cpu else calibration_for_gpu(gpu)
     if on_cpu:
         cal = cal.model_copy(update={"overheads": Overheads.none()})
     elif report.simulated_world:
