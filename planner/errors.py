@@ -10,34 +10,53 @@ from __future__ import annotations
 
 
 class TrainplanError(Exception):
-    """Base class: a user's input cannot be planned, run or profiled as given."""
+    """Base class: a user's input cannot be planned, run or profiled as given.
+
+    ``kind`` names the failure for machines (the CLI's ``--json`` errors); ``user_mistake``
+    says whether the input was wrong (the CLI exits 2) or the input was fine and the answer
+    is no -- it does not fit, the run failed (exit 1)."""
+
+    kind = "usage"
+    user_mistake = True
 
 
 class ConfigError(TrainplanError):
     """A configuration value is out of range or inconsistent with another one."""
 
+    kind = "config"
+
 
 class LayoutError(ConfigError):
     """The parallel layout is impossible (dp x tp x pp != GPUs, tp not dividing heads, ...)."""
+
+    kind = "layout"
 
 
 class UnknownPresetError(TrainplanError):
     """A model or GPU name is neither a preset, an alias nor a file."""
 
-    def __init__(self, kind: str, name: str, suggestions: list[str], list_command: str):
-        self.kind = kind
+    kind = "unknown_preset"
+
+    def __init__(self, preset: str, name: str, suggestions: list[str], list_command: str):
+        self.preset = preset  # "model" or "gpu"
         self.name = name
         self.suggestions = suggestions
         hint = f"; did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-        super().__init__(f"unknown {kind} '{name}'{hint} (see `{list_command}`)")
+        super().__init__(f"unknown {preset} '{name}'{hint} (see `{list_command}`)")
 
 
 class ConfigFileError(TrainplanError):
-    """A model configuration file (a Hugging Face ``config.json``) is unreadable or incomplete."""
+    """An input file (a Hugging Face ``config.json``, a GPU, calibration or report file) is
+    unreadable, malformed or incomplete."""
+
+    kind = "config_file"
 
 
 class NothingFitsError(TrainplanError):
     """No candidate layout fits in GPU memory; carries the closest candidates and what to change."""
+
+    kind = "does_not_fit"
+    user_mistake = False
 
     def __init__(self, message: str, closest: list | None = None):
         self.closest = closest or []

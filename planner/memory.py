@@ -111,6 +111,29 @@ class ModelSummary(_Result):
     num_params: int
 
 
+class Limit(_Result):
+    """A capacity the layout must fit in, what it needs of it and what there is."""
+
+    name: str = Field(description="'GPU memory' (the worst rank's peak) or 'host memory per node' (offloaded state)")
+    needed_bytes: int
+    available_bytes: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.available_bytes
+
+
+def memory_limits(gpu: GPUSpec, peak: int, host_per_node: int) -> list[Limit]:
+    """Every limit a layout is checked against: the GPU's memory, and the node's host memory
+    when state is offloaded to it."""
+    limits = [Limit(name="GPU memory", needed_bytes=peak, available_bytes=gpu.memory_bytes)]
+    if host_per_node:
+        limits.append(Limit(name="host memory per node", needed_bytes=host_per_node,
+                            available_bytes=gpu.host_memory_per_node_bytes))
+    return limits
+
+
 class MemoryEstimate(_Result):
     model: ModelSummary
     gpu: str
@@ -119,9 +142,12 @@ class MemoryEstimate(_Result):
     memory: RankMemory = Field(description="the most loaded rank (worst pipeline stage)")
     stages: list[StageMemory]
     host: HostMemory
-    fits: bool = Field(description="the peak fits the GPU, and offloaded state fits the node's host memory")
-    headroom_bytes: int
-    max_micro_batch: int = Field(description="largest micro-batch that fits (0: not even 1)")
+    limits: list[Limit] = Field(description="every capacity checked: GPU memory, and host memory per node "
+                                            "when state is offloaded")
+    fits: bool = Field(description="every limit fits")
+    does_not_fit: list[str] = Field(description="the names of the limits that fail (empty when it fits)")
+    headroom_bytes: int = Field(description="GPU memory left at the peak (negative: short by that much)")
+    max_micro_batch: int = Field(description="largest micro-batch that fits every limit (0: not even 1)")
     overheads: Overheads
     notes: list[str] = []
 
@@ -515,8 +541,8 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
     gpus_per_node = min(gpus_per_node or gpu.gpus_per_node, train.gpus)
     host_rank = max(stages, key=lambda s: s.host.per_rank).host
     host = host_rank.model_copy(update={"per_node": host_rank.per_rank * gpus_per_node})
-    fits = worst.peak <= gpu.memory_bytes and host.per_node <= gpu.host_memory_per_node_bytes
-    max_mb = largest_micro_batch(model, gpu, train, overheads) if search_micro_batch else 0
+    limits = memory_limits(gpu, worst.peak, host.per_node)
+    max_mb = largest_micro_batch(model, gpu, train, overheads, gpus_per_node) if search_micro_batch else 0
     return MemoryEstimate(
         model=ModelSummary(name=model.name, num_params=total_params(model)),
         gpu=gpu.name,
@@ -525,7 +551,9 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
         memory=RankMemory(**{k: getattr(worst, k) for k in RankMemory.model_fields}),
         stages=stages,
         host=host,
-        fits=fits,
+        limits=limits,
+        fits=all(limit.fits for limit in limits),
+        does_not_fit=[limit.name for limit in limits if not limit.fits],
         headroom_bytes=gpu.memory_bytes - worst.peak,
         max_micro_batch=max_mb,
         overheads=overheads,
@@ -545,20 +573,24 @@ def screen_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads) ->
 
 
 def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, overheads: Overheads,
-                        limit: int = 4096) -> int:
-    """Largest micro-batch whose peak fits (0 if not even 1 fits), at the same accumulation.
+                        gpus_per_node: int | None = None, limit: int = 4096) -> int:
+    """Largest micro-batch that fits every limit (0 if not even 1 fits), at the same accumulation.
 
-    Every phase total is linear in the micro-batch and the peak is their maximum, a convex
-    function: extrapolating from micro-batches 1 and 2 bounds the answer from above, and a
-    bisection below that bound finds it with a few evaluations."""
+    Offloaded state in host memory does not grow with the micro-batch: if it does not fit the
+    node, no micro-batch does. Every phase total on the GPU is linear in the micro-batch and
+    the peak is their maximum, a convex function: extrapolating from micro-batches 1 and 2
+    bounds the answer from above, and a bisection below that bound finds it with a few
+    evaluations."""
 
     def peak(mb: int) -> int:
         trial = train.model_copy(update={"micro_batch": mb, "global_batch": mb * train.dp * train.grad_accum})
         return peak_bytes(model, trial, overheads)
 
     budget = gpu.memory_bytes
-    p1 = peak(1)
-    if p1 > budget:
+    p1, host_per_rank = screen_memory(model, train.model_copy(update={
+        "micro_batch": 1, "global_batch": train.dp * train.grad_accum}), overheads)
+    per_node = min(gpus_per_node or gpu.gpus_per_node, train.gpus)
+    if p1 > budget or not all(lim.fits for lim in memory_limits(gpu, p1, host_per_rank * per_node)):
         return 0
     slope = peak(2) - p1
     hi = limit if slope <= 0 else min(limit, 1 + (budget - p1) // slope)

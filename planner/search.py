@@ -17,7 +17,7 @@ from planner.calibration import Calibration, default_calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.errors import ConfigError, LayoutError, TrainplanError
 from planner.estimate import Estimate, estimate
-from planner.memory import ModelSummary, screen_memory
+from planner.memory import ModelSummary, memory_limits, screen_memory
 from planner.params import total_params
 from planner.step_time import Throughput, estimate_step
 
@@ -232,7 +232,7 @@ def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Cal
     for train in configs:
         peak, host_per_rank = screen_memory(model, train, cal.overheads)
         host = host_per_rank * min(gpus_per_node, train.gpus)
-        fits = peak <= gpu.memory_bytes and host <= gpu.host_memory_per_node_bytes
+        fits = all(limit.fits for limit in memory_limits(gpu, peak, host))
         screened.append(_Screened(train, peak, host, fits,
                                   estimate_step(model, gpu, train, cal, gpus_per_node, check=False)))
     return screened
@@ -286,7 +286,7 @@ def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Cali
         gpu_memory_bytes=gpu.memory_bytes,
         gpus=space.gpus,
         gpus_per_node=space.gpus_per_node,
-        calibration=cal.id,
+        calibration=cal.label,
         sort=sort,
         num_candidates=len(screened),
         num_fitting=len(fitting),

@@ -22,6 +22,9 @@ from planner.errors import TrainplanError
 
 
 class RunFailedError(TrainplanError):
+    kind = "run_failed"
+    user_mistake = False
+
     def __init__(self, message: str, rank: int | None = None, oom: bool = False):
         self.rank, self.oom = rank, oom
         super().__init__(message)

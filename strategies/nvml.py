@@ -12,7 +12,8 @@ from planner.errors import TrainplanError
 
 
 class NvmlUnavailable(TrainplanError):
-    pass
+    kind = "no_gpu"
+    user_mistake = False
 
 
 @contextmanager

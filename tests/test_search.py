@@ -86,7 +86,7 @@ def test_nothing_fits_shows_closest_and_what_to_change():
 def test_global_batch_not_divisible_is_a_clear_error():
     cli = CliRunner().invoke(plan_command, ["--model", "7b", "--gpus", "8", "--strategy", "zero2", "--tp", "1",
                                             "--pp", "1", "--global-batch", "12"])
-    assert cli.exit_code == 1
+    assert cli.exit_code == 2
     assert "global batch 12 is not divisible" in cli.stderr
 
 

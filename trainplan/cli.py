@@ -1,14 +1,13 @@
 """Command line: ``plan`` and ``trainplan {plan, presets, ...}``.
 
-User mistakes become one line on stderr and a non-zero exit (2 for usage errors, 1 for the
-rest), never a traceback. Heavy imports (torch) happen only inside the commands that run
+User mistakes become one line on stderr and exit 2; a layout that does not fit or a run that
+fails exits 1 (``_OneLineErrors``); never a traceback. Heavy imports (torch) happen only inside the commands that run
 things; ``plan`` never imports torch.
 """
 
 from __future__ import annotations
 
 import sys
-from functools import wraps
 
 import click
 from pydantic import ValidationError
@@ -16,9 +15,16 @@ from pydantic import ValidationError
 from planner.errors import TrainplanError
 
 
-def _error(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+class Failure(click.ClickException):
+    """The input was fine and the answer is no (it does not fit, the run failed): exit 1.
+    ``result_printed``: the result object is already on stdout (so ``--json`` prints no error
+    object after it: stdout holds exactly one JSON object)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, kind: str, result_printed: bool = False):
+        super().__init__(message)
+        self.kind, self.result_printed = kind, result_printed
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -27,35 +33,60 @@ def _validation_message(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}" if where else first["msg"]
 
 
+def _classify(exc: BaseException) -> tuple[str, str, int]:
+    """(message, kind, exit code): 2 for a user's mistake, 1 for a verdict or a failed run."""
+    if isinstance(exc, Failure):
+        return exc.format_message(), exc.kind, 1
+    if isinstance(exc, click.UsageError):
+        return exc.format_message(), "usage", 2
+    if isinstance(exc, click.ClickException):
+        return exc.format_message(), "usage", exc.exit_code
+    if isinstance(exc, TrainplanError):
+        return str(exc), exc.kind, 2 if exc.user_mistake else 1
+    if isinstance(exc, ValidationError):
+        return _validation_message(exc), "config", 2
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"internal error ({type(exc).__name__}: {first}); set TRAINPLAN_TRACEBACK=1 for the traceback",
+            "internal", 1)
+
+
 class _OneLineErrors:
-    """Mixin: run click in non-standalone mode and print every failure as one line."""
+    """Mixin: run click in non-standalone mode and print every failure as one line on stderr
+    (``error: ...``); with ``--json`` also as ``{"error": {"message", "kind"}}`` on stdout,
+    which then always holds exactly one JSON object. Exit codes: 0 it fits / it ran, 1 it
+    does not fit / the run failed, 2 a usage error."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        json_mode = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
         try:
             result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.UsageError as exc:
-            _error(exc.format_message(), 2)
-        except click.ClickException as exc:
-            _error(exc.format_message(), exc.exit_code)
         except click.Abort:
-            _error("aborted", 1)
-        except TrainplanError as exc:
-            _error(str(exc), 1)
-        except ValidationError as exc:
-            _error(_validation_message(exc), 1)
+            self._fail("aborted", "aborted", 1, json_mode)
         except BrokenPipeError:
             sys.exit(1)
-        except Exception as exc:  # a bug, not a user mistake: still one line, traceback on request
+        except Exception as exc:  # noqa: BLE001 -- every failure is one line; a bug's traceback on request
             import os
 
-            if os.environ.get("TRAINPLAN_TRACEBACK"):
+            if os.environ.get("TRAINPLAN_TRACEBACK") and not isinstance(
+                    exc, (click.ClickException, TrainplanError, ValidationError)):
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            _error(f"internal error ({type(exc).__name__}: {first}); set TRAINPLAN_TRACEBACK=1 for the traceback", 1)
+            message, kind, code = _classify(exc)
+            printed = isinstance(exc, Failure) and exc.result_printed
+            self._fail(message, kind, code, json_mode and not printed)
         sys.exit(result if isinstance(result, int) else 0)
+
+    @staticmethod
+    def _fail(message: str, kind: str, code: int, json_mode: bool) -> None:
+        if json_mode:
+            import json
+
+            click.echo(json.dumps({"error": {"message": message, "kind": kind}}))
+        click.echo(f"error: {message}", err=True)
+        sys.exit(code)
 
 
 class Command(_OneLineErrors, click.Command):
@@ -64,21 +95,6 @@ class Command(_OneLineErrors, click.Command):
 
 class Group(_OneLineErrors, click.Group):
     command_class = Command
-
-
-def user_errors(fn):
-    """Library errors raised inside a command become ClickExceptions (exit 1, one line)."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TrainplanError as exc:
-            raise click.ClickException(str(exc)) from None
-        except ValidationError as exc:
-            raise click.ClickException(_validation_message(exc)) from None
-
-    return wrapper
 
 
 def _console():
@@ -171,7 +187,7 @@ def resolve_gpus(gpus, nodes, gpus_per_node, gpu_spec) -> tuple[int, int]:
 def resolve_calibration(path, gpu, cuda_context_mib=None, communicator_mib=None, fragmentation=None):
     from planner.calibration import calibration_for_gpu, load_calibration
 
-    cal = load_calibration(path) if path else calibration_for_gpu(gpu.name)
+    cal = load_calibration(path) if path else calibration_for_gpu(gpu)
     update = {}
     if cuda_context_mib is not None:
         update["cuda_context_bytes"] = int(cuda_context_mib * 2**20)
@@ -242,7 +258,6 @@ def build_space(options: dict):
               help="ranked layouts to show (0: all that fit)")
 @click.option("--sort", type=click.Choice(["throughput", "memory", "mfu"]), default="throughput", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@user_errors
 def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmentation, top, sort, as_json,
                  **options):
     """Predict per-GPU memory and throughput for every layout the flags leave open, and
@@ -265,6 +280,10 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
             from trainplan.report import render_estimate
 
             render_estimate(result, console)
+        if not result.fits:
+            short = "; ".join(f"{limit.name} needs {limit.needed_bytes / 2**30:,.2f} GiB of "
+                              f"{limit.available_bytes / 2**30:,.2f} GiB" for limit in result.limits if not limit.fits)
+            raise Failure(f"does not fit: {short}", "does_not_fit", result_printed=True)
         return
     plan_result = search(model, gpu, space, cal, top=top, sort=sort)
     if as_json:
@@ -274,7 +293,8 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
 
         render_plan(plan_result, console)
     if plan_result.recommended is None:
-        raise click.ClickException(f"nothing fits: {plan_result.reason}; try {'; '.join(plan_result.advice)}")
+        raise Failure(f"nothing fits: {plan_result.reason}; try {'; '.join(plan_result.advice)}", "does_not_fit",
+                      result_printed=True)
 
 
 # ---------------------------------------------------------------- run
@@ -349,7 +369,6 @@ def build_run_config(options: dict, run: dict):
 @plan_options
 @run_options
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@user_errors
 def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, fail_step, as_json, **options):
     """Run a layout for a few steps on PyTorch's own engines and report loss, step time and
     tokens/s. NCCL on GPUs, gloo on CPU; one process per rank (torchrun-compatible)."""
@@ -377,24 +396,20 @@ def write_atomic(path: str, text: str) -> None:
     try:
         write(path, text)
     except OSError as exc:
-        raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise Failure(f"cannot write {path}: {exc.strerror or exc}", "io") from None
 
 
 def _device_gpu(gpu_name_option: str):
     """The GPU preset: the detected GPU's, when one matches, else the --gpu preset; and
     whether this machine runs on CPU."""
-    from planner.catalog import gpu_ids, load_gpu
+    from planner.catalog import gpu_preset_for_device, load_gpu
     from strategies.nvml import NvmlUnavailable, device_info
 
     try:
         name = device_info(0)["name"]
     except NvmlUnavailable:
         return load_gpu(gpu_name_option), True
-    for preset_id in gpu_ids():
-        spec = load_gpu(preset_id)
-        if spec.name == name:
-            return spec, False
-    return load_gpu(gpu_name_option), False
+    return load_gpu(gpu_preset_for_device(name) or gpu_name_option), False
 
 
 @click.command("profile", cls=Command)
@@ -409,7 +424,6 @@ def _device_gpu(gpu_name_option: str):
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the report as JSON (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--fail-kind", type=click.Choice(["error", "oom"]), default="error", hidden=True)
-@user_errors
 def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, fail_step, calibration_path,
                     cuda_context_mib, communicator_mib, fragmentation, simulate_world, recommend, top_k, out, as_json,
                     fail_kind, **options):
@@ -436,7 +450,8 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
                             fail_step=fail_step, fail_kind=fail_kind)
     _emit_report(report, out, as_json)
     if report.status != "ok":
-        raise click.ClickException(report.message)
+        raise Failure(report.message, "out_of_memory" if report.status == "oom" else "run_failed",
+                      result_printed=True)
 
 
 def _emit_report(report, out, as_json) -> None:
@@ -466,14 +481,15 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
     result = search(model, gpu, space, cal, top=0)
     runnable = [c for c in result.candidates if _runnable(c.train)][:top_k]
     if not runnable:
-        raise click.ClickException("no planned candidate can be run here (see `trainplan plan`)")
+        raise click.UsageError("no planned candidate can be run here (see `trainplan plan`)")
     reports = [profile_layout(load_model(options["model_name"]), gpu, c.train, cal, steps=run["steps"],
                               timeout_s=timeout, on_cpu=on_cpu, data=run["data"], seed=run["seed"])
                for c in runnable]
     report = RecommendReport.from_reports(reports)
     _emit_report(report, out, as_json)
     if report.recommended is None:
-        raise click.ClickException("none of the measured candidates ran without running out of memory")
+        raise Failure("none of the measured candidates ran without running out of memory", "out_of_memory",
+                      result_printed=True)
 
 
 def _runnable(train) -> bool:
@@ -487,7 +503,6 @@ def _runnable(train) -> bool:
 @click.command("compare", cls=Command)
 @click.argument("report_path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@user_errors
 def compare_command(report_path, as_json):
     """Re-render a saved profile report (trainplan profile --out FILE)."""
     from pathlib import Path
@@ -499,7 +514,7 @@ def compare_command(report_path, as_json):
     try:
         text = Path(report_path).read_text()
     except OSError as exc:
-        raise click.ClickException(f"cannot read {report_path}: {exc.strerror or exc}") from None
+        raise click.UsageError(f"cannot read {report_path}: {exc.strerror or exc}") from None
     for cls in (ProfileReport, RecommendReport):
         try:
             report = cls.model_validate_json(text)
@@ -507,7 +522,7 @@ def compare_command(report_path, as_json):
         except PydanticValidationError:
             continue
     else:
-        raise click.ClickException(f"{report_path} is not a trainplan profile report")
+        raise click.UsageError(f"{report_path} is not a trainplan profile report")
     if as_json:
         click.echo(report.model_dump_json(indent=2))
         return
@@ -530,21 +545,20 @@ def compare_command(report_path, as_json):
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="where to write the calibration [default: calibration/<gpu>.json]")
 @click.option("--json", "as_json", is_flag=True, help="print the calibration as JSON")
-@user_errors
 def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, as_json):
     """Measure this GPU (CUDA context, NCCL communicator, allocator fragmentation, compute and
     optimizer efficiency) and write the planner's constants as a calibration file."""
     import time
     from pathlib import Path
 
-    from planner.catalog import gpu_ids, load_gpu, load_model
+    from planner.catalog import gpu_preset_for_device, load_gpu, load_model
     from profiler.calibrate import calibration_from, measure
     from strategies.nvml import device_info
 
     name = device_info(0)["name"]
-    preset = next((p for p in gpu_ids() if load_gpu(p).name == name), None)
+    preset = gpu_preset_for_device(name)
     if preset is None:
-        raise click.ClickException(f"no GPU preset is named {name!r}; add one under presets/gpus first")
+        raise Failure(f"no GPU preset is named {name!r}; add one under presets/gpus first", "unknown_gpu")
     measured = measure(load_model(model_name), load_gpu(preset), seq_len, micro_batch, steps, precision)
     measured["date"] = time.strftime("%Y-%m-%d")
     cal = calibration_from(measured, load_gpu(preset), preset)
@@ -566,7 +580,6 @@ def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, a
 
 @click.command("presets", cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="print the presets as JSON")
-@user_errors
 def presets_command(as_json):
     """List the model and GPU presets (names, aliases, sizes, sources)."""
     import json

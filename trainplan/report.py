@@ -31,8 +31,37 @@ def params_text(n: int) -> str:
     return str(n)
 
 
-def _fit(fits: bool) -> Text:
-    return Text("fits", style="bold green") if fits else Text("OOM", style="bold red")
+_SHORT_LIMIT = {"GPU memory": "OOM", "host memory per node": "host OOM"}
+
+
+def _fit(est: Estimate) -> Text:
+    """'fits', or which limit fails: 'OOM' (GPU memory), 'host OOM', or both."""
+    if est.fits:
+        return Text("fits", style="bold green")
+    return Text(" + ".join(_SHORT_LIMIT.get(name, name) for name in est.does_not_fit), style="bold red")
+
+
+def verdict(est: Estimate) -> Text:
+    """One sentence per limit: what the layout needs of it, what there is, and whether it fits."""
+    parts: list = []
+    for limit in est.limits:
+        if parts:
+            parts.append("; ")
+        needed, available = limit.needed_bytes, limit.available_bytes
+        if limit.name == "GPU memory":
+            worst = max(est.stages, key=lambda stage: stage.peak).stage
+            where = f" at {est.memory.peak_phase}" + (f" (stage {worst})" if est.train.pp > 1 else "")
+            parts += ["peak ", (f"{gib(needed)} GiB", "bold"), f"{where} of {gib(available)} GiB GPU memory: "]
+        else:
+            parts += [f"{limit.name} {gib(needed)} GiB of {gib(available)} GiB: "]
+        parts.append(("fits", "bold green") if limit.fits else ("does not fit", "bold red"))
+        if limit.name == "GPU memory":
+            parts.append(f", headroom {gib(available - needed)} GiB")
+    mb = f"; largest micro-batch that fits: {est.max_micro_batch}"
+    if "host memory per node" in est.does_not_fit:
+        mb += " (offloaded state does not shrink with the micro-batch: fewer GPUs per node, or more host memory)"
+    parts.append(mb)
+    return Text.assemble(*parts)
 
 
 def _short_layout(est: Estimate) -> str:
@@ -52,7 +81,7 @@ def _memory_table() -> Table:
     table.add_column("peak\nGiB", justify="right", style="bold")
     table.add_column("at")
     table.add_column("host\nGiB", justify="right")
-    table.add_column("fit")
+    table.add_column("fit", no_wrap=True)
     return table
 
 
@@ -65,7 +94,7 @@ def _memory_cells(est: Estimate) -> list:
         gib(mem.peak, 1),
         PHASE_SHORT[mem.peak_phase],
         gib(est.host.per_rank, 1) if est.host.per_rank else "-",
-        _fit(est.fits),
+        _fit(est),
     ]
 
 
@@ -153,14 +182,7 @@ def render_estimate(est: Estimate, console: Console) -> None:
         if stage.temporaries_detail:
             parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in stage.temporaries_detail.items())
             console.print(f"  [dim]temporaries at the peak ({stage.peak_phase}): {parts} GiB[/]")
-    mem = est.memory
-    worst = max(est.stages, key=lambda s: s.peak)
-    console.print(Text.assemble(
-        "peak ", (f"{gib(mem.peak)} GiB", "bold"), f" at {mem.peak_phase}",
-        f" (stage {worst.stage})" if t.pp > 1 else "",
-        f" of {gib(est.gpu_memory_bytes)} GiB: ", _fit(est.fits),
-        f", headroom {gib(est.headroom_bytes)} GiB; largest micro-batch that fits: {est.max_micro_batch}",
-    ))
+    console.print(verdict(est))
     if est.host.per_rank:
         h = est.host
         console.print(
