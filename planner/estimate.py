@@ -20,4 +20,4 @@ def estimate(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Ca
     cal = calibration or default_calibration()
     memory = estimate_memory(model, gpu, train, cal.overheads, search_micro_batch, gpus_per_node)
     throughput = estimate_step(model, gpu, train, cal, gpus_per_node, check=False)
-    return Estimate(**dict(memory), throughput=throughput, calibration=cal.id)
+    return Estimate(**dict(memory), throughput=throughput, calibration=cal.label)

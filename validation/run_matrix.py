@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from planner.calibration import calibration_for_gpu, default_calibration
-from planner.catalog import gpu_ids, load_gpu, load_model
+from planner.catalog import gpu_preset_for_device, load_gpu, load_model
 from planner.configs import TrainConfig
 from profiler.run import environment, profile_layout
+from strategies.files import write_atomic
 
 CPU_CASES = [
     # (label, model, simulate_world, TrainConfig fields)
@@ -33,6 +35,15 @@ CPU_CASES = [
     ("ZeRO-2 dp4xtp2+SP, 8 simulated", "tiny-llama", 8, dict(gpus=8, tp=2, zero_stage=2, sequence_parallel=True)),
     ("7B ZeRO-3, 8 simulated", "llama-2-7b", 8, dict(gpus=8, zero_stage=3, seq_len=1024, micro_batch=1,
                                                       precision="bf16-mixed")),
+    # Layouts found wrong by unseen runs (issue 9), at full scale under FakeTensorMode:
+    ("8B ZeRO-3 amp-bf16, seq 8192 x 2, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=2, precision="amp-bf16")),
+    ("8B ZeRO-3 amp-bf16, full AC, seq 8192 x 2, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=2, precision="amp-bf16", activation_checkpointing="full")),
+    ("13B ZeRO-3, full AC, 16 simulated", "llama-2-13b", 16,
+     dict(gpus=16, zero_stage=3, seq_len=4096, micro_batch=1, precision="bf16-mixed", activation_checkpointing="full")),
+    ("7B ZeRO-1 fp16-mixed, 8 simulated", "llama-2-7b", 8,
+     dict(gpus=8, zero_stage=1, seq_len=4096, micro_batch=1, precision="fp16-mixed")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
@@ -60,8 +71,13 @@ GPU_DEFAULTS = dict(seq_len=4096, micro_batch=1, precision="bf16-mixed")
 
 
 def main() -> None:
+    """``run_matrix.py KIND OUT [INDICES]``: with INDICES (comma-separated case numbers), only
+    those cases run, and OUT keeps its other cases (each report carries its own environment)."""
     kind, out = sys.argv[1], sys.argv[2]
     only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
+    kept = {}
+    if only and Path(out).exists():
+        kept = {case["label"]: case for case in json.loads(Path(out).read_text())["cases"]}
     on_cpu = kind == "cpu"
     cases, defaults = (CPU_CASES, CPU_DEFAULTS) if on_cpu else (GPU_CASES, GPU_DEFAULTS)
     gpu = load_gpu("h100-sxm-80gb")
@@ -69,9 +85,8 @@ def main() -> None:
         from strategies.nvml import device_info
 
         name = device_info(0)["name"]
-        gpu = next((load_gpu(g) for g in gpu_ids() if load_gpu(g).name == name), gpu)
-    calibration = default_calibration() if on_cpu else calibration_for_gpu(gpu.name)
-    reports = []
+        gpu = load_gpu(gpu_preset_for_device(name) or "h100-sxm-80gb")
+    calibration = default_calibration() if on_cpu else calibration_for_gpu(gpu)
     for i, (label, model, simulate, fields) in enumerate(cases):
         if only and str(i) not in only:
             continue
@@ -88,13 +103,14 @@ def main() -> None:
         except Exception as exc:  # keep going: one failed case must not lose the others
             entry = {"label": label, "error": f"{type(exc).__name__}: {exc}"}
         entry["seconds"] = round(time.time() - start, 1)
-        reports.append(entry)
         print(f"{label}: {entry.get('error') or entry['report']['status']} ({entry['seconds']} s)", flush=True)
+        kept[label] = entry
         from importlib.metadata import version
 
-        with open(out, "w") as f:
-            json.dump({"kind": kind, "environment": environment() | {"torch": version("torch")},
-                       "calibration": calibration.id, "cases": reports}, f, indent=1)
+        order = [label for label, *_ in cases]
+        cases_out = sorted(kept.values(), key=lambda c: order.index(c["label"]) if c["label"] in order else len(order))
+        write_atomic(out, json.dumps({"kind": kind, "environment": environment() | {"torch": version("torch")},
+                                      "calibration": calibration.id, "cases": cases_out}, indent=1))
 
 
 if __name__ == "__main__":
