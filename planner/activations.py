@@ -234,6 +234,20 @@ def head_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> dict[
     return terms
 
 
+def rope_table_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+    """The reference model keeps RoPE's cos and sin tables in fp32 for every position it
+    supports ([positions, 1, head_dim], ``strategies/model.py``) and casts them to the compute
+    dtype once per forward; q * cos then saves the cast tables. Nothing is cast (or saved
+    beyond the buffers) when the compute dtype is fp32."""
+    if model.position_embedding != "rope":
+        return 0
+    x = _dims(model, train)
+    if x.ab == FP32:
+        return 0
+    positions = max(model.max_position_embeddings, train.seq_len)
+    return 2 * positions * model.head_dim * x.ab
+
+
 def pipeline_output_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, last_stage: bool) -> int:
     """What torch.distributed.pipelining keeps per in-flight micro-batch beyond the saved
     tensors: the stage's output, held for that micro-batch's backward -- the hidden state on
@@ -286,6 +300,31 @@ def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationIn
     else:
         attention = 2 * x.ab * x.heads * x.s * x.s * x.b
     return residual + max(mlp, attention)
+
+
+def layer_forward_working(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+    """With full recompute a layer saves only its input, yet its forward still builds every
+    intermediate tensor and frees each once the next op has used it. The most alive at once
+    (traced op by op on the reference block, FSDPMemTracker, torch 2.13): the MLP's product,
+    with the block's residual sum, the normalised MLP input and the product's operands alive --
+    two hidden-sized tensors and three ffn-sized ones for gated MLPs (gate's activation, up,
+    their product), two for GELU (fc1's output and its activation)."""
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    ffn_tensors = 2 if model.mlp == "gelu" else 3
+    return 2 * x.ab * tokens * x.h // x.seq_div + ffn_tensors * x.ab * tokens * x.ffn
+
+
+def layer_backward_end_workspace(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+    """What the last op of a layer's backward -- its first norm's backward -- holds beside the
+    layer's weight gradients (traced op by op on the reference block, FSDPMemTracker, torch
+    2.13): the fused RMSNorm's backward works in fp32 on five hidden-sized tensors (the input,
+    the incoming gradient, the normalised input, the gradient times the weight, their
+    difference; ``strategies/kernels/norm.py``), and the residual stream's incoming and
+    outgoing gradients are alive in the compute dtype."""
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    return (5 * FP32 + 2 * x.ab) * tokens * x.h // x.seq_div
 
 
 def inflight(train: TrainConfig, stage: int) -> tuple[float, int, int]:

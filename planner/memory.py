@@ -202,6 +202,8 @@ class _StageParams:
     largest_tensor_sharded: int
     largest_unit: int  # largest FSDP unit (unsharded, local to tp)
     largest_pair: int  # largest two consecutive units (current + prefetched)
+    largest_unshard: int  # largest unit twice (all-gather buffer + unsharded copy) plus the unit before it
+    last_two_units: int  # the head and the last layer: the first units whose gradients are reduced
     first_unit: int  # the unit still gathered at the end of backward
     last_unit: int  # the unit that runs just before the loss (the head, on the last stage)
     last_to_differentiate: int  # units whose gradients are still being written then
@@ -228,6 +230,10 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
         optimizer_share = sharded
     unit_sizes = [sum(prod(s) for s in local_tensor_shapes((u,), tp, engine.vocab_multiple)) for u in stage.units]
     pairs = [a + b for a, b in zip(unit_sizes, unit_sizes[1:])] or unit_sizes
+    # FSDP2 unshards a unit into an all-gather buffer and copies it out to the unsharded
+    # parameters before the previous unit's all-gather buffer is released (measured with
+    # FSDPMemTracker, torch 2.13: three layers' worth at each layer's pre-forward).
+    unshards = [2 * unit_sizes[0]] + [a + 2 * b for a, b in zip(unit_sizes, unit_sizes[1:])]
     matmul = sum(
         prod(t.local_shape(tp, engine.vocab_multiple if t.name in ("embed.weight", "head.weight") else 1))
         for u in stage.units
@@ -248,6 +254,8 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
         largest_tensor_sharded=max(ceil(s[0] / dp) * prod(s[1:]) for s in shapes),
         largest_unit=max(unit_sizes),
         largest_pair=max(pairs),
+        largest_unshard=max(unshards),
+        last_two_units=sum(unit_sizes[-2:]),
         first_unit=unit_sizes[0],
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
@@ -274,6 +282,10 @@ class _ActSums:
     loss_forward: int
     loss_backward: int
     workspace: int
+    layer_forward_working: int
+    layer_backward_end: int
+    layer_input: int
+    rope_tables: int
     pipeline_output_inner: int
     pipeline_output_last: int
     pipeline_recv_buffer: int
@@ -293,6 +305,10 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         loss_forward=loss_forward,
         loss_backward=loss_backward,
         workspace=act.layer_backward_workspace(model, train),
+        layer_forward_working=act.layer_forward_working(model, train),
+        layer_backward_end=act.layer_backward_end_workspace(model, train),
+        layer_input=act.layer_bytes(model, train, "decoder", "full"),
+        rope_tables=act.rope_table_bytes(model, train),
         pipeline_output_inner=act.pipeline_output_bytes(model, train, last_stage=False),
         pipeline_output_last=act.pipeline_output_bytes(model, train, last_stage=True),
         pipeline_recv_buffer=act.pipeline_recv_buffer_bytes(model, train),
@@ -371,8 +387,11 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # torch.autocast casts each linear weight to bf16 per forward, and linear saves the cast.
     autocast_mb = 2 * sp.matmul_weights if train.precision == "amp-bf16" and zero <= 1 else 0
     layers_mb += layers_mb_output
-    activations = int(layer_factor * (layers_mb + autocast_mb)) + embed_count * embed_mb + head_count * head_mb
     has_layers = sp.encoder_layers + sp.decoder_layers > 0
+    # one cast of the RoPE tables per forward of the stage (per model chunk, interleaved)
+    rope_mb = sums.rope_tables if has_layers else 0
+    activations = (int(layer_factor * (layers_mb + autocast_mb)) + round(layer_factor * train.chunks) * rope_mb
+                   + embed_count * embed_mb + head_count * head_mb)
     first_kind_is_encoder = sp.encoder_layers > 0
     one_layer = (sums.encoder_layer if first_kind_is_encoder else sums.decoder_layer) if has_layers else 0
     recompute_set = 0
@@ -381,6 +400,9 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     # --- temporaries
     gather = recipe.gather_bytes
+    # FSDP2 ZeRO-3 without a pipeline: units are all-gathered and reduce-scattered one at a
+    # time, each with its own buffers (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)
+    fsdp_units = fsdp and zero >= 3 and train.pp == 1
     if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch"):
         # current + prefetched unit while layers run; at the loss only the unit that ran last
         # (the head) is still gathered -- FSDP2 frees it in its backward
@@ -413,10 +435,19 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         directions = sum((i != 0) + (i != last_chunk) for i in chunk_indices)
         recv_buffers = directions * train.num_microbatches * sums.pipeline_recv_buffer
 
-    # Two moments of the forward pass: the loss (all activations, the fp32 logits) and the last
-    # layer (the head's activations not yet written, the gathered units).
+    # Moments of the forward pass: the loss (all activations, the fp32 logits) and the last
+    # layer (the head's activations not yet written, the gathered units). Under FSDP2 ZeRO-3
+    # the last layer has two: its unshard (its input saved, three units' worth of parameters)
+    # and, with full recompute, the peak of its own forward, whose intermediate tensors live
+    # until the layer returns although none is saved.
+    last_layer_forward = [(activations - head_mb, gathered_fwd, 0)]
+    if fsdp_units:
+        unshard_acts = activations - head_mb - one_layer + (sums.layer_input if has_layers else 0)
+        last_layer_forward = [(unshard_acts, sp.largest_unshard * gather, 0)]
+        if train.activation_checkpointing == "full" and has_layers:
+            last_layer_forward.append((activations - head_mb + sums.layer_forward_working, gathered_fwd, 0))
     forward_moments: list[tuple[_Mem, dict[str, int]]] = []
-    for acts, gathered, loss in ((activations, gathered_at_loss, loss_fwd), (activations - head_mb, gathered_fwd, 0)):
+    for acts, gathered, loss in ((activations, gathered_at_loss, loss_fwd), *last_layer_forward):
         tmp: dict[str, int] = {}
         _add(tmp, "gathered_params", gathered)
         _add(tmp, "loss_logits_fp32", loss)
@@ -439,12 +470,40 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         grads_before_first_layer = grads_at_end
     else:
         grads_before_first_layer = grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
-    end_acts = activations - layers_mb - autocast_mb - embed_mb - head_mb + one_layer
-    for acts, grads, gathered, work, reduce, recompute in (
+    end_acts = activations - layers_mb - autocast_mb - embed_mb - head_mb - rope_mb + one_layer
+    layer_moments = [
         (activations - head_mb, grads_in_forward, gathered_fwd, workspace, 0, recompute_set),
         (activations - head_mb - one_layer, grads_in_forward, gathered_fwd, 0, grad_reduce, 0),
         (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, recompute_set),
-    ):
+    ]
+    if fsdp_units:
+        # Measured with FSDPMemTracker (torch 2.13, llama-2-13b ZeRO-3 on 16, full recompute):
+        # while a layer's backward runs, the previous unit's reduce-scatter input waits (one
+        # unit in the reduce dtype) beside this unit's all-gather buffer and unsharded copy; at
+        # the layer's post-backward its parameters are resharded, and its unsharded gradients
+        # and their reduce-scatter input sit beside the next unit's prefetched all-gather.
+        # A layer's backward has two peaks: in its middle (its saved or recomputed activations
+        # and the activation gradients) and at its end, its first norm's backward (the layer's
+        # activations freed but for the norm's input; all its weight gradients unsharded).
+        pending = sp.largest_unit * recipe.reduce_bytes
+        unit_grads = sp.largest_unit * gather
+        end_work = sums.layer_backward_end if has_layers else 0
+        input_only = (sums.layer_input if has_layers else 0) - one_layer
+        grads_after_last_layer = grads_in_forward if grads_persist or not sp.local else (
+            grads_in_forward + grads_at_end * min(sp.last_two_units, sp.local) // sp.local)
+        layer_moments = [
+            (activations - head_mb, grads_in_forward, gathered_fwd, workspace, 0, recompute_set),
+            (activations - head_mb - one_layer, grads_in_forward, sp.largest_unit * gather, 0, grad_reduce, 0),
+            (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, recompute_set),
+            (end_acts + input_only, grads_before_first_layer, gathered_bwd_end, end_work, pending + unit_grads, 0),
+        ]
+        if sp.encoder_layers + sp.decoder_layers >= 2:
+            second = activations - head_mb - one_layer
+            layer_moments += [
+                (second, grads_after_last_layer, gathered_fwd, workspace, pending, recompute_set),
+                (second + input_only, grads_after_last_layer, gathered_fwd, end_work, pending + unit_grads, 0),
+            ]
+    for acts, grads, gathered, work, reduce, recompute in layer_moments:
         tmp = {}
         _add(tmp, "gathered_params", gathered)
         _add(tmp, "activation_gradients", work)

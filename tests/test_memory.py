@@ -151,3 +151,29 @@ def test_json_round_trip():
     est = _est(zero_stage=2, pp=2, global_batch=16)
     again = MemoryEstimate.model_validate_json(est.model_dump_json())
     assert again == est
+
+
+def test_fsdp2_zero3_full_recompute_phases_as_measured():
+    """Issue 9, item 3. llama-2-13b, ZeRO-3 (FSDP2) over 16 GPUs, seq 4096, micro-batch 1,
+    bf16-mixed, full recompute; measured on CPU under FakeTensorMode with FSDPMemTracker
+    (validation/cpu.json, 2026-11-30): forward 14,971,928,364 B (at the last layer's unshard:
+    the previous layer's all-gather buffer is still held while this one's is copied out),
+    backward 16,254,348,984 B (in the second layer's backward: the first one's reduce-scatter
+    input waits), optimizer 16,269,831,856 B -- the peak. The planner used to say 15.60 GiB at
+    backward (two gathered units plus two units of reduction at the last layer)."""
+    measured = {"forward": 14_971_928_364, "backward": 16_254_348_984, "optimizer": 16_269_831_856}
+    est = _est(model=load_model("llama-2-13b"), gpus=16, zero_stage=3, seq_len=4096, micro_batch=1,
+               activation_checkpointing="full")
+    stage = est.stages[0]
+    for phase, value in measured.items():
+        assert stage.phases[phase].total == pytest.approx(value, rel=0.005), phase
+    assert stage.peak_phase == "optimizer"
+
+
+def test_fsdp2_zero3_layer_backward_end_holds_four_units():
+    """The same mechanism without recompute: llama-2-7b ZeRO-3 over 8, seq 1024 (validation/
+    cpu.json): a layer's backward ends in its first norm's backward with its weight gradients
+    unsharded beside its gathered parameters, the prefetched unit and the previous unit's
+    reduce-scatter input; measured backward 18,345,360,536 B."""
+    est = _est(gpus=8, zero_stage=3, seq_len=1024, micro_batch=1)
+    assert est.stages[0].phases["backward"].total == pytest.approx(18_345_360_536, rel=0.005)

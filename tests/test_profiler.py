@@ -150,7 +150,7 @@ def test_compare_rejects_other_files(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text('{"hello": 1}')
     result = CliRunner().invoke(main, ["compare", str(bad)])
-    assert result.exit_code == 1 and "is not a trainplan profile report" in result.stderr
+    assert result.exit_code == 2 and "is not a trainplan profile report" in result.stderr
 
 
 def test_track_api_on_a_users_loop():

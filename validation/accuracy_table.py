@@ -5,9 +5,11 @@
 
 Every stored report keeps what was *measured*; the prediction is recomputed here with the
 current planner (and the calibration the run used), so the table tracks the planner's code.
-Goals (issue: profiler): CPU -- params, grads and optimizer exact, activations within 5%;
-GPU -- peak error on ``torch.cuda.max_memory_allocated`` <= 3% median and <= 5% worst, step
-time within 10% after calibration.
+Goals: params, grads and optimizer exact and activations within 5% everywhere (issue 6, the
+profiler); on CPU the peak (allocated) within 2% for every layout but pipelines, which keep 5%
+(issue 9: the unseen layouts added then); on the GPU the peak error on
+``torch.cuda.max_memory_allocated`` <= 3% median and <= 5% worst (issue 6). Step time is
+reported, within 10% after calibration being the aim.
 """
 
 from __future__ import annotations
@@ -45,13 +47,23 @@ def repredict(report: ProfileReport, on_cpu: bool) -> ProfileReport:
                         report.num_params)
 
 
-def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]]]:
+PEAK_GOAL_CPU, PEAK_GOAL_CPU_PIPELINE = 2.0, 5.0
+
+
+def _dates(data: dict) -> str:
+    dates = sorted({case["report"]["environment"].get("date", "?") for case in data["cases"] if "report" in case})
+    return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+
+
+def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]], list[str]]:
+    """The markdown table, the errors per quantity, and the cases whose peak misses its goal."""
     data = json.loads(path.read_text())
     env = data["environment"]
     head = (f"{'CPU (gloo)' if on_cpu else env.get('gpu')} — torch {env.get('torch', '?')}"
-            + ("" if on_cpu else f", driver {env.get('driver')}") + f", measured {env.get('date')}")
+            + ("" if on_cpu else f", driver {env.get('driver')}") + f", measured {_dates(data)}")
     lines = [f"**{head}**", "", "| layout | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     errors: dict[str, list[float]] = {k: [] for k in KEYS}
+    missed: list[str] = []
     for case in data["cases"]:
         if "report" not in case:
             lines.append(f"| {case['label']} | failed: {case.get('error', '?')} |")
@@ -73,7 +85,11 @@ def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]]]:
             errors[key].append(row.error_pct)
             cells.append(f"{row.error_pct:+.1f}%" if row.measured != row.predicted else "exact")
         lines.append(f"| {case['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), errors
+        peak = rows.get("peak")
+        goal = PEAK_GOAL_CPU_PIPELINE if report.train["pp"] > 1 else PEAK_GOAL_CPU
+        if on_cpu and peak is not None and peak.error_pct is not None and abs(peak.error_pct) > goal:
+            missed.append(f"{case['label']}: peak {peak.error_pct:+.1f}% (goal {goal:.0f}%)")
+    return "\n".join(lines), errors, missed
 
 
 def main() -> int:
@@ -83,9 +99,10 @@ def main() -> int:
         path = HERE / name
         if not path.exists():
             continue
-        text, errors = table(path, on_cpu)
+        text, errors, missed = table(path, on_cpu)
         print(text)
         print()
+        failures += [f"{name}: {m}" for m in missed]
         for key in ("params", "grads", "optimizer"):
             if any(e != 0 for e in errors[key]):
                 failures.append(f"{name}: {key} not exact")
