@@ -49,6 +49,10 @@ class ThroughputConstants(BaseModel):
     inter_node_bandwidth_efficiency: float = Field(gt=0, le=1, description="NCCL bus bandwidth / network bandwidth")
     intra_node_latency_s: float = Field(ge=0, description="per ring step inside a node")
     inter_node_latency_s: float = Field(ge=0, description="per ring step across nodes")
+    collective_base_latency_s: float = Field(default=8.4e-6, ge=0, description="fixed cost of one collective "
+                                             "(NCCL's baseLat, Simple protocol)")
+    tree_bandwidth_efficiency: float = Field(default=0.74, gt=0, le=1, description="tree all-reduce bus bandwidth "
+                                             "/ ring bus bandwidth across nodes (NCCL's tree caps)")
     overlap_contention: float = Field(ge=0, le=1, description="fraction of overlapped communication time that "
                                                               "still slows compute (SMs and HBM shared)")
     host_link_efficiency: float = Field(gt=0, le=1, description="achieved / nominal PCIe bandwidth")
@@ -120,12 +124,32 @@ def load_calibration(path: str | Path) -> Calibration:
         raise ConfigFileError(f"{path} must hold a JSON object")
     base = default_calibration().model_dump()
     merged = {**base, **raw}
-    merged["throughput"] = {**base["throughput"], **raw.get("throughput", {})}
-    merged["throughput"]["compute_efficiency_by_gpu"] = {
-        **base["throughput"]["compute_efficiency_by_gpu"], **raw.get("throughput", {}).get("compute_efficiency_by_gpu", {})
-    }
+    merged["throughput"] = _throughput(base["throughput"], raw, str(path))
     merged["overheads"] = {**{k: v for k, v in base["overheads"].items() if k != "source"}, **raw.get("overheads", {})}
     return _parse(merged, str(path))
+
+
+def _throughput(defaults: dict, raw: dict, where: str) -> dict:
+    """The file's throughput constants over the defaults. A file that lists its
+    ``calibrated_constants`` (``trainplan calibrate`` writes them) contributes only those: the
+    rest are today's documented defaults, not the copies it was written with."""
+    given = raw.get("throughput", {})
+    if not isinstance(given, dict):
+        raise ConfigFileError(f"{where}: throughput must be a JSON object of constants")
+    measured = raw.get("calibrated_constants")
+    by_gpu = {name: dict(values) for name, values in defaults["compute_efficiency_by_gpu"].items()}
+    file_by_gpu = given.get("compute_efficiency_by_gpu", {})
+    if measured is None:
+        for name, values in file_by_gpu.items():
+            by_gpu[name] = {**by_gpu.get(name, {}), **values}
+        return {**defaults, **given, "compute_efficiency_by_gpu": by_gpu}
+    kept = {key: value for key, value in given.items() if key in measured}
+    for entry in measured:  # "compute_efficiency[<GPU name>][<dtype>]"
+        if entry.startswith("compute_efficiency[") and entry.count("][") == 1:
+            name, dtype = entry[len("compute_efficiency["):-1].split("][")
+            if dtype in file_by_gpu.get(name, {}):
+                by_gpu.setdefault(name, {})[dtype] = file_by_gpu[name][dtype]
+    return {**defaults, **kept, "compute_efficiency_by_gpu": by_gpu}
 
 
 def calibration_for_gpu(gpu: GPUSpec) -> Calibration:

@@ -1,19 +1,35 @@
-"""Communication time: ring collectives and point-to-point transfers.
+"""Communication time: collectives as NCCL runs them, and point-to-point transfers.
 
-Ring algorithms (Patarasuk & Yuan 2009; NCCL's default for large messages): with n ranks and
-an M-byte buffer, all-reduce moves 2(n-1)/n x M bytes through each rank's link, all-gather
-and reduce-scatter (n-1)/n x M (M the unsharded size), in 2(n-1) and (n-1) latency steps.
-Time = steps x latency + volume / (link bandwidth x efficiency), the efficiency being what
-NCCL's bus bandwidth reaches of the link (calibrated).
+NCCL predicts each collective's time with a latency-bandwidth model and picks the fastest
+algorithm (``ncclTopoTuneModel`` / ``ncclTopoGetAlgoTime`` in NVIDIA/nccl src/graph/tuning.cc,
+NCCL 2.30; ``topoGetAlgoInfo`` in src/enqueue.cc keeps the minimum). We follow its structure:
+
+- **Ring** (all-reduce, all-gather, reduce-scatter): n ranks on N nodes move 2(n-1)/n x M
+  (all-reduce) or (n-1)/n x M (all-gather, reduce-scatter; M the unsharded size) through the
+  ring at its bus bandwidth, in 2(n-1) or n-1 steps, of which 2(N-1) or N-1 cross the network:
+  latency = base + intra-node steps x NVLink step latency + network steps x network step
+  latency (tuning.cc: ``baseLat + (nsteps - nInterSteps) * intraLat + nInterSteps * interLat``).
+- **Tree** (all-reduce only; NCCL's double binary tree): latency grows with log2 of the
+  nodes, 2 x ((n/N - 1) x NVLink latency + log2(N) x network latency), and the bandwidth is
+  below the ring's (busBw x 0.92 and a per-channel cap, ~0.74 of the ring across more than two
+  nodes; algBw = busBw / 2) -- so NCCL takes the tree for small and medium messages across many
+  nodes and the ring for large ones.
+- **Rings per NIC**: across nodes NCCL builds one ring (channel) per NIC, each crossing the
+  network through a different NIC ("NCCL detects the 4 NICs correctly and creates 4 rings,
+  each using a different NIC", NVIDIA/nccl#601; PXN lets a GPU reach the node's other NICs over
+  NVLink). A group with k ranks on each node therefore drives k NICs: its ring's bus
+  bandwidth is min(NVLink bus bandwidth, k x NIC bandwidth) -- a DGX A100 node with 8 x 200 Gb/s
+  HDR measures 192 GB/s of all-reduce bus bandwidth across nodes (NVIDIA/nccl#812), not the
+  25 GB/s of one NIC.
 
 Ranks are placed tensor-parallel fastest, then data-parallel, then pipeline (Megatron-LM's
-default order), so a group stays inside a node when it fits: tp when tp <= GPUs per node, dp
-when tp x dp <= GPUs per node. A group that spans nodes runs at each GPU's network bandwidth.
+default order), so a group stays inside a node when it fits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import ceil, log2
 
 from planner.configs import GPUSpec, TrainConfig
 
@@ -24,61 +40,107 @@ class CommConstants:
     inter_node_efficiency: float
     intra_node_latency_s: float
     inter_node_latency_s: float
+    base_latency_s: float = 8.4e-6
+    tree_bandwidth_efficiency: float = 0.74
 
 
 @dataclass(frozen=True)
-class Link:
-    bandwidth_gb_s: float
-    latency_s: float
-    spans_nodes: bool
+class Group:
+    """A process group as NCCL runs its collectives: its size, the nodes it spans, its ring's
+    bus bandwidth and the latencies of one step inside a node and across nodes."""
+
+    ranks: int
+    nodes: int
+    bus_bandwidth_gb_s: float
+    intra_latency_s: float
+    inter_latency_s: float
+    base_latency_s: float
+    tree_bandwidth_efficiency: float
+    p2p_bandwidth_gb_s: float  # one GPU to another (a pipeline hop): one NVLink or one NIC
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.nodes > 1
 
 
-def _link(gpu: GPUSpec, spans_nodes: bool, constants: CommConstants) -> Link:
-    if spans_nodes:
-        return Link(gpu.inter_node_bandwidth_gb_s * constants.inter_node_efficiency, constants.inter_node_latency_s, True)
-    return Link(gpu.intra_node_bandwidth_gb_s * constants.intra_node_efficiency, constants.intra_node_latency_s, False)
+def group(gpu: GPUSpec, size: int, stride: int, gpus_per_node: int, constants: CommConstants) -> Group:
+    """The group of ``size`` ranks ``stride`` apart (tp: 1, dp: tp, pp: tp x dp)."""
+    per_node = 1 if stride >= gpus_per_node else max(1, min(size, gpus_per_node // stride))
+    nodes = ceil(size / per_node)
+    intra = gpu.intra_node_bandwidth_gb_s * constants.intra_node_efficiency
+    inter = gpu.inter_node_bandwidth_gb_s * constants.inter_node_efficiency
+    bus = intra if nodes == 1 else min(intra, per_node * inter)
+    return Group(ranks=size, nodes=nodes, bus_bandwidth_gb_s=bus, intra_latency_s=constants.intra_node_latency_s,
+                 inter_latency_s=constants.inter_node_latency_s, base_latency_s=constants.base_latency_s,
+                 tree_bandwidth_efficiency=constants.tree_bandwidth_efficiency,
+                 p2p_bandwidth_gb_s=intra if nodes == 1 else inter)
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Which link each process group's collectives run over."""
+    """Which group each parallelism's collectives run in."""
 
-    tp: Link
-    dp: Link
-    pp: Link
+    tp: Group
+    dp: Group
+    pp: Group
 
 
 def placement(gpu: GPUSpec, train: TrainConfig, gpus_per_node: int, constants: CommConstants) -> Placement:
     per_node = min(gpus_per_node, train.gpus)
     return Placement(
-        tp=_link(gpu, train.tp > per_node, constants),
-        dp=_link(gpu, train.tp * train.dp > per_node, constants),
-        pp=_link(gpu, train.tp * train.dp * train.pp > per_node and train.pp > 1, constants),
+        tp=group(gpu, train.tp, 1, per_node, constants),
+        dp=group(gpu, train.dp, train.tp, per_node, constants),
+        pp=group(gpu, train.pp, train.tp * train.dp, per_node, constants),
     )
 
 
-def all_reduce_s(nbytes: float, n: int, link: Link) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / (link.bandwidth_gb_s * 1e9)
+def _ring_latency(g: Group, steps: int, network_steps: int) -> float:
+    return g.base_latency_s + (steps - network_steps) * g.intra_latency_s + network_steps * g.inter_latency_s
 
 
-def all_gather_s(nbytes: float, n: int, link: Link) -> float:
-    """``nbytes``: the gathered (unsharded) size. Reduce-scatter costs the same."""
+def all_reduce_s(nbytes: float, n: int, g: Group) -> float:
+    """The faster of NCCL's ring and (across nodes) tree all-reduce."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return (n - 1) * link.latency_s + (n - 1) / n * nbytes / (link.bandwidth_gb_s * 1e9)
+    bandwidth = g.bus_bandwidth_gb_s * 1e9
+    ring = _ring_latency(g, 2 * (n - 1), 2 * (g.nodes - 1)) + 2 * (n - 1) / n * nbytes / bandwidth
+    if not g.spans_nodes:
+        return ring
+    tree_latency = g.base_latency_s + 2 * ((n // g.nodes - 1) * g.intra_latency_s
+                                           + log2(g.nodes) * g.inter_latency_s)
+    tree = tree_latency + 2 * nbytes / (g.tree_bandwidth_efficiency * bandwidth)
+    return min(ring, tree)
+
+
+def all_gather_s(nbytes: float, n: int, g: Group) -> float:
+    """``nbytes``: the gathered (unsharded) size; a ring (NCCL's only all-gather and
+    reduce-scatter across nodes with several GPUs per node). Reduce-scatter costs the same."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return _ring_latency(g, n - 1, g.nodes - 1) + (n - 1) / n * nbytes / (g.bus_bandwidth_gb_s * 1e9)
 
 
 reduce_scatter_s = all_gather_s
 
 
-def p2p_s(nbytes: float, link: Link) -> float:
+def p2p_s(nbytes: float, g: Group) -> float:
+    """One pipeline hop: one GPU to the next stage's, over one NVLink or one NIC."""
     if nbytes <= 0:
         return 0.0
-    return link.latency_s + nbytes / (link.bandwidth_gb_s * 1e9)
+    latency = g.inter_latency_s if g.spans_nodes else g.intra_latency_s
+    return latency + nbytes / (g.p2p_bandwidth_gb_s * 1e9)
 
 
 def host_transfer_s(nbytes: float, gpu: GPUSpec, efficiency: float) -> float:
     """Copy between GPU and host memory over PCIe (or C2C)."""
     return nbytes / (gpu.host_link_bandwidth_gb_s * efficiency * 1e9) if nbytes > 0 else 0.0
+
+
+def bus_bandwidth_gb_s(collective: str, nbytes: float, n: int, g: Group) -> float:
+    """What nccl-tests would print as busbw for this collective (its PERFORMANCE.md: algbw x
+    2(n-1)/n for all-reduce, x (n-1)/n for all-gather and reduce-scatter) -- for checking the
+    model against published nccl-tests figures."""
+    seconds = {"all_reduce": all_reduce_s, "all_gather": all_gather_s, "reduce_scatter": reduce_scatter_s}[
+        collective](nbytes, n, g)
+    factor = 2 * (n - 1) / n if collective == "all_reduce" else (n - 1) / n
+    return nbytes / seconds * factor / 1e9

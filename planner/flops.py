@@ -18,7 +18,9 @@ the compute efficiency.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner.configs import ModelSpec, TrainConfig
 from planner.params import layer_tensors, pipeline_stages
@@ -34,6 +36,7 @@ def _matmul_params(tensors) -> int:
     )
 
 
+@lru_cache(maxsize=256)
 def layer_matmul_params(model: ModelSpec, kind: str = "decoder") -> int:
     """Weights a layer multiplies with per token (q, k, v, o, MLP; cross-attention too)."""
     return _matmul_params(layer_tensors(model, kind))
@@ -102,35 +105,41 @@ class StageFlops:
         return self.forward + self.backward + self.recompute
 
 
-def stage_flops(model: ModelSpec, train: TrainConfig, stage_index: int) -> StageFlops:
+def unit_flops(model: ModelSpec, train: TrainConfig, kind: str) -> StageFlops:
+    """Executed FLOPs of one micro-batch through one unit of ``kind`` (a layer, the head; the
+    embedding lookup is no matmul) on one tensor-parallel rank: the window its neighbours'
+    collectives overlap. Units of one kind do the same work."""
     s, b, t = train.seq_len, train.micro_batch, train.tp
-    stage = pipeline_stages(model, train.pp, train.chunks)[stage_index]
     flash = train.attention == "flash"
-    matmul_params = 0
-    attention = 0.0
-    for unit in stage.units:
-        if unit.kind in ("encoder", "decoder"):
-            matmul_params += _matmul_params(unit.tensors)
-            square = attention_square_flops(model, s, unit.kind)
-            causal = unit.kind == "decoder"
-            if flash and causal:
-                # causal flash skips the masked half (cross-attention is not causal)
-                square = square / 2 if not model.encoder_layers else square * 3 / 4
-            attention += square
-        elif unit.kind == "head":
-            matmul_params += head_matmul_params(model)
+    if kind in ("encoder", "decoder"):
+        matmul_params = layer_matmul_params(model, kind)
+        attention = attention_square_flops(model, s, kind)
+        if flash and kind == "decoder":
+            # causal flash skips the masked half (cross-attention is not causal)
+            attention = attention / 2 if not model.encoder_layers else attention * 3 / 4
+    elif kind == "head":
+        matmul_params, attention = head_matmul_params(model), 0
+    else:
+        return StageFlops(forward=0.0, backward=0.0, recompute=0.0)
     matmul = 2 * s * b * matmul_params / t
     attention = attention * b / t
     forward = matmul + attention
     backward = BACKWARD_MATMUL_FACTOR * matmul + (FLASH_BACKWARD_FACTOR if flash else 2.0) * attention
     if train.activation_checkpointing == "full":
-        head = 2 * s * b * head_matmul_params(model) / t if stage.has_head else 0
-        recompute = forward - head
+        recompute = forward if kind != "head" else 0.0  # the head is never checkpointed
     elif train.activation_checkpointing == "selective":
         recompute = attention
     else:
         recompute = 0.0
     return StageFlops(forward=forward, backward=backward, recompute=recompute)
+
+
+def stage_flops(model: ModelSpec, train: TrainConfig, stage_index: int) -> StageFlops:
+    kinds = Counter(unit.kind for unit in pipeline_stages(model, train.pp, train.chunks)[stage_index].units)
+    per_kind = {kind: unit_flops(model, train, kind) for kind in kinds}
+    return StageFlops(forward=sum(n * per_kind[k].forward for k, n in kinds.items()),
+                      backward=sum(n * per_kind[k].backward for k, n in kinds.items()),
+                      recompute=sum(n * per_kind[k].recompute for k, n in kinds.items()))
 
 
 __all__ = [
@@ -143,4 +152,5 @@ __all__ = [
     "model_flops_per_token",
     "recompute_flops_per_sequence",
     "stage_flops",
+    "unit_flops",
 ]

@@ -204,6 +204,8 @@ class _StageParams:
     largest_pair: int  # largest two consecutive units (current + prefetched)
     largest_unshard: int  # largest unit twice (all-gather buffer + unsharded copy) plus the unit before it
     last_two_units: int  # the head and the last layer: the first units whose gradients are reduced
+    unit_sizes: tuple[int, ...]  # elements of each unit (local to tp), in forward order
+    unit_kinds: tuple[str, ...]
     first_unit: int  # the unit still gathered at the end of backward
     last_unit: int  # the unit that runs just before the loss (the head, on the last stage)
     last_to_differentiate: int  # units whose gradients are still being written then
@@ -256,6 +258,8 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
         largest_pair=max(pairs),
         largest_unshard=max(unshards),
         last_two_units=sum(unit_sizes[-2:]),
+        unit_sizes=tuple(unit_sizes),
+        unit_kinds=tuple(kinds),
         first_unit=unit_sizes[0],
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,

@@ -32,7 +32,7 @@ from planner import comm
 from planner.calibration import Calibration, default_calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.engines import ENGINES
-from planner.flops import hardware_flops_per_step, model_flops_per_step, stage_flops
+from planner.flops import hardware_flops_per_step, model_flops_per_step, stage_flops, unit_flops
 from planner.memory import _stage_params
 from planner.params import representative_stages
 from planner.precision import OPTIMIZER_STATES, RECIPES
@@ -77,6 +77,39 @@ def _exposed(comm_s: float, window_s: float, contention: float) -> float:
     return max(0.0, comm_s - window_s) + contention * min(comm_s, window_s)
 
 
+def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
+                      contention: float) -> tuple[float, float]:
+    """(communication, exposed communication) of one micro-batch of sharded data parallelism,
+    unit by unit as FSDP (and DeepSpeed's ZeRO-3) schedules it.
+
+    Forward: each unit's all-gather is issued while the previous unit computes (FSDP2's
+    implicit forward prefetch), so it hides behind that unit's forward; the first unit's is
+    exposed. Backward (ZeRO-3): while a unit's backward runs, the next unit's all-gather
+    (explicit backward prefetch) and the previous unit's reduce-scatter proceed; the first
+    unit's all-gather and the last reduce-scatter are exposed. ZeRO-2 keeps the parameters
+    gathered from forward to backward: no all-gather in backward. Reduce-scatters carry the
+    reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce)."""
+    dp, zero3 = train.dp, train.zero_stage >= 3
+    sizes, kinds = sp.unit_sizes, sp.unit_kinds
+    gather_of = {n: comm.all_gather_s(n * recipe.gather_bytes, dp, link) for n in set(sizes)}
+    scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) for n in set(sizes)}
+    work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
+    gather = [gather_of[n] for n in sizes]
+    scatter = [scatter_of[n] for n in sizes]
+    forward = [work[kind].forward / flops_rate for kind in kinds]
+    backward = [(work[kind].backward + work[kind].recompute) / flops_rate for kind in kinds]
+    exposed = gather[0] + sum(_exposed(gather[u], forward[u - 1], contention) for u in range(1, len(sizes)))
+    last = len(sizes) - 1
+    if zero3:
+        exposed += gather[last]
+    for u in range(last, -1, -1):  # backward runs the units in reverse
+        hidden = (gather[u - 1] if zero3 and u > 0 else 0.0) + (scatter[u + 1] if u < last else 0.0)
+        exposed += _exposed(hidden, backward[u], contention)
+    exposed += scatter[0]
+    raw = sum(gather) * (2 if zero3 else 1) + sum(scatter)
+    return raw, exposed
+
+
 def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None = None,
                   gpus_per_node: int | None = None, check: bool = True) -> Throughput:
     if check:
@@ -90,7 +123,8 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     efficiency = k.efficiency(gpu.name, dtype)
     flops_rate = peak * efficiency
     constants = comm.CommConstants(k.collective_bandwidth_efficiency, k.inter_node_bandwidth_efficiency,
-                                   k.intra_node_latency_s, k.inter_node_latency_s)
+                                   k.intra_node_latency_s, k.inter_node_latency_s, k.collective_base_latency_s,
+                                   k.tree_bandwidth_efficiency)
     links = comm.placement(gpu, train, gpus_per_node or gpu.gpus_per_node, constants)
     s, b, t, p, v, m = train.seq_len, train.micro_batch, train.tp, train.pp, train.chunks, train.num_microbatches
     zero, dp = train.zero_stage, train.dp
@@ -131,7 +165,6 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         bwd_window = (f.backward + f.recompute) / flops_rate
         grad_bytes = sp.local * recipe.grad_bytes
         param_bytes = sp.local * recipe.param_bytes
-        gather_bytes = sp.local * recipe.gather_bytes
         reduce_bytes = sp.local * (recipe.reduce_bytes if zero >= 2 else recipe.grad_bytes)
         link = links.dp
         c = k.overlap_contention
@@ -148,22 +181,16 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                 rs = comm.reduce_scatter_s(grad_bytes, dp, link)
                 ag = comm.all_gather_s(param_bytes, dp, link)
                 dp_raw, dp_exposed = rs + ag, _exposed(rs, bwd_window, c) + ag
-            elif zero == 2:
+            elif zero == 2 and not engine.zero2_gathers_params:
+                # DeepSpeed: scatter per micro-batch, gather the updated parameters once
                 rs = comm.reduce_scatter_s(reduce_bytes, dp, link)
-                if engine.zero2_gathers_params:  # FSDP2: gather in every forward, scatter in every backward
-                    ag = comm.all_gather_s(gather_bytes, dp, link)
-                    dp_raw = m * (rs + ag)
-                    dp_exposed = m * (_exposed(ag, fwd_window, c) + _exposed(rs, bwd_window, c))
-                else:  # DeepSpeed: scatter per micro-batch, gather the updated parameters once
-                    ag = comm.all_gather_s(param_bytes, dp, link)
-                    dp_raw = m * rs + ag
-                    dp_exposed = m * _exposed(rs, bwd_window, c) + ag
+                ag = comm.all_gather_s(param_bytes, dp, link)
+                dp_raw = m * rs + ag
+                dp_exposed = m * _exposed(rs, bwd_window, c) + ag
             else:
-                ag = comm.all_gather_s(gather_bytes, dp, link)
-                rs = comm.reduce_scatter_s(reduce_bytes, dp, link)
-                first = comm.all_gather_s(sp.first_unit * recipe.gather_bytes, dp, link)
-                dp_raw = m * (2 * ag + rs)
-                dp_exposed = m * (first + _exposed(ag, fwd_window, c) + _exposed(ag + rs, bwd_window, c))
+                # FSDP2 ZeRO-2 (gather in every forward) and ZeRO-3 (gather in forward and backward)
+                per_mb_raw, per_mb_exposed = _per_unit_overlap(model, train, sp, recipe, flops_rate, link, c)
+                dp_raw, dp_exposed = m * per_mb_raw, m * per_mb_exposed
         n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
         offload = 0.0
         if train.offload != "none":
