@@ -32,7 +32,12 @@ from planner import comm
 from planner.calibration import Calibration, default_calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.engines import ENGINES
-from planner.flops import hardware_flops_per_step, model_flops_per_step, stage_flops, unit_flops
+from planner.flops import (
+    hardware_flops_per_step,
+    model_flops_per_step,
+    stage_flops,
+    unit_flops,
+)
 from planner.memory import _stage_params
 from planner.params import representative_stages
 from planner.precision import OPTIMIZER_STATES, RECIPES
