@@ -315,6 +315,30 @@ def layer_forward_working(model: ModelSpec, train: TrainConfig | ActivationInput
     return 2 * x.ab * tokens * x.h // x.seq_div + ffn_tensors * x.ab * tokens * x.ffn
 
 
+def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+    """Bytes beyond the layer's own saved (or recomputed) tensors at the peak inside its
+    backward under FSDP, whose weight gradients stay unsharded in the compute dtype until the
+    layer's post-backward. Traced op by op on the reference block (FSDPMemTracker, torch 2.13;
+    llama-2-13b and mistral-7b, full recompute), two moments compete:
+
+    - the MLP's elementwise backward: the product's gradient and its two operands' gradients
+      (three ffn-sized tensors for gated MLPs, two for GELU) while the product itself (the down
+      projection's saved input) is already freed, the down projection's weight gradient, and
+      the incoming hidden-sized gradient;
+    - the MLP norm's backward: the MLP's saved tensors freed, all its weight gradients, the
+      fused RMSNorm's five fp32 hidden-sized tensors and two hidden-sized gradients."""
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    hidden = x.ab * tokens * x.h // x.seq_div
+    ffn = x.ab * tokens * x.ffn
+    gated = model.mlp != "gelu"
+    weight = x.ab * model.hidden_size * x.ffn  # one MLP weight, local to tensor parallelism
+    mlp_saved = sum(v for k, v in _mlp_terms(model, x).items() if k not in ("mlp_norm_input", "mlp_norm_stats"))
+    elementwise = ((3 if gated else 2) - 1) * ffn + weight + hidden
+    norm = -mlp_saved + (3 if gated else 2) * weight + 5 * FP32 * tokens * x.h // x.seq_div + 2 * hidden
+    return max(elementwise, norm)
+
+
 def layer_backward_end_workspace(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
     """What the last op of a layer's backward -- its first norm's backward -- holds beside the
     layer's weight gradients (traced op by op on the reference block, FSDPMemTracker, torch

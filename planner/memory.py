@@ -288,6 +288,7 @@ class _ActSums:
     workspace: int
     layer_forward_working: int
     layer_backward_end: int
+    layer_backward_extra: int
     layer_input: int
     rope_tables: int
     pipeline_output_inner: int
@@ -311,6 +312,7 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         workspace=act.layer_backward_workspace(model, train),
         layer_forward_working=act.layer_forward_working(model, train),
         layer_backward_end=act.layer_backward_end_workspace(model, train),
+        layer_backward_extra=act.layer_backward_peak_extra(model, train),
         layer_input=act.layer_bytes(model, train, "decoder", "full"),
         rope_tables=act.rope_table_bytes(model, train),
         pipeline_output_inner=act.pipeline_output_bytes(model, train, last_stage=False),
@@ -407,6 +409,10 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # FSDP2 ZeRO-3 without a pipeline: units are all-gathered and reduce-scattered one at a
     # time, each with its own buffers (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)
     fsdp_units = fsdp and zero >= 3 and train.pp == 1
+    # A tied head multiplies by the embedding after the embedding's unit ran: the strategy
+    # layer keeps that unit gathered from its forward to its backward (strategies/fsdp.py).
+    tied_gathered = sp.first_unit * recipe.gather_bytes if (
+        fsdp_units and model.tied_embeddings and sp.has_embedding and sp.has_head) else 0
     if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch"):
         # current + prefetched unit while layers run; at the loss only the unit that ran last
         # (the head) is still gathered -- FSDP2 frees it in its backward
@@ -453,7 +459,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     forward_moments: list[tuple[_Mem, dict[str, int]]] = []
     for acts, gathered, loss in ((activations, gathered_at_loss, loss_fwd), *last_layer_forward):
         tmp: dict[str, int] = {}
-        _add(tmp, "gathered_params", gathered)
+        _add(tmp, "gathered_params", gathered + tied_gathered)
         _add(tmp, "loss_logits_fp32", loss)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
         forward_moments.append((_Mem(params, grads_in_forward, optimizer, max(int(acts), 0), sum(tmp.values())), tmp))
@@ -466,7 +472,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     moments: list[tuple[_Mem, dict[str, int]]] = []
     if sp.has_head:
         tmp = {}
-        _add(tmp, "gathered_params", gathered_at_loss_backward)
+        _add(tmp, "gathered_params", gathered_at_loss_backward + tied_gathered)
         _add(tmp, "loss_gradients_fp32", loss_bwd)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
         moments.append((_Mem(params, grads_in_forward, optimizer, activations, sum(tmp.values())), tmp))
@@ -492,6 +498,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         pending = sp.largest_unit * recipe.reduce_bytes
         unit_grads = sp.largest_unit * gather
         end_work = sums.layer_backward_end if has_layers else 0
+        workspace = sums.layer_backward_extra if has_layers else 0
         input_only = (sums.layer_input if has_layers else 0) - one_layer
         grads_after_last_layer = grads_in_forward if grads_persist or not sp.local else (
             grads_in_forward + grads_at_end * min(sp.last_two_units, sp.local) // sp.local)
@@ -509,7 +516,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
             ]
     for acts, grads, gathered, work, reduce, recompute in layer_moments:
         tmp = {}
-        _add(tmp, "gathered_params", gathered)
+        _add(tmp, "gathered_params", gathered + tied_gathered)
         _add(tmp, "activation_gradients", work)
         _add(tmp, "gradient_reduction", reduce)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)

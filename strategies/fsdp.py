@@ -1,7 +1,7 @@
 """ZeRO-2 and ZeRO-3 (Rajbhandari et al. 2019) with FSDP2's ``fully_shard``.
 
-Each block is one FSDP unit, so is the embedding and the final norm + head; the root takes
-what is left. ``reshard_after_forward=True`` frees each unit's gathered parameters after its
+Each block is one FSDP unit, so is the embedding side (token and position embeddings, the
+embedding norm) and the final norm + head; the root takes what is left (nothing with weights). ``reshard_after_forward=True`` frees each unit's gathered parameters after its
 forward and gathers them again for backward: ZeRO-3. ``False`` keeps them from the forward to
 the unit's backward, so between steps only shards remain: ZeRO-2 as FSDP2 runs it (the
 planner's ``pytorch`` engine: a parameter shard plus gathered parameters during the step).
@@ -23,7 +23,14 @@ def apply_fsdp(model: Transformer, mesh, cfg, mp_policy=None, offload_policy=Non
     if offload_policy is not None:
         kwargs["offload_policy"] = offload_policy
     if model.embed is not None:
-        fully_shard(model.embed, **kwargs)
+        # One unit for the embedding side (token and position embeddings, the embedding norm),
+        # as the planner's inventory has it. A tied head multiplies by the embedding's weight
+        # after the embedding's forward, outside its unit: that unit stays gathered from its
+        # forward to its backward.
+        embedding = [m for m in (model.embed, model.pos_embed, model.embed_norm) if m is not None]
+        tied = model.spec.tied_embeddings and model.has_head
+        fully_shard(embedding if len(embedding) > 1 else embedding[0],
+                    **(kwargs | {"reshard_after_forward": False} if tied else kwargs))
     for block in model.layers.values():
         fully_shard(block, **kwargs)
     if model.has_head:

@@ -29,11 +29,11 @@ SEQ, BATCH, STEPS = 64, 4, 3
 LOSS_RTOL = 2e-6
 
 
-def _run(nproc: int, steps: int = STEPS, profile: bool = False, **fields) -> tuple[RunResult, TrainConfig]:
+def _run(nproc: int, steps: int = STEPS, profile: bool = False, spec=SPEC, **fields) -> tuple[RunResult, TrainConfig]:
     base = dict(gpus=nproc, seq_len=SEQ, micro_batch=1, global_batch=BATCH, precision="fp32")
     base.update(fields)
     train = TrainConfig(**base)
-    config = RunConfig(model=SPEC, train=train, steps=steps, profile=profile)
+    config = RunConfig(model=spec, train=train, steps=steps, profile=profile)
     worker = "profiler.worker" if profile else "strategies.worker"
     return RunResult.model_validate_json(launch(config.model_dump_json(), nproc, timeout_s=300, worker=worker)), train
 
@@ -194,3 +194,16 @@ def test_profile_recommend_runs_the_top_candidates():
     data = json.loads(result.stdout)
     assert len(data["reports"]) == 2 and data["recommended"] in (0, 1)
     assert all(r["status"] == "ok" for r in data["reports"])
+
+
+def test_tied_head_under_zero3_matches_single_process():
+    """A tied head (GPT-2 style: learned positions, LayerNorm, GELU) multiplies by the
+    embedding's weight after the embedding's FSDP unit ran; that unit stays gathered from its
+    forward to its backward (strategies/fsdp.py), so ZeRO-3 trains it. It used to stop with
+    "aten.mm.default got mixed torch.Tensor and DTensor" (gpt2-xl, 16 simulated GPUs)."""
+    tied = load_model("tiny-gpt2")
+    single, _ = _run(1, spec=tied)
+    result, train = _run(2, spec=tied, zero_stage=3)
+    assert [s.loss for s in result.steps] == pytest.approx([s.loss for s in single.steps], rel=LOSS_RTOL)
+    plan = estimate_memory(tied, GPU, train, Overheads.none(), search_micro_batch=False)
+    assert all(r.params == plan.stages[0].phases["optimizer"].params for r in result.ranks)

@@ -44,6 +44,16 @@ CPU_CASES = [
      dict(gpus=16, zero_stage=3, seq_len=4096, micro_batch=1, precision="bf16-mixed", activation_checkpointing="full")),
     ("7B ZeRO-1 fp16-mixed, 8 simulated", "llama-2-7b", 8,
      dict(gpus=8, zero_stage=1, seq_len=4096, micro_batch=1, precision="fp16-mixed")),
+    # Checks of the FSDP2 phase model on layouts it was not derived from:
+    ("70B ZeRO-3, full AC, 64 simulated", "llama-2-70b", 64,
+     dict(gpus=64, zero_stage=3, seq_len=4096, micro_batch=1, precision="bf16-mixed", activation_checkpointing="full")),
+    ("8B ZeRO-2, full AC, seq 8192, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=2, seq_len=8192, micro_batch=1, precision="bf16-mixed", activation_checkpointing="full")),
+    ("Mistral-7B ZeRO-3, full AC, micro-batch 2, 8 simulated", "mistral-7b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=4096, micro_batch=2, precision="bf16-mixed", activation_checkpointing="full")),
+    ("Qwen1.5-7B ZeRO-3, 32 simulated", "qwen1.5-7b", 32,
+     dict(gpus=32, zero_stage=3, seq_len=4096, micro_batch=1, precision="bf16-mixed")),
+    ("tiny GPT-2 (tied head) ZeRO-3, 8 simulated", "tiny-gpt2", 8, dict(gpus=8, zero_stage=3, precision="bf16-mixed")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
