@@ -1,6 +1,6 @@
 """Times the planner's full search (every knob open) and prints the figures.
 
-    python benchmarks/search_speed.py
+    python benchmarks/search_speed.py [--out benchmarks/results/search_speed.json]
 
 Cases: llama-2-70b on 1,024 H100s (global batch 1,024) and llama-2-7b on 8 H100s; each is
 timed in-process (search only, best of 5, caches cleared before each run so every run does
@@ -10,19 +10,23 @@ to exit, best of 5).
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _clear_caches() -> None:
-    from planner import calibration, catalog, memory, params
-
-    for fn in (memory._stage_params, memory._act_sums, params.pipeline_stages, params.representative_stages,
-               catalog._model_from_preset, catalog._gpu_from_preset,
-               calibration.default_calibration):
-        fn.cache_clear()
+    """Every cache the planner keeps (a fresh process's state)."""
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "planner":
+            for value in vars(module).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
 
 
 def time_search(model_name: str, gpus: int, global_batch: int | None, repeats: int = 5) -> tuple[float, int, int]:
@@ -50,13 +54,26 @@ def time_cli(args: list[str], repeats: int = 5) -> float:
 
 
 def main() -> None:
-    print(f"python {platform.python_version()} on {platform.machine()}, {platform.processor() or 'cpu'}")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None, help="also write the figures as JSON")
+    out = parser.parse_args().out
+    machine = f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores"
+    print(machine)
+    lines = []
     for model, gpus, batch in (("llama-2-70b", 1024, 1024), ("llama-2-7b", 8, None)):
         seconds, candidates, fitting = time_search(model, gpus, batch)
-        print(f"search {model} on {gpus} GPUs (global batch {batch or gpus}): {candidates:,} candidates evaluated, "
-              f"{fitting:,} fit, {seconds * 1e3:.0f} ms")
+        lines.append(f"search {model} on {gpus} GPUs (global batch {batch or gpus}): {candidates:,} candidates "
+                     f"evaluated, {fitting:,} fit, {seconds * 1e3:.0f} ms")
+        print(lines[-1])
     seconds = time_cli(["plan", "--model", "7b", "--gpus", "8"])
-    print(f"`plan --model 7b --gpus 8` end to end (process start to exit): {seconds * 1e3:.0f} ms")
+    lines.append(f"`plan --model 7b --gpus 8` end to end (process start to exit): {seconds * 1e3:.0f} ms")
+    print(lines[-1])
+    if out:
+        from strategies.files import write_atomic
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "lines": lines},
+                                     indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,9 @@ class SearchSpace:
             return [("1f1b", 1)]
         if self.schedules is not None:
             return self.schedules
-        values = [("1f1b", 1)]
+        # With fewer micro-batches than stages 1F1B is GPipe; PyTorch's Schedule1F1B refuses it.
+        pytorch = self.fixed.get("engine", "pytorch") == "pytorch"
+        values = [("gpipe" if pytorch and microbatches < pp else "1f1b", 1)]
         for chunks in (2, 4):
             # Megatron's interleaved schedule needs the micro-batches to be a multiple of pp.
             if model.total_layers % (pp * chunks) == 0 and microbatches % pp == 0:

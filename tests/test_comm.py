@@ -14,6 +14,7 @@ from planner.calibration import calibration_for_gpu, default_calibration
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
 from planner.step_time import estimate_step
+from validation.published import FSDP_RUNS, NCCL_TESTS, predict_busbw, predict_fsdp
 
 
 def _group(gpu_id: str, size: int, stride: int = 1, per_node: int = 8) -> comm.Group:
@@ -24,28 +25,12 @@ def _group(gpu_id: str, size: int, stride: int = 1, per_node: int = 8) -> comm.G
     return comm.group(load_gpu(gpu_id), size, stride, per_node, constants)
 
 
-@pytest.mark.parametrize(("gpu", "ranks", "collective", "published", "source"), [
-    ("a100-80gb", 8, "all_reduce", 234.89, "8x A100 NVLink, 16 GiB: ml-engineering network/README.md"),
-    ("a100-80gb", 16, "all_reduce", 192.0, "DGX A100, 8x 200 Gb/s HDR per node: NVIDIA/nccl#812"),
-    ("a100-80gb", 64, "all_reduce", 192.0, "the same, more nodes: the ring's bus bandwidth stays"),
-    ("h200", 8, "all_reduce", 367.2, "8x H200 NVLink 4, ring, 16 GiB: ml-engineering network/README.md"),
-    ("h200", 8, "all_gather", 361.4, "8x H200 NVLink 4, 16 GiB: ml-engineering network/README.md"),
-    ("h200", 8, "reduce_scatter", 362.9, "8x H200 NVLink 4, 16 GiB: ml-engineering network/README.md"),
-    ("h200", 32, "all_reduce", 364.87, "4 nodes of 8x H200 (p5en, EFA), ring, 4 GiB: ml-engineering network/README.md"),
-])
-def test_bus_bandwidth_matches_nccl_tests(gpu, ranks, collective, published, source):
-    """Large messages (4 GiB) at the bus bandwidth nccl-tests measure, within 5%."""
-    group = _group(gpu, ranks)
-    ours = comm.bus_bandwidth_gb_s(collective, 4 * 2**30, ranks, group)
-    assert ours == pytest.approx(published, rel=0.05), f"{source}: ours {ours:.1f} GB/s"
-
-
-def test_one_nic_per_rank_and_node():
-    """A data-parallel group one rank per node (tp = 8 fills the node) drives one NIC: an HDR
-    NIC moves 20-24 GB/s in nccl-tests (nccl-tests#160, #252)."""
-    group = _group("a100-80gb", 16, stride=8)
-    assert group.nodes == 16
-    assert 20 <= comm.bus_bandwidth_gb_s("all_gather", 4 * 2**30, 16, group) <= 24
+@pytest.mark.parametrize("test", NCCL_TESTS, ids=lambda test: test.label)
+def test_bus_bandwidth_matches_nccl_tests(test):
+    """Large messages (4 GiB) at the bus bandwidth nccl-tests measure, within 5%, or inside the
+    published range for one NIC (validation/published.py has each figure and its source)."""
+    ours = predict_busbw(test)
+    assert ours == pytest.approx(test.published_gb_s, rel=0.05 if test.stride == 1 else 0.1), test.source
 
 
 def test_tree_takes_small_all_reduces_across_many_nodes():
@@ -72,8 +57,20 @@ def test_multi_node_fsdp_hides_its_traffic():
     issue = estimate_step(model, gpu, TrainConfig(gpus=64, zero_stage=3, micro_batch=1, seq_len=4096), cal, 8)
     assert issue.breakdown.dp_communication_exposed_s < 0.1 * issue.step_time_s
     assert issue.mfu > 0.5
-    torchtitan = TrainConfig(gpus=64, zero_stage=3, micro_batch=2, seq_len=4096, precision="amp-bf16")
-    assert estimate_step(model, gpu, torchtitan, cal, 8).mfu == pytest.approx(0.611, rel=0.05)
+    torchtitan = next(run for run in FSDP_RUNS if run.label.startswith("torchtitan, Llama 2 13B"))
+    assert predict_fsdp(torchtitan).mfu == pytest.approx(torchtitan.published_mfu, rel=0.05)
+
+
+@pytest.mark.parametrize("run", FSDP_RUNS, ids=lambda run: run.label)
+def test_published_fsdp_runs_hide_their_communication(run):
+    """Multi-node FSDP runs (validation/published.py): what is exposed of the data-parallel
+    traffic stays under a tenth of the step, and the MFU is within 35% of the published one.
+    The MFU gap is the compute efficiency's, not the network's: the shipped H100 calibration
+    was measured on a 1B model (38.9% of peak), the big runs reach more; with full
+    recomputation our MFU runs low by the recomputed share."""
+    ours = predict_fsdp(run)
+    assert ours.breakdown.dp_communication_exposed_s < 0.1 * ours.step_time_s
+    assert ours.mfu == pytest.approx(run.published_mfu, rel=0.35)
 
 
 def test_exposed_when_a_unit_computes_less_than_its_neighbour_gathers():

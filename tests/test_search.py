@@ -100,3 +100,13 @@ def test_fast_peak_equals_the_worst_of_all_stages(pp, schedule, chunks):
     cal = default_calibration()
     full = estimate_memory(model, H100, train, cal.overheads, search_micro_batch=False)
     assert peak_bytes(model, train, cal.overheads) == full.memory.peak
+
+
+def test_pytorch_pipelines_with_fewer_micro_batches_than_stages_use_gpipe():
+    """torch.distributed.pipelining's Schedule1F1B refuses fewer micro-batches than stages
+    (strategies/pipeline.py says so at run time); the search offers GPipe there, which is the
+    same schedule, so every candidate it proposes for the pytorch engine can run."""
+
+    configs = enumerate_configs(load_model("tiny-llama"), SearchSpace(gpus=2, pp=[2], tp=[1], global_batch=1,
+                                                                      fixed=dict(engine="pytorch")))
+    assert configs and all(c.schedule == "gpipe" for c in configs if c.num_microbatches < c.pp)

@@ -12,52 +12,26 @@ from __future__ import annotations
 import pytest
 
 from planner.catalog import load_gpu, load_model
-from planner.configs import ModelSpec, TrainConfig
+from planner.configs import TrainConfig
 from planner.memory import estimate_memory
 from planner.params import total_params
 from planner.step_time import estimate_step
-
-A100 = load_gpu("a100-80gb")
-
-
-def _gpt(h, a, layers):
-    return ModelSpec(name="gpt", num_layers=layers, hidden_size=h, num_heads=a, ffn_hidden_size=4 * h,
-                     vocab_size=51200, mlp="gelu", norm="layernorm", position_embedding="learned",
-                     max_position_embeddings=2048, linear_bias=True)
-
-
-def _eq3_tflops_per_gpu(model, train, seconds):
-    B, s, l, h, V = train.global_batch, train.seq_len, model.num_layers, model.hidden_size, 51200
-    flops = 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
-    return flops / seconds / train.gpus / 1e12
-
-
-def _megatron(model, gpus, tp, pp, batch, micro_batch, chunks):
-    train = TrainConfig(gpus=gpus, tp=tp, pp=pp, precision="fp16-mixed", micro_batch=micro_batch,
-                        global_batch=batch, seq_len=2048, activation_checkpointing="full", attention="eager",
-                        engine="megatron", schedule="interleaved" if chunks > 1 else "1f1b", chunks=chunks)
-    return _eq3_tflops_per_gpu(model, train, estimate_step(model, A100, train).step_time_s)
-
-
-@pytest.mark.parametrize(
-    ("name", "hidden", "heads", "layers", "tp", "pp", "gpus", "batch", "micro_batch", "chunks", "published"),
-    [
-        # Table 1 rows (micro-batch and layers per virtual stage from run_table_1.sh)
-        ("145.6B", 12288, 96, 80, 8, 8, 1536, 2304, 2, 2, 148),
-        ("310.1B", 16384, 128, 96, 8, 16, 1920, 2160, 1, 2, 155),
-        ("529.6B", 20480, 128, 105, 8, 35, 2520, 2520, 1, 3, 163),
-        ("1008.0B", 25600, 160, 128, 8, 64, 3072, 3072, 1, 1, 163),
-        # Table 2, PTD-P rows for GPT-3 175B (t = 8, p = 12, micro-batch 1, batch 1536)
-        ("174.6B/384", 12288, 96, 96, 8, 12, 384, 1536, 1, 1, 153),
-        ("174.6B/768", 12288, 96, 96, 8, 12, 768, 1536, 1, 1, 149),
-        ("174.6B/1536", 12288, 96, 96, 8, 12, 1536, 1536, 1, 1, 141),
-    ],
+from validation.published import (
+    BLOOM_TFLOPS,
+    NARAYANAN,
+    NARAYANAN_ZERO3,
+    predict_bloom,
+    predict_megatron,
+    predict_narayanan_zero3,
 )
-def test_narayanan_2021_throughput_within_15_percent(name, hidden, heads, layers, tp, pp, gpus, batch, micro_batch,
-                                                    chunks, published):
-    """Narayanan et al. 2021, Table 1 and Table 2 (PTD-P): achieved TFLOP/s per A100."""
-    ours = _megatron(_gpt(hidden, heads, layers), gpus, tp, pp, batch, micro_batch, chunks)
-    assert ours == pytest.approx(published, rel=0.15), f"{name}: ours {ours:.1f} vs {published}"
+
+
+@pytest.mark.parametrize("run", NARAYANAN, ids=lambda run: run.label)
+def test_narayanan_2021_throughput_within_15_percent(run):
+    """Narayanan et al. 2021, Table 1 and Table 2 (PTD-P): achieved TFLOP/s per A100
+    (validation/published.py has each row and its source)."""
+    ours = predict_megatron(run)
+    assert ours == pytest.approx(run.published_tflops, rel=0.15), f"ours {ours:.1f} vs {run.published_tflops}"
 
 
 def test_zero3_rows_of_narayanan_table_2_are_not_reproduced():
@@ -70,15 +44,9 @@ def test_zero3_rows_of_narayanan_table_2_are_not_reproduced():
     behind a 175B layer's compute at every size. We do not reproduce the 2021 rows beyond the
     first and say so in the README; this test pins what we predict instead: within 20% at
     384 GPUs, and communication hidden (throughput within 15% from 384 to 1536 GPUs)."""
-    model = _gpt(12288, 96, 96)
-    tflops = {}
-    for gpus, micro_batch in ((384, 4), (1536, 1)):
-        zero3 = TrainConfig(gpus=gpus, zero_stage=3, precision="fp16-mixed", micro_batch=micro_batch,
-                            global_batch=1536, seq_len=2048, activation_checkpointing="full", attention="eager",
-                            engine="deepspeed")
-        tflops[gpus] = _eq3_tflops_per_gpu(model, zero3, estimate_step(model, A100, zero3).step_time_s)
-    assert tflops[384] == pytest.approx(144, rel=0.2)
-    assert tflops[1536] == pytest.approx(tflops[384], rel=0.15)
+    ours = {gpus: predict_narayanan_zero3(gpus, micro_batch) for gpus, micro_batch, _ in NARAYANAN_ZERO3}
+    assert ours[384] == pytest.approx(NARAYANAN_ZERO3[0][2], rel=0.2)
+    assert ours[1536] == pytest.approx(ours[384], rel=0.15)
 
 
 def test_bloom_176b_within_15_percent():
@@ -86,13 +54,7 @@ def test_bloom_176b_within_15_percent():
     TP=4, PP=12, DP=8, micro-batch 2, global batch 2048, seq 2048, bf16, activation
     checkpointing, DeepSpeed's BF16 optimizer (ZeRO-1): ~150 TFLOP/s per GPU, computed by their
     log as 8 x N x tokens / time (hardware FLOPs with recomputation)."""
-    model = load_model("bloom-176b")
-    train = TrainConfig(gpus=384, tp=4, pp=12, zero_stage=1, precision="bf16-mixed", micro_batch=2,
-                        global_batch=2048, seq_len=2048, activation_checkpointing="full", attention="eager",
-                        engine="deepspeed")
-    step = estimate_step(model, A100, train).step_time_s
-    tflops = 8 * total_params(model) * 2048 * 2048 / step / 384 / 1e12
-    assert tflops == pytest.approx(150, rel=0.15)
+    assert predict_bloom() == pytest.approx(BLOOM_TFLOPS, rel=0.15)
 
 
 def test_seed_speed_ordering_7b_on_8_gpus():

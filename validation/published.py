@@ -1,0 +1,178 @@
+"""Published numbers the planner is checked against, each with its source, and the planner's
+prediction for each: one list that the tests (tolerances) and the README's tables (generated
+by docs/readme.py) both read, so a table cannot drift from what the code predicts.
+
+Bandwidths are decimal GB/s; throughput is TFLOP/s per GPU or MFU as the source states it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner import comm
+from planner.calibration import calibration_for_gpu, default_calibration
+from planner.catalog import load_gpu, load_model
+from planner.configs import ModelSpec, TrainConfig
+from planner.params import total_params
+from planner.step_time import estimate_step
+
+# ---------------------------------------------------------------- Megatron-LM and BLOOM
+
+
+@dataclass(frozen=True)
+class MegatronRun:
+    """Narayanan et al. 2021 (Megatron-LM, PTD-P), Tables 1 and 2: GPT models with V = 51,200,
+    s = 2,048, fp16, full recomputation, on A100-80GB (Selene: 8 per node, 8 x 200 Gb/s HDR);
+    micro-batch and interleaving from examples/academic_paper_scripts/sc21/run_table_1.sh.
+    Achieved TFLOP/s per GPU by their Eq. 3 (which counts recomputation)."""
+
+    label: str
+    hidden: int
+    heads: int
+    layers: int
+    tp: int
+    pp: int
+    gpus: int
+    batch: int
+    micro_batch: int
+    chunks: int
+    published_tflops: float
+
+
+NARAYANAN = [
+    MegatronRun("Narayanan et al. 2021 Table 1, 145.6B (t8 p8, 1536 A100)", 12288, 96, 80, 8, 8, 1536, 2304, 2, 2, 148),
+    MegatronRun("Table 1, 310.1B (t8 p16, 1920 A100)", 16384, 128, 96, 8, 16, 1920, 2160, 1, 2, 155),
+    MegatronRun("Table 1, 529.6B (t8 p35, 2520 A100)", 20480, 128, 105, 8, 35, 2520, 2520, 1, 3, 163),
+    MegatronRun("Table 1, 1008B (t8 p64, 3072 A100)", 25600, 160, 128, 8, 64, 3072, 3072, 1, 1, 163),
+    MegatronRun("Table 2, GPT-3 175B PTD-P on 384 A100", 12288, 96, 96, 8, 12, 384, 1536, 1, 1, 153),
+    MegatronRun("Table 2, GPT-3 175B PTD-P on 768 A100", 12288, 96, 96, 8, 12, 768, 1536, 1, 1, 149),
+    MegatronRun("Table 2, GPT-3 175B PTD-P on 1536 A100", 12288, 96, 96, 8, 12, 1536, 1536, 1, 1, 141),
+]
+
+NARAYANAN_ZERO3 = [(384, 4, 144), (768, 2, 88), (1536, 1, 44)]
+"""Table 2's ZeRO-3 rows for GPT-3 175B (DeepSpeed, batch 1536): GPUs, micro-batch, TFLOP/s."""
+
+
+def gpt(hidden: int, heads: int, layers: int) -> ModelSpec:
+    return ModelSpec(name="gpt", num_layers=layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=4 * hidden,
+                     vocab_size=51200, mlp="gelu", norm="layernorm", position_embedding="learned",
+                     max_position_embeddings=2048, linear_bias=True)
+
+
+def eq3_tflops_per_gpu(model: ModelSpec, train: TrainConfig, seconds: float) -> float:
+    """Narayanan et al. 2021, Eq. 3: 96 B s l h^2 (1 + s/6h + V/16lh) FLOPs per step."""
+    b, s, layers, h, v = train.global_batch, train.seq_len, model.num_layers, model.hidden_size, 51200
+    flops = 96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
+    return flops / seconds / train.gpus / 1e12
+
+
+def predict_megatron(run: MegatronRun) -> float:
+    model = gpt(run.hidden, run.heads, run.layers)
+    train = TrainConfig(gpus=run.gpus, tp=run.tp, pp=run.pp, precision="fp16-mixed", micro_batch=run.micro_batch,
+                        global_batch=run.batch, seq_len=2048, activation_checkpointing="full", attention="eager",
+                        engine="megatron", schedule="interleaved" if run.chunks > 1 else "1f1b", chunks=run.chunks)
+    return eq3_tflops_per_gpu(model, train, estimate_step(model, load_gpu("a100-80gb"), train).step_time_s)
+
+
+def predict_narayanan_zero3(gpus: int, micro_batch: int) -> float:
+    model = gpt(12288, 96, 96)
+    train = TrainConfig(gpus=gpus, zero_stage=3, precision="fp16-mixed", micro_batch=micro_batch, global_batch=1536,
+                        seq_len=2048, activation_checkpointing="full", attention="eager", engine="deepspeed")
+    return eq3_tflops_per_gpu(model, train, estimate_step(model, load_gpu("a100-80gb"), train).step_time_s)
+
+
+BLOOM_LABEL = "BLOOM-176B (384 A100, TP4 PP12 DP8)"
+BLOOM_TFLOPS = 150.0
+"""bigscience-workshop/bigscience, train/tr11-176B-ml: ~150 TFLOP/s per GPU, computed by their
+log as 8 x N x tokens / time (hardware FLOPs with recomputation)."""
+
+
+def predict_bloom() -> float:
+    model = load_model("bloom-176b")
+    train = TrainConfig(gpus=384, tp=4, pp=12, zero_stage=1, precision="bf16-mixed", micro_batch=2,
+                        global_batch=2048, seq_len=2048, activation_checkpointing="full", attention="eager",
+                        engine="deepspeed")
+    step = estimate_step(model, load_gpu("a100-80gb"), train).step_time_s
+    return 8 * total_params(model) * 2048 * 2048 / step / 384 / 1e12
+
+
+# ---------------------------------------------------------------- NCCL (nccl-tests bus bandwidth)
+
+
+@dataclass(frozen=True)
+class NcclTest:
+    """A nccl-tests bus bandwidth at a large message (busbw: algbw x 2(n-1)/n for all-reduce,
+    x (n-1)/n for all-gather and reduce-scatter; NVIDIA/nccl-tests doc/PERFORMANCE.md)."""
+
+    label: str
+    gpu: str
+    ranks: int
+    collective: str
+    published_gb_s: float
+    source: str
+    stride: int = 1  # ranks between group members (8: one rank per 8-GPU node)
+
+
+NCCL_TESTS = [
+    NcclTest("8x A100 NVLink, all-reduce", "a100-80gb", 8, "all_reduce", 234.89,
+             "ml-engineering network/README.md (16 GiB)"),
+    NcclTest("2 DGX A100 (8x 200 Gb/s HDR each), all-reduce", "a100-80gb", 16, "all_reduce", 192.0,
+             "NVIDIA in NVIDIA/nccl#812"),
+    NcclTest("8 DGX A100, all-reduce", "a100-80gb", 64, "all_reduce", 192.0, "NVIDIA/nccl#812 (the same per node)"),
+    NcclTest("16 nodes, one rank per node (one HDR NIC), all-gather", "a100-80gb", 16, "all_gather", 22.0,
+             "20-24 GB/s per HDR NIC: nccl-tests#160, #252", stride=8),
+    NcclTest("8x H200 NVLink 4, all-reduce (ring)", "h200", 8, "all_reduce", 367.2,
+             "ml-engineering network/README.md (16 GiB)"),
+    NcclTest("8x H200 NVLink 4, all-gather", "h200", 8, "all_gather", 361.4, "ml-engineering network/README.md"),
+    NcclTest("8x H200 NVLink 4, reduce-scatter", "h200", 8, "reduce_scatter", 362.9, "ml-engineering network/README.md"),
+    NcclTest("4 nodes of 8x H200 (EFA), all-reduce (ring)", "h200", 32, "all_reduce", 364.87,
+             "ml-engineering network/README.md (4 GiB)"),
+]
+
+
+def predict_busbw(test: NcclTest, nbytes: int = 4 * 2**30) -> float:
+    k = default_calibration().throughput
+    constants = comm.CommConstants(k.collective_bandwidth_efficiency, k.inter_node_bandwidth_efficiency,
+                                   k.intra_node_latency_s, k.inter_node_latency_s, k.collective_base_latency_s,
+                                   k.tree_bandwidth_efficiency)
+    group = comm.group(load_gpu(test.gpu), test.ranks, test.stride, 8, constants)
+    return comm.bus_bandwidth_gb_s(test.collective, nbytes, test.ranks, group)
+
+
+# ---------------------------------------------------------------- multi-node FSDP runs
+
+
+@dataclass(frozen=True)
+class FsdpRun:
+    label: str
+    model: str
+    gpu: str
+    train: dict
+    published_mfu: float
+    source: str
+
+
+FSDP_RUNS = [
+    FsdpRun("torchtitan, Llama 2 13B, 64 A100-80GB, seq 4096, batch 2, no AC", "llama-2-13b", "a100-80gb",
+            dict(gpus=64, zero_stage=3, micro_batch=2, seq_len=4096, precision="amp-bf16"), 0.611,
+            "pytorch/torchtitan docs/performance.md at 3faaa1a0d (FSDP2)"),
+    FsdpRun("torchtitan, Llama 2 70B, 64 A100-80GB, seq 4096, batch 2, full AC", "llama-2-70b", "a100-80gb",
+            dict(gpus=64, zero_stage=3, micro_batch=2, seq_len=4096, precision="amp-bf16",
+                 activation_checkpointing="full"), 0.505, "pytorch/torchtitan docs/performance.md at 3faaa1a0d"),
+    FsdpRun("llm-foundry, 13B, 64 A100-40GB, seq 2048, micro-batch 16, AC", "llama-2-13b", "a100-40gb",
+            dict(gpus=64, zero_stage=3, micro_batch=16, seq_len=2048, activation_checkpointing="full"), 0.5204,
+            "mosaicml/llm-foundry scripts/train/benchmarking/README.md (FULL_SHARD)"),
+    FsdpRun("llm-foundry, 13B, 64 H100, seq 2048, micro-batch 2, no AC", "llama-2-13b", "h100-sxm-80gb",
+            dict(gpus=64, zero_stage=3, micro_batch=2, seq_len=2048), 0.3986,
+            "mosaicml/llm-foundry scripts/train/benchmarking/README.md (FULL_SHARD)"),
+    FsdpRun("llm-foundry, 70B, 64 H100, seq 2048, micro-batch 8 x 4, AC", "llama-2-70b", "h100-sxm-80gb",
+            dict(gpus=64, zero_stage=3, micro_batch=8, global_batch=2048, seq_len=2048,
+                 activation_checkpointing="full"), 0.4257,
+            "mosaicml/llm-foundry scripts/train/benchmarking/README.md (FULL_SHARD)"),
+]
+
+
+def predict_fsdp(run: FsdpRun):
+    """The planner's Throughput for a published run (8 GPUs per node, the shipped calibration)."""
+    gpu = load_gpu(run.gpu)
+    return estimate_step(load_model(run.model), gpu, TrainConfig(**run.train), calibration_for_gpu(gpu), 8)
