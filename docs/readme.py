@@ -147,11 +147,13 @@ def step_time() -> str:
     lines = ["| run | published TFLOP/s per GPU | predicted | error |", "|---|---|---|---|"]
     for run in NARAYANAN:
         ours = predict_megatron(run)
-        lines.append(f"| {run.label} | {run.published_tflops:g} | {ours:.0f} | {ours / run.published_tflops - 1:+.1%} |")
+        error = ours / run.published_tflops - 1
+        lines.append(f"| {run.label} | {run.published_tflops:g} | {ours:.0f} | {error:+.1%} |")
     bloom = predict_bloom()
     lines.append(f"| {BLOOM_LABEL} | ~{BLOOM_TFLOPS:g} | {bloom:.0f} | {bloom / BLOOM_TFLOPS - 1:+.1%} |")
     zero3 = [(gpus, published, predict_narayanan_zero3(gpus, mb)) for gpus, mb, published in NARAYANAN_ZERO3]
-    lines += ["", "Table 2's ZeRO-3 rows (DeepSpeed, 2021: " + " / ".join(f"{p:g}" for _, p, _ in zero3) + " TFLOP/s on "
+    published = " / ".join(f"{p:g}" for _, p, _ in zero3)
+    lines += ["", f"Table 2's ZeRO-3 rows (DeepSpeed, 2021: {published} TFLOP/s on "
               + " / ".join(str(g) for g, _, _ in zero3) + " GPUs) are not reproduced (ours: "
               + " / ".join(f"{o:.0f}" for _, _, o in zero3) + "): with NCCL's rings over every NIC and unit-by-unit "
               "prefetching, a 175B layer's compute hides its all-gathers at every size; the 2021 implementation "

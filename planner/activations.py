@@ -173,7 +173,8 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     return terms
 
 
-def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder", recompute: str | None = None) -> dict[str, int]:
+def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder",
+                recompute: str | None = None) -> dict[str, int]:
     """Saved tensors of one layer, by name, in bytes, for one micro-batch on one TP rank.
 
     ``recompute`` defaults to the config's activation checkpointing."""
@@ -193,7 +194,8 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
     return terms
 
 
-def layer_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder", recompute: str | None = None) -> int:
+def layer_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder",
+                recompute: str | None = None) -> int:
     return sum(layer_terms(model, train, kind, recompute).values())
 
 

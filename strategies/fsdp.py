@@ -1,8 +1,9 @@
 """ZeRO-2 and ZeRO-3 (Rajbhandari et al. 2019) with FSDP2's ``fully_shard``.
 
 Each block is one FSDP unit, so is the embedding side (token and position embeddings, the
-embedding norm) and the final norm + head; the root takes what is left (nothing with weights). ``reshard_after_forward=True`` frees each unit's gathered parameters after its
-forward and gathers them again for backward: ZeRO-3. ``False`` keeps them from the forward to
+embedding norm) and the final norm + head; the root takes what is left (nothing with weights).
+``reshard_after_forward=True`` frees each unit's gathered parameters after its forward and
+gathers them again for backward: ZeRO-3. ``False`` keeps them from the forward to
 the unit's backward, so between steps only shards remain: ZeRO-2 as FSDP2 runs it (the
 planner's ``pytorch`` engine: a parameter shard plus gathered parameters during the step).
 Gradients are reduce-scattered per unit into fp32 or parameter-dtype shards.

@@ -124,7 +124,8 @@ NCCL_TESTS = [
     NcclTest("8x H200 NVLink 4, all-reduce (ring)", "h200", 8, "all_reduce", 367.2,
              "ml-engineering network/README.md (16 GiB)"),
     NcclTest("8x H200 NVLink 4, all-gather", "h200", 8, "all_gather", 361.4, "ml-engineering network/README.md"),
-    NcclTest("8x H200 NVLink 4, reduce-scatter", "h200", 8, "reduce_scatter", 362.9, "ml-engineering network/README.md"),
+    NcclTest("8x H200 NVLink 4, reduce-scatter", "h200", 8, "reduce_scatter", 362.9,
+             "ml-engineering network/README.md"),
     NcclTest("4 nodes of 8x H200 (EFA), all-reduce (ring)", "h200", 32, "all_reduce", 364.87,
              "ml-engineering network/README.md (4 GiB)"),
 ]
