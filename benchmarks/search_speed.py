@@ -20,22 +20,14 @@ import time
 from pathlib import Path
 
 
-def _clear_caches() -> None:
-    """Every cache the planner keeps (a fresh process's state)."""
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] == "planner":
-            for value in vars(module).values():
-                if callable(getattr(value, "cache_clear", None)):
-                    value.cache_clear()
-
-
 def time_search(model_name: str, gpus: int, global_batch: int | None, repeats: int = 5) -> tuple[float, int, int]:
+    from planner import clear_caches
     from planner.catalog import load_gpu, load_model
     from planner.search import SearchSpace, search
 
     best, result = float("inf"), None
     for _ in range(repeats):
-        _clear_caches()
+        clear_caches()
         start = time.perf_counter()
         model, gpu = load_model(model_name), load_gpu("h100-sxm-80gb")
         space = SearchSpace(gpus=gpus, gpus_per_node=min(8, gpus), global_batch=global_batch)

@@ -10,13 +10,12 @@ peak of llama-3-8b ZeRO-3, seq 8192, micro-batch 2; validation/cpu.json now hold
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from planner import activations as act
+from planner import clear_caches
 from planner.calibration import default_calibration
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig, check_layout
@@ -31,14 +30,6 @@ MODELS = ["tiny-llama", "llama-2-7b", "llama-3-8b", "tiny-gpt2", "cpm-2"]
 # A GPU with room for everything, so that every searched layout is built in full.
 HUGE = load_gpu("h100-sxm-80gb").model_copy(update={"memory_bytes": 2**60, "host_memory_per_node_bytes": 2**62})
 CAL = default_calibration()
-
-
-def _clear_planner_caches() -> None:
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] == "planner":
-            for value in vars(module).values():
-                if callable(getattr(value, "cache_clear", None)):
-                    value.cache_clear()
 
 
 @st.composite
@@ -79,7 +70,7 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
 @given(layouts(), st.lists(layouts(), min_size=1, max_size=4))
 def test_estimate_is_the_same_alone_after_others_and_inside_a_search(layout, others):
     model, train = layout
-    _clear_planner_caches()
+    clear_caches()
     alone = estimate(model, HUGE, train, CAL)
     for other_model, other_train in others:
         estimate(other_model, HUGE, other_train, CAL)
