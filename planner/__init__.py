@@ -1,4 +1,4 @@
-
+"""The planner: pure arithmetic over the shared vocabulary (planner.configs); never imports torch."""
 
 
 def clear_caches() -> None:
