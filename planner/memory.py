@@ -411,7 +411,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     fsdp_units = fsdp and zero >= 3 and train.pp == 1
     # A tied head multiplies by the embedding after the embedding's unit ran: the strategy
     # layer keeps that unit gathered from its forward to its backward (strategies/fsdp.py).
-    tied_gathered = sp.first_unit * recipe.gather_bytes if (
+    tied_gathered = sp.first_unit * gather if (
         fsdp_units and model.tied_embeddings and sp.has_embedding and sp.has_head) else 0
     if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch"):
         # current + prefetched unit while layers run; at the loss only the unit that ran last
@@ -660,7 +660,7 @@ def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, over
     p1, host_per_rank = screen_memory(model, train.model_copy(update={
         "micro_batch": 1, "global_batch": train.dp * train.grad_accum}), overheads)
     per_node = min(gpus_per_node or gpu.gpus_per_node, train.gpus)
-    if p1 > budget or not all(lim.fits for lim in memory_limits(gpu, p1, host_per_rank * per_node)):
+    if not all(lim.fits for lim in memory_limits(gpu, p1, host_per_rank * per_node)):
         return 0
     slope = peak(2) - p1
     hi = limit if slope <= 0 else min(limit, 1 + (budget - p1) // slope)
