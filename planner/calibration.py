@@ -13,22 +13,28 @@ import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from planner.configs import GPUSpec
-from planner.errors import ConfigFileError
+from planner.configs import MAX_DEVICE_BYTES, GPUSpec
+from planner.errors import ConfigFileError, shown
+from planner.inputs import read_json_object
+
+Efficiency = Annotated[float, Field(gt=0, le=1)]
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
 
 
 class Overheads(BaseModel):
     """Memory the arithmetic of tensors does not see. Defaults are documented in
     ``presets/calibration/default.json``; ``trainplan calibrate`` measures them."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    cuda_context_bytes: int = 0
-    communicator_bytes: int = Field(default=0, description="per process group with more than one rank")
-    fragmentation: float = Field(default=0.0, ge=0.0, description="fraction of allocated bytes")
+    cuda_context_bytes: int = Field(default=0, ge=0, le=MAX_DEVICE_BYTES)
+    communicator_bytes: int = Field(default=0, ge=0, le=MAX_DEVICE_BYTES,
+                                    description="per process group with more than one rank")
+    fragmentation: float = Field(default=0.0, ge=0.0, le=1.0, description="fraction of allocated bytes")
     calibrated: bool = False
     source: str = ""
 
@@ -39,27 +45,36 @@ class Overheads(BaseModel):
 
 
 class ThroughputConstants(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    compute_efficiency: dict[str, float] = Field(
+    compute_efficiency: dict[str, Efficiency] = Field(
         description="fraction of the dense peak that a transformer's compute sustains, per dtype")
-    compute_efficiency_by_gpu: dict[str, dict[str, float]] = Field(
+    compute_efficiency_by_gpu: dict[str, dict[str, Efficiency]] = Field(
         default_factory=dict, description="per GPU name (GPUSpec.name), overriding compute_efficiency")
     collective_bandwidth_efficiency: float = Field(gt=0, le=1, description="NCCL bus bandwidth / NVLink bandwidth")
     inter_node_bandwidth_efficiency: float = Field(gt=0, le=1, description="NCCL bus bandwidth / network bandwidth")
-    intra_node_latency_s: float = Field(ge=0, description="per ring step inside a node")
-    inter_node_latency_s: float = Field(ge=0, description="per ring step across nodes")
-    collective_base_latency_s: float = Field(default=8.4e-6, ge=0, description="fixed cost of one collective "
+    intra_node_latency_s: float = Field(ge=0, le=1, description="per ring step inside a node")
+    inter_node_latency_s: float = Field(ge=0, le=1, description="per ring step across nodes")
+    collective_base_latency_s: float = Field(default=8.4e-6, ge=0, le=1, description="fixed cost of one collective "
                                              "(NCCL's baseLat, Simple protocol)")
     tree_bandwidth_efficiency: float = Field(default=0.74, gt=0, le=1, description="tree all-reduce bus bandwidth "
                                              "/ ring bus bandwidth across nodes (NCCL's tree caps)")
     overlap_contention: float = Field(ge=0, le=1, description="fraction of overlapped communication time that "
                                                               "still slows compute (SMs and HBM shared)")
     host_link_efficiency: float = Field(gt=0, le=1, description="achieved / nominal PCIe bandwidth")
-    cpu_adam_params_per_s: float = Field(gt=0, description="CPU Adam update rate per GPU's share of host cores")
+    cpu_adam_params_per_s: float = Field(gt=0, le=1e15, description="CPU Adam update rate per GPU's share of "
+                                         "host cores")
     optimizer_hbm_efficiency: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth of the step")
-    eager_attention_passes: float = Field(default=20.0, ge=0, description="memory passes over the s x s scores "
+    eager_attention_passes: float = Field(default=20.0, ge=0, le=1e4, description="memory passes over the s x s scores "
                                           "per layer (forward + backward) of unfused attention, at HBM speed")
+
+    @field_validator("compute_efficiency")
+    @classmethod
+    def _every_dtype(cls, value: dict[str, float]) -> dict[str, float]:
+        missing = [d for d in DTYPES if d not in value]
+        if missing:
+            raise ValueError(f"needs an efficiency for {', '.join(missing)}")
+        return value
 
     def efficiency(self, gpu_name: str, dtype: str) -> float:
         return self.compute_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.compute_efficiency[dtype])
@@ -99,13 +114,14 @@ def default_overheads() -> Overheads:
 
 
 def _parse(raw: dict, where: str) -> Calibration:
+    overheads = raw.get("overheads")
+    if not isinstance(overheads, dict):
+        raise ConfigFileError(f"calibration {where}: overheads must be a JSON object")
+    overheads = dict(overheads)
+    overheads.setdefault("source", str(raw.get("overheads_source", raw.get("source", where))))
+    overheads.setdefault("calibrated", raw.get("calibrated", False) is True)
     try:
-        overheads = dict(raw["overheads"])
-        overheads.setdefault("source", raw.get("overheads_source", raw.get("source", where)))
-        overheads.setdefault("calibrated", bool(raw.get("calibrated", False)))
         return Calibration(**{**raw, "overheads": overheads})
-    except (KeyError, TypeError) as exc:
-        raise ConfigFileError(f"calibration {where} lacks {exc}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigFileError(f"calibration {where}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
@@ -114,19 +130,18 @@ def _parse(raw: dict, where: str) -> Calibration:
 def load_calibration(path: str | Path) -> Calibration:
     """A calibration file (``trainplan calibrate`` output); missing throughput constants fall
     back to the defaults, so a memory-only calibration is valid."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigFileError(f"calibration file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigFileError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(raw, dict):
-        raise ConfigFileError(f"{path} must hold a JSON object")
+    where = shown(str(path))
+    raw = read_json_object(path, "calibration file")
+    for key in ("overheads", "throughput"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise ConfigFileError(f"calibration {where}: {key} must be a JSON object")
+    if not isinstance(raw.get("calibrated_constants", []), list):
+        raise ConfigFileError(f"calibration {where}: calibrated_constants must be a list of names")
     base = default_calibration().model_dump()
     merged = {**base, **raw}
-    merged["throughput"] = _throughput(base["throughput"], raw, str(path))
+    merged["throughput"] = _throughput(base["throughput"], raw, where)
     merged["overheads"] = {**{k: v for k, v in base["overheads"].items() if k != "source"}, **raw.get("overheads", {})}
-    return _parse(merged, str(path))
+    return _parse(merged, where)
 
 
 def _throughput(defaults: dict, raw: dict, where: str) -> dict:
@@ -139,14 +154,22 @@ def _throughput(defaults: dict, raw: dict, where: str) -> dict:
     measured = raw.get("calibrated_constants")
     by_gpu = {name: dict(values) for name, values in defaults["compute_efficiency_by_gpu"].items()}
     file_by_gpu = given.get("compute_efficiency_by_gpu", {})
+    if not isinstance(file_by_gpu, dict) or not all(isinstance(v, dict) for v in file_by_gpu.values()):
+        raise ConfigFileError(f"{where}: compute_efficiency_by_gpu must map GPU names to objects of efficiencies")
+    per_dtype = given.get("compute_efficiency", {})
+    if not isinstance(per_dtype, dict):
+        raise ConfigFileError(f"{where}: compute_efficiency must be a JSON object of efficiencies per dtype")
     if measured is None:
         for name, values in file_by_gpu.items():
             by_gpu[name] = {**by_gpu.get(name, {}), **values}
-        return {**defaults, **given, "compute_efficiency_by_gpu": by_gpu}
-    kept = {key: value for key, value in given.items() if key in measured}
+        return {**defaults, **given, "compute_efficiency": {**defaults["compute_efficiency"], **per_dtype},
+                "compute_efficiency_by_gpu": by_gpu}
+    kept = {key: value for key, value in given.items() if key in measured and key != "compute_efficiency_by_gpu"}
+    if "compute_efficiency" in kept:
+        kept["compute_efficiency"] = {**defaults["compute_efficiency"], **per_dtype}
     for entry in measured:  # "compute_efficiency[<GPU name>][<dtype>]"
-        if entry.startswith("compute_efficiency[") and entry.count("][") == 1:
-            name, dtype = entry[len("compute_efficiency["):-1].split("][")
+        if isinstance(entry, str) and entry.startswith("compute_efficiency[") and entry.count("][") == 1:
+            name, dtype = entry[len("compute_efficiency["):-1].split("][")[:2]
             if dtype in file_by_gpu.get(name, {}):
                 by_gpu.setdefault(name, {})[dtype] = file_by_gpu[name][dtype]
     return {**defaults, **kept, "compute_efficiency_by_gpu": by_gpu}

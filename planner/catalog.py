@@ -18,7 +18,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from planner.configs import GPUSpec, ModelSpec
-from planner.errors import ConfigError, ConfigFileError, UnknownPresetError
+from planner.errors import ConfigError, ConfigFileError, UnknownPresetError, shown
+from planner.inputs import read_json_object
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,17 @@ def _gpu_from_preset(preset_id: str) -> GPUSpec:
     return GPUSpec(**gpu_preset(preset_id).raw["spec"])
 
 
+def _names_a_file(name: str) -> bool:
+    try:
+        return name.endswith(".json") or Path(name).exists()
+    except OSError:  # a name too long to be a path, say: a preset name then
+        return False
+
+
 def load_model(name_or_path: str) -> ModelSpec:
-    """A preset id, an alias, or a path to a Hugging Face ``config.json``."""
-    path = Path(name_or_path)
-    if name_or_path.endswith(".json") or path.is_file() or path.is_dir():
+    """A preset id, an alias, or a path to a Hugging Face ``config.json`` (or its folder)."""
+    if _names_a_file(name_or_path):
+        path = Path(name_or_path)
         return model_from_hf_config(path / "config.json" if path.is_dir() else path)
     return _model_from_preset(_resolve("models", name_or_path, "trainplan presets"))
 
@@ -98,7 +106,7 @@ def load_model(name_or_path: str) -> ModelSpec:
 def load_gpu(name_or_path: str) -> GPUSpec:
     """A preset id, an alias, or a JSON file in the presets' schema (``{"id": ..., "spec":
     {...}}``, as ``presets/gpus/*.json``; a bare ``spec`` object is accepted too)."""
-    if name_or_path.endswith(".json") or Path(name_or_path).is_file():
+    if _names_a_file(name_or_path):
         return gpu_from_file(Path(name_or_path))
     return _gpu_from_preset(_resolve("gpus", name_or_path, "trainplan presets"))
 
@@ -109,30 +117,16 @@ def gpu_preset_for_device(device_name: str) -> str | None:
 
 
 def gpu_from_file(path: Path) -> GPUSpec:
-    raw = _read_json_object(path, "GPU file")
+    raw = read_json_object(path, "GPU file")
     spec = raw["spec"] if "spec" in raw else raw
     where = "spec." if "spec" in raw else ""
     if not isinstance(spec, dict):
-        raise ConfigFileError(f"{path}: spec must be a JSON object of GPU settings")
+        raise ConfigFileError(f"{shown(str(path))}: spec must be a JSON object of GPU settings")
     try:
         return GPUSpec(**spec)
     except ValidationError as exc:
         problems = "; ".join(f"{where}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigFileError(f"{path}: {problems} (see presets/gpus/*.json for the schema)") from None
-
-
-def _read_json_object(path: Path, what: str) -> dict:
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigFileError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigFileError(f"cannot read {what} {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigFileError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(raw, dict):
-        raise ConfigFileError(f"{path} must hold a JSON object")
-    return raw
+        raise ConfigFileError(f"{shown(str(path))}: {problems} (see presets/gpus/*.json for the schema)") from None
 
 
 # ---------------------------------------------------------------- Hugging Face config.json
@@ -140,90 +134,109 @@ def _read_json_object(path: Path, what: str) -> dict:
 _GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
 
 
-def _first(cfg: dict, *keys: str, default=None):
+class _BadField(Exception):
+    pass
+
+
+def _get(cfg: dict, kind: type, *keys: str, default=None, required: bool = False):
+    """The first of ``keys`` present and not null, checked to be a ``kind`` (int: a JSON
+    integer; float: any JSON number; bool: true or false; str: a string)."""
     for key in keys:
-        if cfg.get(key) is not None:
-            return cfg[key]
+        value = cfg.get(key)
+        if value is None:
+            continue
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, kind))
+        if not ok:
+            names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+            raise _BadField(f"{key} must be {names[kind]}, not {shown(json.dumps(value), 40)}")
+        return value
+    if required:
+        raise _BadField(f"lacks {keys[0]!r}, which this kind of config needs")
     return default
 
 
 def model_from_hf_config(path: Path) -> ModelSpec:
-    """Reads a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX styles)."""
-    cfg = _read_json_object(path, "model config file")
-    model_type = str(cfg.get("model_type", "")).lower()
-    name = cfg.get("_name_or_path") or Path(path).parent.name or model_type or "custom"
+    """Reads a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX styles);
+    every field is checked for its type and range, and a bad one is named."""
+    where = shown(str(path))
+    cfg = read_json_object(path, "model config file")
     try:
+        model_type = _get(cfg, str, "model_type", default="").lower()
+        name = _get(cfg, str, "_name_or_path", default="") or Path(path).parent.name or model_type or "custom"
         if model_type == "gpt2" or "n_embd" in cfg:
             fields = _gpt2_fields(cfg)
         elif model_type == "gpt_neox" or "rotary_pct" in cfg or "use_parallel_residual" in cfg:
             fields = _neox_fields(cfg)
         else:
             fields = _llama_fields(cfg, model_type)
-    except KeyError as exc:
-        raise ConfigFileError(f"{path} lacks {exc.args[0]!r}, which a {model_type or 'model'} config needs") from None
+    except _BadField as exc:
+        raise ConfigFileError(f"{where}: {exc}") from None
     try:
-        return ModelSpec(name=str(name), source=f"Hugging Face config {path}", **fields)
+        return ModelSpec(name=name[:200], source=f"Hugging Face config {path}", **fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigFileError(f"{path}: {where}: {first['msg']}") from None
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigFileError(f"{where}: {loc}: {first['msg']}") from None
     except ConfigError as exc:
-        raise ConfigFileError(f"{path}: {exc}") from None
+        raise ConfigFileError(f"{where}: {exc}") from None
 
 
 def _llama_fields(cfg: dict, model_type: str) -> dict:
-    act = str(_first(cfg, "hidden_act", "hidden_activation", default="silu"))
-    heads = cfg["num_attention_heads"]
+    act = _get(cfg, str, "hidden_act", "hidden_activation", default="silu")
+    heads = _get(cfg, int, "num_attention_heads", required=True)
     return dict(
-        num_layers=cfg["num_hidden_layers"],
-        hidden_size=cfg["hidden_size"],
+        num_layers=_get(cfg, int, "num_hidden_layers", required=True),
+        hidden_size=_get(cfg, int, "hidden_size", required=True),
         num_heads=heads,
-        num_kv_heads=_first(cfg, "num_key_value_heads", default=heads),
-        head_dim=_first(cfg, "head_dim", default=0),
-        ffn_hidden_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
+        num_kv_heads=_get(cfg, int, "num_key_value_heads", default=heads),
+        head_dim=_get(cfg, int, "head_dim", default=0),
+        ffn_hidden_size=_get(cfg, int, "intermediate_size", required=True),
+        vocab_size=_get(cfg, int, "vocab_size", required=True),
         mlp=_GATED_ACTS.get(act, "swiglu"),
         norm="rmsnorm",
         position_embedding="rope",
-        max_position_embeddings=_first(cfg, "max_position_embeddings", default=4096),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=_get(cfg, int, "max_position_embeddings", default=4096),
+        tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=False),
         # Qwen2 hard-codes bias on q, k, v (its config has no key for it); Llama says attention_bias.
-        qkv_bias=bool(cfg.get("attention_bias", False)) or model_type in ("qwen2", "qwen2_moe"),
-        linear_bias=bool(cfg.get("mlp_bias", False)) and bool(cfg.get("attention_bias", False)),
-        dropout=float(_first(cfg, "attention_dropout", default=0.0) or 0.0),
+        qkv_bias=_get(cfg, bool, "attention_bias", default=False) or model_type in ("qwen2", "qwen2_moe"),
+        linear_bias=_get(cfg, bool, "mlp_bias", default=False) and _get(cfg, bool, "attention_bias", default=False),
+        dropout=float(_get(cfg, float, "attention_dropout", default=0.0)),
     )
 
 
 def _gpt2_fields(cfg: dict) -> dict:
-    hidden = cfg["n_embd"]
+    hidden = _get(cfg, int, "n_embd", required=True)
     return dict(
-        num_layers=cfg["n_layer"],
+        num_layers=_get(cfg, int, "n_layer", required=True),
         hidden_size=hidden,
-        num_heads=cfg["n_head"],
-        ffn_hidden_size=cfg.get("n_inner") or 4 * hidden,
-        vocab_size=cfg["vocab_size"],
+        num_heads=_get(cfg, int, "n_head", required=True),
+        ffn_hidden_size=_get(cfg, int, "n_inner", default=0) or 4 * hidden,
+        vocab_size=_get(cfg, int, "vocab_size", required=True),
         mlp="gelu",
         norm="layernorm",
         position_embedding="learned",
-        max_position_embeddings=_first(cfg, "n_positions", "n_ctx", default=1024),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_position_embeddings=_get(cfg, int, "n_positions", "n_ctx", default=1024),
+        tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=True),
         linear_bias=True,
-        dropout=float(_first(cfg, "resid_pdrop", default=0.0) or 0.0),
+        dropout=float(_get(cfg, float, "resid_pdrop", default=0.0)),
     )
 
 
 def _neox_fields(cfg: dict) -> dict:
     return dict(
-        num_layers=cfg["num_hidden_layers"],
-        hidden_size=cfg["hidden_size"],
-        num_heads=cfg["num_attention_heads"],
-        ffn_hidden_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
+        num_layers=_get(cfg, int, "num_hidden_layers", required=True),
+        hidden_size=_get(cfg, int, "hidden_size", required=True),
+        num_heads=_get(cfg, int, "num_attention_heads", required=True),
+        ffn_hidden_size=_get(cfg, int, "intermediate_size", required=True),
+        vocab_size=_get(cfg, int, "vocab_size", required=True),
         mlp="gelu",
         norm="layernorm",
         position_embedding="rope",
-        max_position_embeddings=_first(cfg, "max_position_embeddings", default=2048),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        linear_bias=bool(cfg.get("attention_bias", True)),
-        dropout=float(_first(cfg, "hidden_dropout", default=0.0) or 0.0),
+        max_position_embeddings=_get(cfg, int, "max_position_embeddings", default=2048),
+        tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=False),
+        linear_bias=_get(cfg, bool, "attention_bias", default=True),
+        dropout=float(_get(cfg, float, "hidden_dropout", default=0.0)),
     )

@@ -27,8 +27,27 @@ STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 """CLI strategy names and the ZeRO stage each one is."""
 
 
+# Sizes beyond these are refused up front: they are larger than anything trained today by a
+# wide margin, and they keep every loop of the planner bounded (README: "Limits").
+MAX_GPUS = 2**20
+MAX_GPUS_PER_NODE = 1024
+MAX_LAYERS = 10_000
+MAX_HIDDEN = 2**20
+MAX_HEADS = 2**16
+MAX_FFN = 2**22
+MAX_VOCAB = 2**24
+MAX_POSITIONS = 2**24
+MAX_SEQ_LEN = 2**24
+MAX_MICRO_BATCH = 2**16
+MAX_GLOBAL_BATCH = 2**30
+MAX_DEVICE_BYTES = 2**50
+MAX_HOST_BYTES = 2**60
+MAX_TFLOPS = 10**6
+MAX_BANDWIDTH_GB_S = 10**6
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Frozen):
@@ -36,24 +55,24 @@ class ModelSpec(_Frozen):
     reference model in ``strategies/model.py`` both understand it."""
 
     name: str
-    num_layers: int = Field(gt=0, description="decoder layers")
-    hidden_size: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(default=0, ge=0, description="0 means = num_heads (no GQA)")
-    head_dim: int = Field(default=0, ge=0, description="0 means hidden_size / num_heads")
-    ffn_hidden_size: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0, le=MAX_LAYERS, description="decoder layers")
+    hidden_size: int = Field(gt=0, le=MAX_HIDDEN)
+    num_heads: int = Field(gt=0, le=MAX_HEADS)
+    num_kv_heads: int = Field(default=0, ge=0, le=MAX_HEADS, description="0 means = num_heads (no GQA)")
+    head_dim: int = Field(default=0, ge=0, le=MAX_HIDDEN, description="0 means hidden_size / num_heads")
+    ffn_hidden_size: int = Field(gt=0, le=MAX_FFN)
+    vocab_size: int = Field(gt=0, le=MAX_VOCAB)
     mlp: Literal["gelu", "swiglu", "geglu"] = "swiglu"
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     position_embedding: Literal["rope", "learned", "alibi", "relative"] = "rope"
-    max_position_embeddings: int = Field(default=4096, gt=0)
+    max_position_embeddings: int = Field(default=4096, gt=0, le=MAX_POSITIONS)
     tied_embeddings: bool = False
     linear_bias: bool = Field(default=False, description="every linear layer has a bias (GPT-2, NeoX, BLOOM)")
     qkv_bias: bool = Field(default=False, description="only the q, k, v projections have a bias (Qwen2)")
     embedding_norm: bool = Field(default=False, description="a norm right after the embedding (BLOOM)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="hidden and attention dropout")
-    encoder_layers: int = Field(default=0, ge=0, description="T5-style encoder layers (0: decoder-only)")
-    relative_attention_buckets: int = Field(default=32, gt=0)
+    encoder_layers: int = Field(default=0, ge=0, le=MAX_LAYERS, description="T5-style encoder layers (0: decoder-only)")
+    relative_attention_buckets: int = Field(default=32, gt=0, le=2**16)
     source: str = ""
 
     @model_validator(mode="before")
@@ -61,6 +80,10 @@ class ModelSpec(_Frozen):
     def _fill_derived(cls, data):
         if isinstance(data, dict):
             data = dict(data)
+            ints = all(isinstance(data.get(k, 0), int) and not isinstance(data.get(k, 0), bool)
+                       for k in ("num_heads", "num_kv_heads", "head_dim", "hidden_size"))
+            if not ints:
+                return data  # field validation names the wrong one
             if not data.get("num_kv_heads"):
                 data["num_kv_heads"] = data.get("num_heads", 0)
             if not data.get("head_dim") and data.get("num_heads"):
@@ -89,12 +112,12 @@ class ModelSpec(_Frozen):
 class PeakTflops(_Frozen):
     """Dense peak throughput per data type, TFLOP/s (int8: TOPS). ``None``: not supported."""
 
-    fp32: float
-    tf32: float | None = None
-    bf16: float | None = None
-    fp16: float | None = None
-    fp8: float | None = None
-    int8: float | None = None
+    fp32: float = Field(gt=0, le=MAX_TFLOPS)
+    tf32: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
+    bf16: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
+    fp16: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
+    fp8: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
+    int8: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
 
     def for_dtype(self, dtype: str) -> float:
         value = getattr(self, dtype, None)
@@ -105,14 +128,14 @@ class PeakTflops(_Frozen):
 
 class GPUSpec(_Frozen):
     name: str
-    memory_bytes: int = Field(gt=0, description="total device memory as the driver reports it")
+    memory_bytes: int = Field(gt=0, le=MAX_DEVICE_BYTES, description="total device memory as the driver reports it")
     peak_tflops: PeakTflops
-    hbm_bandwidth_gb_s: float = Field(gt=0)
-    intra_node_bandwidth_gb_s: float = Field(gt=0, description="GPU-to-GPU inside a node, per direction")
-    inter_node_bandwidth_gb_s: float = Field(gt=0, description="per GPU, per direction, across nodes")
-    host_link_bandwidth_gb_s: float = Field(gt=0, description="GPU-to-host (PCIe / C2C), per direction")
-    gpus_per_node: int = Field(default=8, gt=0)
-    host_memory_per_node_bytes: int = Field(default=2**40, gt=0, description="CPU memory per node (offload)")
+    hbm_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S)
+    intra_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S, description="GPU-to-GPU inside a node, per direction")
+    inter_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S, description="per GPU, per direction, across nodes")
+    host_link_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S, description="GPU-to-host (PCIe / C2C), per direction")
+    gpus_per_node: int = Field(default=8, gt=0, le=MAX_GPUS_PER_NODE)
+    host_memory_per_node_bytes: int = Field(default=2**40, gt=0, le=MAX_HOST_BYTES, description="CPU memory per node (offload)")
     interconnect: str = ""
     chip: str = Field(default="", description="the GPU die (GH100, GA100, AD102, ...): a GPU without a "
                       "calibration of its own uses one measured on the same chip")
@@ -132,10 +155,10 @@ class ClusterSpec(_Frozen):
 class TrainConfig(_Frozen):
     """One fully specified training layout. The planner's search enumerates these."""
 
-    gpus: int = Field(gt=0)
-    dp: int = Field(default=0, ge=0, description="0 means gpus / (tp x pp)")
-    tp: int = Field(default=1, gt=0)
-    pp: int = Field(default=1, gt=0)
+    gpus: int = Field(gt=0, le=MAX_GPUS)
+    dp: int = Field(default=0, ge=0, le=MAX_GPUS, description="0 means gpus / (tp x pp)")
+    tp: int = Field(default=1, gt=0, le=MAX_GPUS)
+    pp: int = Field(default=1, gt=0, le=MAX_GPUS)
     sequence_parallel: bool = False
     zero_stage: int = Field(default=0, ge=0, le=3)
     offload: Offload = "none"
@@ -144,14 +167,14 @@ class TrainConfig(_Frozen):
     optimizer_impl: OptimizerImpl = "fused"
     activation_checkpointing: Checkpointing = "none"
     attention: Attention = "flash"
-    micro_batch: int = Field(default=1, gt=0)
-    global_batch: int = Field(default=0, ge=0, description="0 means micro_batch x dp x grad_accum")
-    grad_accum: int = Field(default=0, ge=0, description="0 means global_batch / (micro_batch x dp)")
-    seq_len: int = Field(default=4096, gt=0)
+    micro_batch: int = Field(default=1, gt=0, le=MAX_MICRO_BATCH)
+    global_batch: int = Field(default=0, ge=0, le=MAX_GLOBAL_BATCH, description="0 means micro_batch x dp x grad_accum")
+    grad_accum: int = Field(default=0, ge=0, le=MAX_GLOBAL_BATCH, description="0 means global_batch / (micro_batch x dp)")
+    seq_len: int = Field(default=4096, gt=0, le=MAX_SEQ_LEN)
     schedule: Schedule = "1f1b"
-    chunks: int = Field(default=1, gt=0, description="model chunks per pipeline stage (interleaved)")
+    chunks: int = Field(default=1, gt=0, le=MAX_LAYERS, description="model chunks per pipeline stage (interleaved)")
     engine: Engine = "pytorch"
-    ddp_bucket_mb: float = Field(default=25.0, gt=0, description="DDP bucket_cap_mb (MiB)")
+    ddp_bucket_mb: float = Field(default=25.0, gt=0, le=2**20, description="DDP bucket_cap_mb (MiB)")
 
     @model_validator(mode="before")
     @classmethod

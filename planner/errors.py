@@ -9,6 +9,13 @@ as ``LayoutError``.
 from __future__ import annotations
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A user's string inside a one-line message: quoted, control characters escaped, long ones
+    cut (a 300-character name or one with a newline stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 class TrainplanError(Exception):
     """Base class: a user's input cannot be planned, run or profiled as given.
 
@@ -42,7 +49,7 @@ class UnknownPresetError(TrainplanError):
         self.name = name
         self.suggestions = suggestions
         hint = f"; did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-        super().__init__(f"unknown {preset} '{name}'{hint} (see `{list_command}`)")
+        super().__init__(f"unknown {preset} {shown(name)}{hint} (see `{list_command}`)")
 
 
 class ConfigFileError(TrainplanError):

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil, prod
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -70,28 +71,31 @@ class MemoryBreakdown(_Result):
         return self.params + self.grads + self.optimizer + self.activations + self.temporaries + self.overhead
 
 
+Bytes = Annotated[int, Field(ge=0)]
+
+
 class RankMemory(_Result):
     """Components at the peak phase, and the peak itself (their sum). The same keys for a
     prediction and a measurement (profiler.report)."""
 
-    params: int
-    grads: int
-    optimizer: int
-    activations: int
-    temporaries: int
-    overhead: int
-    peak: int
+    params: Bytes
+    grads: Bytes
+    optimizer: Bytes
+    activations: Bytes
+    temporaries: Bytes
+    overhead: Bytes
+    peak: Bytes
     peak_phase: str | None = None
 
 
 class HostMemory(_Result):
     """Offloaded state held in CPU memory, per GPU rank and per node."""
 
-    params: int = 0
-    grads: int = 0
-    optimizer: int = 0
-    per_rank: int = 0
-    per_node: int = 0
+    params: Bytes = 0
+    grads: Bytes = 0
+    optimizer: Bytes = 0
+    per_rank: Bytes = 0
+    per_node: Bytes = 0
 
 
 class StageMemory(RankMemory):

@@ -265,7 +265,8 @@ def greedy_partition_max(shapes: list[tuple[int, ...]], world: int) -> int:
     """Largest per-rank share of ZeroRedundancyOptimizer: tensors sorted by size, largest first,
     each given to the rank with the smallest total so far (``_partition_parameters``)."""
     sizes = sorted((prod(s) for s in shapes), reverse=True)
-    loads = [(0, rank) for rank in range(world)]
+    # Ranks beyond the number of tensors stay empty: the heap needs no more than that.
+    loads = [(0, rank) for rank in range(min(world, len(sizes)))]
     heapq.heapify(loads)
     for size in sizes:
         load, rank = heapq.heappop(loads)

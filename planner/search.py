@@ -10,6 +10,7 @@ paths of the memory and step-time models; only the shown ones are built in full.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import isqrt
 
 from pydantic import BaseModel, ConfigDict
 
@@ -55,8 +56,14 @@ def layout_label(train: TrainConfig) -> str:
     return text
 
 
+MAX_CANDIDATES = 10_000
+"""A search evaluates at most this many layouts (about 10 s on one core for a 405B model); a
+wider space is refused with what to fix instead of running for minutes."""
+
+
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 @dataclass
@@ -177,6 +184,10 @@ def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]
                                 first_error = first_error or exc
                                 continue
                             configs.append(train)
+                            if len(configs) > MAX_CANDIDATES:
+                                raise LayoutError(
+                                    f"the flags leave more than {MAX_CANDIDATES:,} layouts to search; fix some of "
+                                    f"--tp, --pp, --strategy, --ac or --micro-batch")
     if not configs:
         if first_error is not None:
             raise first_error

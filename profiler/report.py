@@ -19,7 +19,9 @@ Error % = (predicted - measured) / measured.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.estimate import Estimate
 from planner.memory import HostMemory
@@ -32,15 +34,21 @@ MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "temporaries", "ov
 Memory = PlannerRankMemory  # integer bytes with the planner's keys, predicted or measured
 
 
-class RankMemory(BaseModel):
-    rank: int
-    stage: int
+class _Checked(BaseModel):
+    """Reports are read back from files (``trainplan compare``): numbers must be finite."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class RankMemory(_Checked):
+    rank: int = Field(ge=0)
+    stage: int = Field(ge=0)
     memory: Memory
     host: HostMemory
     phases: dict[str, int] = Field(default_factory=dict, description="total per phase")
-    max_memory_allocated: int | None = None
-    max_memory_reserved: int | None = None
-    device_used: int | None = None
+    max_memory_allocated: int | None = Field(default=None, ge=0)
+    max_memory_reserved: int | None = Field(default=None, ge=0)
+    device_used: int | None = Field(default=None, ge=0)
 
     @property
     def fragmentation(self) -> float | None:
@@ -50,15 +58,15 @@ class RankMemory(BaseModel):
         return self.max_memory_reserved / self.max_memory_allocated - 1
 
 
-class Side(BaseModel):
+class Side(_Checked):
     memory: Memory = Field(description="the most loaded rank")
-    ranks: list[RankMemory]
-    step_time_s: float | None = None
-    tokens_per_s: float | None = None
-    mfu: float | None = None
+    ranks: list[RankMemory] = Field(min_length=1)
+    step_time_s: float | None = Field(default=None, gt=0)
+    tokens_per_s: float | None = Field(default=None, gt=0)
+    mfu: float | None = Field(default=None, ge=0)
 
 
-class Row(BaseModel):
+class Row(_Checked):
     quantity: str
     unit: str
     predicted: float | None
@@ -66,19 +74,39 @@ class Row(BaseModel):
     error_pct: float | None
 
 
-class ProfileReport(BaseModel):
+class ProfileReport(_Checked):
     model: str
-    num_params: int
+    num_params: int = Field(gt=0)
     train: dict
     gpu: str
     environment: dict[str, str]
-    simulated_world: int | None = None
-    status: str = Field(description="ok, oom or failed")
+    simulated_world: int | None = Field(default=None, ge=2)
+    status: Literal["ok", "oom", "failed"]
     message: str = ""
     predicted: Side
     measured: Side | None = None
     rows: list[Row] = []
     notes: list[str] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProfileReport:
+        """What rendering relies on: a valid layout, a measured side when the run was ok, and
+        every rank within the layout."""
+        from planner.configs import TrainConfig
+        from planner.errors import TrainplanError
+
+        try:
+            train = TrainConfig(**self.train)
+        except TrainplanError as exc:
+            raise ValueError(f"train: {exc}") from None
+        if self.status == "ok" and self.measured is None:
+            raise ValueError("a report with status ok needs its measured side")
+        for side in (self.predicted, self.measured):
+            if side is not None and any(rank.rank >= train.gpus for rank in side.ranks):
+                raise ValueError(f"a rank beyond the layout's {train.gpus} GPUs")
+        if len(self.predicted.ranks) != train.gpus:
+            raise ValueError(f"the prediction covers {len(self.predicted.ranks)} ranks, the layout {train.gpus}")
+        return self
 
 
 def _error(predicted: float | None, measured: float | None) -> float | None:
@@ -215,11 +243,11 @@ def failed_report(est: Estimate, environment: dict[str, str], status: str, messa
                          gpu=est.gpu, environment=environment, status=status, message=text, predicted=predicted)
 
 
-class RecommendReport(BaseModel):
+class RecommendReport(_Checked):
     """``profile --recommend``: the planner's top candidates, each planned and measured."""
 
-    reports: list[ProfileReport]
-    recommended: int | None = Field(description="index into reports of the fastest measured layout that fits")
+    reports: list[ProfileReport] = Field(min_length=1)
+    recommended: int | None = Field(ge=0, description="index into reports of the fastest measured layout that fits")
     reason: str
 
     @classmethod

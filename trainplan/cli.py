@@ -12,6 +12,14 @@ import sys
 import click
 from pydantic import ValidationError
 
+from planner.configs import (
+    MAX_GLOBAL_BATCH,
+    MAX_GPUS,
+    MAX_GPUS_PER_NODE,
+    MAX_LAYERS,
+    MAX_MICRO_BATCH,
+    MAX_SEQ_LEN,
+)
 from planner.errors import TrainplanError
 
 
@@ -62,6 +70,9 @@ class _OneLineErrors:
         try:
             result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, **extra)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()):  # click >= 8.2
+            commands = ", ".join(getattr(self, "commands", {}))
+            self._fail(f"no command given: choose one of {commands} (trainplan --help)", "usage", 2, json_mode)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.Abort:
@@ -81,6 +92,7 @@ class _OneLineErrors:
 
     @staticmethod
     def _fail(message: str, kind: str, code: int, json_mode: bool) -> None:
+        message = " ".join(message.split())  # one line, whatever the message held
         if json_mode:
             import json
 
@@ -109,6 +121,36 @@ def _console():
 
 # ---------------------------------------------------------------- plan
 
+
+class Finite(click.ParamType):
+    """A finite number in [lo, hi]: click's FloatRange lets NaN through (every comparison with
+    NaN is false) and has no notion of infinity."""
+
+    name = "number"
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or not self.lo <= number <= self.hi:
+            self.fail(f"{value!r} is not a finite number between {self.lo:,g} and {self.hi:,g}", param, ctx)
+        return number
+
+
+MAX_LOCAL_RANKS = 1024
+"""Processes ``run`` and ``profile`` start on this machine (one per rank)."""
+
+
+def _count(hi: int) -> click.IntRange:
+    return click.IntRange(min=1, max=hi)
+
+
 PRECISION_CHOICES = ["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16"]
 DEFAULT_SEQ_LEN = 4096
 
@@ -119,23 +161,23 @@ def plan_options(fn):
     options = [
         click.option("--model", "-m", "model_name", required=True,
                      help="preset (llama-2-7b), size alias (7b) or a Hugging Face config.json"),
-        click.option("--gpus", "-g", type=click.IntRange(min=1), default=None,
+        click.option("--gpus", "-g", type=_count(MAX_GPUS), default=None,
                      help="total GPUs (default: nodes x gpus-per-node, or 1)"),
-        click.option("--nodes", type=click.IntRange(min=1), default=None, help="number of nodes"),
-        click.option("--gpus-per-node", type=click.IntRange(min=1), default=None,
+        click.option("--nodes", type=_count(MAX_GPUS), default=None, help="number of nodes"),
+        click.option("--gpus-per-node", type=_count(MAX_GPUS_PER_NODE), default=None,
                      help="GPUs per node (default: the GPU preset's, usually 8)"),
         click.option("--gpu", "gpu_name", default="h100-sxm-80gb", show_default=True, help="GPU preset"),
         click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3"]), default=None,
                      help="data-parallel strategy [default: search all]"),
         click.option("--offload", type=click.Choice(["none", "optimizer", "params"]), default=None,
                      help="offload optimizer state and gradients (and parameters) to host memory"),
-        click.option("--tp", type=click.IntRange(min=1), default=None, help="tensor-parallel size [default: search]"),
-        click.option("--pp", type=click.IntRange(min=1), default=None, help="pipeline-parallel size [default: search]"),
+        click.option("--tp", type=_count(MAX_GPUS), default=None, help="tensor-parallel size [default: search]"),
+        click.option("--pp", type=_count(MAX_GPUS), default=None, help="pipeline-parallel size [default: search]"),
         click.option("--sequence-parallel/--no-sequence-parallel", default=None,
                      help="sequence parallelism with tp [default: on when tp > 1]"),
         click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default=None,
                      help="pipeline schedule [default: search 1f1b and interleaved]"),
-        click.option("--chunks", type=click.IntRange(min=1), default=None,
+        click.option("--chunks", type=_count(MAX_LAYERS), default=None,
                      help="model chunks per stage for the interleaved schedule"),
         click.option("--ac", "activation_checkpointing", type=click.Choice(["none", "selective", "full"]),
                      default=None, help="activation checkpointing [default: search]"),
@@ -144,11 +186,11 @@ def plan_options(fn):
         click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True),
         click.option("--optimizer-impl", type=click.Choice(["fused", "foreach", "for-loop"]), default="fused",
                      show_default=True),
-        click.option("--seq-len", type=click.IntRange(min=1), default=None,
+        click.option("--seq-len", type=_count(MAX_SEQ_LEN), default=None,
                      help="tokens per sequence [default: 4096; run: at most the model's positions]"),
-        click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+        click.option("--micro-batch", type=_count(MAX_MICRO_BATCH), default=None,
                      help="sequences per micro-batch [default: search, 1 for a fixed layout]"),
-        click.option("--global-batch", type=click.IntRange(min=1), default=None,
+        click.option("--global-batch", type=_count(MAX_GLOBAL_BATCH), default=None,
                      help="sequences per optimizer step [default: one per GPU]"),
         click.option("--engine", type=click.Choice(["pytorch", "megatron", "deepspeed"]), default="pytorch",
                      show_default=True, help="whose memory semantics to predict"),
@@ -162,11 +204,11 @@ def overhead_options(fn):
     options = [
         click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False), default=None,
                      help="calibration JSON (default: the shipped one for this GPU, else documented defaults)"),
-        click.option("--cuda-context-mib", type=click.FloatRange(min=0), default=None,
+        click.option("--cuda-context-mib", type=Finite(0, 10**6), default=None,
                      help="override the CUDA context overhead (MiB)"),
-        click.option("--communicator-mib", type=click.FloatRange(min=0), default=None,
+        click.option("--communicator-mib", type=Finite(0, 10**6), default=None,
                      help="override the per-communicator (NCCL) overhead (MiB)"),
-        click.option("--fragmentation", type=click.FloatRange(min=0, max=1), default=None,
+        click.option("--fragmentation", type=Finite(0, 1), default=None,
                      help="override the allocator fragmentation fraction"),
     ]
     for option in reversed(options):
@@ -254,7 +296,7 @@ def build_space(options: dict):
 @plan_options
 @overhead_options
 @click.option("--allow-cross-node-tp", is_flag=True, help="let tensor parallelism span nodes")
-@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--top", type=click.IntRange(min=0, max=100_000), default=10, show_default=True,
               help="ranked layouts to show (0: all that fit)")
 @click.option("--sort", type=click.Choice(["throughput", "memory", "mfu"]), default="throughput", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -302,16 +344,16 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
 
 def run_options(fn):
     options = [
-        click.option("--nproc", type=click.IntRange(min=1), default=None,
+        click.option("--nproc", type=_count(MAX_LOCAL_RANKS), default=None,
                      help="ranks to launch [default: --gpus, else the visible GPUs, else 1]"),
-        click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True),
-        click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+        click.option("--steps", type=_count(100_000), default=5, show_default=True),
+        click.option("--warmup", type=click.IntRange(min=0, max=100_000), default=1, show_default=True,
                      help="steps left out of the median step time"),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--data", type=click.Path(dir_okay=False), default=None,
                      help="token file (uint16 .bin/.u16 or int32 .i32) [default: synthetic samples]"),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile each block"),
-        click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True,
+        click.option("--timeout", type=Finite(1, 10**7), default=1800, show_default=True,
                      help="seconds before every rank is stopped"),
         click.option("--fail-rank", type=int, default=None, hidden=True),
         click.option("--fail-step", type=int, default=0, hidden=True),
@@ -416,10 +458,10 @@ def _device_gpu(gpu_name_option: str):
 @plan_options
 @run_options
 @overhead_options
-@click.option("--simulate-world", type=click.IntRange(min=2), default=None,
+@click.option("--simulate-world", type=click.IntRange(min=2, max=MAX_GPUS), default=None,
               help="measure rank 0 of this many GPUs in one process (fake process group)")
 @click.option("--recommend", is_flag=True, help="run the planner's top candidates and recommend the best measured")
-@click.option("--candidates", "top_k", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--candidates", "top_k", type=_count(64), default=3, show_default=True,
               help="how many planned candidates --recommend runs")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the report as JSON (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
@@ -505,24 +547,17 @@ def _runnable(train) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def compare_command(report_path, as_json):
     """Re-render a saved profile report (trainplan profile --out FILE)."""
-    from pathlib import Path
-
-    from pydantic import ValidationError as PydanticValidationError
-
+    from planner.errors import shown
+    from planner.inputs import parse_json, read_text
     from profiler.report import ProfileReport, RecommendReport
 
+    where = shown(report_path)
+    data = parse_json(read_text(report_path, "report"), where)
+    cls = RecommendReport if isinstance(data, dict) and "reports" in data else ProfileReport
     try:
-        text = Path(report_path).read_text()
-    except OSError as exc:
-        raise click.UsageError(f"cannot read {report_path}: {exc.strerror or exc}") from None
-    for cls in (ProfileReport, RecommendReport):
-        try:
-            report = cls.model_validate_json(text)
-            break
-        except PydanticValidationError:
-            continue
-    else:
-        raise click.UsageError(f"{report_path} is not a trainplan profile report")
+        report = cls.model_validate(data)
+    except ValidationError as exc:
+        raise click.UsageError(f"{where} is not a trainplan profile report ({_validation_message(exc)})") from None
     if as_json:
         click.echo(report.model_dump_json(indent=2))
         return
@@ -537,9 +572,9 @@ def compare_command(report_path, as_json):
 @click.command("calibrate", cls=Command)
 @click.option("--model", "-m", "model_name", default="llama-3.2-1b", show_default=True,
               help="model whose training steps are measured")
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--micro-batch", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--steps", type=click.IntRange(min=3), default=6, show_default=True)
+@click.option("--seq-len", type=_count(MAX_SEQ_LEN), default=2048, show_default=True)
+@click.option("--micro-batch", type=_count(MAX_MICRO_BATCH), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(min=3, max=100_000), default=6, show_default=True)
 @click.option("--precision", type=click.Choice(["bf16-mixed", "fp32", "bf16"]), default="bf16-mixed",
               show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
