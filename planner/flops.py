@@ -3,9 +3,12 @@
 Three counts, kept apart on purpose:
 
 - **model FLOPs** (for MFU): forward + backward = 3 x forward, every matmul (2 FLOPs per
-  multiply-add) including the logits, attention counted over the full s x s square as
-  PaLM (Chowdhery et al. 2022, appendix B), nanoGPT's ``estimate_mfu`` and Korthikanti et al.
-  2022 (Eq. 7: 72BLsh^2(1 + s/(6h) + v/(12hL)) for GPT) count it; no recomputation.
+  multiply-add) including the logits, a causal decoder's attention over the unmasked half of
+  the s x s square (as FlashAttention's benchmark counts it), no recomputation. With
+  ``causal=False`` the full square, as PaLM (Chowdhery et al. 2022, appendix B), nanoGPT's
+  ``estimate_mfu`` and Korthikanti et al. 2022 (Eq. 7: 72BLsh^2(1 + s/(6h) + v/(12hL)) for
+  GPT) count it. Causal model FLOPs never exceed the executed ones, so MFU stays below the
+  compute efficiency.
 - **hardware FLOPs** (for HFU): model FLOPs plus recomputation, same conventions
   (Narayanan et al. 2021 Eq. 3: 96BslH^2(1 + s/(6H) + V/(16lH)) with full recompute).
 - **executed FLOPs** (for time): what the GPU really runs -- causal flash attention skips the
@@ -53,33 +56,49 @@ def attention_square_flops(model: ModelSpec, seq_len: int, kind: str = "decoder"
     return per_attention * (2 if kind == "decoder" and model.encoder_layers else 1)
 
 
-def model_forward_flops_per_sequence(model: ModelSpec, seq_len: int) -> int:
+def _counted_attention(model: ModelSpec, seq_len: int, kind: str, causal: bool) -> float:
+    """The attention a model FLOP count charges: the full square (PaLM, nanoGPT, Korthikanti
+    et al. and Narayanan et al. count it so) or, ``causal``, only the unmasked half of a
+    decoder's self-attention -- what a causal model must compute, as FlashAttention's own
+    benchmark counts it (benchmarks/benchmark_flash_attention.py: flops / 2 if causal).
+    Cross-attention and encoders are never masked."""
+    square = attention_square_flops(model, seq_len, kind)
+    if not causal or kind != "decoder":
+        return square
+    return square * 3 / 4 if model.encoder_layers else square / 2  # self-attention half of (self + cross)
+
+
+def model_forward_flops_per_sequence(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
     matmuls = 2 * seq_len * (
         model.encoder_layers * layer_matmul_params(model, "encoder")
         + model.num_layers * layer_matmul_params(model, "decoder")
         + head_matmul_params(model)
     )
-    attention = (model.encoder_layers * attention_square_flops(model, seq_len, "encoder")
-                 + model.num_layers * attention_square_flops(model, seq_len, "decoder"))
+    attention = (model.encoder_layers * _counted_attention(model, seq_len, "encoder", causal)
+                 + model.num_layers * _counted_attention(model, seq_len, "decoder", causal))
     return matmuls + attention
 
 
-def model_flops_per_token(model: ModelSpec, seq_len: int) -> float:
-    """3 x forward: ~6N + 12 L h s (PaLM's accounting) for decoder-only models."""
-    return 3 * model_forward_flops_per_sequence(model, seq_len) / seq_len
+def model_flops_per_token(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
+    """3 x forward: ~6N + 6 L h s for causal decoder-only models (``causal=False``: 6N + 12 L h
+    s, PaLM's accounting over the full attention square)."""
+    return 3 * model_forward_flops_per_sequence(model, seq_len, causal) / seq_len
 
 
-def model_flops_per_step(model: ModelSpec, train: TrainConfig) -> int:
-    return 3 * model_forward_flops_per_sequence(model, train.seq_len) * train.global_batch
+def model_flops_per_step(model: ModelSpec, train: TrainConfig, causal: bool = True) -> float:
+    """The FLOPs MFU divides by. Causal by default: the full-square convention charges work a
+    causal kernel skips, and its MFU exceeds 100% where attention dominates (tiny-llama at seq
+    4096 in fp32 reported 109%)."""
+    return 3 * model_forward_flops_per_sequence(model, train.seq_len, causal) * train.global_batch
 
 
-def recompute_flops_per_sequence(model: ModelSpec, seq_len: int, checkpointing: str) -> int:
+def recompute_flops_per_sequence(model: ModelSpec, seq_len: int, checkpointing: str, causal: bool = True) -> float:
     """Extra forward work in backward: full recompute repeats the layers' forward (not the
     head's); selective recompute repeats the core attention (the s x s products)."""
     if checkpointing == "none":
         return 0
-    layers_attention = (model.encoder_layers * attention_square_flops(model, seq_len, "encoder")
-                        + model.num_layers * attention_square_flops(model, seq_len, "decoder"))
+    layers_attention = (model.encoder_layers * _counted_attention(model, seq_len, "encoder", causal)
+                        + model.num_layers * _counted_attention(model, seq_len, "decoder", causal))
     if checkpointing == "selective":
         return layers_attention
     layers_matmul = 2 * seq_len * (model.encoder_layers * layer_matmul_params(model, "encoder")
@@ -87,9 +106,9 @@ def recompute_flops_per_sequence(model: ModelSpec, seq_len: int, checkpointing: 
     return layers_matmul + layers_attention
 
 
-def hardware_flops_per_step(model: ModelSpec, train: TrainConfig) -> int:
-    recompute = recompute_flops_per_sequence(model, train.seq_len, train.activation_checkpointing)
-    return model_flops_per_step(model, train) + recompute * train.global_batch
+def hardware_flops_per_step(model: ModelSpec, train: TrainConfig, causal: bool = True) -> float:
+    recompute = recompute_flops_per_sequence(model, train.seq_len, train.activation_checkpointing, causal)
+    return model_flops_per_step(model, train, causal) + recompute * train.global_batch
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,15 @@ Per micro-batch or per step, by strategy:
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict
 
 from planner import comm
 from planner.calibration import Calibration, default_calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.engines import ENGINES
+from planner.errors import ConfigError
 from planner.flops import (
     hardware_flops_per_step,
     model_flops_per_step,
@@ -220,6 +223,9 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
 
     pipeline = m * t_mb[slowest] + bubble
     step = pipeline + dp_exposed + offload + optimizer
+    if not math.isfinite(step) or step <= 0:
+        raise ConfigError(f"the predicted step time is not a finite positive number ({step}); check the GPU's peaks "
+                          f"and bandwidths and the calibration's efficiencies")
     tokens = train.global_batch * s
     model_flops = model_flops_per_step(model, train)
     hardware_flops = hardware_flops_per_step(model, train)

@@ -58,19 +58,20 @@ def test_multi_node_fsdp_hides_its_traffic():
     assert issue.breakdown.dp_communication_exposed_s < 0.1 * issue.step_time_s
     assert issue.mfu > 0.5
     torchtitan = next(run for run in FSDP_RUNS if run.label.startswith("torchtitan, Llama 2 13B"))
-    assert predict_fsdp(torchtitan).mfu == pytest.approx(torchtitan.published_mfu, rel=0.05)
+    ours = predict_fsdp(torchtitan).tokens_per_s_per_gpu
+    assert ours == pytest.approx(torchtitan.published_tokens_per_s_per_gpu, rel=0.05)
 
 
 @pytest.mark.parametrize("run", FSDP_RUNS, ids=lambda run: run.label)
 def test_published_fsdp_runs_hide_their_communication(run):
     """Multi-node FSDP runs (validation/published.py): what is exposed of the data-parallel
-    traffic stays under a tenth of the step, and the MFU is within 35% of the published one.
-    The MFU gap is the compute efficiency's, not the network's: the shipped H100 calibration
-    was measured on a 1B model (38.9% of peak), the big runs reach more; with full
-    recomputation our MFU runs low by the recomputed share."""
+    traffic stays under a tenth of the step, and tokens/s per GPU is within 35% of the
+    published figure. The gap is the compute efficiency's, not the network's: the shipped H100
+    calibration was measured on a 1B model (38.9% of peak), the big runs reach more; with full
+    recomputation we run low by the recomputed share."""
     ours = predict_fsdp(run)
     assert ours.breakdown.dp_communication_exposed_s < 0.1 * ours.step_time_s
-    assert ours.mfu == pytest.approx(run.published_mfu, rel=0.35)
+    assert ours.tokens_per_s_per_gpu == pytest.approx(run.published_tokens_per_s_per_gpu, rel=0.35)
 
 
 def test_exposed_when_a_unit_computes_less_than_its_neighbour_gathers():

@@ -639,7 +639,7 @@ def presets_command(as_json):
         return
     from rich.table import Table
 
-    from trainplan.report import gib, params_text
+    from trainplan.report import gib, params_text, print_table
 
     console = _console()
     table = Table(title="models", title_justify="left", header_style="bold")
@@ -648,7 +648,7 @@ def presets_command(as_json):
     for m in models:
         table.add_row(m["id"], ", ".join(m["aliases"]), params_text(m["num_params"]), str(m["layers"]),
                       str(m["hidden"]), f"{m['heads']} ({m['kv_heads']})", f"{m['vocab']:,}")
-    console.print(table)
+    print_table(console, table)
     table = Table(title="GPUs", title_justify="left", header_style="bold")
     for column in ("id", "aliases", "memory GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "int8 TOPS", "HBM GB/s"):
         table.add_column(column, justify="right" if column not in ("id", "aliases") else "left")
@@ -656,7 +656,7 @@ def presets_command(as_json):
         table.add_row(g["id"], ", ".join(g["aliases"]), gib(g["memory_bytes"]),
                       f"{g['bf16_tflops']:g}" if g["bf16_tflops"] else "-", f"{g['fp32_tflops']:g}",
                       f"{g['int8_tops']:g}" if g["int8_tops"] else "-", f"{g['hbm_gb_s']:g}")
-    console.print(table)
+    print_table(console, table)
 
 
 # ---------------------------------------------------------------- entry points

@@ -5,7 +5,10 @@ Every function takes a result object (the same one ``--json`` dumps) and a rich 
 
 from __future__ import annotations
 
+import io
+
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -18,6 +21,24 @@ GIB = 2**30
 COMPONENT_HEADERS = {"params": "params", "grads": "grads", "optimizer": "optim", "activations": "activ",
                      "temporaries": "temps", "overhead": "overh"}
 PHASE_SHORT = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A table at its natural width when the output is not a terminal (a pipe, a file), so
+    that no number or header is cut to fit 120 columns; a terminal gets what fits it."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    # rich's measurement of a table underestimates wrapped headers: render it unbounded instead
+    probe = Console(file=io.StringIO(), width=100_000, color_system=None, highlight=False)
+    probe.print(table)
+    natural = max((cell_len(line) for line in probe.file.getvalue().splitlines()), default=0)
+    width = console.width
+    console.width = max(width, natural)  # print(width=...) cannot exceed the console's width
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def gib(n: int | float, decimals: int = 2) -> str:
@@ -117,7 +138,7 @@ def render_plan(result: PlanResult, console: Console) -> None:
             th = est.throughput
             table.add_row(*_memory_cells(est), f"{th.tokens_per_s_per_gpu:,.0f}" if summary.fits else "-",
                           f"{th.mfu:.0%}" if summary.fits else "-")
-        console.print(table)
+        print_table(console, table)
     title = "closest layouts (none fits)" if result.recommended is None else f"fastest layouts (by {result.sort})"
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, title=title, title_justify="left")
     for name, justify in (("#", "right"), ("strategy", "left"), ("dp·tp·pp", "left"), ("mb×acc", "right"), ("ac", "left"),
@@ -135,7 +156,7 @@ def render_plan(result: PlanResult, console: Console) -> None:
             f"{b.compute_s + b.recompute_s:.2f}", f"{b.exposed_communication_s:.2f}", f"{b.bubble_s:.2f}",
             f"{b.offload_s + b.optimizer_s:.2f}",
         )
-    console.print(table)
+    print_table(console, table)
     if result.recommended is not None:
         console.print(Text.assemble(("recommended: ", "bold green"), result.reason))
     else:
@@ -178,7 +199,7 @@ def render_estimate(est: Estimate, console: Console) -> None:
         for name in COMPONENTS:
             table.add_row(name, *(gib(getattr(stage.phases[p], name)) for p in PHASES))
         table.add_row(Text("total", style="bold"), *(gib(stage.phases[p].total) for p in PHASES))
-        console.print(table)
+        print_table(console, table)
         if stage.temporaries_detail:
             parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in stage.temporaries_detail.items())
             console.print(f"  [dim]temporaries at the peak ({stage.peak_phase}): {parts} GiB[/]")
@@ -235,7 +256,7 @@ def render_run(result, console: Console) -> None:
     for step in result.steps:
         loss = "-" if step.loss is None else f"{step.loss:.6f}"
         table.add_row(str(step.step), loss, f"{step.step_time_s:.3f}", f"{step.tokens_per_s:,.0f}")
-    console.print(table)
+    print_table(console, table)
     console.print(f"median step {result.median_step_time_s:.3f} s (after warm-up): "
                   f"[bold]{result.tokens_per_s:,.0f} tokens/s[/], {result.tokens_per_s / result.world:,.0f} per rank")
     table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="resident per rank after the last step",
@@ -245,7 +266,7 @@ def render_run(result, console: Console) -> None:
     for r in result.ranks:
         table.add_row(str(r.rank), bytes_text(r.params), bytes_text(r.grads), bytes_text(r.optimizer),
                       bytes_text(r.max_memory_allocated))
-    console.print(table)
+    print_table(console, table)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
 
@@ -292,7 +313,7 @@ def render_profile(report, console: Console) -> None:
     for row in report.rows:
         table.add_row(row.quantity, _quantity(row.predicted, row.unit), _quantity(row.measured, row.unit),
                       _error_text(row.error_pct))
-    console.print(table)
+    print_table(console, table)
     if len(report.measured.ranks) > 1:
         table = Table(box=box.SIMPLE_HEAD, header_style="bold", title="per rank: prediction error",
                       title_justify="left")
@@ -305,7 +326,7 @@ def render_profile(report, console: Console) -> None:
             pairs.append((predicted.memory.peak - predicted.memory.overhead, measured.memory.peak))
             cells = ["exact" if p == m else _error_text((p - m) / m * 100 if m else None) for p, m in pairs]
             table.add_row(str(measured.rank), str(measured.stage), *cells, bytes_text(measured.memory.peak))
-        console.print(table)
+        print_table(console, table)
     rank = max(report.measured.ranks, key=lambda r: r.max_memory_allocated or 0)
     if rank.fragmentation is not None:
         console.print(f"[dim]allocator: {bytes_text(rank.max_memory_reserved)} reserved at a "
@@ -329,7 +350,7 @@ def render_recommend(report, console: Console) -> None:
                       f"{r.predicted.tokens_per_s:,.0f}" if r.predicted.tokens_per_s else "-",
                       f"{measured.tokens_per_s:,.0f}" if measured and measured.tokens_per_s else "-",
                       Text(r.status, style="green" if r.status == "ok" else "red"))
-    console.print(table)
+    print_table(console, table)
     if report.reports and report.reports[0].environment.get("device") == "cpu":
         console.print("[dim]note: measured on a CPU; predicted tokens/s are for the GPU preset, memory compares[/]")
     style = "bold green" if report.recommended is not None else "bold red"
