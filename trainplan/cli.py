@@ -75,8 +75,8 @@ class _OneLineErrors:
             self._fail(f"no command given: choose one of {commands} (trainplan --help)", "usage", 2, json_mode)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
-            self._fail("aborted", "aborted", 1, json_mode)
+        except click.Abort:  # Ctrl-C, or SIGTERM during a run (strategies.launch)
+            self._fail("interrupted; no rank of a run was left running", "interrupted", 1, json_mode)
         except BrokenPipeError:
             sys.exit(1)
         except Exception as exc:  # noqa: BLE001 -- every failure is one line; a bug's traceback on request
@@ -402,6 +402,10 @@ def build_run_config(options: dict, run: dict):
         raise click.UsageError("run executes PyTorch's engines: --engine must be pytorch")
     train = TrainConfig(**fields)
     check_layout(model, train)
+    if run["data"]:
+        from strategies.data import check_token_file
+
+        check_token_file(run["data"], model.vocab_size, train.seq_len)
     return RunConfig(model=model, train=train, steps=run["steps"], warmup=run["warmup"], seed=run["seed"],
                      data=run["data"], compile=run["compile_"], fail_rank=run["fail_rank"],
                      fail_step=run["fail_step"])
@@ -475,7 +479,10 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
     one process (memory only). --recommend runs the planner's best candidates and picks the
     fastest that really fits."""
     from profiler.run import profile_layout
+    from strategies.files import check_output
 
+    if out:
+        check_output(out)  # before anything runs
     gpu, on_cpu = _device_gpu(options["gpu_name"])
     cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
     if recommend:
@@ -588,17 +595,19 @@ def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, a
 
     from planner.catalog import gpu_preset_for_device, load_gpu, load_model
     from profiler.calibrate import calibration_from, measure
+    from strategies.files import check_output
     from strategies.nvml import device_info
 
     name = device_info(0)["name"]
     preset = gpu_preset_for_device(name)
     if preset is None:
         raise Failure(f"no GPU preset is named {name!r}; add one under presets/gpus first", "unknown_gpu")
+    path = out or str(Path("calibration") / f"{preset}.json")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    check_output(path)  # before the measurement
     measured = measure(load_model(model_name), load_gpu(preset), seq_len, micro_batch, steps, precision)
     measured["date"] = time.strftime("%Y-%m-%d")
     cal = calibration_from(measured, load_gpu(preset), preset)
-    path = out or str(Path("calibration") / f"{preset}.json")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, cal.model_dump_json(indent=2))
     if as_json:
         click.echo(cal.model_dump_json(indent=2))
