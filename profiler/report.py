@@ -95,6 +95,9 @@ class ProfileReport(_Checked):
         from planner.configs import TrainConfig
         from planner.errors import TrainplanError
 
+        missing = [name for name in TrainConfig.model_fields if name not in self.train]
+        if missing:
+            raise ValueError(f"train lacks {', '.join(missing)}")
         try:
             train = TrainConfig(**self.train)
         except TrainplanError as exc:

@@ -139,7 +139,7 @@ class Finite(click.ParamType):
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(number) or not self.lo <= number <= self.hi:
-            self.fail(f"{value!r} is not a finite number between {self.lo:,g} and {self.hi:,g}", param, ctx)
+            self.fail(f"{value!r} is not a finite number between {self.lo:,} and {self.hi:,}", param, ctx)
         return number
 
 
