@@ -210,6 +210,28 @@ def seed_states() -> str:
             + " GB of model states)\n")
 
 
+def limits() -> str:
+    from planner import configs
+    from planner.inputs import MAX_FILE_BYTES
+    from planner.search import MAX_CANDIDATES
+
+    rows = [("GPUs", configs.MAX_GPUS), ("GPUs per node", configs.MAX_GPUS_PER_NODE), ("layers", configs.MAX_LAYERS),
+            ("hidden size", configs.MAX_HIDDEN), ("attention heads", configs.MAX_HEADS),
+            ("FFN hidden size", configs.MAX_FFN), ("vocabulary", configs.MAX_VOCAB),
+            ("positions, sequence length", configs.MAX_SEQ_LEN), ("micro-batch", configs.MAX_MICRO_BATCH),
+            ("global batch", configs.MAX_GLOBAL_BATCH), ("layouts one search evaluates", MAX_CANDIDATES),
+            ("bytes of a configuration, calibration, GPU or report file", MAX_FILE_BYTES)]
+    lines = ["| limit | at most |", "|---|---|"] + [f"| {name} | {value:,} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def fuzz() -> str:
+    data = json.loads((ROOT / "validation/fuzz_run.json").read_text())
+    return (f"`{data['command']}` ({data['date']}, {data['machine']}): {data['tests']} generators × "
+            f"{data['examples_per_test']:,} examples = {data['tests'] * data['examples_per_test']:,} generated inputs, "
+            f"{data['failures']} failures, {data['seconds']:,.0f} s.\n")
+
+
 SECTIONS = {
     "plan-search": plan_search,
     "plan-fixed": plan_fixed,
@@ -224,6 +246,8 @@ SECTIONS = {
     "search-speed": search_speed,
     "aliases": aliases,
     "seed-states": seed_states,
+    "limits": limits,
+    "fuzz": fuzz,
 }
 
 

@@ -131,11 +131,15 @@ class GPUSpec(_Frozen):
     memory_bytes: int = Field(gt=0, le=MAX_DEVICE_BYTES, description="total device memory as the driver reports it")
     peak_tflops: PeakTflops
     hbm_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S)
-    intra_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S, description="GPU-to-GPU inside a node, per direction")
-    inter_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S, description="per GPU, per direction, across nodes")
-    host_link_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S, description="GPU-to-host (PCIe / C2C), per direction")
+    intra_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S,
+                                             description="GPU-to-GPU inside a node, per direction")
+    inter_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S,
+                                             description="per GPU, per direction, across nodes")
+    host_link_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S,
+                                            description="GPU-to-host (PCIe / C2C), per direction")
     gpus_per_node: int = Field(default=8, gt=0, le=MAX_GPUS_PER_NODE)
-    host_memory_per_node_bytes: int = Field(default=2**40, gt=0, le=MAX_HOST_BYTES, description="CPU memory per node (offload)")
+    host_memory_per_node_bytes: int = Field(default=2**40, gt=0, le=MAX_HOST_BYTES,
+                                            description="CPU memory per node (offload)")
     interconnect: str = ""
     chip: str = Field(default="", description="the GPU die (GH100, GA100, AD102, ...): a GPU without a "
                       "calibration of its own uses one measured on the same chip")
@@ -169,7 +173,8 @@ class TrainConfig(_Frozen):
     attention: Attention = "flash"
     micro_batch: int = Field(default=1, gt=0, le=MAX_MICRO_BATCH)
     global_batch: int = Field(default=0, ge=0, le=MAX_GLOBAL_BATCH, description="0 means micro_batch x dp x grad_accum")
-    grad_accum: int = Field(default=0, ge=0, le=MAX_GLOBAL_BATCH, description="0 means global_batch / (micro_batch x dp)")
+    grad_accum: int = Field(default=0, ge=0, le=MAX_GLOBAL_BATCH,
+                            description="0 means global_batch / (micro_batch x dp)")
     seq_len: int = Field(default=4096, gt=0, le=MAX_SEQ_LEN)
     schedule: Schedule = "1f1b"
     chunks: int = Field(default=1, gt=0, le=MAX_LAYERS, description="model chunks per pipeline stage (interleaved)")

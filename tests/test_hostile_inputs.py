@@ -85,7 +85,8 @@ def test_a_search_too_wide_is_refused_with_what_to_fix(tmp_path):
 
 @pytest.mark.parametrize(("content", "message"), [
     ('{"overheads": {"cuda_context_bytes": Infinity}}', "Infinity is not a JSON number"),
-    ({"overheads": {"cuda_context_bytes": -1}}, "overheads.cuda_context_bytes: Input should be greater than or equal to 0"),
+    ({"overheads": {"cuda_context_bytes": -1}},
+     "overheads.cuda_context_bytes: Input should be greater than or equal to 0"),
     ({"overheads": {"fragmentation": -0.5}}, "overheads.fragmentation: Input should be greater than or equal to 0"),
     ({"throughput": {"compute_efficiency": {"bf16": 0}}}, "Input should be greater than 0"),
     ({"throughput": None}, "throughput must be a JSON object"),
