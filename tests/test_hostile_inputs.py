@@ -227,3 +227,21 @@ def test_token_files_refused_before_the_ranks_start(tmp_path, name, content, mes
     start = time.perf_counter()
     line = _one_line(_cli("run", "--model", "tiny-llama", "--seq-len", "16", "--steps", "1", "--data", path))
     assert message in line and time.perf_counter() - start < 10
+
+
+def test_an_infinite_step_time_is_an_error_not_null():
+    """Validated inputs keep the step time finite; should arithmetic still overflow (an
+    efficiency too small to be real, here forced past validation), the answer is one clear
+    error, never a JSON null."""
+    from planner.calibration import default_calibration
+    from planner.catalog import load_gpu, load_model
+    from planner.configs import TrainConfig
+    from planner.errors import ConfigError
+    from planner.step_time import estimate_step
+
+    cal = default_calibration()
+    tiny = cal.throughput.model_construct(**{**dict(cal.throughput), "compute_efficiency": {
+        dtype: 1e-320 for dtype in ("fp32", "tf32", "bf16", "fp16")}, "compute_efficiency_by_gpu": {}})
+    with pytest.raises(ConfigError, match="not a finite positive number"):
+        estimate_step(load_model("7b"), load_gpu("h100"), TrainConfig(gpus=1),
+                      cal.model_copy(update={"throughput": tiny}))
