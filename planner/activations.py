@@ -173,15 +173,69 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     return terms
 
 
+def _linears(model: ModelSpec, x: _Dims, kind: str) -> list[tuple[str, int, bool]]:
+    """The block's linear layers in the order its forward runs them: (name, bytes of the
+    output on this tensor-parallel rank, has a bias). A column-parallel output is the local
+    slice; a row-parallel one is the full hidden size (a partial sum before its reduction)."""
+    tokens = x.s * x.b
+    qkv_bias = model.linear_bias or model.qkv_bias
+    attention = []
+    for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+        attention += [(f"{prefix}_q_out", x.ab * tokens * x.heads * x.d, qkv_bias),
+                      (f"{prefix}_k_out", x.ab * tokens * x.kv_heads * x.d, qkv_bias),
+                      (f"{prefix}_v_out", x.ab * tokens * x.kv_heads * x.d, qkv_bias),
+                      (f"{prefix}_o_out", x.ab * tokens * x.h, model.linear_bias)]
+    ffn, hidden = x.ab * tokens * x.ffn, x.ab * tokens * x.h
+    if model.mlp == "gelu":
+        mlp = [("mlp_fc1_out", ffn, model.linear_bias), ("mlp_fc2_out", hidden, model.linear_bias)]
+    else:
+        mlp = [("mlp_gate_out", ffn, model.linear_bias), ("mlp_up_out", ffn, model.linear_bias),
+               ("mlp_down_out", hidden, model.linear_bias)]
+    return attention + mlp
+
+
+def _op_level_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, int]:
+    """What torchtitan's op-level selective checkpointing keeps of a block (its policy:
+    torchtitan 0.3.0, torchtitan/distributed/activation_checkpoint.py, ``SelectiveAC``): the
+    block's input (the checkpoint's); the outputs of matmuls, but every second one (counted in
+    execution order) recomputed -- a linear with a bias runs as addmm, which is saved and not
+    counted; the attention kernel's outputs (flash: output and log-sum-exp; eager: the two
+    bmm outputs, scores and probs @ v); reduce-scatter outputs (sequence parallelism's
+    row-parallel outputs). Everything else (norms, RoPE, activations, softmax) is recomputed.
+    Measured on the reference model (tiny-llama, CPU): exact."""
+    tokens = x.s * x.b
+    terms = {"layer_input": x.norm_ab * tokens * x.h // x.seq_div}
+    counted = 0
+    for name, nbytes, bias in _linears(model, x, kind):
+        if not bias:
+            counted += 1
+        if bias or counted % 2 == 1:
+            terms[name] = nbytes
+        if x.seq_div > 1 and name.endswith(("_o_out", "_down_out", "_fc2_out")):
+            terms[name.replace("_out", "_reduce_scattered")] = nbytes // x.seq_div
+    for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+        terms[f"{prefix}_out"] = x.ab * tokens * x.heads * x.d
+        if x.flash:
+            terms[f"{prefix}_logsumexp"] = FP32 * tokens * x.heads
+        else:
+            terms[f"{prefix}_scores"] = x.ab * x.heads * x.s * x.s * x.b
+    return terms
+
+
 def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder",
                 recompute: str | None = None) -> dict[str, int]:
     """Saved tensors of one layer, by name, in bytes, for one micro-batch on one TP rank.
 
-    ``recompute`` defaults to the config's activation checkpointing."""
+    ``recompute`` (none, selective, full, op) defaults to the config's activation checkpointing;
+    ``layer:N`` mixes full and none per layer (the memory model counts which layer is which)."""
     x = _dims(model, train)
     recompute = train.activation_checkpointing if recompute is None else recompute
+    if recompute.startswith("layer:"):
+        recompute = "none"
     if recompute == "full":
         return {"layer_input": x.norm_ab * x.s * x.b * x.h // x.seq_div}
+    if recompute == "op":
+        return _op_level_terms(model, x, kind)
     selective = recompute == "selective"
     terms = _attention_terms(x, "attn", selective)
     dropped = list(_core_attention_keys("attn"))

@@ -18,7 +18,6 @@ Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads",
 Offload = Literal["none", "optimizer", "params"]
 Optimizer = Literal["adamw", "sgd"]
 OptimizerImpl = Literal["fused", "foreach", "for-loop"]
-Checkpointing = Literal["none", "selective", "full"]
 Attention = Literal["flash", "eager"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 Engine = Literal["pytorch", "megatron", "deepspeed"]
@@ -44,6 +43,21 @@ MAX_DEVICE_BYTES = 2**50
 MAX_HOST_BYTES = 2**60
 MAX_TFLOPS = 10**6
 MAX_BANDWIDTH_GB_S = 10**6
+
+
+CHECKPOINTING_HELP = ("none, selective (Megatron's core-attention recompute), full, op (torchtitan's op-level "
+                      "selective checkpointing) or layer:N (every N-th block fully checkpointed)")
+
+
+def parse_checkpointing(value: str) -> tuple[str, int]:
+    """``(policy, every)`` of an activation checkpointing setting: ``"layer:2"`` is ("layer", 2),
+    the others (policy, 1). Raises ConfigError for anything else."""
+    if value in ("none", "selective", "full", "op"):
+        return value, 1
+    policy, _, every = value.partition(":")
+    if policy == "layer" and every.isdigit() and every == str(int(every)) and 1 <= int(every) <= MAX_LAYERS:
+        return "layer", int(every)
+    raise ConfigError(f"activation checkpointing {value!r} is none of {CHECKPOINTING_HELP}")
 
 
 class _Frozen(BaseModel):
@@ -169,7 +183,7 @@ class TrainConfig(_Frozen):
     precision: Precision = "bf16-mixed"
     optimizer: Optimizer = "adamw"
     optimizer_impl: OptimizerImpl = "fused"
-    activation_checkpointing: Checkpointing = "none"
+    activation_checkpointing: str = Field(default="none", max_length=16, description=CHECKPOINTING_HELP)
     attention: Attention = "flash"
     micro_batch: int = Field(default=1, gt=0, le=MAX_MICRO_BATCH)
     global_batch: int = Field(default=0, ge=0, le=MAX_GLOBAL_BATCH, description="0 means micro_batch x dp x grad_accum")
@@ -213,6 +227,7 @@ class TrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        parse_checkpointing(self.activation_checkpointing)
         if self.dp * self.tp * self.pp != self.gpus:
             hint = (
                 f"; with tp={self.tp} and pp={self.pp} use dp = {self.gpus // (self.tp * self.pp)}"

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-from planner.configs import ModelSpec, TrainConfig
+from planner.configs import ModelSpec, TrainConfig, parse_checkpointing
 from planner.params import layer_tensors, pipeline_stages
 
 BACKWARD_MATMUL_FACTOR = 2.0  # dgrad + wgrad
@@ -92,18 +92,52 @@ def model_flops_per_step(model: ModelSpec, train: TrainConfig, causal: bool = Tr
     return 3 * model_forward_flops_per_sequence(model, train.seq_len, causal) * train.global_batch
 
 
+@lru_cache(maxsize=256)
+def op_recomputed_params(model: ModelSpec, kind: str = "decoder") -> int:
+    """Weights of the linears torchtitan's op-level policy recomputes in a layer: every second
+    bias-free matmul in execution order (a biased linear runs as addmm, which it saves); see
+    ``planner.activations._op_level_terms``."""
+    tensors = {t.name: t for t in layer_tensors(model, kind)}
+    names = [f"{p}.{w}" for p in (("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",))
+             for w in "qkvo"]
+    names += ["mlp.fc1", "mlp.fc2"] if model.mlp == "gelu" else ["mlp.gate", "mlp.up", "mlp.down"]
+    counted, recomputed = 0, 0
+    for name in names:
+        if f"{name}.bias" in tensors:
+            continue
+        counted += 1
+        if counted % 2 == 0:
+            recomputed += tensors[f"{name}.weight"].numel
+    return recomputed
+
+
+def _checkpointed_layers(checkpointing: str, layer_ids) -> int:
+    policy, every = parse_checkpointing(checkpointing)
+    if policy == "layer":
+        return sum(1 for i in layer_ids if (i + 1) % every == 0)
+    return len(layer_ids) if policy == "full" else 0
+
+
 def recompute_flops_per_sequence(model: ModelSpec, seq_len: int, checkpointing: str, causal: bool = True) -> float:
     """Extra forward work in backward: full recompute repeats the layers' forward (not the
-    head's); selective recompute repeats the core attention (the s x s products)."""
-    if checkpointing == "none":
+    head's); selective recompute repeats the core attention (the s x s products); op-level
+    recomputes every second matmul (and the cheap ops FLOP counts ignore); layer:N repeats
+    the forward of every N-th layer."""
+    policy, _ = parse_checkpointing(checkpointing)
+    if policy == "none":
         return 0
-    layers_attention = (model.encoder_layers * _counted_attention(model, seq_len, "encoder", causal)
-                        + model.num_layers * _counted_attention(model, seq_len, "decoder", causal))
-    if checkpointing == "selective":
-        return layers_attention
-    layers_matmul = 2 * seq_len * (model.encoder_layers * layer_matmul_params(model, "encoder")
-                                   + model.num_layers * layer_matmul_params(model, "decoder"))
-    return layers_matmul + layers_attention
+    if policy == "op":
+        return 2 * seq_len * (model.encoder_layers * op_recomputed_params(model, "encoder")
+                              + model.num_layers * op_recomputed_params(model, "decoder"))
+    attention = {kind: _counted_attention(model, seq_len, kind, causal) for kind in ("encoder", "decoder")}
+    if policy == "selective":
+        return model.encoder_layers * attention["encoder"] + model.num_layers * attention["decoder"]
+    per_layer = {kind: 2 * seq_len * layer_matmul_params(model, kind) + attention[kind]
+                 for kind in ("encoder", "decoder")}
+    layers = range(model.total_layers)
+    encoder = _checkpointed_layers(checkpointing, layers[:model.encoder_layers])
+    decoder = _checkpointed_layers(checkpointing, layers[model.encoder_layers:])
+    return encoder * per_layer["encoder"] + decoder * per_layer["decoder"]
 
 
 def hardware_flops_per_step(model: ModelSpec, train: TrainConfig, causal: bool = True) -> float:
@@ -144,21 +178,31 @@ def unit_flops(model: ModelSpec, train: TrainConfig, kind: str) -> StageFlops:
     attention = attention * b / t
     forward = matmul + attention
     backward = BACKWARD_MATMUL_FACTOR * matmul + (FLASH_BACKWARD_FACTOR if flash else 2.0) * attention
-    if train.activation_checkpointing == "full":
-        recompute = forward if kind != "head" else 0.0  # the head is never checkpointed
-    elif train.activation_checkpointing == "selective":
-        recompute = attention
-    else:
+    policy, every = parse_checkpointing(train.activation_checkpointing)
+    if kind == "head" or policy == "none":  # the head is never checkpointed
         recompute = 0.0
+    elif policy == "full":
+        recompute = forward
+    elif policy == "layer":
+        recompute = forward / every  # on average; stage_flops counts which layers
+    elif policy == "selective":
+        recompute = attention
+    else:  # op
+        recompute = 2 * s * b * op_recomputed_params(model, kind) / t
     return StageFlops(forward=forward, backward=backward, recompute=recompute)
 
 
 def stage_flops(model: ModelSpec, train: TrainConfig, stage_index: int) -> StageFlops:
-    kinds = Counter(unit.kind for unit in pipeline_stages(model, train.pp, train.chunks)[stage_index].units)
+    stage = pipeline_stages(model, train.pp, train.chunks)[stage_index]
+    kinds = Counter(unit.kind for unit in stage.units)
     per_kind = {kind: unit_flops(model, train, kind) for kind in kinds}
+    recompute = sum(n * per_kind[k].recompute for k, n in kinds.items())
+    if parse_checkpointing(train.activation_checkpointing)[0] == "layer":
+        layer_kind = "encoder" if kinds.get("encoder") else "decoder"
+        layers = _checkpointed_layers(train.activation_checkpointing, stage.layer_ids)
+        recompute = layers * per_kind[layer_kind].forward if layer_kind in per_kind else 0.0
     return StageFlops(forward=sum(n * per_kind[k].forward for k, n in kinds.items()),
-                      backward=sum(n * per_kind[k].backward for k, n in kinds.items()),
-                      recompute=sum(n * per_kind[k].recompute for k, n in kinds.items()))
+                      backward=sum(n * per_kind[k].backward for k, n in kinds.items()), recompute=recompute)
 
 
 __all__ = [

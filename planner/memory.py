@@ -33,7 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from planner import activations as act
 from planner.calibration import Overheads, default_overheads
-from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
+from planner.configs import (
+    GPUSpec,
+    ModelSpec,
+    TrainConfig,
+    check_layout,
+    parse_checkpointing,
+)
 from planner.engines import ENGINES, EngineSemantics
 from planner.params import (
     embed_tensors,
@@ -210,6 +216,7 @@ class _StageParams:
     last_two_units: int  # the head and the last layer: the first units whose gradients are reduced
     unit_sizes: tuple[int, ...]  # elements of each unit (local to tp), in forward order
     unit_kinds: tuple[str, ...]
+    layer_ids: tuple[int, ...]  # global index of each layer held (layer:N checkpoints by index)
     first_unit: int  # the unit still gathered at the end of backward
     last_unit: int  # the unit that runs just before the loss (the head, on the last stage)
     last_to_differentiate: int  # units whose gradients are still being written then
@@ -264,6 +271,7 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
         last_two_units=sum(unit_sizes[-2:]),
         unit_sizes=tuple(unit_sizes),
         unit_kinds=tuple(kinds),
+        layer_ids=stage.layer_ids,
         first_unit=unit_sizes[0],
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
@@ -389,7 +397,12 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     # --- activations (one micro-batch's worth of each part; ``inflight`` says how many)
     layer_factor, embed_count, head_count = act.inflight(train, stage_index)
-    layers_mb = sp.encoder_layers * sums.encoder_layer + sp.decoder_layers * sums.decoder_layer
+    policy, every = parse_checkpointing(train.activation_checkpointing)
+    # layer:N checkpoints the N-th, 2N-th, ... block fully and leaves the others alone
+    checkpointed = [(i + 1) % every == 0 if policy == "layer" else policy == "full" for i in sp.layer_ids]
+    n_checkpointed = sum(checkpointed) if policy == "layer" else 0
+    layers_mb = (sp.encoder_layers * sums.encoder_layer + sp.decoder_layers * sums.decoder_layer
+                 + n_checkpointed * (sums.layer_input - sums.decoder_layer))
     embed_mb = sums.embedding if sp.has_embedding else 0
     # the pipeline keeps each in-flight micro-batch's stage output (logits on the last stage)
     head_mb = (sums.head + sums.pipeline_output_last) if sp.has_head else 0
@@ -403,10 +416,23 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     activations = (int(layer_factor * (layers_mb + autocast_mb)) + round(layer_factor * train.chunks) * rope_mb
                    + embed_count * embed_mb + head_count * head_mb)
     first_kind_is_encoder = sp.encoder_layers > 0
-    one_layer = (sums.encoder_layer if first_kind_is_encoder else sums.decoder_layer) if has_layers else 0
-    recompute_set = 0
-    if train.activation_checkpointing == "full" and has_layers:
-        recompute_set = sums.encoder_layer_no_recompute if first_kind_is_encoder else sums.decoder_layer_no_recompute
+    per_layer = (sums.encoder_layer if first_kind_is_encoder else sums.decoder_layer) if has_layers else 0
+    no_recompute = (sums.encoder_layer_no_recompute if first_kind_is_encoder
+                    else sums.decoder_layer_no_recompute) if has_layers else 0
+
+    def saved_and_recomputed(position: int) -> tuple[int, int]:
+        """What the stage's layer at ``position`` saves, and recomputes in its backward."""
+        if not has_layers:
+            return 0, 0
+        if policy == "layer":
+            return (sums.layer_input, no_recompute) if checkpointed[position] else (per_layer, 0)
+        if policy == "op":  # its backward rebuilds what the policy did not keep
+            return per_layer, max(no_recompute - per_layer, 0)
+        return per_layer, (no_recompute if policy == "full" else 0)
+
+    # the stage's last layer runs first in backward; its first layer last
+    one_layer, recompute_set = saved_and_recomputed(-1)
+    first_saved, first_recompute = saved_and_recomputed(0)
 
     # --- temporaries
     gather = recipe.gather_bytes
@@ -458,7 +484,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     if fsdp_units:
         unshard_acts = activations - head_mb - one_layer + (sums.layer_input if has_layers else 0)
         last_layer_forward = [(unshard_acts, sp.largest_unshard * gather, 0)]
-        if train.activation_checkpointing == "full" and has_layers:
+        if recompute_set:  # the last layer is fully checkpointed
             last_layer_forward.append((activations - head_mb + sums.layer_forward_working, gathered_fwd, 0))
     forward_moments: list[tuple[_Mem, dict[str, int]]] = []
     for acts, gathered, loss in ((activations, gathered_at_loss, loss_fwd), *last_layer_forward):
@@ -484,11 +510,11 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         grads_before_first_layer = grads_at_end
     else:
         grads_before_first_layer = grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
-    end_acts = activations - layers_mb - autocast_mb - embed_mb - head_mb - rope_mb + one_layer
+    end_acts = activations - layers_mb - autocast_mb - embed_mb - head_mb - rope_mb + first_saved
     layer_moments = [
         (activations - head_mb, grads_in_forward, gathered_fwd, workspace, 0, recompute_set),
         (activations - head_mb - one_layer, grads_in_forward, gathered_fwd, 0, grad_reduce, 0),
-        (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, recompute_set),
+        (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, first_recompute),
     ]
     if fsdp_units:
         # Measured with FSDPMemTracker (torch 2.13, llama-2-13b ZeRO-3 on 16, full recompute):
@@ -503,14 +529,16 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         unit_grads = sp.largest_unit * gather
         end_work = sums.layer_backward_end if has_layers else 0
         workspace = sums.layer_backward_extra if has_layers else 0
+        first_input_only = (sums.layer_input if has_layers else 0) - first_saved
         input_only = (sums.layer_input if has_layers else 0) - one_layer
         grads_after_last_layer = grads_in_forward if grads_persist or not sp.local else (
             grads_in_forward + grads_at_end * min(sp.last_two_units, sp.local) // sp.local)
         layer_moments = [
             (activations - head_mb, grads_in_forward, gathered_fwd, workspace, 0, recompute_set),
             (activations - head_mb - one_layer, grads_in_forward, sp.largest_unit * gather, 0, grad_reduce, 0),
-            (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, recompute_set),
-            (end_acts + input_only, grads_before_first_layer, gathered_bwd_end, end_work, pending + unit_grads, 0),
+            (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, first_recompute),
+            (end_acts + first_input_only, grads_before_first_layer, gathered_bwd_end, end_work, pending + unit_grads,
+             0),
         ]
         if sp.encoder_layers + sp.decoder_layers >= 2:
             second = activations - head_mb - one_layer

@@ -181,6 +181,7 @@ class StageUnits:
     index: int
     layers: tuple[int, int]  # [first, last) over encoder+decoder layers
     units: tuple[Unit, ...]
+    layer_ids: tuple[int, ...] = ()  # the global index of each layer held, in order
 
     @property
     def num_layers(self) -> int:
@@ -217,10 +218,12 @@ def pipeline_stages(spec: ModelSpec, pp: int, chunks: int = 1) -> tuple[StageUni
     stages = []
     for rank in range(pp):
         held: list[Unit] = []
+        ids: list[int] = []
         first_layer, last_layer = None, None
         for c in range(chunks):
             lo, hi = chunk_bounds[rank + c * pp]
             held.extend(layers[lo:hi])
+            ids.extend(range(lo, hi))
             first_layer = lo if first_layer is None else first_layer
             last_layer = hi
         if rank == 0:
@@ -228,7 +231,7 @@ def pipeline_stages(spec: ModelSpec, pp: int, chunks: int = 1) -> tuple[StageUni
         if rank == pp - 1:
             tied_copy = spec.tied_embeddings and pp > 1
             held.append(Unit("head", head_tensors(spec, tied_copy=tied_copy)) if tied_copy else head)
-        stages.append(StageUnits(rank, (first_layer or 0, last_layer or 0), tuple(held)))
+        stages.append(StageUnits(rank, (first_layer or 0, last_layer or 0), tuple(held), tuple(ids)))
     return tuple(stages)
 
 

@@ -119,8 +119,13 @@ class SearchSpace:
         if self.activation_checkpointing is not None:
             return self.activation_checkpointing
         # With flash attention, Megatron's selective recompute keeps what no recompute keeps.
+        # torchtitan's op-level policy and checkpointing every second layer sit between none
+        # and full in memory and time; Megatron's engine ships neither.
         eager = self.fixed.get("attention", "flash") == "eager"
-        return ["none", "selective", "full"] if eager else ["none", "full"]
+        values = ["none", "selective", "full"] if eager else ["none", "full"]
+        if self.fixed.get("engine", "pytorch") != "megatron":
+            values += ["op", "layer:2"]
+        return values
 
     def global_batch_for(self, dp: int) -> int:
         """The given global batch; else one micro-batch per replica when the micro-batch is

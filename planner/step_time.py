@@ -32,7 +32,13 @@ from pydantic import BaseModel, ConfigDict
 
 from planner import comm
 from planner.calibration import Calibration, default_calibration
-from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
+from planner.configs import (
+    GPUSpec,
+    ModelSpec,
+    TrainConfig,
+    check_layout,
+    parse_checkpointing,
+)
 from planner.engines import ENGINES
 from planner.errors import ConfigError
 from planner.flops import (
@@ -139,7 +145,10 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
 
     hidden_bytes = s * b * model.hidden_size * recipe.compute_bytes
     tp_collectives_per_layer = 2 + (1 if model.encoder_layers else 0)
-    passes = 3 if train.activation_checkpointing == "full" else 2
+    # full recompute repeats a layer's all-reduces; op-level recomputes what is not saved --
+    # with sequence parallelism the reduce-scatters are saved, without it the all-reduces run again
+    policy, every = parse_checkpointing(train.activation_checkpointing)
+    passes = {"full": 3, "layer": 2 + 1 / every, "op": 2 if train.sequence_parallel else 3}.get(policy, 2)
     # pipeline p2p: Megatron's scatter/gather (and sequence parallelism) send 1/t of the tensor
     p2p_bytes = hidden_bytes / t if (train.sequence_parallel or train.engine != "pytorch") else hidden_bytes
 

@@ -126,14 +126,16 @@ def test_precision_recipes_run_and_hold_what_the_planner_says(recipe, zero, refe
 
 def test_activation_checkpointing_direction_and_identical_losses():
     """Full recompute keeps only each block's input; selective (Megatron's core attention)
-    drops the flash log-sum-exp, or the s^2 softmax with eager attention. Losses identical.
+    drops the flash log-sum-exp, or the s^2 softmax with eager attention; op-level (torchtitan)
+    keeps every second matmul output and the attention kernel's; layer:2 checkpoints blocks 1
+    and 3. Losses identical.
     Measured activation bytes (MemTracker, end of forward) are the planner's within 600 bytes:
     the token ids (8 bytes x 64, which the embedding saves) exist before the tracker starts, so
     MemTracker does not count them, and nll_loss's 4-byte normaliser is allocated inside."""
     measured = {}
     losses = {}
     for attention in ("flash", "eager"):
-        for mode in ("none", "selective", "full"):
+        for mode in ("none", "selective", "full", "op", "layer:2"):
             result, train = _run(1, steps=2, profile=True, attention=attention, activation_checkpointing=mode)
             measured[attention, mode] = result.ranks[0].activations
             losses[attention, mode] = [s.loss for s in result.steps]
@@ -141,7 +143,9 @@ def test_activation_checkpointing_direction_and_identical_losses():
             assert measured[attention, mode] == pytest.approx(predicted, abs=600)
     for attention in ("flash", "eager"):
         assert measured[attention, "full"] < measured[attention, "selective"] < measured[attention, "none"]
-        assert losses[attention, "full"] == losses[attention, "none"] == losses[attention, "selective"]
+        assert measured[attention, "full"] < measured[attention, "op"] < measured[attention, "none"]
+        assert measured[attention, "full"] < measured[attention, "layer:2"] < measured[attention, "none"]
+        assert len({tuple(losses[attention, mode]) for mode in ("none", "selective", "full", "op", "layer:2")}) == 1
     eager_saving = measured["eager", "none"] - measured["eager", "selective"]
     flash_saving = measured["flash", "none"] - measured["flash", "selective"]
     assert eager_saving > 10 * flash_saving

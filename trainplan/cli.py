@@ -147,6 +147,22 @@ MAX_LOCAL_RANKS = 1024
 """Processes ``run`` and ``profile`` start on this machine (one per rank)."""
 
 
+class Checkpointing(click.ParamType):
+    """none, selective, full, op or layer:N."""
+
+    name = "policy"
+
+    def convert(self, value, param, ctx):
+        from planner.configs import parse_checkpointing
+        from planner.errors import ConfigError
+
+        try:
+            parse_checkpointing(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
 def _count(hi: int) -> click.IntRange:
     return click.IntRange(min=1, max=hi)
 
@@ -179,8 +195,9 @@ def plan_options(fn):
                      help="pipeline schedule [default: search 1f1b and interleaved]"),
         click.option("--chunks", type=_count(MAX_LAYERS), default=None,
                      help="model chunks per stage for the interleaved schedule"),
-        click.option("--ac", "activation_checkpointing", type=click.Choice(["none", "selective", "full"]),
-                     default=None, help="activation checkpointing [default: search]"),
+        click.option("--ac", "activation_checkpointing", type=Checkpointing(), default=None,
+                     help="activation checkpointing: none, selective (Megatron's core attention), full, op "
+                          "(torchtitan's op-level), layer:N (every N-th block) [default: search]"),
         click.option("--attention", type=click.Choice(["flash", "eager"]), default="flash", show_default=True),
         click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="bf16-mixed", show_default=True),
         click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True),

@@ -54,6 +54,16 @@ CPU_CASES = [
     ("Qwen1.5-7B ZeRO-3, 32 simulated", "qwen1.5-7b", 32,
      dict(gpus=32, zero_stage=3, seq_len=4096, micro_batch=1, precision="bf16-mixed")),
     ("tiny GPT-2 (tied head) ZeRO-3, 8 simulated", "tiny-gpt2", 8, dict(gpus=8, zero_stage=3, precision="bf16-mixed")),
+    # torchtitan's checkpointing policies (issue 11)
+    ("ZeRO-3, op-level AC", "tiny-llama", None, dict(gpus=2, zero_stage=3, activation_checkpointing="op")),
+    ("ZeRO-3, layer:2 AC", "tiny-llama", None, dict(gpus=2, zero_stage=3, activation_checkpointing="layer:2")),
+    ("8B ZeRO-3, op-level AC, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=1, precision="bf16-mixed", activation_checkpointing="op")),
+    ("8B ZeRO-3, layer:2 AC, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="layer:2")),
+    ("8B ZeRO-2, op-level AC, micro-batch 2, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=2, seq_len=4096, micro_batch=2, precision="bf16-mixed", activation_checkpointing="op")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
