@@ -222,6 +222,66 @@ def _op_level_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, int]:
     return terms
 
 
+def _op_shared_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, str]:
+    """Tensors op-level checkpointing keeps that are the very tensors the block without
+    recompute saves for its backward (op-level name -> no-recompute name): the block input is
+    the first norm's input; RoPE rewrites q and k, so their projections are other tensors
+    when it is on; the eager path repeats GQA's k and v to every head before saving them;
+    flash's output and log-sum-exp (eager's output projection saves a reshaped copy); the gated MLP's gate and up outputs, GELU's
+    fc1 output (the activation's input)."""
+    rope = model.position_embedding == "rope"
+    kv_same = x.flash or x.kv_heads == x.heads
+    shared = {"layer_input": "attn_norm_input"}
+    for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+        if not rope:
+            shared[f"{prefix}_q_out"] = f"{prefix}_q"
+        if not rope and kv_same:
+            shared[f"{prefix}_k_out"] = f"{prefix}_k"
+        if kv_same:
+            shared[f"{prefix}_v_out"] = f"{prefix}_v"
+        if x.flash:  # eager saves the projection's reshaped copy of the bmm output instead
+            shared[f"{prefix}_out"] = f"{prefix}_out"
+            shared[f"{prefix}_logsumexp"] = f"{prefix}_logsumexp"
+    shared |= {"mlp_gate_out": "mlp_gate_out", "mlp_up_out": "mlp_up_out", "mlp_fc1_out": "mlp_act_input"}
+    return shared
+
+
+def op_recomputed_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder") -> int:
+    """What a block under op-level checkpointing rebuilds in its backward: torch.utils.checkpoint
+    reruns the block's forward, and every op the policy did not cache saves its tensors for
+    backward again -- the block's no-recompute saved set, less the tensors the policy kept
+    (``_op_shared_terms``). Traced op by op on the reference block (FSDPMemTracker, torch 2.13)."""
+    x = _dims(model, train)
+    kept = _op_level_terms(model, x, kind)
+    full = layer_terms(model, train, kind, "none")
+    shared = _op_shared_terms(model, x, kind)
+    return sum(full.values()) - sum(full.get(shared[name], 0) for name in kept if name in shared)
+
+
+def op_released_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder") -> int:
+    """Kept tensors a block under op-level checkpointing lets go once its backward has rebuilt
+    the forward: the recompute takes each cached output back out of the policy's cache, and one
+    that no backward saves (the q projection's output under RoPE, which the recompute rotates
+    into a new tensor) is freed. The MLP's output projection's stays until the block's backward
+    ends. Traced on the reference block (torch 2.13, CPU, tensors found by address)."""
+    x = _dims(model, train)
+    kept = _op_level_terms(model, x, kind)
+    shared = _op_shared_terms(model, x, kind)
+    held = ("layer_input", "mlp_down_out", "mlp_fc2_out", "mlp_down_reduce_scattered", "mlp_fc2_reduce_scattered")
+    return sum(nbytes for name, nbytes in kept.items() if name not in shared and name not in held)
+
+
+def op_forward_pending_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder") -> int:
+    """Op-level checkpointing's kept tensors that are not alive at the peak of the block's own
+    forward (its MLP's product, ``layer_forward_working``): the MLP's output projection (and
+    its reduce-scatter) has not run yet; the up (gated) or fc1 (GELU) output is one of the
+    working tensors already."""
+    kept = _op_level_terms(model, _dims(model, train), kind)
+    later = ("mlp_down_out", "mlp_fc2_out", "mlp_down_reduce_scattered", "mlp_fc2_reduce_scattered",
+             "mlp_up_out", "mlp_fc1_out")
+    return sum(kept.get(name, 0) for name in later)
+
+
 def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder",
                 recompute: str | None = None) -> dict[str, int]:
     """Saved tensors of one layer, by name, in bytes, for one micro-batch on one TP rank.
@@ -382,7 +442,8 @@ def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationI
       projection's saved input) is already freed, the down projection's weight gradient, and
       the incoming hidden-sized gradient;
     - the MLP norm's backward: the MLP's saved tensors freed, all its weight gradients, the
-      fused RMSNorm's five fp32 hidden-sized tensors and two hidden-sized gradients."""
+      fused RMSNorm's fp32 working tensors (``_norm_backward_fp32``) and two hidden-sized
+      gradients."""
     x = _dims(model, train)
     tokens = x.s * x.b
     hidden = x.ab * tokens * x.h // x.seq_div
@@ -391,20 +452,32 @@ def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationI
     weight = x.ab * model.hidden_size * x.ffn  # one MLP weight, local to tensor parallelism
     mlp_saved = sum(v for k, v in _mlp_terms(model, x).items() if k not in ("mlp_norm_input", "mlp_norm_stats"))
     elementwise = ((3 if gated else 2) - 1) * ffn + weight + hidden
-    norm = -mlp_saved + (3 if gated else 2) * weight + 5 * FP32 * tokens * x.h // x.seq_div + 2 * hidden
+    norm = (-mlp_saved + (3 if gated else 2) * weight
+            + _norm_backward_fp32(model, x) * FP32 * tokens * x.h // x.seq_div + 2 * hidden)
     return max(elementwise, norm)
+
+
+def _norm_backward_fp32(model: ModelSpec, x: _Dims) -> int:
+    """Hidden-sized fp32 tensors alive at the last op of the fused RMSNorm's backward
+    (``strategies/kernels/norm.py``: the subtraction): the normalised input, the gradient
+    times the weight, the normalised input times the row mean, their difference -- and the
+    fp32 copies of the input and of the incoming gradient when the residual stream is not fp32
+    (``.float()`` of an fp32 tensor is the tensor itself). Traced on llama-2-13b (bf16, six)
+    and the reference block (fp32, four) with FSDPMemTracker, torch 2.13. LayerNorm keeps
+    the count first measured for it (five)."""
+    if model.norm != "rmsnorm":
+        return 5
+    return 4 + (2 if x.norm_ab != FP32 else 0)
 
 
 def layer_backward_end_workspace(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
     """What the last op of a layer's backward -- its first norm's backward -- holds beside the
     layer's weight gradients (traced op by op on the reference block, FSDPMemTracker, torch
-    2.13): the fused RMSNorm's backward works in fp32 on five hidden-sized tensors (the input,
-    the incoming gradient, the normalised input, the gradient times the weight, their
-    difference; ``strategies/kernels/norm.py``), and the residual stream's incoming and
-    outgoing gradients are alive in the compute dtype."""
+    2.13): the fused RMSNorm's backward works in fp32 (``_norm_backward_fp32``), and the
+    residual stream's incoming and outgoing gradients are alive in the compute dtype."""
     x = _dims(model, train)
     tokens = x.s * x.b
-    return (5 * FP32 + 2 * x.ab) * tokens * x.h // x.seq_div
+    return (_norm_backward_fp32(model, x) * FP32 + 2 * x.ab) * tokens * x.h // x.seq_div
 
 
 def inflight(train: TrainConfig, stage: int) -> tuple[float, int, int]:

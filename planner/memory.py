@@ -293,6 +293,11 @@ class _ActSums:
     decoder_layer: int
     encoder_layer_no_recompute: int
     decoder_layer_no_recompute: int
+    encoder_layer_op_recompute: int
+    decoder_layer_op_recompute: int
+    encoder_layer_op_released: int
+    decoder_layer_op_released: int
+    op_forward_pending: int
     embedding: int
     head: int
     loss_forward: int
@@ -317,6 +322,11 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         decoder_layer=act.layer_bytes(model, train, "decoder"),
         encoder_layer_no_recompute=act.layer_bytes(model, train, "encoder", "none"),
         decoder_layer_no_recompute=act.layer_bytes(model, train, "decoder", "none"),
+        encoder_layer_op_recompute=act.op_recomputed_bytes(model, train, "encoder"),
+        decoder_layer_op_recompute=act.op_recomputed_bytes(model, train, "decoder"),
+        encoder_layer_op_released=act.op_released_bytes(model, train, "encoder"),
+        decoder_layer_op_released=act.op_released_bytes(model, train, "decoder"),
+        op_forward_pending=act.op_forward_pending_bytes(model, train),
         embedding=sum(act.embedding_terms(model, train).values()),
         head=sum(act.head_terms(model, train).values()),
         loss_forward=loss_forward,
@@ -419,20 +429,24 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     per_layer = (sums.encoder_layer if first_kind_is_encoder else sums.decoder_layer) if has_layers else 0
     no_recompute = (sums.encoder_layer_no_recompute if first_kind_is_encoder
                     else sums.decoder_layer_no_recompute) if has_layers else 0
+    # op-level: what the backward rebuilds, less the cached tensors the rebuild releases
+    op_recompute = ((sums.encoder_layer_op_recompute - sums.encoder_layer_op_released) if first_kind_is_encoder
+                    else (sums.decoder_layer_op_recompute - sums.decoder_layer_op_released)) if has_layers else 0
 
     def saved_and_recomputed(position: int) -> tuple[int, int]:
         """What the stage's layer at ``position`` saves, and recomputes in its backward."""
         if not has_layers:
             return 0, 0
         if policy == "layer":
-            return (sums.layer_input, no_recompute) if checkpointed[position] else (per_layer, 0)
+            return (sums.layer_input, no_recompute - sums.layer_input) if checkpointed[position] else (per_layer, 0)
         if policy == "op":  # its backward rebuilds what the policy did not keep
-            return per_layer, max(no_recompute - per_layer, 0)
-        return per_layer, (no_recompute if policy == "full" else 0)
+            return per_layer, op_recompute
+        return per_layer, (no_recompute - sums.layer_input if policy == "full" else 0)
 
     # the stage's last layer runs first in backward; its first layer last
     one_layer, recompute_set = saved_and_recomputed(-1)
     first_saved, first_recompute = saved_and_recomputed(0)
+    second_saved, second_recompute = saved_and_recomputed(-2) if len(sp.layer_ids) >= 2 else (0, 0)
 
     # --- temporaries
     gather = recipe.gather_bytes
@@ -484,8 +498,9 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     if fsdp_units:
         unshard_acts = activations - head_mb - one_layer + (sums.layer_input if has_layers else 0)
         last_layer_forward = [(unshard_acts, sp.largest_unshard * gather, 0)]
-        if recompute_set:  # the last layer is fully checkpointed
-            last_layer_forward.append((activations - head_mb + sums.layer_forward_working, gathered_fwd, 0))
+        if recompute_set:  # the last layer is checkpointed (fully, or op by op)
+            pending = sums.op_forward_pending if policy == "op" else 0
+            last_layer_forward.append((activations - head_mb + sums.layer_forward_working - pending, gathered_fwd, 0))
     forward_moments: list[tuple[_Mem, dict[str, int]]] = []
     for acts, gathered, loss in ((activations, gathered_at_loss, loss_fwd), *last_layer_forward):
         tmp: dict[str, int] = {}
@@ -530,21 +545,28 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         end_work = sums.layer_backward_end if has_layers else 0
         workspace = sums.layer_backward_extra if has_layers else 0
         first_input_only = (sums.layer_input if has_layers else 0) - first_saved
-        input_only = (sums.layer_input if has_layers else 0) - one_layer
-        grads_after_last_layer = grads_in_forward if grads_persist or not sp.local else (
-            grads_in_forward + grads_at_end * min(sp.last_two_units, sp.local) // sp.local)
+        # the units whose backward ran already hold their sharded gradients: the head's during
+        # the last layer's backward, the head's and the last layer's after it
+        def grads_after(units: int) -> int:
+            if grads_persist or not sp.local:
+                return grads_in_forward
+            return min(grads_at_end, grads_in_forward + grads_at_end * min(units, sp.local) // sp.local)
+        grads_in_last_layer = grads_after(sp.last_unit if sp.has_head else 0)
+        grads_after_last_layer = grads_after(sp.last_two_units)
         layer_moments = [
-            (activations - head_mb, grads_in_forward, gathered_fwd, workspace, 0, recompute_set),
+            (activations - head_mb, grads_in_last_layer, gathered_fwd, workspace, 0, recompute_set),
             (activations - head_mb - one_layer, grads_in_forward, sp.largest_unit * gather, 0, grad_reduce, 0),
             (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, first_recompute),
             (end_acts + first_input_only, grads_before_first_layer, gathered_bwd_end, end_work, pending + unit_grads,
              0),
         ]
         if sp.encoder_layers + sp.decoder_layers >= 2:
+            # the second-to-last layer (its own policy under layer:N), the last layer's freed
             second = activations - head_mb - one_layer
             layer_moments += [
-                (second, grads_after_last_layer, gathered_fwd, workspace, pending, recompute_set),
-                (second + input_only, grads_after_last_layer, gathered_fwd, end_work, pending + unit_grads, 0),
+                (second, grads_after_last_layer, gathered_fwd, workspace, pending, second_recompute),
+                (second - second_saved + sums.layer_input, grads_after_last_layer, gathered_fwd, end_work,
+                 pending + unit_grads, 0),
             ]
     for acts, grads, gathered, work, reduce, recompute in layer_moments:
         tmp = {}

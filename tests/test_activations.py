@@ -163,3 +163,31 @@ def test_rope_tables_cast_once_per_forward():
     assert rope_table_bytes(model, _train(precision="bf16-mixed", seq_len=2048)) == 32 * 2**20
     assert rope_table_bytes(model, _train(precision="fp32", seq_len=2048)) == 0
     assert rope_table_bytes(load_model("gpt2"), _train(precision="bf16-mixed", seq_len=1024)) == 0
+
+
+@pytest.mark.parametrize("dtype, fp32_tensors", [("bfloat16", 6), ("float32", 4)])
+def test_rmsnorm_backward_working_set_is_measured(dtype, fp32_tensors):
+    """The fused RMSNorm's backward (strategies/kernels/norm.py) at its peak, traced with
+    torch's MemTracker: its new allocations are ``_norm_backward_fp32`` hidden-sized fp32
+    tensors (six from a bf16 residual stream, whose input and gradient it copies to fp32;
+    four from an fp32 one), plus the few bytes of the weight's gradient."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from strategies.kernels.norm import rms_norm
+
+    tokens, hidden = 64, 256
+    torch_dtype = getattr(torch, dtype)
+    x = torch.randn(tokens, hidden, dtype=torch_dtype, requires_grad=True)
+    weight = torch.ones(hidden, dtype=torch_dtype, requires_grad=True)
+    y = rms_norm(x, weight)
+    grad = torch.randn_like(y)
+    tracker = MemTracker()
+    with tracker:
+        y.backward(grad)
+        peak = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+    model = load_model("tiny-llama")
+    train = TrainConfig(gpus=1, precision="fp32" if dtype == "float32" else "bf16-mixed", zero_stage=3)
+    assert act._norm_backward_fp32(model, act._dims(model, train)) == fp32_tensors
+    fp32_tensor = 4 * tokens * hidden
+    assert fp32_tensors * fp32_tensor <= peak < fp32_tensors * fp32_tensor + 8 * hidden
