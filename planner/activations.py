@@ -26,6 +26,7 @@ from math import ceil
 
 from planner.configs import ModelSpec, TrainConfig
 from planner.engines import ENGINES
+from planner.implementations import Implementation, implementation
 from planner.precision import RECIPES
 
 INDEX_BYTES = 8  # int64 token ids / targets
@@ -50,6 +51,7 @@ class ActivationInputs:
     engine: str
     activation_checkpointing: str
     zero_stage: int  # torch.autocast runs only without FSDP2 (``_autocast``)
+    impl: str  # whose model code (planner/implementations.py)
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
@@ -74,6 +76,7 @@ class _Dims:
     flash: bool
     norm_ab: int  # bytes of the residual stream (the norms' inputs)
     cast_copies: bool  # torch.autocast casts a linear's input once per linear
+    impl: Implementation  # whose model code (planner/implementations.py)
 
 
 def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
@@ -99,6 +102,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         flash=train.attention == "flash",
         norm_ab=FP32 if _autocast(train) else RECIPES[train.precision].compute_bytes,
         cast_copies=_autocast(train),
+        impl=implementation(train.impl),
     )
 
 
@@ -110,16 +114,27 @@ def _autocast(train: TrainConfig | ActivationInputs) -> bool:
     return train.precision == "amp-bf16" and train.zero_stage <= 1 and train.engine == "pytorch"
 
 
-def _attention_terms(x: _Dims, prefix: str, selective: bool = False) -> dict[str, int]:
+def _norm_terms(model: ModelSpec, x: _Dims, prefix: str) -> dict[str, int]:
+    """What one norm keeps, sequence-sharded under sequence parallelism. Fused kernels (and
+    LayerNorm everywhere): the input and fp32 statistics. Hugging Face's composite RMSNorm
+    (``planner/implementations.py``): the fp32 input (``x.float()`` copies a 16-bit input),
+    the fp32 rstd, and the normalised input in the input's dtype, which ``weight *`` keeps."""
+    tokens = x.s * x.b // x.seq_div
+    if model.norm == "rmsnorm" and x.impl.rmsnorm == "hf":
+        return {f"{prefix}_norm_input": FP32 * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens,
+                f"{prefix}_norm_normed": x.norm_ab * tokens * x.h}
+    return {f"{prefix}_norm_input": x.norm_ab * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens}
+
+
+def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = False) -> dict[str, int]:
     tokens = x.s * x.b
     # Flash kernels take GQA's k, v at kv width; the eager path repeats them to every head,
     # inside the core attention -- which selective recompute checkpoints at its kv-width inputs.
     kv_heads = x.kv_heads if x.flash or selective else x.heads
-    terms = {
-        f"{prefix}_norm_input": x.norm_ab * tokens * x.h // x.seq_div,
-        f"{prefix}_norm_stats": x.stats * tokens // x.seq_div,
+    terms = _norm_terms(model, x, prefix) | {
         # one input for q, k and v -- three autocast copies under torch.autocast
-        f"{prefix}_qkv_input": (3 if x.cast_copies else 1) * x.ab * tokens * x.h // x.linear_input_div,
+        # (one for a fused qkv projection)
+        f"{prefix}_qkv_input": (3 if x.cast_copies and not model.fused_qkv else 1) * x.ab * tokens * x.h // x.linear_input_div,
         f"{prefix}_q": x.ab * tokens * x.heads * x.d,
         f"{prefix}_k": x.ab * tokens * kv_heads * x.d,
         f"{prefix}_v": x.ab * tokens * kv_heads * x.d,
@@ -127,11 +142,31 @@ def _attention_terms(x: _Dims, prefix: str, selective: bool = False) -> dict[str
         # Eager: probs @ v saves its inputs only; the projection saves the reshaped output.
         f"{prefix}_out": x.ab * tokens * x.heads * x.d,
     }
+    if model.qk_norm:
+        # per-head norms on q and k (their projections' outputs, in the compute dtype)
+        for name, heads in (("q", x.heads), ("k", x.kv_heads)):
+            terms[f"{prefix}_{name}_norm_input"] = (FP32 if x.impl.rmsnorm == "hf" else x.ab) * tokens * heads * x.d
+            terms[f"{prefix}_{name}_norm_stats"] = FP32 * tokens * heads
+            if x.impl.rmsnorm == "hf":
+                terms[f"{prefix}_{name}_norm_normed"] = x.ab * tokens * heads * x.d
+    if x.impl.name == "hf" and model.fused_qkv and model.position_embedding != "rope":
+        # q, k, v are views of one projection's output. SDPA keeps the q view: the whole output
+        # stays (transformers/models/gpt2/modeling_gpt2.py, GPT2Attention); eager's q @ k^T
+        # copies the strided q to a contiguous one and keeps that. With the KV cache on, k and
+        # v are the cache's copies (its torch.cat).
+        if x.flash:
+            terms[f"{prefix}_q"] = x.ab * tokens * (x.heads + 2 * x.kv_heads) * x.d
+        if not x.impl.kv_cache_in_training:
+            terms[f"{prefix}_k"] = terms[f"{prefix}_v"] = 0
     if x.flash:
         terms[f"{prefix}_logsumexp"] = FP32 * tokens * x.heads
     else:
         scores = x.heads * x.s * x.s * x.b
         terms[f"{prefix}_softmax"] = x.ab * scores
+        if x.impl.eager_softmax == "fp32" and x.ab != FP32:
+            # softmax(dtype=float32) saves its fp32 output; probs @ v keeps a 16-bit copy
+            terms[f"{prefix}_softmax"] = FP32 * scores
+            terms[f"{prefix}_softmax_cast"] = x.ab * scores
         if x.dropout:
             terms[f"{prefix}_softmax_dropout_mask"] = scores
             terms[f"{prefix}_softmax_dropout_out"] = x.ab * scores
@@ -154,13 +189,15 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     tokens = x.s * x.b
     ffn_tensor = x.ab * tokens * x.ffn
     gated = model.mlp != "gelu"
-    terms = {
-        "mlp_norm_input": x.norm_ab * tokens * x.h // x.seq_div,
-        "mlp_norm_stats": x.stats * tokens // x.seq_div,
+    terms = _norm_terms(model, x, "mlp") | {
         "mlp_input": (2 if x.cast_copies and gated else 1) * x.ab * tokens * x.h // x.linear_input_div,
     }
     if model.mlp == "gelu":
         terms |= {"mlp_act_input": ffn_tensor, "mlp_down_input": ffn_tensor}
+        if model.activation in x.impl.composite_activations:
+            # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3))) op by op: the products keep tanh's
+            # output, 0.5 * x and 1 + tanh (transformers/activations.py:65-66)
+            terms |= {"mlp_act_tanh": ffn_tensor, "mlp_act_half_input": ffn_tensor, "mlp_act_one_plus_tanh": ffn_tensor}
     else:
         terms |= {
             "mlp_gate_out": ffn_tensor,
@@ -297,10 +334,10 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
     if recompute == "op":
         return _op_level_terms(model, x, kind)
     selective = recompute == "selective"
-    terms = _attention_terms(x, "attn", selective)
+    terms = _attention_terms(model, x, "attn", selective)
     dropped = list(_core_attention_keys("attn"))
     if kind == "decoder" and model.encoder_layers:
-        terms |= _attention_terms(x, "cross", selective)
+        terms |= _attention_terms(model, x, "cross", selective)
         dropped += _core_attention_keys("cross")
     terms |= _mlp_terms(model, x)
     if selective:
@@ -337,9 +374,7 @@ def head_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> dict[
     logits (Korthikanti et al.: 'cross entropy ... 4sbv/t'), the targets."""
     x = _dims(model, train)
     tokens = x.s * x.b
-    terms = {
-        "final_norm_input": x.norm_ab * tokens * x.h // x.seq_div,
-        "final_norm_stats": x.stats * tokens // x.seq_div,
+    terms = _norm_terms(model, x, "final") | {
         "head_input": x.ab * tokens * x.h // x.linear_input_div,
         "log_softmax": FP32 * tokens * x.vocab,
         "targets": INDEX_BYTES * tokens,
@@ -350,6 +385,35 @@ def head_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> dict[
     return terms
 
 
+def forward_output_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) -> tuple[int, int]:
+    """(logits, KV cache per layer) a model's forward returns beyond what autograd saves, per
+    micro-batch: alive at the end of forward, dropped with the output before
+    backward in a plain training loop (``loss = model(**batch).loss``).
+
+    Hugging Face returns the logits (the head's output, in the compute dtype) and, with
+    ``use_cache`` (its config default), a DynamicCache holding every layer's k and v. Those are
+    the very tensors attention saves unless it saves other ones: eager attention's repeat_kv
+    copies (GQA), or torch.autocast's 16-bit copies -- RoPE leaves k in fp32 under autocast,
+    its cos/sin being fp32 (``planner/implementations.py``)."""
+    x = _dims(model, train)
+    if not x.impl.returns_logits:
+        return 0, 0
+    tokens = x.s * x.b
+    logits = x.ab * tokens * x.vocab
+    if not x.impl.kv_cache_in_training:
+        return logits, 0
+    kv = tokens * x.kv_heads * x.d
+    repeated = not x.flash and x.kv_heads != x.heads
+    rope = model.position_embedding == "rope"
+    k_bytes = max(x.ab, x.norm_ab) if rope else x.ab
+    cache = 0
+    if repeated or k_bytes != x.ab:
+        cache += k_bytes * kv
+    if repeated:
+        cache += x.ab * kv
+    return logits, cache
+
+
 def rope_table_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
     """The reference model keeps RoPE's cos and sin tables in fp32 for every position it
     supports ([positions, 1, head_dim], ``strategies/model.py``) and casts them to the compute
@@ -358,6 +422,9 @@ def rope_table_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) ->
     if model.position_embedding != "rope":
         return 0
     x = _dims(model, train)
+    if x.impl.rope == "per-forward":
+        # Hugging Face: [1, seq, head_dim] cos and sin per forward, in the hidden states' dtype
+        return 2 * train.seq_len * model.head_dim * x.norm_ab
     if x.ab == FP32:
         return 0
     positions = max(model.max_position_embeddings, train.seq_len)
@@ -394,6 +461,13 @@ def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> 
     coexist with the saved log-softmax output."""
     x = _dims(model, train)
     logits_fp32 = FP32 * x.s * x.b * x.vocab
+    if x.impl.returns_logits:
+        # The returned logits are counted as forward outputs; 16-bit ones get an fp32 copy for
+        # the loss (transformers/loss/loss_utils.py:61). The decoder's output (the final norm's,
+        # held by the base model's output object while the loss runs) is another tensor than
+        # the head's saved input when torch.autocast casts it.
+        decoder_output = x.norm_ab * x.s * x.b * x.h if x.cast_copies else 0
+        return (logits_fp32 if x.ab != FP32 else 0) + decoder_output, 2 * logits_fp32
     if train.tp > 1 and train.engine == "pytorch":
         # DTensor's loss_parallel works on the vocabulary shard through one more fp32
         # shard-sized tensor (the max-shifted logits) in forward and in backward (measured).
@@ -406,7 +480,8 @@ def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationIn
     profiler checks): the residual stream's incoming and outgoing gradients plus the larger
     of the MLP's (three ffn-sized gradients for gated MLPs, two for GELU) and attention's
     (eager: the gradients of the probabilities and of the scores; flash: dq, dk, dv and the
-    kernel's fp32 dq accumulator)."""
+    kernel's fp32 dq accumulator) -- less, for attention, the MLP's saved tensors, which its
+    backward (earlier) has freed."""
     x = _dims(model, train)
     tokens = x.s * x.b
     residual = 2 * x.ab * tokens * x.h // x.seq_div
@@ -415,6 +490,8 @@ def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationIn
         attention = x.ab * tokens * (x.heads + 2 * x.kv_heads) * x.d + FP32 * tokens * x.heads * x.d
     else:
         attention = 2 * x.ab * x.heads * x.s * x.s * x.b
+    # attention's backward runs after the MLP's, whose saved tensors are freed by then
+    attention -= sum(_mlp_terms(model, x).values())
     return residual + max(mlp, attention)
 
 
@@ -450,7 +527,7 @@ def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationI
     ffn = x.ab * tokens * x.ffn
     gated = model.mlp != "gelu"
     weight = x.ab * model.hidden_size * x.ffn  # one MLP weight, local to tensor parallelism
-    mlp_saved = sum(v for k, v in _mlp_terms(model, x).items() if k not in ("mlp_norm_input", "mlp_norm_stats"))
+    mlp_saved = sum(v for k, v in _mlp_terms(model, x).items() if not k.startswith("mlp_norm_"))
     elementwise = ((3 if gated else 2) - 1) * ffn + weight + hidden
     norm = (-mlp_saved + (3 if gated else 2) * weight
             + _norm_backward_fp32(model, x) * FP32 * tokens * x.h // x.seq_div + 2 * hidden)

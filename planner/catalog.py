@@ -159,13 +159,16 @@ def _get(cfg: dict, kind: type, *keys: str, default=None, required: bool = False
 
 
 def model_from_hf_config(path: Path) -> ModelSpec:
-    """Reads a Hugging Face ``config.json`` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX styles);
+    """Reads a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/Qwen3, Gemma, Phi-3, GPT-2,
+    GPT-NeoX styles);
     every field is checked for its type and range, and a bad one is named."""
     where = shown(str(path))
     cfg = read_json_object(path, "model config file")
     try:
         model_type = _get(cfg, str, "model_type", default="").lower()
         name = _get(cfg, str, "_name_or_path", default="") or Path(path).parent.name or model_type or "custom"
+        if model_type in _UNSUPPORTED:
+            raise _BadField(f"model_type {model_type!r} is {_UNSUPPORTED[model_type]}, which trainplan does not model")
         if model_type == "gpt2" or "n_embd" in cfg:
             fields = _gpt2_fields(cfg)
         elif model_type == "gpt_neox" or "rotary_pct" in cfg or "use_parallel_residual" in cfg:
@@ -184,7 +187,16 @@ def model_from_hf_config(path: Path) -> ModelSpec:
         raise ConfigFileError(f"{where}: {exc}") from None
 
 
+# Architectures whose blocks trainplan's layer model does not describe (experts, state spaces).
+_UNSUPPORTED = {"mixtral": "a mixture of experts", "qwen2_moe": "a mixture of experts",
+                "qwen3_moe": "a mixture of experts", "deepseek_v3": "a mixture of experts",
+                "mamba": "a state-space model", "jamba": "a hybrid state-space model"}
+
+
 def _llama_fields(cfg: dict, model_type: str) -> dict:
+    """Llama, Mistral, Qwen2, Qwen3, Gemma (1-3), Phi-3 and their kin: RMSNorm, RoPE, a gated
+    MLP. Qwen3 adds q/k norms; Phi-3 fuses q, k, v into one projection (and gate, up into
+    another, which saves the same bytes); Gemma ties the head and uses GeGLU."""
     act = _get(cfg, str, "hidden_act", "hidden_activation", default="silu")
     heads = _get(cfg, int, "num_attention_heads", required=True)
     return dict(
@@ -199,11 +211,14 @@ def _llama_fields(cfg: dict, model_type: str) -> dict:
         norm="rmsnorm",
         position_embedding="rope",
         max_position_embeddings=_get(cfg, int, "max_position_embeddings", default=4096),
-        tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=False),
+        tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=model_type.startswith("gemma")),
         # Qwen2 hard-codes bias on q, k, v (its config has no key for it); Llama says attention_bias.
         qkv_bias=_get(cfg, bool, "attention_bias", default=False) or model_type in ("qwen2", "qwen2_moe"),
         linear_bias=_get(cfg, bool, "mlp_bias", default=False) and _get(cfg, bool, "attention_bias", default=False),
         dropout=float(_get(cfg, float, "attention_dropout", default=0.0)),
+        fused_qkv=model_type == "phi3",
+        qk_norm=model_type.startswith(("qwen3", "olmo2", "gemma3")),
+        activation=act[:32],
     )
 
 
@@ -222,6 +237,8 @@ def _gpt2_fields(cfg: dict) -> dict:
         tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=True),
         linear_bias=True,
         dropout=float(_get(cfg, float, "resid_pdrop", default=0.0)),
+        fused_qkv=True,
+        activation=_get(cfg, str, "activation_function", default="gelu_new")[:32],
     )
 
 
@@ -239,4 +256,6 @@ def _neox_fields(cfg: dict) -> dict:
         tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=False),
         linear_bias=_get(cfg, bool, "attention_bias", default=True),
         dropout=float(_get(cfg, float, "hidden_dropout", default=0.0)),
+        fused_qkv=True,
+        activation=_get(cfg, str, "hidden_act", default="gelu")[:32],
     )

@@ -21,6 +21,10 @@ OptimizerImpl = Literal["fused", "foreach", "for-loop"]
 Attention = Literal["flash", "eager"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 Engine = Literal["pytorch", "megatron", "deepspeed"]
+Impl = Literal["trainplan", "hf", "torchtitan", "megatron"]
+IMPL_HELP = ("whose model code runs the layers: trainplan (the reference model, fused norms), hf (Hugging Face "
+             "transformers), torchtitan, megatron (Megatron-Core with Transformer Engine); what a layer saves "
+             "depends on it (planner/implementations.py)")
 
 STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 """CLI strategy names and the ZeRO stage each one is."""
@@ -85,6 +89,12 @@ class ModelSpec(_Frozen):
     qkv_bias: bool = Field(default=False, description="only the q, k, v projections have a bias (Qwen2)")
     embedding_norm: bool = Field(default=False, description="a norm right after the embedding (BLOOM)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="hidden and attention dropout")
+    fused_qkv: bool = Field(default=False, description="q, k and v come out of one projection (GPT-2's c_attn, "
+                                                       "GPT-NeoX's query_key_value, Phi-3's qkv_proj)")
+    qk_norm: bool = Field(default=False, description="an RMSNorm on every head's q and k (Qwen3, OLMo 2)")
+    activation: str = Field(default="", max_length=32,
+                            description="the MLP activation's Hugging Face name (hidden_act), e.g. gelu_new; "
+                                        "empty: the fused one the mlp type implies")
     encoder_layers: int = Field(default=0, ge=0, le=MAX_LAYERS, description="T5-style encoder layers (0: decoder-only)")
     relative_attention_buckets: int = Field(default=32, gt=0, le=2**16)
     source: str = ""
@@ -193,6 +203,7 @@ class TrainConfig(_Frozen):
     schedule: Schedule = "1f1b"
     chunks: int = Field(default=1, gt=0, le=MAX_LAYERS, description="model chunks per pipeline stage (interleaved)")
     engine: Engine = "pytorch"
+    impl: Impl = Field(default="trainplan", description=IMPL_HELP)
     ddp_bucket_mb: float = Field(default=25.0, gt=0, le=2**20, description="DDP bucket_cap_mb (MiB)")
 
     @model_validator(mode="before")

@@ -308,6 +308,8 @@ class _ActSums:
     layer_backward_extra: int
     layer_input: int
     rope_tables: int
+    forward_logits: int
+    forward_cache_per_layer: int
     pipeline_output_inner: int
     pipeline_output_last: int
     pipeline_recv_buffer: int
@@ -337,6 +339,8 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         layer_backward_extra=act.layer_backward_peak_extra(model, train),
         layer_input=act.layer_bytes(model, train, "decoder", "full"),
         rope_tables=act.rope_table_bytes(model, train),
+        forward_logits=act.forward_output_bytes(model, train)[0],
+        forward_cache_per_layer=act.forward_output_bytes(model, train)[1],
         pipeline_output_inner=act.pipeline_output_bytes(model, train, last_stage=False),
         pipeline_output_last=act.pipeline_output_bytes(model, train, last_stage=True),
         pipeline_recv_buffer=act.pipeline_recv_buffer_bytes(model, train),
@@ -494,15 +498,19 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # the last layer has two: its unshard (its input saved, three units' worth of parameters)
     # and, with full recompute, the peak of its own forward, whose intermediate tensors live
     # until the layer returns although none is saved.
-    last_layer_forward = [(activations - head_mb, gathered_fwd, 0)]
+    # what the model's forward returns (Hugging Face: logits, KV cache), dropped before backward
+    cache_out = sums.forward_cache_per_layer * (sp.encoder_layers + sp.decoder_layers)
+    outputs = cache_out + (sums.forward_logits if sp.has_head else 0)
+    last_layer_forward = [(activations - head_mb + cache_out, gathered_fwd, 0)]
     if fsdp_units:
         unshard_acts = activations - head_mb - one_layer + (sums.layer_input if has_layers else 0)
-        last_layer_forward = [(unshard_acts, sp.largest_unshard * gather, 0)]
+        last_layer_forward = [(unshard_acts + cache_out, sp.largest_unshard * gather, 0)]
         if recompute_set:  # the last layer is checkpointed (fully, or op by op)
             pending = sums.op_forward_pending if policy == "op" else 0
-            last_layer_forward.append((activations - head_mb + sums.layer_forward_working - pending, gathered_fwd, 0))
+            last_layer_forward.append((activations - head_mb + cache_out + sums.layer_forward_working - pending,
+                                       gathered_fwd, 0))
     forward_moments: list[tuple[_Mem, dict[str, int]]] = []
-    for acts, gathered, loss in ((activations, gathered_at_loss, loss_fwd), *last_layer_forward):
+    for acts, gathered, loss in ((activations + outputs, gathered_at_loss, loss_fwd), *last_layer_forward):
         tmp: dict[str, int] = {}
         _add(tmp, "gathered_params", gathered + tied_gathered)
         _add(tmp, "loss_logits_fp32", loss)
@@ -600,7 +608,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     host = _host_bytes(train, recipe, n_param, n_grad, n_state)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
-                        peak_phase, sp, layer_factor, host, activations)
+                        peak_phase, sp, layer_factor, host, activations + outputs)
 
 
 def _host_bytes(train: TrainConfig, recipe: Recipe, n_param: int, n_grad: int, n_state: int) -> tuple[int, int, int]:

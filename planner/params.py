@@ -80,6 +80,8 @@ def _attention(spec: ModelSpec, prefix: str, relative_bias: bool) -> list[ParamT
     )
     if relative_bias:
         tensors.append(ParamTensor(f"{prefix}.rel_bias.weight", (spec.relative_attention_buckets, spec.num_heads), 1))
+    if spec.qk_norm:  # one weight of head_dim each, shared by the heads (Qwen3's q_norm, k_norm)
+        tensors += [ParamTensor(f"{prefix}.q_norm.weight", (d,)), ParamTensor(f"{prefix}.k_norm.weight", (d,))]
     return tensors
 
 

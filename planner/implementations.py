@@ -1,0 +1,83 @@
+"""Whose model code runs the layers (``--impl``), and what that changes in what they save.
+
+The same architecture saves different tensors for backward depending on the code that runs it:
+a fused RMSNorm keeps its input and one fp32 statistic per token, Hugging Face's composite one
+also keeps the normalised input; a model that returns its logits keeps them alive until the
+caller drops its output; a GELU written as Python arithmetic saves every intermediate.
+``planner/activations.py`` itemises each layer; this module says, per implementation, which
+variant of each piece it runs, and which source line that follows. The numbers each variant
+produces are checked against real runs of that code (tests/test_hf_clients.py for Hugging
+Face, validation/ for the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+HF = "transformers 5.24.0"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    title: str
+    # RMSNorm: "fused" keeps (input, fp32 rstd); "hf" is transformers' composite
+    # ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)``, which keeps the fp32 input (a
+    # copy unless it is fp32 already), rstd and the normalised input in the input's dtype.
+    rmsnorm: Literal["fused", "hf"]
+    # RoPE's cos/sin: "cast-table" casts a [max positions, head_dim] fp32 table once per forward
+    # (nothing to cast in fp32); "per-forward" builds [1, seq, head_dim] tables in the hidden
+    # states' dtype every forward, which every layer's q * cos and k * sin keep.
+    rope: Literal["cast-table", "per-forward"]
+    # eager attention's softmax: "compute" saves the probabilities in the compute dtype; "fp32"
+    # runs it in fp32 (softmax(dtype=float32)) and keeps a compute-dtype copy for probs @ v.
+    eager_softmax: Literal["compute", "fp32"]
+    # Python-composite activations are not fused: every intermediate is saved.
+    composite_activations: tuple[str, ...]
+    # The model's forward returns logits (and a KV cache) that live until the caller drops the
+    # output: counted at the end of forward, freed before backward in a plain training loop.
+    returns_logits: bool
+    kv_cache_in_training: bool
+    sources: tuple[tuple[str, str], ...]
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "trainplan": Implementation(
+        name="trainplan", title="trainplan's reference model (strategies/model.py)",
+        rmsnorm="fused", rope="cast-table", eager_softmax="compute", composite_activations=(),
+        returns_logits=False, kv_cache_in_training=False,
+        sources=(
+            ("RMSNorm saves (x, rstd)", "strategies/kernels/norm.py: _RMSNormFunction.forward"),
+            ("RoPE tables cast once per forward", "strategies/model.py: Transformer.forward"),
+        ),
+    ),
+    "hf": Implementation(
+        name="hf", title=f"Hugging Face transformers ({HF}), plain training loop",
+        rmsnorm="hf", rope="per-forward", eager_softmax="fp32", composite_activations=("gelu_new", "gelu_fast"),
+        returns_logits=True, kv_cache_in_training=True,
+        sources=(
+            ("RMSNorm upcasts to fp32 and keeps the normalised input",
+             "transformers/models/llama/modeling_llama.py:62-67 (LlamaRMSNorm.forward)"),
+            ("cos/sin built per forward, [1, seq, head_dim] in the hidden dtype",
+             "transformers/models/llama/modeling_llama.py:110-116 (LlamaRotaryEmbedding.forward)"),
+            ("eager softmax in fp32, cast back to the query's dtype; repeat_kv copies k and v",
+             "transformers/models/llama/modeling_llama.py:190-202 (eager_attention_forward)"),
+            ("SDPA with enable_gqa when there is no mask (no repeat_kv)",
+             "transformers/integrations/sdpa_attention.py:42-51 (use_gqa_in_sdpa)"),
+            ("a DynamicCache is built when use_cache (config default True), in training too",
+             "transformers/models/llama/modeling_llama.py:374-375 (LlamaModel.forward)"),
+            ("logits returned in the output; the loss upcasts them to fp32",
+             "transformers/models/llama/modeling_llama.py:471-480; transformers/loss/loss_utils.py:61"),
+            ("gelu_new is Python arithmetic (pow, tanh, add, mul)",
+             "transformers/activations.py:65-66 (NewGELUActivation.forward)"),
+        ),
+    ),
+}
+
+
+def implementation(name: str) -> Implementation:
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"implementation {name!r} is not modelled yet") from None
