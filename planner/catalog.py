@@ -162,11 +162,16 @@ def model_from_hf_config(path: Path) -> ModelSpec:
     """Reads a Hugging Face ``config.json`` (Llama, Mistral, Qwen2/Qwen3, Gemma, Phi-3, GPT-2,
     GPT-NeoX styles);
     every field is checked for its type and range, and a bad one is named."""
-    where = shown(str(path))
     cfg = read_json_object(path, "model config file")
+    return model_from_hf_dict(cfg, shown(str(path)), f"Hugging Face config {path}", Path(path).parent.name)
+
+
+def model_from_hf_dict(cfg: dict, where: str, source: str, default_name: str = "") -> ModelSpec:
+    """A ``config.json``'s contents (or a live model's ``model.config.to_dict()``) as a
+    ModelSpec; ``where`` names it in errors."""
     try:
         model_type = _get(cfg, str, "model_type", default="").lower()
-        name = _get(cfg, str, "_name_or_path", default="") or Path(path).parent.name or model_type or "custom"
+        name = _get(cfg, str, "_name_or_path", default="") or default_name or model_type or "custom"
         if model_type in _UNSUPPORTED:
             raise _BadField(f"model_type {model_type!r} is {_UNSUPPORTED[model_type]}, which trainplan does not model")
         if model_type == "gpt2" or "n_embd" in cfg:
@@ -178,7 +183,7 @@ def model_from_hf_config(path: Path) -> ModelSpec:
     except _BadField as exc:
         raise ConfigFileError(f"{where}: {exc}") from None
     try:
-        return ModelSpec(name=name[:200], source=f"Hugging Face config {path}", **fields)
+        return ModelSpec(name=name[:200], source=source, **fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])

@@ -14,6 +14,12 @@
 Phases are found from hooks: the model's forward (forward), from its end to the optimizer
 step (the loss and backward: backward), the step (optimizer). The last full step is
 measured, after the earlier ones created the optimizer state.
+
+For a Hugging Face ``transformers`` model, ``t.compare()`` needs no estimate: it plans the run
+it saw (``Tracker.observed``): the architecture from ``model.config``, the batch and sequence
+length from the forward's ``input_ids``, the precision from the parameters' dtype and
+torch.autocast, the attention from ``config._attn_implementation``, the optimizer and its
+implementation from the optimizer, and ``--impl hf`` (``planner/implementations.py``).
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ class Tracker:
         self._step_start: float | None = None
         self.step_times: list[float] = []
         self.resident: RankBytes | None = None
+        self.input_shape: tuple[int, int] | None = None  # (batch, sequence) of the last forward
+        self.autocast_dtype: torch.dtype | None = None
 
     def __enter__(self) -> Tracker:
         self.memory.__enter__()
         self._handles = [
-            self.model.register_forward_pre_hook(lambda *_: self._begin("forward")),
+            self.model.register_forward_pre_hook(self._forward_pre, with_kwargs=True),
             self.model.register_forward_hook(lambda *_: self.memory.begin("backward")),
             self.optimizer.register_step_pre_hook(lambda *_: self.memory.begin("optimizer")),
             self.optimizer.register_step_post_hook(lambda *_: self._after_step()),
@@ -53,6 +61,14 @@ class Tracker:
         for handle in self._handles:
             handle.remove()
         self.memory.__exit__(*exc)
+
+    def _forward_pre(self, module, args, kwargs) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
+            self.input_shape = tuple(tokens.shape)
+        device = next(self.model.parameters()).device.type
+        self.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        self._begin("forward")
 
     def _begin(self, name: str) -> None:
         if self.memory.current_phase is None:  # a new step begins with the forward
@@ -80,11 +96,65 @@ class Tracker:
         record.activations = self.memory.forward_end.get("activations")
         return record
 
-    def compare(self, estimate, tokens_per_step: int | None = None):
-        """A ProfileReport: the planner's ``Estimate`` for this layout against what was measured."""
+    def observed(self):
+        """(ModelSpec, TrainConfig) of the run this tracker saw, for a Hugging Face model;
+        ValueError with the reason when it cannot be read off the model."""
+        from planner.catalog import model_from_hf_dict
+        from planner.configs import TrainConfig
+
+        config = getattr(self.model, "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            raise ValueError("compare() without an estimate needs a Hugging Face model (one with a .config); "
+                             "pass the planner's estimate for other models")
+        if self.input_shape is None:
+            raise ValueError("compare() without an estimate needs a forward called with input_ids [batch, seq]")
+        checkpointing = ("is_activation_checkpointing" if hasattr(type(self.model), "is_activation_checkpointing")
+                         else "is_gradient_checkpointing")  # renamed in transformers 5
+        if getattr(self.model, checkpointing, False):
+            raise ValueError("Hugging Face gradient checkpointing is not modelled yet; pass an estimate "
+                             "with the activation checkpointing you mean")
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError("compare() without an estimate plans one process; pass an estimate for a distributed run")
+        spec = model_from_hf_dict(config.to_dict(), "model.config", f"Hugging Face {type(self.model).__name__}.config",
+                                  type(self.model).__name__)
+        param_dtype = next(self.model.parameters()).dtype
+        if self.autocast_dtype is torch.bfloat16 and param_dtype is torch.float32:
+            precision = "amp-bf16"
+        elif self.autocast_dtype is None and param_dtype in (torch.float32, torch.bfloat16):
+            precision = "fp32" if param_dtype is torch.float32 else "bf16"
+        else:
+            raise ValueError(f"parameters in {param_dtype} under autocast {self.autocast_dtype} are not a precision "
+                             "the planner models (fp32, bf16, amp-bf16)")
+        opt = self.optimizer
+        kind = type(opt).__name__.lower()
+        if kind not in ("adam", "adamw", "sgd") or (kind == "sgd" and not opt.defaults.get("momentum")):
+            raise ValueError(f"the planner models AdamW and SGD with momentum, not {type(opt).__name__} "
+                             f"{'without momentum' if kind == 'sgd' else ''}".rstrip())
+        # torch/optim/optimizer.py: _default_to_fused_or_foreach picks foreach only when every
+        # tensor is on a native device (CUDA); on CPU the default is the for-loop.
+        device = next(self.model.parameters()).device.type
+        impl = ("fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach")
+                else "for-loop" if opt.defaults.get("foreach") is False or device == "cpu" else "foreach")
+        batch, seq = self.input_shape
+        attention = "eager" if getattr(config, "_attn_implementation", "sdpa") == "eager" else "flash"
+        train = TrainConfig(gpus=1, precision=precision, micro_batch=batch, global_batch=batch, seq_len=seq,
+                            attention=attention, optimizer="sgd" if kind == "sgd" else "adamw",
+                            optimizer_impl=impl, impl="hf")
+        return spec, train
+
+    def compare(self, estimate=None, tokens_per_step: int | None = None, gpu: str = "h100"):
+        """A ProfileReport: the planner's ``Estimate`` for this layout against what was measured.
+        Without one (a Hugging Face model) the run observed is planned, on ``gpu``'s preset
+        (its memory size does not change the predicted bytes)."""
         from profiler.report import compare
         from profiler.run import environment
 
+        if estimate is None:
+            from planner.catalog import load_gpu
+            from planner.estimate import estimate as plan
+
+            spec, train = self.observed()
+            estimate = plan(spec, load_gpu(gpu), train)
         train = estimate.train
         step = min(self.step_times) if self.step_times else 0.0
         tokens = tokens_per_step or train.global_batch * train.seq_len
