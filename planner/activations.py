@@ -77,6 +77,7 @@ class _Dims:
     norm_ab: int  # bytes of the residual stream (the norms' inputs)
     cast_copies: bool  # torch.autocast casts a linear's input once per linear
     impl: Implementation  # whose model code (planner/implementations.py)
+    fused_qkv: bool  # one projection makes q, k and v (the model's or the implementation's)
 
 
 def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
@@ -103,6 +104,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         norm_ab=FP32 if _autocast(train) else RECIPES[train.precision].compute_bytes,
         cast_copies=_autocast(train),
         impl=implementation(train.impl),
+        fused_qkv=model.fused_qkv or implementation(train.impl).fused_qkv,
     )
 
 
@@ -134,7 +136,7 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
     terms = _norm_terms(model, x, prefix) | {
         # one input for q, k and v -- three autocast copies under torch.autocast
         # (one for a fused qkv projection)
-        f"{prefix}_qkv_input": (3 if x.cast_copies and not model.fused_qkv else 1) * x.ab * tokens * x.h // x.linear_input_div,
+        f"{prefix}_qkv_input": (3 if x.cast_copies and not x.fused_qkv else 1) * x.ab * tokens * x.h // x.linear_input_div,
         f"{prefix}_q": x.ab * tokens * x.heads * x.d,
         f"{prefix}_k": x.ab * tokens * kv_heads * x.d,
         f"{prefix}_v": x.ab * tokens * kv_heads * x.d,
@@ -149,7 +151,10 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
             terms[f"{prefix}_{name}_norm_stats"] = FP32 * tokens * heads
             if x.impl.rmsnorm == "hf":
                 terms[f"{prefix}_{name}_norm_normed"] = x.ab * tokens * heads * x.d
-    if x.impl.name == "hf" and model.fused_qkv and model.position_embedding != "rope":
+    if x.impl.rope_gathered_per_layer and model.position_embedding == "rope":
+        # complex64 [b, s, 1, d/2] frequencies gathered by position, kept by q's and k's rotation
+        terms[f"{prefix}_rope_freqs"] = 8 * tokens * (x.d // 2)
+    if x.impl.name == "hf" and x.fused_qkv and model.position_embedding != "rope":
         # q, k, v are views of one projection's output. SDPA keeps the q view: the whole output
         # stays (transformers/models/gpt2/modeling_gpt2.py, GPT2Attention); eager's q @ k^T
         # copies the strided q to a contiguous one and keeps that. With the KV cache on, k and
@@ -205,6 +210,8 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
             "mlp_up_out": ffn_tensor,
             "mlp_down_input": ffn_tensor,
         }
+        if x.impl.fused_glu:  # one op on the fc1 output keeps no silu output of its own
+            del terms["mlp_act_out"]
     if x.dropout:
         terms["mlp_dropout_mask"] = tokens * x.h // x.seq_div
     return terms
@@ -218,6 +225,10 @@ def _linears(model: ModelSpec, x: _Dims, kind: str) -> list[tuple[str, int, bool
     qkv_bias = model.linear_bias or model.qkv_bias
     attention = []
     for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+        if x.fused_qkv:
+            attention += [(f"{prefix}_qkv_out", x.ab * tokens * (x.heads + 2 * x.kv_heads) * x.d, qkv_bias),
+                          (f"{prefix}_o_out", x.ab * tokens * x.h, model.linear_bias)]
+            continue
         attention += [(f"{prefix}_q_out", x.ab * tokens * x.heads * x.d, qkv_bias),
                       (f"{prefix}_k_out", x.ab * tokens * x.kv_heads * x.d, qkv_bias),
                       (f"{prefix}_v_out", x.ab * tokens * x.kv_heads * x.d, qkv_bias),

@@ -40,6 +40,16 @@ class Implementation:
     returns_logits: bool
     kv_cache_in_training: bool
     sources: tuple[tuple[str, str], ...]
+    # q, k and v come out of one projection (whatever the checkpoint's config says)
+    fused_qkv: bool = False
+    # RoPE's frequencies gathered by position per layer and forward (complex64, [b, s, 1, d/2]),
+    # which q * freqs and k * freqs keep: 4 * head_dim bytes per token and layer
+    rope_gathered_per_layer: bool = False
+    # the gated MLP's activation fused into one op on the fc1 output (gate and up in one
+    # tensor): it keeps that output and the product, not silu's output beside them
+    fused_glu: bool = False
+    # what this implementation was checked against
+    validated: str = ""
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -51,6 +61,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             ("RMSNorm saves (x, rstd)", "strategies/kernels/norm.py: _RMSNormFunction.forward"),
             ("RoPE tables cast once per forward", "strategies/model.py: Transformer.forward"),
         ),
+        validated="validation/cpu.json and validation/gpu.json (run, profile, simulated worlds)",
     ),
     "hf": Implementation(
         name="hf", title=f"Hugging Face transformers ({HF}), plain training loop",
@@ -72,6 +83,48 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
             ("gelu_new is Python arithmetic (pow, tanh, add, mul)",
              "transformers/activations.py:65-66 (NewGELUActivation.forward)"),
         ),
+        validated="tests/test_hf_clients.py: Llama, Qwen2, GPT-2 trained on CPU, measured by trainplan.track",
+    ),
+    "torchtitan": Implementation(
+        name="torchtitan", title="torchtitan 0.3.0 Llama3Model (SDPA), trained by its Trainer",
+        rmsnorm="fused", rope="cast-table", eager_softmax="compute", composite_activations=(),
+        returns_logits=False, kv_cache_in_training=False, fused_qkv=True, rope_gathered_per_layer=True,
+        sources=(
+            ("nn.RMSNorm runs aten._fused_rms_norm on CUDA: it keeps (input, fp32 rstd)",
+             "torch/nn/functional.py rms_norm -> aten/src/ATen/native/layer_norm.cpp rms_norm_symint "
+             "(on CPU it decomposes: fp32 input, rstd and x * rstd)"),
+            ("one wqkv projection; q and k made new by RoPE, v by .contiguous()",
+             "torchtitan/models/common/attention.py:830-852 (FusedQKVLinear, GQAttention.forward)"),
+            ("RoPE's complex64 cache gathered by the trainer's positions, per layer",
+             "torchtitan/models/common/rope.py:348-394 (_reshape_for_broadcast), :261-265 (apply_rotary_emb)"),
+            ("SDPA with enable_gqa: k and v at kv width",
+             "torchtitan/models/common/attention.py:414-447, :960"),
+            ("loss: cross_entropy on pred.float() (plain CrossEntropyLoss; the shipped configs' "
+             "ChunkedLossWrapper is not modelled)", "torchtitan/components/loss.py:32-65"),
+            ("op-level SAC: every second mm recomputed, counted per block from wqkv",
+             "torchtitan/distributed/activation_checkpoint.py:210-278 (SelectiveAC)"),
+        ),
+        validated="per-block saved bytes of the source census (torchtitan 0.3.0 on CPU, fp32 and bf16) "
+                  "with the CUDA RMSNorm; not yet measured on a GPU",
+    ),
+    "megatron": Implementation(
+        name="megatron", title="Megatron-Core with Transformer Engine (TE layers, fused RoPE and SwiGLU)",
+        rmsnorm="fused", rope="cast-table", eager_softmax="compute", composite_activations=(),
+        returns_logits=False, kv_cache_in_training=False, fused_qkv=True, fused_glu=True,
+        sources=(
+            ("LayerNormLinear keeps the norm input, its output and rsigma (the local shard with SP)",
+             "transformer_engine/pytorch/module/layernorm_linear.py (_LayerNormLinear.forward, "
+             "ctx.save_for_backward)"),
+            ("fused RoPE keeps only the frequencies, shared by every layer",
+             "megatron/core/models/common/embeddings/rope_utils.py (apply_rotary_pos_emb, fused)"),
+            ("fused attention keeps q, k, v (kv width), the output and fp32 softmax statistics",
+             "transformer_engine/pytorch/attention/dot_product_attention/backends.py (FusedAttnFunc)"),
+            ("bias_swiglu keeps the fc1 output (gate and up) only; fc2 keeps its input",
+             "megatron/core/fusions/fused_bias_swiglu.py (SwiGLUFunction.forward)"),
+            ("Korthikanti et al. 2022 per-layer formula, GQA and SwiGLU terms",
+             "arXiv:2205.05198, Section 4.1"),
+        ),
+        validated="source reading only: Transformer Engine needs CUDA, nothing measured",
     ),
 }
 

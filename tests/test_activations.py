@@ -191,3 +191,43 @@ def test_rmsnorm_backward_working_set_is_measured(dtype, fp32_tensors):
     assert act._norm_backward_fp32(model, act._dims(model, train)) == fp32_tensors
     fp32_tensor = 4 * tokens * hidden
     assert fp32_tensors * fp32_tensor <= peak < fp32_tensors * fp32_tensor + 8 * hidden
+
+
+def _block_bytes_per_token(impl: str, ac: str = "none") -> tuple[float, object]:
+    model = load_model("llama-3-8b")
+    train = TrainConfig(gpus=8, zero_stage=3, precision="bf16-mixed", micro_batch=1, seq_len=8192, impl=impl,
+                        activation_checkpointing=ac)
+    return sum(act.layer_terms(model, train).values()) / 8192, model
+
+
+def test_torchtitan_block_follows_its_source_census():
+    # torchtitan 0.3.0 Llama3Model, bf16, traced tensor by tensor on CPU (docs/implementations.md):
+    # 24D + 4*nkv*hd + 4*nh + 8 + 8H + 4hd bytes per token, of which two composite CPU RMSNorms
+    # account for 2 x (8D + 4). On CUDA nn.RMSNorm runs aten._fused_rms_norm, which keeps the
+    # bf16 input and an fp32 rstd (2D + 4 each): 12D + ... on the GPU the planner plans.
+    per_token, m = _block_bytes_per_token("torchtitan")
+    D, H, nh, nkv, hd = m.hidden_size, m.ffn_hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
+    cpu_census = 24 * D + 4 * nkv * hd + 4 * nh + 8 + 8 * H + 4 * hd
+    assert per_token == cpu_census - 2 * (8 * D + 4) + 2 * (2 * D + 4)
+    # the RoPE gather (4 hd) is what it saves beyond trainplan's reference block
+    assert per_token - _block_bytes_per_token("trainplan")[0] == 4 * hd
+
+
+def test_torchtitan_op_level_policy_counts_matmuls_from_its_fused_wqkv():
+    # torchtitan's SelectiveAC on a block with one wqkv projection: mm wqkv saved, wo recomputed,
+    # w1 saved, w3 recomputed, w2 saved (census of its policy on CPU); on the GPU the flash
+    # kernel's output and log-sum-exp are in its save list too. Plus the block's input.
+    per_token, m = _block_bytes_per_token("torchtitan", "op")
+    D, H, nh, nkv, hd = m.hidden_size, m.ffn_hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
+    assert per_token == 2 * D + 2 * (nh + 2 * nkv) * hd + 2 * H + 2 * D + (2 * D + 4 * nh)
+
+
+def test_megatron_block_is_korthikanti_with_te_and_fused_swiglu():
+    # Megatron-Core + Transformer Engine, no sequence parallelism: norm input 2h and rsigma 4
+    # and ln_out 2h per LayerNormLinear, q 2h, k and v 4 h_kv, output 2h, fp32 softmax stats
+    # 4a; bias_swiglu keeps the fc1 output (4f) and fc2 its input (2f):
+    # 12h + 4 h_kv + 6f + 4a + 8 bytes per token (Korthikanti et al. 2022, Sec. 4.1, with
+    # GQA and SwiGLU; source lines in planner/implementations.py).
+    per_token, m = _block_bytes_per_token("megatron")
+    h, f, a, h_kv = m.hidden_size, m.ffn_hidden_size, m.num_heads, m.num_kv_heads * m.head_dim
+    assert per_token == 12 * h + 4 * h_kv + 6 * f + 4 * a + 8

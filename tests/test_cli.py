@@ -273,3 +273,19 @@ def test_gpu_without_its_own_calibration_uses_its_chips():
     assert h200["overheads"] == h100["overheads"]
     a100 = _one_json_object(_plan(*FIXED_7B, "--strategy", "zero3", "--gpu", "a100", "--json").stdout)
     assert a100["calibration"] == "default"
+
+
+def test_impl_is_planned_and_run_refuses_what_it_cannot_execute():
+    # --impl changes what a layer saves: Megatron's fused SwiGLU keeps one ffn tensor fewer
+    # than trainplan's reference block (planner/implementations.py)
+    peaks = {}
+    for impl in ("trainplan", "megatron", "torchtitan", "hf"):
+        result = CliRunner().invoke(main, ["plan", "--model", "8b", "--gpus", "8", "--strategy", "zero3", "--tp", "1",
+                                           "--pp", "1", "--ac", "none", "--seq-len", "8192", "--impl", impl, "--json"])
+        assert result.exit_code in (0, 1), result.output
+        data = json.loads(result.output)
+        assert data["train"]["impl"] == impl
+        peaks[impl] = data["memory"]["peak"]
+    assert peaks["megatron"] < peaks["trainplan"] < peaks["torchtitan"]
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--impl", "hf"])
+    assert result.exit_code == 2 and "trainplan.track" in result.output

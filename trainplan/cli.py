@@ -211,6 +211,9 @@ def plan_options(fn):
                      help="sequences per optimizer step [default: one per GPU]"),
         click.option("--engine", type=click.Choice(["pytorch", "megatron", "deepspeed"]), default="pytorch",
                      show_default=True, help="whose memory semantics to predict"),
+        click.option("--impl", type=click.Choice(["trainplan", "hf", "torchtitan", "megatron"]), default="trainplan",
+                     show_default=True, help="whose model code runs the layers (what each saves for backward): "
+                     "trainplan's reference, Hugging Face transformers, torchtitan, Megatron-Core + TE"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -304,7 +307,7 @@ def build_space(options: dict):
         allow_cross_node_tp=options.get("allow_cross_node_tp", False),
         fixed=dict(attention=options["attention"], precision=options["precision"], optimizer=options["optimizer"],
                    optimizer_impl=options["optimizer_impl"], seq_len=options["seq_len"] or DEFAULT_SEQ_LEN,
-                   engine=options["engine"]),
+                   engine=options["engine"], impl=options["impl"]),
     )
     return model, gpu, space
 
@@ -417,6 +420,9 @@ def build_run_config(options: dict, run: dict):
         fields["grad_accum"] = pp  # 1F1B needs at least pp micro-batches
     if options["engine"] != "pytorch":
         raise click.UsageError("run executes PyTorch's engines: --engine must be pytorch")
+    if options["impl"] != "trainplan":
+        raise click.UsageError(f"run executes trainplan's reference model: --impl {options['impl']} is planned by "
+                               "`plan`; measure your own loop of that code with trainplan.track")
     train = TrainConfig(**fields)
     check_layout(model, train)
     if run["data"]:

@@ -168,7 +168,7 @@ def render_plan(result: PlanResult, console: Console) -> None:
         tr = t.train
         console.print(
             f"[dim]seq {tr.seq_len}, global batch {tr.global_batch}, {tr.precision}, {tr.optimizer} ({tr.optimizer_impl}), "
-            f"{tr.attention} attention, engine {tr.engine}; calibration: {result.calibration}. Memory per GPU in GiB "
+            f"{tr.attention} attention, engine {tr.engine}, model code {tr.impl}; calibration: {result.calibration}. Memory per GPU in GiB "
             f"(2^30 bytes); peak = the largest total over forward / backward / optimizer step (at), worst pipeline stage; "
             f"comm = exposed communication; mb×acc = micro-batch × gradient accumulation.[/]"
         )
@@ -183,7 +183,7 @@ def render_estimate(est: Estimate, console: Console) -> None:
     console.print(
         f"[dim]micro-batch {t.micro_batch}, seq {t.seq_len}, global batch {t.global_batch} "
         f"(accumulation {t.grad_accum}), {t.precision}, {t.optimizer} ({t.optimizer_impl}), {t.attention} attention, "
-        f"checkpointing {t.activation_checkpointing}, engine {t.engine}[/]"
+        f"checkpointing {t.activation_checkpointing}, engine {t.engine}, model code {t.impl}[/]"
     )
     for stage in est.stages:
         title = f"stage {stage.stage}" if t.pp > 1 else "memory per GPU"
