@@ -52,6 +52,7 @@ class ActivationInputs:
     activation_checkpointing: str
     zero_stage: int  # torch.autocast runs only without FSDP2 (``_autocast``)
     impl: str  # whose model code (planner/implementations.py)
+    compile: bool  # torch.compile'd blocks: the partitioner recomputes pointwise ops
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
@@ -78,6 +79,7 @@ class _Dims:
     cast_copies: bool  # torch.autocast casts a linear's input once per linear
     impl: Implementation  # whose model code (planner/implementations.py)
     fused_qkv: bool  # one projection makes q, k and v (the model's or the implementation's)
+    compiled: bool  # torch.compile (``_compiled``)
 
 
 def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
@@ -105,6 +107,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         cast_copies=_autocast(train),
         impl=implementation(train.impl),
         fused_qkv=model.fused_qkv or implementation(train.impl).fused_qkv,
+        compiled=train.compile,
     )
 
 
@@ -122,6 +125,10 @@ def _norm_terms(model: ModelSpec, x: _Dims, prefix: str) -> dict[str, int]:
     (``planner/implementations.py``): the fp32 input (``x.float()`` copies a 16-bit input),
     the fp32 rstd, and the normalised input in the input's dtype, which ``weight *`` keeps."""
     tokens = x.s * x.b // x.seq_div
+    if x.compiled and prefix == "mlp":
+        # torch.compile keeps the attention projection's output (a matmul's, in the compute
+        # dtype) and recomputes the residual sum x + o(...) that this norm reads
+        return {f"{prefix}_norm_input": x.ab * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens}
     if model.norm == "rmsnorm" and x.impl.rmsnorm == "hf":
         return {f"{prefix}_norm_input": FP32 * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens,
                 f"{prefix}_norm_normed": x.norm_ab * tokens * x.h}
@@ -136,7 +143,7 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
     terms = _norm_terms(model, x, prefix) | {
         # one input for q, k and v -- three autocast copies under torch.autocast
         # (one for a fused qkv projection)
-        f"{prefix}_qkv_input": (3 if x.cast_copies and not x.fused_qkv else 1) * x.ab * tokens * x.h // x.linear_input_div,
+        f"{prefix}_qkv_input": (3 if x.cast_copies and not x.fused_qkv and not x.compiled else 1) * x.ab * tokens * x.h // x.linear_input_div,
         f"{prefix}_q": x.ab * tokens * x.heads * x.d,
         f"{prefix}_k": x.ab * tokens * kv_heads * x.d,
         f"{prefix}_v": x.ab * tokens * kv_heads * x.d,
@@ -195,7 +202,8 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     ffn_tensor = x.ab * tokens * x.ffn
     gated = model.mlp != "gelu"
     terms = _norm_terms(model, x, "mlp") | {
-        "mlp_input": (2 if x.cast_copies and gated else 1) * x.ab * tokens * x.h // x.linear_input_div,
+        # (torch.compile casts once for both)
+        "mlp_input": (2 if x.cast_copies and gated and not x.compiled else 1) * x.ab * tokens * x.h // x.linear_input_div,
     }
     if model.mlp == "gelu":
         terms |= {"mlp_act_input": ffn_tensor, "mlp_down_input": ffn_tensor}
@@ -210,7 +218,12 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
             "mlp_up_out": ffn_tensor,
             "mlp_down_input": ffn_tensor,
         }
-        if x.impl.fused_glu:  # one op on the fc1 output keeps no silu output of its own
+        if x.impl.fused_glu or x.compiled:
+            # One op on the fc1 output keeps no silu output of its own. torch.compile's
+            # partitioner (torch/_functorch/partitioners.py, min_cut_rematerialization_partition)
+            # recomputes pointwise ops in backward from saved matmul outputs: it keeps gate, up
+            # and their product, not silu(gate) (CompiledFunctionBackward.saved_tensors of the
+            # reference block, torch 2.13 CPU inductor).
             del terms["mlp_act_out"]
     if x.dropout:
         terms["mlp_dropout_mask"] = tokens * x.h // x.seq_div

@@ -204,6 +204,8 @@ class TrainConfig(_Frozen):
     chunks: int = Field(default=1, gt=0, le=MAX_LAYERS, description="model chunks per pipeline stage (interleaved)")
     engine: Engine = "pytorch"
     impl: Impl = Field(default="trainplan", description=IMPL_HELP)
+    compile: bool = Field(default=False, description="torch.compile on each block (inductor): what is saved for "
+                          "backward and the step time change")
     ddp_bucket_mb: float = Field(default=25.0, gt=0, le=2**20, description="DDP bucket_cap_mb (MiB)")
 
     @model_validator(mode="before")

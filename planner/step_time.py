@@ -167,6 +167,8 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             compute += streamed
             if train.activation_checkpointing != "none":
                 recompute += streamed / 2
+        if train.compile:  # inductor fuses the elementwise work; communication is unchanged
+            compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
         tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
         pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
         per_stage[i] = (compute, recompute, tp_s, pp_s, f, sp)

@@ -196,7 +196,7 @@ def build_report(est: Estimate, measured: Side, environment: dict[str, str], dev
     rows = [Row(quantity=key, unit="bytes", predicted=getattr(p, key), measured=getattr(m, key),
                 error_pct=_error(getattr(p, key), getattr(m, key)))
             for key in ("params", "grads", "optimizer", "activations")]
-    if m.peak_phase:
+    if m.peak_phase and not est.train.compile:
         phase_tmp = est.stages[p_rank.stage].phases[m.peak_phase].temporaries
         rows.append(Row(quantity=f"temporaries ({m.peak_phase})", unit="bytes", predicted=phase_tmp,
                         measured=m.temporaries, error_pct=_error(phase_tmp, m.temporaries)))
@@ -228,6 +228,10 @@ def build_report(est: Estimate, measured: Side, environment: dict[str, str], dev
     if est.train.pp > 1:
         notes.append("pipeline: forward and backward interleave inside the schedule; measured activations are those "
                      "at the step's peak")
+    if est.train.compile:
+        notes.append("compiled (torch.compile): memory measured from the allocator's high-water mark per phase "
+                     "(a dispatch-mode tracker would run the blocks eagerly); the peak's part beyond parameters, "
+                     "gradients and optimizer state is reported as activations, temporaries are not split out")
     if device == "cpu":
         notes.append("CPU run: no CUDA context, communicators or allocator fragmentation; overhead is 0 on both sides")
     return ProfileReport(

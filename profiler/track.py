@@ -29,7 +29,7 @@ import time
 import torch
 from torch import nn
 
-from profiler.memory import PhaseMemory
+from profiler.memory import phase_memory
 from strategies.kernels.optim import state_tensors
 from strategies.train import RankBytes, RunResult, StepRecord, _unique_bytes
 
@@ -38,7 +38,10 @@ class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
         fsdp = any(type(m).__name__.startswith("FSDP") for m in model.modules())
-        self.memory = PhaseMemory([model], optimizer, fsdp=fsdp)
+        # a torch.compile'd model (or block) is measured by high-water mark: a dispatch-mode
+        # tracker would run it eagerly (profiler.memory.HighWaterMemory)
+        self.compiled = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+        self.memory = phase_memory([model], optimizer, fsdp=fsdp, compiled=self.compiled)
         self._handles = []
         self._step_start: float | None = None
         self.step_times: list[float] = []
@@ -139,7 +142,7 @@ class Tracker:
         attention = "eager" if getattr(config, "_attn_implementation", "sdpa") == "eager" else "flash"
         train = TrainConfig(gpus=1, precision=precision, micro_batch=batch, global_batch=batch, seq_len=seq,
                             attention=attention, optimizer="sgd" if kind == "sgd" else "adamw",
-                            optimizer_impl=impl, impl="hf")
+                            optimizer_impl=impl, impl="hf", compile=self.compiled)
         return spec, train
 
     def compare(self, estimate=None, tokens_per_step: int | None = None, gpu: str = "h100"):

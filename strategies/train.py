@@ -33,7 +33,6 @@ class RunConfig(BaseModel):
     warmup: int = Field(default=1, ge=0, description="steps left out of the timing summary")
     seed: int = 0
     data: str | None = Field(default=None, description="token file; None: synthetic samples")
-    compile: bool = False
     profile: bool = Field(default=False, description="per-phase memory of the last step: needs a phase tracker, "
                                                      "which `python -m profiler.worker` provides")
     simulate_world: int | None = Field(default=None, description="run rank 0 of this many ranks in one process "
@@ -223,7 +222,7 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
     fake = _fake_mode(config, device)
     model = build_model(spec, "meta", _param_dtype(cfg), max_seq_len=cfg.seq_len)
     mesh = build_mesh(cfg, world, device)
-    par = parallelize(model, cfg, world, rank, device, config.seed, config.compile, mesh=mesh,
+    par = parallelize(model, cfg, world, rank, device, config.seed, cfg.compile, mesh=mesh,
                       fake=None if isinstance(fake, nullcontext) else fake,
                       simulated=config.simulate_world is not None)
     with fake:
@@ -266,7 +265,8 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
         # trackers' per-module bookkeeping cannot follow: resident bytes only, there.
         tracked = last and config.profile and cfg.schedule != "interleaved"
         if tracked:
-            phases = phase_tracker(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type)
+            phases = phase_tracker(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type,
+                                   compiled=cfg.compile)
         try:
             with phases if tracked else nullcontext():
                 total, count = train_step(par, source, step, phases, losses)

@@ -194,3 +194,27 @@ def test_calibration_fit_and_use(tmp_path):
     cli = CliRunner().invoke(main, ["calibrate"])
     if not torch.cuda.is_available():
         assert cli.exit_code == 1 and "no NVIDIA driver" in cli.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "amp-bf16"])
+def test_compiled_run_is_measured_compiled_and_matches_the_compile_prediction(precision, tmp_path):
+    # torch.compile'd blocks save less than eager ones (the partitioner recomputes silu(gate),
+    # the residual sum and autocast's extra casts). The profiler measures them by the allocator's
+    # high-water mark, since a dispatch-mode tracker would run them eagerly. Issue 11's goal:
+    # peak within 5%; measured when written: within 0.3% (torch 2.13 CPU inductor).
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
+                                  "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                  "vocab_size": 1024, "max_position_embeddings": 512}))
+    spec = load_model(str(config))
+    train = TrainConfig(gpus=1, precision=precision, micro_batch=4, global_batch=4, seq_len=512,
+                        optimizer_impl="for-loop", compile=True)
+    report = profile_layout(spec, GPU, train, CAL, timeout_s=600)
+    assert report.status == "ok", report.message
+    rows = {r.quantity: r for r in report.rows}
+    assert abs(rows["peak (allocated)"].error_pct) < 2, rows["peak (allocated)"]
+    assert abs(rows["activations"].error_pct) < 3, rows["activations"]
+    assert any("compiled" in note for note in report.notes)
+    # and the eager prediction would be off: compile changed what is saved
+    eager = trainplan.estimate(spec, GPU, train.model_copy(update={"compile": False}), CAL)
+    assert eager.stages[0].phases["forward"].activations > 1.1 * rows["activations"].measured

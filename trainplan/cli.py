@@ -307,7 +307,7 @@ def build_space(options: dict):
         allow_cross_node_tp=options.get("allow_cross_node_tp", False),
         fixed=dict(attention=options["attention"], precision=options["precision"], optimizer=options["optimizer"],
                    optimizer_impl=options["optimizer_impl"], seq_len=options["seq_len"] or DEFAULT_SEQ_LEN,
-                   engine=options["engine"], impl=options["impl"]),
+                   engine=options["engine"], impl=options["impl"], compile=options.get("compile_", False)),
     )
     return model, gpu, space
 
@@ -316,6 +316,8 @@ def build_space(options: dict):
 @plan_options
 @overhead_options
 @click.option("--allow-cross-node-tp", is_flag=True, help="let tensor parallelism span nodes")
+@click.option("--compile", "compile_", is_flag=True, help="plan torch.compile'd blocks: what inductor saves for "
+              "backward and its speed-up")
 @click.option("--top", type=click.IntRange(min=0, max=100_000), default=10, show_default=True,
               help="ranked layouts to show (0: all that fit)")
 @click.option("--sort", type=click.Choice(["throughput", "memory", "mfu"]), default="throughput", show_default=True)
@@ -413,6 +415,7 @@ def build_run_config(options: dict, run: dict):
         activation_checkpointing=options["activation_checkpointing"] or "none", attention=options["attention"],
         micro_batch=options["micro_batch"] or 1, seq_len=seq_len, schedule=schedule,
         chunks=options["chunks"] or (2 if schedule == "interleaved" else 1), engine="pytorch",
+        compile=run["compile_"],
     )
     if options["global_batch"]:
         fields["global_batch"] = options["global_batch"]
@@ -430,7 +433,7 @@ def build_run_config(options: dict, run: dict):
 
         check_token_file(run["data"], model.vocab_size, train.seq_len)
     return RunConfig(model=model, train=train, steps=run["steps"], warmup=run["warmup"], seed=run["seed"],
-                     data=run["data"], compile=run["compile_"], fail_rank=run["fail_rank"],
+                     data=run["data"], fail_rank=run["fail_rank"],
                      fail_step=run["fail_step"])
 
 

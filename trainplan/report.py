@@ -168,7 +168,7 @@ def render_plan(result: PlanResult, console: Console) -> None:
         tr = t.train
         console.print(
             f"[dim]seq {tr.seq_len}, global batch {tr.global_batch}, {tr.precision}, {tr.optimizer} ({tr.optimizer_impl}), "
-            f"{tr.attention} attention, engine {tr.engine}, model code {tr.impl}; calibration: {result.calibration}. Memory per GPU in GiB "
+            f"{tr.attention} attention, engine {tr.engine}, model code {tr.impl}, {'compiled' if tr.compile else 'eager'}; calibration: {result.calibration}. Memory per GPU in GiB "
             f"(2^30 bytes); peak = the largest total over forward / backward / optimizer step (at), worst pipeline stage; "
             f"comm = exposed communication; mb×acc = micro-batch × gradient accumulation.[/]"
         )
@@ -183,7 +183,7 @@ def render_estimate(est: Estimate, console: Console) -> None:
     console.print(
         f"[dim]micro-batch {t.micro_batch}, seq {t.seq_len}, global batch {t.global_batch} "
         f"(accumulation {t.grad_accum}), {t.precision}, {t.optimizer} ({t.optimizer_impl}), {t.attention} attention, "
-        f"checkpointing {t.activation_checkpointing}, engine {t.engine}, model code {t.impl}[/]"
+        f"checkpointing {t.activation_checkpointing}, engine {t.engine}, model code {t.impl}, {'compiled' if t.compile else 'eager'}[/]"
     )
     for stage in est.stages:
         title = f"stage {stage.stage}" if t.pp > 1 else "memory per GPU"
@@ -249,7 +249,7 @@ def render_run(result, console: Console) -> None:
     )
     console.print(f"[dim]micro-batch {t.micro_batch} × accumulation {t.grad_accum} × dp {t.dp} = global batch "
                   f"{t.global_batch}, seq {t.seq_len}, {t.precision}, checkpointing {t.activation_checkpointing}, "
-                  f"{t.attention} attention[/]")
+                  f"{t.attention} attention, {'compiled' if t.compile else 'eager'}[/]")
     table = Table(box=box.SIMPLE_HEAD, header_style="bold")
     for name in ("step", "loss", "step time s", "tokens/s"):
         table.add_column(name, justify="right")
@@ -302,8 +302,8 @@ def render_profile(report, console: Console) -> None:
         f"{env.get('device', env.get('gpu', '?'))} (torch {env.get('torch', '?')}, {env.get('date', '')})"
     )
     console.print(f"[dim]micro-batch {t['micro_batch']} × accumulation {t['grad_accum']}, seq {t['seq_len']}, "
-                  f"{t['precision']}, checkpointing {t['activation_checkpointing']}, {t['attention']} attention; "
-                  f"prediction for {report.gpu}[/]")
+                  f"{t['precision']}, checkpointing {t['activation_checkpointing']}, {t['attention']} attention, "
+                  f"{'compiled' if t.get('compile') else 'eager'}; prediction for {report.gpu}[/]")
     if report.status != "ok":
         console.print(Text.assemble((f"{report.status}: ", "bold red"), report.message))
         return
