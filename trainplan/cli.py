@@ -490,6 +490,9 @@ def _device_gpu(gpu_name_option: str):
 @overhead_options
 @click.option("--simulate-world", type=click.IntRange(min=2, max=MAX_GPUS), default=None,
               help="measure rank 0 of this many GPUs in one process (fake process group)")
+@click.option("--fake-tp", is_flag=True, help="with --simulate-world and --tp: fake tensors for the tensor-parallel "
+              "rank too (full-size layouts in seconds; its loss_parallel holds 2 more fp32 vocabulary shards "
+              "at the end of forward than a real rank)")
 @click.option("--recommend", is_flag=True, help="run the planner's top candidates and recommend the best measured")
 @click.option("--candidates", "top_k", type=_count(64), default=3, show_default=True,
               help="how many planned candidates --recommend runs")
@@ -497,7 +500,8 @@ def _device_gpu(gpu_name_option: str):
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--fail-kind", type=click.Choice(["error", "oom"]), default="error", hidden=True)
 def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, fail_step, calibration_path,
-                    cuda_context_mib, communicator_mib, fragmentation, simulate_world, recommend, top_k, out, as_json,
+                    cuda_context_mib, communicator_mib, fragmentation, simulate_world, fake_tp, recommend, top_k, out,
+                    as_json,
                     fail_kind, **options):
     """Plan a layout, run it, measure every component per rank and phase, and compare.
 
@@ -522,7 +526,7 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
     config = build_run_config(options, run)
     report = profile_layout(config.model, gpu, config.train, cal, steps=config.steps, simulate_world=simulate_world,
                             timeout_s=timeout, on_cpu=on_cpu, data=data, seed=seed, fail_rank=fail_rank,
-                            fail_step=fail_step, fail_kind=fail_kind)
+                            fail_step=fail_step, fail_kind=fail_kind, fake_tp=fake_tp)
     _emit_report(report, out, as_json)
     if report.status != "ok":
         raise Failure(report.message, "out_of_memory" if report.status == "oom" else "run_failed",
