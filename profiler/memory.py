@@ -86,7 +86,49 @@ def _optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]
     return found
 
 
-class PhaseMemory:
+class _PhaseRecorder:
+    """Phase bookkeeping shared by the trackers: ``phase(name)`` marks a region; each phase
+    keeps its largest total over the steps it saw and the components at that moment."""
+
+    def _init_phases(self) -> None:
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.totals: dict[str, int] = {}
+        self.current_phase: str | None = None
+        self.forward_end: dict[str, int] = {}  # what forward leaves saved (largest micro-batch)
+
+    @contextmanager
+    def phase(self, name: str):
+        self.begin(name)
+        yield
+        self.end()
+
+    def begin(self, name: str) -> None:
+        if self.current_phase is not None:
+            self.end()
+        self._before_phase()
+        self.current_phase = name
+        self._restart_peak()
+
+    def _before_phase(self) -> None:
+        pass
+
+    def _record(self, name: str, total: int, components) -> None:
+        if total >= self.totals.get(name, -1):
+            self.totals[name] = total
+            self.peaks[name] = components()
+        if name == "forward":
+            end = self.current()
+            if end["activations"] >= self.forward_end.get("activations", -1):
+                self.forward_end = end
+
+    def reset_peaks(self) -> None:
+        """Forget earlier steps' phase peaks (the tracker measures the latest step)."""
+        self.peaks.clear()
+        self.totals.clear()
+        self.forward_end = {}
+
+
+class PhaseMemory(_PhaseRecorder):
     """Context manager around a training step; ``phase(name)`` marks each region."""
 
     def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, fsdp: bool = False,
@@ -109,10 +151,7 @@ class PhaseMemory:
 
             self.tracker = _repeatable(MemTracker)()
             self.tracker.track_external(*modules, *optimizers)
-        self.peaks: dict[str, dict[str, int]] = {}
-        self.totals: dict[str, int] = {}
-        self.current_phase: str | None = None
-        self.forward_end: dict[str, int] = {}  # what forward leaves saved (largest micro-batch)
+        self._init_phases()
 
     def __enter__(self) -> PhaseMemory:
         self.tracker.__enter__()
@@ -127,38 +166,12 @@ class PhaseMemory:
         self.tracker._peak_mem_snap = deepcopy(current)
         self.tracker._peak_mem = {dev: snap.get("Total", sum(snap.values())) for dev, snap in current.items()}
 
-    @contextmanager
-    def phase(self, name: str):
-        self.begin(name)
-        yield
-        self.end()
-
-    def begin(self, name: str) -> None:
-        if self.current_phase is not None:
-            self.end()
-        self.current_phase = name
-        self._restart_peak()
-
     def end(self) -> None:
         name, self.current_phase = self.current_phase, None
         if name is None:
             return
-        peak = self.tracker.get_tracker_snapshot("peak")
-        components = to_components(peak, self.device_type)
-        total = sum(components.values())
-        if total >= self.totals.get(name, -1):
-            self.totals[name] = total
-            self.peaks[name] = components
-        if name == "forward":
-            end = self.current()
-            if end["activations"] >= self.forward_end.get("activations", -1):
-                self.forward_end = end
-
-    def reset_peaks(self) -> None:
-        """Forget earlier steps' phase peaks (the tracker measures the latest step)."""
-        self.peaks.clear()
-        self.totals.clear()
-        self.forward_end = {}
+        components = to_components(self.tracker.get_tracker_snapshot("peak"), self.device_type)
+        self._record(name, sum(components.values()), lambda: components)
 
     def current(self) -> dict[str, int]:
         return to_components(self.tracker.get_tracker_snapshot("current"), self.device_type)
@@ -183,7 +196,7 @@ def fix_mmap_threshold() -> bool:
     return _mmap_fixed
 
 
-class HighWaterMemory:
+class HighWaterMemory(_PhaseRecorder):
     """Per-phase peaks of a torch.compile'd run, from the allocator's high-water mark.
 
     A TorchDispatchMode tracker (``PhaseMemory``) cannot measure compiled code: while a
@@ -209,10 +222,7 @@ class HighWaterMemory:
             raise RuntimeError("measuring a compiled model on CPU needs MALLOC_MMAP_THRESHOLD_=65536 in the "
                                "environment when Python starts (glibc reuses freed memory otherwise); "
                                "`trainplan profile` sets it for its workers")
-        self.peaks: dict[str, dict[str, int]] = {}
-        self.totals: dict[str, int] = {}
-        self.current_phase: str | None = None
-        self.forward_end: dict[str, int] = {}
+        self._init_phases()
         self._offset: int | None = None
 
     def __enter__(self) -> HighWaterMemory:
@@ -252,22 +262,12 @@ class HighWaterMemory:
             return torch.cuda.max_memory_allocated()
         return self._status("VmHWM:")
 
-    @contextmanager
-    def phase(self, name: str):
-        self.begin(name)
-        yield
-        self.end()
-
-    def begin(self, name: str) -> None:
-        if self.current_phase is not None:
-            self.end()
+    def _before_phase(self) -> None:
         if self._offset is None:  # the step's start: live tensors are the resident ones
             import gc
 
             gc.collect()
             self._offset = self._allocated() - sum(self._resident().values())
-        self.current_phase = name
-        self._restart_peak()
 
     def _components(self, total: int) -> dict[str, int]:
         resident = self._resident()
@@ -278,16 +278,10 @@ class HighWaterMemory:
         if name is None:
             return
         total = self._high() - self._offset
-        if total >= self.totals.get(name, -1):
-            self.totals[name] = total
-            self.peaks[name] = self._components(total)
-        if name == "forward":
-            self.forward_end = self.current()
+        self._record(name, total, lambda: self._components(total))
 
     def reset_peaks(self) -> None:
-        self.peaks.clear()
-        self.totals.clear()
-        self.forward_end = {}
+        super().reset_peaks()
         self._offset = None
 
     def current(self) -> dict[str, int]:

@@ -74,6 +74,9 @@ class Row(_Checked):
     error_pct: float | None
 
 
+_ADDED_LATER = {"impl": "trainplan", "compile": False}  # TrainConfig fields of issue 11
+
+
 class ProfileReport(_Checked):
     model: str
     num_params: int = Field(gt=0)
@@ -95,6 +98,9 @@ class ProfileReport(_Checked):
         from planner.configs import TrainConfig
         from planner.errors import TrainplanError
 
+        # reports stored before a field existed read with its default
+        for name, default in _ADDED_LATER.items():
+            self.train.setdefault(name, default)
         missing = [name for name in TrainConfig.model_fields if name not in self.train]
         if missing:
             raise ValueError(f"train lacks {', '.join(missing)}")

@@ -1,0 +1,88 @@
+"""Measure the training stacks people run, for the README's per-framework section.
+
+    python validation/clients.py            # writes validation/clients.json (atomically)
+
+Hugging Face: LlamaForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel (sdpa and eager, fp32 and
+amp-bf16) trained with a plain loop and measured by ``trainplan.track``, which also plans the run
+it saw (``--impl hf``). torch.compile: trainplan's reference model with compiled blocks, measured
+by ``trainplan profile --compile`` (allocator high-water mark). Each record keeps the observed
+layout and the measured bytes; ``docs/readme.py`` re-predicts them with the current planner, so
+the README's accuracy figures follow the code. The same runs are tests
+(tests/test_hf_clients.py, tests/test_profiler.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+OUT = ROOT / "validation" / "clients.json"
+
+
+def hugging_face() -> list[dict]:
+    import torch
+    import transformers
+
+    from test_hf_clients import _model, _train  # the tests' models and loop: one definition
+
+    records = []
+    for arch in ("llama", "qwen2", "gpt2"):
+        for attn in ("sdpa", "eager"):
+            for precision in ("fp32", "amp-bf16"):
+                torch.manual_seed(0)
+                model = _model(arch, attn)
+                model.train()
+                tracker, _ = _train(model, precision)
+                spec, train = tracker.observed()
+                measured = tracker.result()
+                records.append(dict(
+                    framework="hf", name=f"{type(model).__name__}, {attn}, {precision}",
+                    model=spec.model_dump(), train=train.model_dump(),
+                    measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
+                    versions=dict(transformers=transformers.__version__, torch=torch.__version__)))
+                print(records[-1]["name"], records[-1]["measured"], flush=True)
+    return records
+
+
+def compiled() -> list[dict]:
+    import torch
+
+    from planner.calibration import default_calibration
+    from planner.catalog import load_gpu, model_from_hf_dict
+    from planner.configs import TrainConfig
+    from profiler.run import profile_layout
+
+    cfg = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
+           "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 512}
+    spec = model_from_hf_dict(cfg, "clients", "llama-style 256 x 2 layers (validation/clients.py)", "llama-256x2")
+    records = []
+    for precision in ("fp32", "bf16", "amp-bf16"):
+        train = TrainConfig(gpus=1, precision=precision, micro_batch=4, global_batch=4, seq_len=512,
+                            optimizer_impl="for-loop", compile=True)
+        report = profile_layout(spec, load_gpu("h100-sxm-80gb"), train, default_calibration(), timeout_s=900)
+        rows = {r.quantity: r for r in report.rows}
+        records.append(dict(
+            framework="compile", name=f"reference model, torch.compile, {precision}",
+            model=spec.model_dump(), train=train.model_dump(),
+            measured=dict(activations=int(rows["activations"].measured), peak=int(rows["peak (allocated)"].measured)),
+            versions=dict(torch=torch.__version__)))
+        print(records[-1]["name"], records[-1]["measured"], flush=True)
+    return records
+
+
+def main() -> int:
+    from strategies.files import write_atomic
+
+    records = hugging_face() + compiled()
+    data = {"date": datetime.date.today().isoformat(), "device": "cpu", "records": records}
+    write_atomic(OUT, json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
