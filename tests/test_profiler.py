@@ -196,12 +196,13 @@ def test_calibration_fit_and_use(tmp_path):
         assert cli.exit_code == 1 and "no NVIDIA driver" in cli.stderr
 
 
-@pytest.mark.parametrize("precision", ["bf16", "amp-bf16"])
-def test_compiled_run_is_measured_compiled_and_matches_the_compile_prediction(precision, tmp_path):
+def test_compiled_run_is_measured_compiled_and_matches_the_compile_prediction(tmp_path):
     # torch.compile'd blocks save less than eager ones (the partitioner recomputes silu(gate),
     # the residual sum and autocast's extra casts). The profiler measures them by the allocator's
     # high-water mark, since a dispatch-mode tracker would run them eagerly. Issue 11's goal:
-    # peak within 5%; measured when written: within 0.3% (torch 2.13 CPU inductor).
+    # peak within 5%; measured when written: within 1.1% (torch 2.13 CPU inductor). amp-bf16
+    # exercises all three (fp32 and bf16: validation/clients.json).
+    precision = "amp-bf16"
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
                                   "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
