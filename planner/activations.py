@@ -79,10 +79,11 @@ class _Dims:
     cast_copies: bool  # torch.autocast casts a linear's input once per linear
     impl: Implementation  # whose model code (planner/implementations.py)
     fused_qkv: bool  # one projection makes q, k and v (the model's or the implementation's)
-    compiled: bool  # torch.compile (``_compiled``)
+    compiled: bool  # torch.compile'd blocks (TrainConfig.compile)
 
 
 def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
+    impl = implementation(train.impl)
     tp, sp = train.tp, train.sequence_parallel
     engine = ENGINES[train.engine]
     vocab = model.vocab_size
@@ -105,8 +106,8 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         flash=train.attention == "flash",
         norm_ab=FP32 if _autocast(train) else RECIPES[train.precision].compute_bytes,
         cast_copies=_autocast(train),
-        impl=implementation(train.impl),
-        fused_qkv=model.fused_qkv or implementation(train.impl).fused_qkv,
+        impl=impl,
+        fused_qkv=model.fused_qkv or impl.fused_qkv,
         compiled=train.compile,
     )
 

@@ -20,26 +20,29 @@ HF = "transformers 5.24.0"
 
 @dataclass(frozen=True)
 class Implementation:
+    """One implementation's variants. The defaults are trainplan's reference model (fused
+    kernels, nothing returned beside the loss): a record states only where it differs."""
+
     name: str
     title: str
+    sources: tuple[tuple[str, str], ...]
     # RMSNorm: "fused" keeps (input, fp32 rstd); "hf" is transformers' composite
     # ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)``, which keeps the fp32 input (a
     # copy unless it is fp32 already), rstd and the normalised input in the input's dtype.
-    rmsnorm: Literal["fused", "hf"]
+    rmsnorm: Literal["fused", "hf"] = "fused"
     # RoPE's cos/sin: "cast-table" casts a [max positions, head_dim] fp32 table once per forward
     # (nothing to cast in fp32); "per-forward" builds [1, seq, head_dim] tables in the hidden
     # states' dtype every forward, which every layer's q * cos and k * sin keep.
-    rope: Literal["cast-table", "per-forward"]
+    rope: Literal["cast-table", "per-forward"] = "cast-table"
     # eager attention's softmax: "compute" saves the probabilities in the compute dtype; "fp32"
     # runs it in fp32 (softmax(dtype=float32)) and keeps a compute-dtype copy for probs @ v.
-    eager_softmax: Literal["compute", "fp32"]
+    eager_softmax: Literal["compute", "fp32"] = "compute"
     # Python-composite activations are not fused: every intermediate is saved.
-    composite_activations: tuple[str, ...]
+    composite_activations: tuple[str, ...] = ()
     # The model's forward returns logits (and a KV cache) that live until the caller drops the
     # output: counted at the end of forward, freed before backward in a plain training loop.
-    returns_logits: bool
-    kv_cache_in_training: bool
-    sources: tuple[tuple[str, str], ...]
+    returns_logits: bool = False
+    kv_cache_in_training: bool = False
     # q, k and v come out of one projection (whatever the checkpoint's config says)
     fused_qkv: bool = False
     # RoPE's frequencies gathered by position per layer and forward (complex64, [b, s, 1, d/2]),
@@ -55,13 +58,11 @@ class Implementation:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "trainplan": Implementation(
         name="trainplan", title="trainplan's reference model (strategies/model.py)",
-        rmsnorm="fused", rope="cast-table", eager_softmax="compute", composite_activations=(),
-        returns_logits=False, kv_cache_in_training=False,
         sources=(
             ("RMSNorm saves (x, rstd)", "strategies/kernels/norm.py: _RMSNormFunction.forward"),
             ("RoPE tables cast once per forward", "strategies/model.py: Transformer.forward"),
         ),
-        validated="validation/cpu.json and validation/gpu.json (run, profile, simulated worlds)",
+        validated="validation/cpu.json and validation/gpu_h100.json (run, profile, simulated worlds)",
     ),
     "hf": Implementation(
         name="hf", title=f"Hugging Face transformers ({HF}), plain training loop",
@@ -87,8 +88,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     ),
     "torchtitan": Implementation(
         name="torchtitan", title="torchtitan 0.3.0 Llama3Model (SDPA), trained by its Trainer",
-        rmsnorm="fused", rope="cast-table", eager_softmax="compute", composite_activations=(),
-        returns_logits=False, kv_cache_in_training=False, fused_qkv=True, rope_gathered_per_layer=True,
+        fused_qkv=True, rope_gathered_per_layer=True,
         sources=(
             ("nn.RMSNorm runs aten._fused_rms_norm on CUDA: it keeps (input, fp32 rstd)",
              "torch/nn/functional.py rms_norm -> aten/src/ATen/native/layer_norm.cpp rms_norm_symint "
@@ -109,8 +109,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     ),
     "megatron": Implementation(
         name="megatron", title="Megatron-Core with Transformer Engine (TE layers, fused RoPE and SwiGLU)",
-        rmsnorm="fused", rope="cast-table", eager_softmax="compute", composite_activations=(),
-        returns_logits=False, kv_cache_in_training=False, fused_qkv=True, fused_glu=True,
+        fused_qkv=True, fused_glu=True,
         sources=(
             ("LayerNormLinear keeps the norm input, its output and rsigma (the local shard with SP)",
              "transformer_engine/pytorch/module/layernorm_linear.py (_LayerNormLinear.forward, "

@@ -212,7 +212,6 @@ class HighWaterMemory(_PhaseRecorder):
     tensors; the rest of a phase's peak is reported as activations (no finer breakdown)."""
 
     MMAP_THRESHOLD = 64 * 1024
-    breakdown = False
 
     def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, fsdp: bool = False,
                  device_type: str | None = None):

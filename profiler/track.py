@@ -37,6 +37,7 @@ from strategies.train import RankBytes, RunResult, StepRecord, _unique_bytes
 class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
+        self.device_type = next(model.parameters()).device.type
         fsdp = any(type(m).__name__.startswith("FSDP") for m in model.modules())
         # a torch.compile'd model (or block) is measured by high-water mark: a dispatch-mode
         # tracker would run it eagerly (profiler.memory.HighWaterMemory)
@@ -69,7 +70,7 @@ class Tracker:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
             self.input_shape = tuple(tokens.shape)
-        device = next(self.model.parameters()).device.type
+        device = self.device_type
         self.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         self._begin("forward")
 
@@ -135,9 +136,10 @@ class Tracker:
                              f"{'without momentum' if kind == 'sgd' else ''}".rstrip())
         # torch/optim/optimizer.py: _default_to_fused_or_foreach picks foreach only when every
         # tensor is on a native device (CUDA); on CPU the default is the for-loop.
-        device = next(self.model.parameters()).device.type
-        impl = ("fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach")
-                else "for-loop" if opt.defaults.get("foreach") is False or device == "cpu" else "foreach")
+        foreach = opt.defaults.get("foreach")
+        if foreach is None:
+            foreach = self.device_type != "cpu"
+        impl = "fused" if opt.defaults.get("fused") else "foreach" if foreach else "for-loop"
         batch, seq = self.input_shape
         attention = "eager" if getattr(config, "_attn_implementation", "sdpa") == "eager" else "flash"
         train = TrainConfig(gpus=1, precision=precision, micro_batch=batch, global_batch=batch, seq_len=seq,

@@ -58,7 +58,7 @@ def build_mesh(cfg: TrainConfig, world: int, device: torch.device):
 
 
 def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, device: torch.device,
-                seed: int = 0, compile: bool = False, mesh=None, fake=None, simulated: bool = False) -> Parallelized:
+                seed: int = 0, mesh=None, fake=None, simulated: bool = False) -> Parallelized:
     """``model`` is built on the meta device; returns this rank's materialised share.
 
     Simulating a rank of a larger world (a fake process group): pass the ``mesh`` built
@@ -81,7 +81,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
         set_attention_kernel(module, cfg.attention)
         apply_tensor_parallel(module, mesh["tp"], cfg)
         apply_activation_checkpointing(module, mesh, cfg)
-        if compile:
+        if cfg.compile:
             for name, block in list(module.layers.items()):
                 module.layers[name] = torch.compile(block)
         if sharded:

@@ -224,7 +224,7 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
     fake = _fake_mode(config, device)
     model = build_model(spec, "meta", _param_dtype(cfg), max_seq_len=cfg.seq_len)
     mesh = build_mesh(cfg, world, device)
-    par = parallelize(model, cfg, world, rank, device, config.seed, cfg.compile, mesh=mesh,
+    par = parallelize(model, cfg, world, rank, device, config.seed, mesh=mesh,
                       fake=None if isinstance(fake, nullcontext) else fake,
                       simulated=config.simulate_world is not None)
     with fake:
