@@ -247,17 +247,20 @@ def frameworks() -> str:
     for record in data["records"]:
         spec, train = ModelSpec(**record["model"]), TrainConfig(**record["train"])
         stage = estimate_memory(spec, gpu, train, Overheads.none(), search_micro_batch=False).stages[0]
-        act, peak = stage.phases["forward"].activations, max(p.total for p in stage.phases.values())
+        act, peak = stage.saved_activations, max(p.total for p in stage.phases.values())
         m = record["measured"]
         e_act, e_peak = 100 * (act - m["activations"]) / m["activations"], 100 * (peak - m["peak"]) / m["peak"]
         w = worst.setdefault(record["framework"], [0.0, 0.0])
         w[0], w[1] = max(w[0], abs(e_act)), max(w[1], abs(e_peak))
         lines.append(f"| {record['name']} | {act / 2**20:.2f} / {m['activations'] / 2**20:.2f} MiB | {e_act:+.2f}% "
                      f"| {peak / 2**20:.2f} / {m['peak'] / 2**20:.2f} MiB | {e_peak:+.2f}% |")
-    versions = data["records"][0]["versions"]
-    head = (f"Measured {data['date']} on CPU (transformers {versions['transformers']}, torch {versions['torch']}; "
+    versions = {k: v for record in data["records"] for k, v in record["versions"].items()}
+    dates = sorted({record["date"] for record in data["records"]})
+    head = (f"Measured {dates[0] if len(dates) == 1 else f'{dates[0]} to {dates[-1]}'} on CPU (transformers "
+            f"{versions['transformers']}, torchtitan {versions['torchtitan']}, torch {versions['torch']}; "
             f"`python validation/clients.py`). Worst errors: Hugging Face activations {worst['hf'][0]:.2f}%, peak "
-            f"{worst['hf'][1]:.2f}%; torch.compile activations {worst['compile'][0]:.2f}%, peak "
+            f"{worst['hf'][1]:.2f}%; torchtitan activations {worst['torchtitan'][0]:.2f}%, peak "
+            f"{worst['torchtitan'][1]:.2f}%; torch.compile activations {worst['compile'][0]:.2f}%, peak "
             f"{worst['compile'][1]:.2f}%.\n\n")
     return head + "\n".join(lines) + "\n"
 

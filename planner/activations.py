@@ -130,9 +130,10 @@ def _norm_terms(model: ModelSpec, x: _Dims, prefix: str) -> dict[str, int]:
         # torch.compile keeps the attention projection's output (a matmul's, in the compute
         # dtype) and recomputes the residual sum x + o(...) that this norm reads
         return {f"{prefix}_norm_input": x.ab * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens}
-    if model.norm == "rmsnorm" and x.impl.rmsnorm == "hf":
+    if model.norm == "rmsnorm" and x.impl.rmsnorm != "fused":
+        normed = x.norm_ab if x.impl.rmsnorm == "hf" else FP32
         return {f"{prefix}_norm_input": FP32 * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens,
-                f"{prefix}_norm_normed": x.norm_ab * tokens * x.h}
+                f"{prefix}_norm_normed": normed * tokens * x.h}
     return {f"{prefix}_norm_input": x.norm_ab * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens}
 
 
@@ -155,10 +156,11 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
     if model.qk_norm:
         # per-head norms on q and k (their projections' outputs, in the compute dtype)
         for name, heads in (("q", x.heads), ("k", x.kv_heads)):
-            terms[f"{prefix}_{name}_norm_input"] = (FP32 if x.impl.rmsnorm == "hf" else x.ab) * tokens * heads * x.d
+            terms[f"{prefix}_{name}_norm_input"] = (FP32 if x.impl.rmsnorm != "fused" else x.ab) * tokens * heads * x.d
             terms[f"{prefix}_{name}_norm_stats"] = FP32 * tokens * heads
-            if x.impl.rmsnorm == "hf":
-                terms[f"{prefix}_{name}_norm_normed"] = x.ab * tokens * heads * x.d
+            if x.impl.rmsnorm != "fused":
+                normed = x.ab if x.impl.rmsnorm == "hf" else FP32
+                terms[f"{prefix}_{name}_norm_normed"] = normed * tokens * heads * x.d
     if x.impl.rope_gathered_per_layer and model.position_embedding == "rope":
         # complex64 [b, s, 1, d/2] frequencies gathered by position, kept by q's and k's rotation
         terms[f"{prefix}_rope_freqs"] = 8 * tokens * (x.d // 2)
@@ -276,6 +278,8 @@ def _op_level_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, int]:
         if x.seq_div > 1 and name.endswith(("_o_out", "_down_out", "_fc2_out")):
             terms[name.replace("_out", "_reduce_scattered")] = nbytes // x.seq_div
     for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+        if not x.impl.sac_saves_attention:
+            continue
         terms[f"{prefix}_out"] = x.ab * tokens * x.heads * x.d
         if x.flash:
             terms[f"{prefix}_logsumexp"] = FP32 * tokens * x.heads
@@ -331,6 +335,20 @@ def op_released_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, k
     shared = _op_shared_terms(model, x, kind)
     held = ("layer_input", "mlp_down_out", "mlp_fc2_out", "mlp_down_reduce_scattered", "mlp_fc2_reduce_scattered")
     return sum(nbytes for name, nbytes in kept.items() if name not in shared and name not in held)
+
+
+def rebuilt_mlp_backward(model: ModelSpec, train: TrainConfig | ActivationInputs) -> tuple[int, int]:
+    """(freed, working) at the MLP's elementwise backward in a block whose forward its backward
+    rebuilt (full or op-level checkpointing), the peak of that block's backward (traced op by
+    op on torchtitan 0.3.0's Llama3 block, MemTracker, torch 2.13 CPU): the down projection's
+    saved input is freed by its backward, which has written its weight gradient; alive are the
+    incoming hidden-sized gradient and the product's gradient with its two operands'
+    gradients (three ffn-sized tensors gated, two for GELU)."""
+    x = _dims(model, train)
+    tokens = x.s * x.b
+    ffn = x.ab * tokens * x.ffn
+    gated = model.mlp != "gelu"
+    return ffn, x.ab * tokens * x.h // x.seq_div + (3 if gated else 2) * ffn
 
 
 def op_forward_pending_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder") -> int:
@@ -408,6 +426,16 @@ def head_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> dict[
     if model.encoder_layers:
         terms["encoder_final_norm_input"] = x.ab * tokens * x.h // x.seq_div
     return terms
+
+
+def loss_outside_forward_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+    """The loss's saved tensors (fp32 log-softmax, targets, normaliser) when the caller computes
+    the loss after the model's forward returns (torchtitan's trainer): not yet saved when the
+    forward ends, though alive from the loss to its backward like the rest of the head's."""
+    if implementation(train.impl).loss_in_forward:
+        return 0
+    terms = head_terms(model, train)
+    return sum(terms[name] for name in ("log_softmax", "targets", "loss_total_weight"))
 
 
 def forward_output_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) -> tuple[int, int]:

@@ -21,9 +21,9 @@ OptimizerImpl = Literal["fused", "foreach", "for-loop"]
 Attention = Literal["flash", "eager"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 Engine = Literal["pytorch", "megatron", "deepspeed"]
-Impl = Literal["trainplan", "hf", "torchtitan", "megatron"]
+Impl = Literal["trainplan", "hf", "torchtitan", "torchtitan-cpu", "megatron"]
 IMPL_HELP = ("whose model code runs the layers: trainplan (the reference model, fused norms), hf (Hugging Face "
-             "transformers), torchtitan, megatron (Megatron-Core with Transformer Engine); what a layer saves "
+             "transformers), torchtitan (on CUDA; torchtitan-cpu: as it runs on a CPU), megatron (Megatron-Core with Transformer Engine); what a layer saves "
              "depends on it (planner/implementations.py)")
 
 STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}

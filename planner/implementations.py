@@ -12,7 +12,7 @@ Face, validation/ for the others).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 HF = "transformers 5.24.0"
@@ -29,7 +29,9 @@ class Implementation:
     # RMSNorm: "fused" keeps (input, fp32 rstd); "hf" is transformers' composite
     # ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)``, which keeps the fp32 input (a
     # copy unless it is fp32 already), rstd and the normalised input in the input's dtype.
-    rmsnorm: Literal["fused", "hf"] = "fused"
+    # "composite" is torch's own rms_norm where no fused kernel runs (a CPU): it keeps the fp32
+    # input, rstd and the fp32 normalised input (the weight multiplies it before the cast back).
+    rmsnorm: Literal["fused", "hf", "composite"] = "fused"
     # RoPE's cos/sin: "cast-table" casts a [max positions, head_dim] fp32 table once per forward
     # (nothing to cast in fp32); "per-forward" builds [1, seq, head_dim] tables in the hidden
     # states' dtype every forward, which every layer's q * cos and k * sin keep.
@@ -43,6 +45,9 @@ class Implementation:
     # output: counted at the end of forward, freed before backward in a plain training loop.
     returns_logits: bool = False
     kv_cache_in_training: bool = False
+    # The loss runs inside the model's forward (trainplan's reference; transformers given
+    # labels); False: the caller computes it from the returned logits after the forward ends
+    loss_in_forward: bool = True
     # q, k and v come out of one projection (whatever the checkpoint's config says)
     fused_qkv: bool = False
     # RoPE's frequencies gathered by position per layer and forward (complex64, [b, s, 1, d/2]),
@@ -51,6 +56,9 @@ class Implementation:
     # the gated MLP's activation fused into one op on the fc1 output (gate and up in one
     # tensor): it keeps that output and the product, not silu's output beside them
     fused_glu: bool = False
+    # op-level checkpointing keeps the attention kernel's outputs (its save list names the
+    # kernel the device runs)
+    sac_saves_attention: bool = True
     # what this implementation was checked against
     validated: str = ""
 
@@ -88,7 +96,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     ),
     "torchtitan": Implementation(
         name="torchtitan", title="torchtitan 0.3.0 Llama3Model (SDPA), trained by its Trainer",
-        fused_qkv=True, rope_gathered_per_layer=True,
+        fused_qkv=True, rope_gathered_per_layer=True, returns_logits=True, loss_in_forward=False,
         sources=(
             ("nn.RMSNorm runs aten._fused_rms_norm on CUDA: it keeps (input, fp32 rstd)",
              "torch/nn/functional.py rms_norm -> aten/src/ATen/native/layer_norm.cpp rms_norm_symint "
@@ -99,6 +107,9 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
              "torchtitan/models/common/rope.py:348-394 (_reshape_for_broadcast), :261-265 (apply_rotary_emb)"),
             ("SDPA with enable_gqa: k and v at kv width",
              "torchtitan/models/common/attention.py:414-447, :960"),
+            ("the model returns the logits in the parameters' dtype; the trainer computes the loss from them "
+             "after the forward and deletes them before backward",
+             "torchtitan/models/common/decoder.py:224-248; torchtitan/trainer.py:814-828"),
             ("loss: cross_entropy on pred.float() (plain CrossEntropyLoss; the shipped configs' "
              "ChunkedLossWrapper is not modelled)", "torchtitan/components/loss.py:32-65"),
             ("op-level SAC: every second mm recomputed, counted per block from wqkv",
@@ -126,6 +137,23 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         validated="source reading only: Transformer Engine needs CUDA, nothing measured",
     ),
 }
+
+
+# torchtitan's code on a CPU, where it runs other kernels than on CUDA (tests/test_torchtitan.py
+# trains it on CPU and measures it with trainplan.track)
+IMPLEMENTATIONS["torchtitan-cpu"] = replace(
+    IMPLEMENTATIONS["torchtitan"], name="torchtitan-cpu", title="torchtitan 0.3.0 Llama3Model (SDPA) on a CPU",
+    rmsnorm="composite", sac_saves_attention=False,
+    sources=IMPLEMENTATIONS["torchtitan"].sources + (
+        ("on CPU torch.rms_norm decomposes: _to_copy(fp32), pow, mean, add, rsqrt, mul, mul(weight), _to_copy",
+         "aten/src/ATen/native/layer_norm.cpp rms_norm_symint (no CPU fused kernel in torch 2.13)"),
+        ("SelectiveAC's save list has the CUDA attention kernels only: on CPU, "
+         "_scaled_dot_product_flash_attention_for_cpu is recomputed",
+         "torchtitan/distributed/activation_checkpoint.py:31-70 (_get_default_save_ops)"),
+    ),
+    validated="tests/test_torchtitan.py: torchtitan 0.3.0's own model, SelectiveAC and FullAC, trained on CPU "
+              "and measured by trainplan.track (fp32 and bf16)",
+)
 
 
 def implementation(name: str) -> Implementation:

@@ -298,6 +298,8 @@ class _ActSums:
     encoder_layer_op_released: int
     decoder_layer_op_released: int
     op_forward_pending: int
+    rebuilt_mlp_backward_freed: int
+    rebuilt_mlp_backward_working: int
     embedding: int
     head: int
     loss_forward: int
@@ -310,6 +312,7 @@ class _ActSums:
     rope_tables: int
     forward_logits: int
     forward_cache_per_layer: int
+    loss_outside_forward: int
     pipeline_output_inner: int
     pipeline_output_last: int
     pipeline_recv_buffer: int
@@ -329,6 +332,8 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         encoder_layer_op_released=act.op_released_bytes(model, train, "encoder"),
         decoder_layer_op_released=act.op_released_bytes(model, train, "decoder"),
         op_forward_pending=act.op_forward_pending_bytes(model, train),
+        rebuilt_mlp_backward_freed=act.rebuilt_mlp_backward(model, train)[0],
+        rebuilt_mlp_backward_working=act.rebuilt_mlp_backward(model, train)[1],
         embedding=sum(act.embedding_terms(model, train).values()),
         head=sum(act.head_terms(model, train).values()),
         loss_forward=loss_forward,
@@ -341,6 +346,7 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         rope_tables=act.rope_table_bytes(model, train),
         forward_logits=act.forward_output_bytes(model, train)[0],
         forward_cache_per_layer=act.forward_output_bytes(model, train)[1],
+        loss_outside_forward=act.loss_outside_forward_bytes(model, train),
         pipeline_output_inner=act.pipeline_output_bytes(model, train, last_stage=False),
         pipeline_output_last=act.pipeline_output_bytes(model, train, last_stage=True),
         pipeline_recv_buffer=act.pipeline_recv_buffer_bytes(model, train),
@@ -539,6 +545,20 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         (activations - head_mb - one_layer, grads_in_forward, gathered_fwd, 0, grad_reduce, 0),
         (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, first_recompute),
     ]
+    if has_layers and not fsdp_units:
+        # a rebuilt block (checkpointed fully, or op by op) peaks in its MLP's elementwise
+        # backward (``act.rebuilt_mlp_backward``): the down projection's input freed and its
+        # weight gradient written; in the last layer, after the head's gradients
+        freed, working = sums.rebuilt_mlp_backward_freed, sums.rebuilt_mlp_backward_working
+        per_param = grads_at_end // sp.local if sp.local and not grads_persist else 0
+        down_grad = per_param * model.hidden_size * (model.ffn_hidden_size // train.tp)
+        head_grads = per_param * sp.last_unit if sp.has_head else 0
+        if recompute_set:
+            layer_moments[0] = (activations - head_mb - freed, grads_in_forward + head_grads + down_grad,
+                                gathered_fwd, working, 0, recompute_set)
+        if first_recompute:
+            layer_moments[2] = (end_acts - freed, grads_before_first_layer + down_grad, gathered_bwd_end, working,
+                                grad_reduce, first_recompute)
     if fsdp_units:
         # Measured with FSDPMemTracker (torch 2.13, llama-2-13b ZeRO-3 on 16, full recompute):
         # while a layer's backward runs, the previous unit's reduce-scatter input waits (one
@@ -608,7 +628,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     host = _host_bytes(train, recipe, n_param, n_grad, n_state)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
-                        peak_phase, sp, layer_factor, host, activations + outputs)
+                        peak_phase, sp, layer_factor, host,
+                        activations + outputs - (head_count * sums.loss_outside_forward if sp.has_head else 0))
 
 
 def _host_bytes(train: TrainConfig, recipe: Recipe, n_param: int, n_grad: int, n_state: int) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ things; ``plan`` never imports torch.
 from __future__ import annotations
 
 import sys
+from typing import get_args
 
 import click
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from planner.configs import (
     MAX_LAYERS,
     MAX_MICRO_BATCH,
     MAX_SEQ_LEN,
+    Impl,
 )
 from planner.errors import TrainplanError
 
@@ -211,9 +213,10 @@ def plan_options(fn):
                      help="sequences per optimizer step [default: one per GPU]"),
         click.option("--engine", type=click.Choice(["pytorch", "megatron", "deepspeed"]), default="pytorch",
                      show_default=True, help="whose memory semantics to predict"),
-        click.option("--impl", type=click.Choice(["trainplan", "hf", "torchtitan", "megatron"]), default="trainplan",
+        click.option("--impl", type=click.Choice(list(get_args(Impl))), default="trainplan",
                      show_default=True, help="whose model code runs the layers (what each saves for backward): "
-                     "trainplan's reference, Hugging Face transformers, torchtitan, Megatron-Core + TE"),
+                     "trainplan's reference, Hugging Face transformers, torchtitan (on CUDA; torchtitan-cpu as it runs on a "
+                     "CPU), Megatron-Core + TE"),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -1,14 +1,16 @@
 """Measure the training stacks people run, for the README's per-framework section.
 
     python validation/clients.py            # writes validation/clients.json (atomically)
+    python validation/clients.py torchtitan # re-measures one framework, keeps the others' records
 
 Hugging Face: LlamaForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel (sdpa and eager, fp32 and
 amp-bf16) trained with a plain loop and measured by ``trainplan.track``, which also plans the run
-it saw (``--impl hf``). torch.compile: trainplan's reference model with compiled blocks, measured
+it saw (``--impl hf``). torchtitan 0.3.0: its Llama3 model and checkpointing policies, trained
+as its trainer does (``--impl torchtitan-cpu``). torch.compile: trainplan's reference model with compiled blocks, measured
 by ``trainplan profile --compile`` (allocator high-water mark). Each record keeps the observed
 layout and the measured bytes; ``docs/readme.py`` re-predicts them with the current planner, so
 the README's accuracy figures follow the code. The same runs are tests
-(tests/test_hf_clients.py, tests/test_profiler.py).
+(tests/test_hf_clients.py, tests/test_torchtitan.py, tests/test_profiler.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,26 @@ def hugging_face() -> list[dict]:
     return records
 
 
+def torchtitan() -> list[dict]:
+    import torch
+    import torchtitan
+
+    from test_torchtitan import _measure, _spec  # the test's model, policies and loop
+
+    records = []
+    for precision in ("fp32", "bf16"):
+        for ac in ("none", "op", "layer:2", "full"):
+            tracker, train, _, _ = _measure(precision, ac)
+            measured = tracker.result()
+            records.append(dict(
+                framework="torchtitan", name=f"torchtitan Llama3Model, {precision}, AC {ac}",
+                model=_spec().model_dump(), train=train.model_dump(),
+                measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
+                versions=dict(torchtitan=getattr(torchtitan, "__version__", "0.3.0"), torch=torch.__version__)))
+            print(records[-1]["name"], records[-1]["measured"], flush=True)
+    return records
+
+
 def compiled() -> list[dict]:
     import torch
 
@@ -78,8 +100,20 @@ def compiled() -> list[dict]:
 def main() -> int:
     from strategies.files import write_atomic
 
-    records = hugging_face() + compiled()
-    data = {"date": datetime.date.today().isoformat(), "device": "cpu", "records": records}
+    runs = {"hf": hugging_face, "torchtitan": torchtitan, "compile": compiled}
+    only = sys.argv[1:] or list(runs)
+    unknown = sorted(set(only) - set(runs))
+    if unknown:
+        print(f"error: unknown framework {unknown[0]!r} (choose from {', '.join(runs)})", file=sys.stderr)
+        return 2
+    old = json.loads(OUT.read_text()) if OUT.exists() else {"records": []}
+    kept = [dict(r, date=r.get("date", old.get("date"))) for r in old["records"]]
+    records = [r for r in kept if r["framework"] not in only]
+    for name in only:
+        today = datetime.date.today().isoformat()
+        records += [dict(r, date=today) for r in runs[name]()]
+    records.sort(key=lambda r: list(runs).index(r["framework"]))
+    data = {"device": "cpu", "records": records}
     write_atomic(OUT, json.dumps(data, indent=1) + "\n")
     return 0
 

@@ -1,0 +1,133 @@
+"""Real client: torchtitan 0.3.0's own Llama3 model, checkpointed by torchtitan's own policies,
+trained with the loop of its trainer (``Trainer._forward_backward_body``: logits out of the model,
+``cross_entropy_loss`` on them, ``del pred``, backward), measured by ``trainplan.track`` and
+compared with the planner's ``--impl torchtitan-cpu`` prediction.
+
+On a CPU torchtitan runs other kernels than on CUDA: ``torch.rms_norm`` decomposes into
+fp32 ops (no fused CPU kernel in torch 2.13) and SelectiveAC's save list names only the CUDA
+attention kernels, so the CPU attention is recomputed. ``planner/implementations.py`` records
+both, with their source lines; ``--impl torchtitan`` is the CUDA variant.
+
+torchtitan 0.3.0 ships flex and varlen attention for its Llama3 registry, neither of which
+trains on CPU (flex has no CPU backward, varlen calls the CUDA flash kernel); its
+``ScaledDotProductAttention`` inner attention does, and is swapped in as the trainer supports
+(positions passed, no mask). torchtitan 0.3.0 has no layer-level selective checkpointing; its
+older releases' ``selective_ac_option="2"`` (every second block fully checkpointed) is applied
+with its own FullAC wrapper.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchtitan.components.loss import cross_entropy_loss  # a test dependency (.[test])
+from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm, compute_ffn_hidden_dim
+from torchtitan.models.common.attention import ScaledDotProductAttention
+from torchtitan.models.llama3 import _EMBEDDING_INIT, _NORM_INIT, _build_llama3_layers, _output_linear_init
+from torchtitan.models.llama3.model import Llama3Model
+from torchtitan.tools.utils import set_default_dtype
+
+import trainplan
+from planner.catalog import load_gpu, model_from_hf_dict
+from planner.configs import TrainConfig
+from planner.estimate import estimate
+from planner.implementations import implementation
+from planner.params import total_params
+
+DIM, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ, BATCH = 256, 4, 8, 2, 1024, 256, 2
+FFN = compute_ffn_hidden_dim(DIM, multiple_of=256)
+
+
+def _model(dtype: torch.dtype, ac: str) -> Llama3Model:
+    """Built as torchtitan's trainer builds it (trainer.py: meta device under the training
+    dtype, to_empty, init_weights), with its activation checkpointing applied."""
+    layers = _build_llama3_layers(
+        fuse_qkv=True, n_layers=LAYERS, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS, hidden_dim=FFN,
+        rope=ComplexRoPE.Config(dim=DIM // HEADS, max_seq_len=SEQ, theta=500000, scaling="llama"),
+        attn_backend="flex")
+    for layer in layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    config = Llama3Model.Config(
+        dim=DIM, vocab_size=VOCAB, layers=layers,
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=_EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=DIM, param_init=_NORM_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=_output_linear_init(DIM)))
+    torch.manual_seed(0)
+    with torch.device("meta"), set_default_dtype(dtype):
+        model = config.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    model.train()
+    if ac == "op":
+        SelectiveAC(SelectiveAC.Config()).apply(model)
+    elif ac == "full":
+        FullAC(FullAC.Config()).apply(model)
+    elif ac.startswith("layer:"):
+        every, policy = int(ac.split(":")[1]), FullAC(FullAC.Config())
+        blocks = model.get_submodule("layers")
+        for name, block in list(blocks.named_children()):
+            if (int(name) + 1) % every == 0:
+                blocks.register_module(name, policy._wrap_block(block))
+    return model
+
+
+def _spec():
+    return model_from_hf_dict(
+        dict(model_type="llama", hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=LAYERS,
+             num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB, max_position_embeddings=SEQ,
+             rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+        "torchtitan", "torchtitan 0.3.0 Llama3Model (test)")
+
+
+def _measure(precision: str, ac: str):
+    model = _model(torch.float32 if precision == "fp32" else torch.bfloat16, ac)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ).contiguous()  # the trainer passes them
+    losses = []
+    with trainplan.track(model, optimizer) as tracker:
+        for _ in range(3):
+            pred = model(tokens, positions=positions)
+            loss = cross_entropy_loss(pred, labels) / labels.numel()
+            del pred
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    train = TrainConfig(gpus=1, precision=precision, micro_batch=BATCH, global_batch=BATCH, seq_len=SEQ,
+                        attention="flash", optimizer_impl="for-loop", impl="torchtitan-cpu",
+                        activation_checkpointing=ac)
+    return tracker, train, losses, model
+
+
+def _compare(precision: str, ac: str):
+    tracker, train, losses, model = _measure(precision, ac)
+    report = tracker.compare(estimate(_spec(), load_gpu("h100"), train))
+    return {row.quantity.split(" (")[0]: row for row in report.rows}, losses, model
+
+
+# bf16 matmuls are slow on a CPU: bf16 runs the op-level case only (none and layer:2 in bf16
+# measured at development: activations +0.10% / +0.18%, peak +0.06% / -0.53%)
+@pytest.mark.parametrize("precision,ac", [("fp32", "none"), ("fp32", "op"), ("fp32", "layer:2"), ("bf16", "op")])
+def test_torchtitan_llama3_measured_against_the_plan(precision, ac):
+    """Issue 11's goal: activations within 3%, peak within 2% (measured: within 0.8%)."""
+    rows, losses, model = _compare(precision, ac)
+    assert sum(p.numel() for p in model.parameters()) == total_params(_spec())
+    for key in ("params", "grads", "optimizer"):
+        assert rows[key].predicted == rows[key].measured, key
+    assert abs(rows["activations"].error_pct) < 3, rows["activations"]
+    assert abs(rows["peak"].error_pct) < 2, rows["peak"]
+    assert losses[-1] < losses[0]
+
+
+def test_cpu_variant_differs_from_cuda_only_where_the_kernels_do():
+    cuda, cpu = implementation("torchtitan"), implementation("torchtitan-cpu")
+    assert (cuda.rmsnorm, cpu.rmsnorm) == ("fused", "composite")
+    assert cuda.sac_saves_attention and not cpu.sac_saves_attention
+    assert not cuda.loss_in_forward and cuda.returns_logits
+    assert {f for f in cuda.__dataclass_fields__ if getattr(cuda, f) != getattr(cpu, f)} == {
+        "name", "title", "rmsnorm", "sac_saves_attention", "sources", "validated"}
