@@ -53,6 +53,10 @@ class ActivationInputs:
     zero_stage: int  # torch.autocast runs only without FSDP2 (``_autocast``)
     impl: str  # whose model code (planner/implementations.py)
     compile: bool  # torch.compile'd blocks: the partitioner recomputes pointwise ops
+    finetune: str  # full, lora, qlora: what a frozen base does not save (planner/finetune.py)
+    lora_rank: int
+    lora_targets: str
+    train_embeddings: bool
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
@@ -385,6 +389,31 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
     terms |= _mlp_terms(model, x)
     if selective:
         terms = {k: v for k, v in terms.items() if k not in dropped}
+    if train.finetune != "full":
+        terms = _lora_terms(model, x, train, terms)
+    return terms
+
+
+def _lora_terms(model: ModelSpec, x: _Dims, train: ActivationInputs | TrainConfig,
+                terms: dict[str, int]) -> dict[str, int]:
+    """A layer's saved tensors with a frozen base and LoRA adapters (Hu et al. 2021): a frozen
+    projection keeps no input of its own -- autograd saves a matmul's input only for the
+    weight's gradient (torch's derivatives.yaml, mm: ``self`` is saved only if ``mat2`` requires
+    grad) -- while an adapter's A keeps that same input and B keeps A's output [tokens, r]."""
+    adapted = set(train.lora_targets.split(","))
+    tokens = x.s * x.b
+    qkv = bool(adapted & {"q", "k", "v"})
+    fc1 = bool(adapted & {"gate", "up"})
+    keep = {"attn_qkv_input": qkv, "mlp_input": fc1, "mlp_down_input": "down" in adapted}
+    if not x.flash:  # eager: the output projection keeps its own reshaped copy of probs @ v
+        keep["attn_out"] = "o" in adapted
+    terms = {name: nbytes for name, nbytes in terms.items() if keep.get(name, True)}
+    for name, width in (("q", x.heads * x.d), ("k", x.kv_heads * x.d), ("v", x.kv_heads * x.d), ("o", x.h)):
+        if name in adapted:
+            terms[f"attn_lora_{name}_a_out"] = x.ab * tokens * train.lora_rank
+    for name in ("gate", "up", "down") if model.mlp != "gelu" else ("fc1", "fc2"):
+        if (name in adapted) or (name == "fc1" and fc1) or (name == "fc2" and "down" in adapted):
+            terms[f"mlp_lora_{name}_a_out"] = x.ab * tokens * train.lora_rank
     return terms
 
 
@@ -398,6 +427,13 @@ def embedding_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> 
     x = _dims(model, train)
     tokens = x.s * x.b
     terms = {"token_ids": INDEX_BYTES * tokens}
+    if train.finetune != "full" and not train.train_embeddings:
+        # a frozen embedding keeps no indices, and its output needs no gradient: the first
+        # layer's first norm (frozen too) saves nothing unless the layer is checkpointed whole
+        terms = {}
+        policy = train.activation_checkpointing
+        if policy != "full" and policy != "layer:1":
+            terms["first_norm_unsaved"] = -sum(_norm_terms(model, x, "attn").values())
     if model.position_embedding == "learned":
         terms["position_ids"] = INDEX_BYTES * x.s  # one arange, shared by the batch
     if model.embedding_norm:
@@ -417,8 +453,9 @@ def head_terms(model: ModelSpec, train: TrainConfig | ActivationInputs) -> dict[
     logits (Korthikanti et al.: 'cross entropy ... 4sbv/t'), the targets."""
     x = _dims(model, train)
     tokens = x.s * x.b
+    frozen_head = train.finetune != "full" and not train.train_embeddings
     terms = _norm_terms(model, x, "final") | {
-        "head_input": x.ab * tokens * x.h // x.linear_input_div,
+        "head_input": 0 if frozen_head else x.ab * tokens * x.h // x.linear_input_div,
         "log_softmax": FP32 * tokens * x.vocab,
         "targets": INDEX_BYTES * tokens,
         "loss_total_weight": FP32,  # nll_loss's scalar normaliser

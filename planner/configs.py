@@ -16,7 +16,7 @@ from planner.errors import ConfigError, LayoutError
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16"]
 Offload = Literal["none", "optimizer", "params"]
-Optimizer = Literal["adamw", "sgd"]
+Optimizer = Literal["adamw", "adamw8bit", "sgd"]
 OptimizerImpl = Literal["fused", "foreach", "for-loop"]
 Attention = Literal["flash", "eager"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
@@ -25,6 +25,12 @@ Impl = Literal["trainplan", "hf", "torchtitan", "torchtitan-cpu", "megatron"]
 IMPL_HELP = ("whose model code runs the layers: trainplan (the reference model, fused norms), hf (Hugging Face "
              "transformers), torchtitan (on CUDA; torchtitan-cpu: as it runs on a CPU), megatron (Megatron-Core with Transformer Engine); what a layer saves "
              "depends on it (planner/implementations.py)")
+
+Finetune = Literal["full", "lora", "qlora"]
+BasePrecision = Literal["auto", "bf16", "int8", "nf4"]
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+FINETUNE_HELP = ("full: every parameter trains; lora: a frozen base with trainable low-rank adapters (Hu et al. "
+                 "2021); qlora: lora over a 4-bit NF4 base (Dettmers et al. 2023)")
 
 STRATEGIES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 """CLI strategy names and the ZeRO stage each one is."""
@@ -206,6 +212,18 @@ class TrainConfig(_Frozen):
     impl: Impl = Field(default="trainplan", description=IMPL_HELP)
     compile: bool = Field(default=False, description="torch.compile on each block (inductor): what is saved for "
                           "backward and the step time change")
+    finetune: Finetune = Field(default="full", description=FINETUNE_HELP)
+    lora_rank: int = Field(default=8, gt=0, le=65536, description="LoRA rank r (peft's and torchtune's default 8)")
+    lora_targets: str = Field(default=",".join(LORA_TARGETS), max_length=64,
+                              description="adapted projections, comma-separated among q,k,v,o,gate,up,down "
+                                          "(GELU MLPs: gate or up = fc1, down = fc2)")
+    base_precision: BasePrecision = Field(default="auto", description="the frozen base's storage: bf16 (the "
+                                          "compute dtype), int8 (per-row absmax), nf4 (block-64, double-quantised "
+                                          "absmax); auto: nf4 for qlora, the compute dtype for lora")
+    train_embeddings: bool = Field(default=False, description="fine-tune the embedding and output head too")
+    optimizer_in_backward: bool = Field(default=False, description="each gradient applied and freed as it "
+                                        "arrives (register_post_accumulate_grad_hook)")
+    paged_optimizer: bool = Field(default=False, description="optimizer state paged out to host memory")
     ddp_bucket_mb: float = Field(default=25.0, gt=0, le=2**20, description="DDP bucket_cap_mb (MiB)")
 
     @model_validator(mode="before")
@@ -278,7 +296,53 @@ class TrainConfig(_Frozen):
                 raise LayoutError("this planner models offload for the deepspeed and pytorch engines, not megatron")
         if self.precision == "amp-bf16" and self.engine != "pytorch":
             raise LayoutError("amp-bf16 (torch.autocast) is a PyTorch recipe: use --engine pytorch")
+        self._check_finetune()
         return self
+
+    def _check_finetune(self) -> None:
+        targets = self.lora_targets.split(",")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets or len(set(targets)) != len(targets):
+            raise ConfigError(f"--lora-targets {self.lora_targets!r}: a comma-separated subset of "
+                              f"{','.join(LORA_TARGETS)} without repeats")
+        if self.finetune == "full":
+            if self.base_precision not in ("auto", "bf16") or self.train_embeddings:
+                raise ConfigError("--base-precision and --train-embeddings describe a LoRA fine-tune: add "
+                                  "--finetune lora or qlora")
+        else:
+            if self.finetune == "qlora" and self.base_precision not in ("auto", "nf4"):
+                raise ConfigError(f"qlora is LoRA over an NF4 base; for a {self.base_precision} base use "
+                                  f"--finetune lora --base-precision {self.base_precision}")
+            if self.tp > 1 or self.pp > 1:
+                raise LayoutError("fine-tuning (lora, qlora) is planned for data-parallel layouts (DDP, ZeRO-1/2/3) "
+                                  "and one GPU; tensor and pipeline parallelism are not modelled for it yet")
+            if self.engine != "pytorch":
+                raise LayoutError("fine-tuning (lora, qlora) is modelled for the pytorch engine")
+            if self.offload != "none":
+                raise LayoutError("--offload with lora/qlora is not modelled; --paged-optimizer puts the "
+                                  "optimizer state in host memory")
+            if self.precision == "amp-bf16":
+                raise LayoutError("lora/qlora with amp-bf16 is not modelled (autocast re-casts the frozen base "
+                                  "every forward); use bf16-mixed or bf16")
+            if parse_checkpointing(self.activation_checkpointing)[0] in ("op", "selective"):
+                raise LayoutError("with lora/qlora, plan --ac none, full or layer:N (op-level and selective "
+                                  "checkpointing of adapted layers are not modelled yet)")
+        if self.optimizer_in_backward and self.grad_accum > 1:
+            raise LayoutError("--optimizer-in-backward applies each gradient as it arrives: it cannot accumulate "
+                              "gradients over micro-batches (use one micro-batch per step)")
+        if self.paged_optimizer and self.optimizer == "sgd":
+            raise ConfigError("--paged-optimizer pages AdamW state (adamw or adamw8bit)")
+
+    @property
+    def base(self) -> str:
+        """The frozen base's storage (lora, qlora): bf16, int8 or nf4."""
+        if self.base_precision != "auto":
+            return self.base_precision
+        return "nf4" if self.finetune == "qlora" else "bf16"
+
+    @property
+    def adapted(self) -> frozenset[str]:
+        return frozenset(self.lora_targets.split(","))
 
     @property
     def num_microbatches(self) -> int:

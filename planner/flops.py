@@ -88,8 +88,35 @@ def model_flops_per_token(model: ModelSpec, seq_len: int, causal: bool = True) -
 def model_flops_per_step(model: ModelSpec, train: TrainConfig, causal: bool = True) -> float:
     """The FLOPs MFU divides by. Causal by default: the full-square convention charges work a
     causal kernel skips, and its MFU exceeds 100% where attention dominates (tiny-llama at seq
-    4096 in fp32 reported 109%)."""
-    return 3 * model_forward_flops_per_sequence(model, train.seq_len, causal) * train.global_batch
+    4096 in fp32 reported 109%). A LoRA fine-tune's step must compute the frozen weights'
+    forward and input gradients (2 + 2 FLOPs per weight and token), the adapters' forward and
+    both gradients (2 + 4), attention's forward and backward (3 x forward)."""
+    if train.finetune == "full":
+        return 3 * model_forward_flops_per_sequence(model, train.seq_len, causal) * train.global_batch
+    s = train.seq_len
+    matmuls = 0.0
+    for kind, count in (("encoder", model.encoder_layers), ("decoder", model.num_layers), ("head", 1)):
+        if count:
+            frozen, adapters = finetune_matmul_params(model, train, kind)
+            matmuls += count * 2 * s * (2 * frozen + 3 * adapters)
+    attention = (model.encoder_layers * _counted_attention(model, s, "encoder", causal)
+                 + model.num_layers * _counted_attention(model, s, "decoder", causal))
+    return (matmuls + 3 * attention) * train.global_batch
+
+
+@lru_cache(maxsize=1024)
+def finetune_matmul_params(model: ModelSpec, train: TrainConfig, kind: str) -> tuple[int, int]:
+    """(frozen, trainable) weights a unit of ``kind`` multiplies with per token in a LoRA
+    fine-tune: the base's projections (or the head) and the adapters' A and B (or the head
+    when it trains)."""
+    from planner.finetune import unit_states
+
+    states = {u.kind: u for u in unit_states(model, train, 2)}
+    unit = states[kind]
+    if kind == "head":
+        head = head_matmul_params(model)
+        return (0, head) if train.train_embeddings else (head, 0)
+    return layer_matmul_params(model, kind), unit.trainable_numel
 
 
 @lru_cache(maxsize=256)
@@ -178,6 +205,12 @@ def unit_flops(model: ModelSpec, train: TrainConfig, kind: str) -> StageFlops:
     attention = attention * b / t
     forward = matmul + attention
     backward = BACKWARD_MATMUL_FACTOR * matmul + (FLASH_BACKWARD_FACTOR if flash else 2.0) * attention
+    if train.finetune != "full":
+        frozen, adapters = finetune_matmul_params(model, train, kind)
+        forward = 2 * s * b * (frozen + adapters) + attention
+        # a frozen weight needs no gradient: its backward is the input's gradient only
+        backward = 2 * s * b * (frozen + BACKWARD_MATMUL_FACTOR * adapters) + (
+            FLASH_BACKWARD_FACTOR if flash else 2.0) * attention
     policy, every = parse_checkpointing(train.activation_checkpointing)
     if kind == "head" or policy == "none":  # the head is never checkpointed
         recompute = 0.0

@@ -24,7 +24,7 @@ and FSDP2's gathered parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil, prod
 from typing import Annotated
@@ -32,6 +32,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from planner import activations as act
+from planner import finetune
 from planner.calibration import Overheads, default_overheads
 from planner.configs import (
     GPUSpec,
@@ -48,10 +49,11 @@ from planner.params import (
     greedy_partition_max,
     local_tensor_shapes,
     pipeline_stages,
+    Unit,
     representative_stages,
     total_params,
 )
-from planner.precision import OPTIMIZER_STATES, RECIPES, Recipe
+from planner.precision import OPTIMIZER_STATES, RECIPES, Recipe, optimizer_state_bytes
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "temporaries", "overhead")
 PHASES = ("forward", "backward", "optimizer")
@@ -182,20 +184,21 @@ def model_states(num_params: int, dp: int, zero_stage: int, precision: str = "bf
     optimizer state (fp32 master + states), sharded over ``dp`` ranks by stage, evenly.
     ``engine="megatron"`` adds Megatron's persistent fp32 main-gradient copy."""
     recipe = RECIPES[precision]
-    per_param_optimizer = _optimizer_bytes(recipe, optimizer, ENGINES[engine])
     shard = ceil(num_params / dp)
     return ModelStates(
         params=recipe.param_bytes * (shard if zero_stage >= 3 else num_params),
         grads=recipe.grad_bytes * (shard if zero_stage >= 2 else num_params),
-        optimizer=per_param_optimizer * (shard if zero_stage >= 1 else num_params),
+        optimizer=_optimizer_bytes(recipe, optimizer, ENGINES[engine], shard if zero_stage >= 1 else num_params),
     )
 
 
-def _optimizer_bytes(recipe: Recipe, optimizer: str, engine: EngineSemantics) -> int:
-    per_param = recipe.master_bytes + OPTIMIZER_STATES[optimizer] * recipe.state_bytes
+def _optimizer_bytes(recipe: Recipe, optimizer: str, engine: EngineSemantics, numel: int) -> int:
+    """Optimizer-owned bytes for ``numel`` parameters: fp32 masters, the states (8-bit AdamW:
+    one byte each plus block scales), Megatron's fp32 main gradients."""
+    total = recipe.master_bytes * numel + optimizer_state_bytes(optimizer, numel, recipe.state_bytes)
     if engine.fp32_main_grads_in_optimizer and recipe.has_master and recipe.grad_bytes < 4:
-        per_param += 4
-    return per_param
+        total += 4 * numel
+    return total
 
 
 # ---------------------------------------------------------------- per-stage parameters
@@ -232,16 +235,23 @@ class _StageParams:
 @lru_cache(maxsize=16384)
 def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero_stage: int, engine_name: str,
                   stage_index: int) -> _StageParams:
-    engine = ENGINES[engine_name]
     stage = pipeline_stages(model, pp, chunks)[stage_index]
-    shapes = local_tensor_shapes(stage.units, tp, engine.vocab_multiple)
+    return _units_params(model, stage.units, stage.layer_ids, stage.has_embedding, stage.has_head, stage.layers,
+                         tp, dp, zero_stage, engine_name)
+
+
+def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[int, ...], has_embedding: bool,
+                  has_head: bool, layers: tuple[int, int], tp: int, dp: int, zero_stage: int,
+                  engine_name: str) -> _StageParams:
+    engine = ENGINES[engine_name]
+    shapes = local_tensor_shapes(units, tp, engine.vocab_multiple) or [(0,)]
     local = sum(prod(s) for s in shapes)
     sharded = flat_shard_numel(shapes, dp) if engine.sharding == "flat" else fsdp_shard_numel(shapes, dp)
     if zero_stage == 1 and engine.zero1_partition == "greedy-tensors":
         optimizer_share = greedy_partition_max(shapes, dp)
     else:
         optimizer_share = sharded
-    unit_sizes = [sum(prod(s) for s in local_tensor_shapes((u,), tp, engine.vocab_multiple)) for u in stage.units]
+    unit_sizes = [sum(prod(s) for s in local_tensor_shapes((u,), tp, engine.vocab_multiple)) for u in units]
     pairs = [a + b for a, b in zip(unit_sizes, unit_sizes[1:])] or unit_sizes
     # FSDP2 unshards a unit into an all-gather buffer and copies it out to the unsharded
     # parameters before the previous unit's all-gather buffer is released (measured with
@@ -249,16 +259,16 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
     unshards = [2 * unit_sizes[0]] + [a + 2 * b for a, b in zip(unit_sizes, unit_sizes[1:])]
     matmul = sum(
         prod(t.local_shape(tp, engine.vocab_multiple if t.name in ("embed.weight", "head.weight") else 1))
-        for u in stage.units
+        for u in units
         for t in u.tensors
         if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name
     )
-    if model.tied_embeddings and stage.has_head:  # the logits multiply by the embedding
+    if model.tied_embeddings and has_head:  # the logits multiply by the embedding
         matmul += prod(embed_tensors(model)[0].local_shape(tp, engine.vocab_multiple))
     # When the stage's first layer is differentiated, its gradients and the embedding's
     # (if the stage has it) are not written yet.
-    pending = sum(unit_sizes[:2]) if stage.has_embedding else unit_sizes[0]
-    kinds = [u.kind for u in stage.units]
+    pending = sum(unit_sizes[:2]) if has_embedding else unit_sizes[0]
+    kinds = [u.kind for u in units]
     return _StageParams(
         local=local,
         sharded=sharded,
@@ -271,18 +281,51 @@ def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero
         last_two_units=sum(unit_sizes[-2:]),
         unit_sizes=tuple(unit_sizes),
         unit_kinds=tuple(kinds),
-        layer_ids=stage.layer_ids,
+        layer_ids=layer_ids,
         first_unit=unit_sizes[0],
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
         matmul_weights=matmul,
         encoder_layers=kinds.count("encoder"),
         decoder_layers=kinds.count("decoder"),
-        has_embedding=stage.has_embedding,
-        has_head=stage.has_head,
-        first_layer=stage.layers[0],
-        last_layer=stage.layers[1],
+        has_embedding=has_embedding,
+        has_head=has_head,
+        first_layer=layers[0],
+        last_layer=layers[1],
     )
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    """A LoRA fine-tune's frozen base on this stage (``planner/finetune.py``), and the units'
+    bytes as FSDP2 gathers them (frozen base as stored, trainable tensors in the gather dtype)."""
+
+    local: int  # bytes of the frozen base held unsharded
+    sharded: int  # its ZeRO-3 shard
+    gathered: tuple[int, ...]  # per unit
+    dequantised: int  # largest projection dequantised to the compute dtype (0: not quantised)
+    quantised_numel: int  # elements of the quantised projections
+    quantised_bytes: int  # their storage
+
+
+@lru_cache(maxsize=4096)
+def _finetune_params(model: ModelSpec, train: TrainConfig) -> tuple[_StageParams, _Frozen]:
+    """(trainable tensors as stage parameters, the frozen base) of a LoRA fine-tune (pp = 1)."""
+    recipe = RECIPES[train.precision]
+    states = finetune.unit_states(model, train, recipe.param_bytes)
+    stage = pipeline_stages(model, 1)[0]
+    units = tuple(Unit(u.kind, u.trainable) for u in states)
+    trainable = _units_params(model, units, stage.layer_ids, stage.has_embedding, stage.has_head, stage.layers,
+                              1, train.dp, train.zero_stage, train.engine)
+    frozen = _Frozen(
+        local=sum(u.frozen_bytes for u in states),
+        sharded=sum(ceil(u.frozen_bytes / train.dp) for u in states),
+        gathered=tuple(u.frozen_bytes + u.trainable_numel * recipe.gather_bytes for u in states),
+        dequantised=max(u.largest_dequantised for u in states) * recipe.compute_bytes,
+        quantised_numel=sum(u.quantised for u in states),
+        quantised_bytes=sum(u.quantised_bytes for u in states),
+    )
+    return trainable, frozen
 
 
 @dataclass(frozen=True)
@@ -399,12 +442,31 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     fsdp = train.engine == "pytorch" and zero >= 2
 
     # --- persistent state (bytes)
+    gather = recipe.gather_bytes
+    gathered_units = tuple(n * gather for n in sp.unit_sizes)  # bytes of each unit as FSDP2 gathers it
+    frozen_resident, dequantised = 0, 0
+    if train.finetune != "full":
+        # what trains is the adapters: gradients, optimizer state and sharding follow them
+        # (``tsp``); the frozen base is resident, sharded by ZeRO-3 (planner/finetune.py)
+        sp, frozen = _finetune_params(model, train)
+        gathered_units = frozen.gathered
+        frozen_resident = frozen.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else frozen.local
+        dequantised = frozen.dequantised
+        sp = replace(sp, matmul_weights=0)
     n_param = sp.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else sp.local
     n_grad = sp.sharded if zero >= 2 else sp.local
     n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
-    params = 0 if offload == "params" else n_param * recipe.param_bytes
-    optimizer = 0 if offload != "none" else n_state * _optimizer_bytes(recipe, train.optimizer, engine)
+    params = 0 if offload == "params" else n_param * recipe.param_bytes + frozen_resident
+    optimizer = 0 if offload != "none" else _optimizer_bytes(recipe, train.optimizer, engine, n_state)
     grads_full = n_grad * recipe.grad_bytes
+    # optimizer in backward: each gradient is applied and freed as it arrives -- one tensor's
+    # gradient at a time (PyTorch's register_post_accumulate_grad_hook recipe)
+    in_flight = 0
+    if train.optimizer_in_backward:
+        grads_full, in_flight = 0, (sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor) * recipe.grad_bytes
+    paged = 0
+    if train.paged_optimizer:  # the state lives in host memory, paged in for the step
+        optimizer, paged = 0, optimizer
     # Offloading moves gradients to the host: DeepSpeed streams them out during backward; our
     # PyTorch offload copies them after backward, so they are on the GPU until then.
     grads_on_gpu = offload == "none" or (offload == "optimizer" and train.engine == "pytorch")
@@ -459,25 +521,28 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     second_saved, second_recompute = saved_and_recomputed(-2) if len(sp.layer_ids) >= 2 else (0, 0)
 
     # --- temporaries
-    gather = recipe.gather_bytes
+    # units as FSDP2 gathers them (bytes): one, the current and prefetched, the first/last
+    g = gathered_units
+    g_pair = max([a + b for a, b in zip(g, g[1:])] or g)
+    g_unshard = max([2 * g[0]] + [a + 2 * b for a, b in zip(g, g[1:])])
     # FSDP2 ZeRO-3 without a pipeline: units are all-gathered and reduce-scattered one at a
     # time, each with its own buffers (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)
     fsdp_units = fsdp and zero >= 3 and train.pp == 1
     # A tied head multiplies by the embedding after the embedding's unit ran: the strategy
     # layer keeps that unit gathered from its forward to its backward (strategies/fsdp.py).
-    tied_gathered = sp.first_unit * gather if (
+    tied_gathered = g[0] if (
         fsdp_units and model.tied_embeddings and sp.has_embedding and sp.has_head) else 0
     if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch"):
         # current + prefetched unit while layers run; at the loss only the unit that ran last
         # (the head) is still gathered -- FSDP2 frees it in its backward
-        gathered_fwd = gathered_bwd_end = sp.largest_pair * gather
-        gathered_at_loss, gathered_at_loss_backward = sp.last_unit * gather, 0
+        gathered_fwd = gathered_bwd_end = g_pair
+        gathered_at_loss, gathered_at_loss_backward = g[-1], 0
     elif (zero == 2 and engine.zero2_gathers_params) or (zero >= 3 and train.pp > 1 and train.engine == "pytorch"):
         # ZeRO-2 as FSDP2; and FSDP2 under torch.distributed.pipelining, which keeps every unit
         # gathered until the last micro-batch's backward (no resharding in between)
-        gathered_fwd, gathered_bwd_end = sp.local * gather, sp.first_unit * gather
+        gathered_fwd, gathered_bwd_end = sum(g), g[0]
         # + the all-gather buffer of the unit that ran last, not yet released at the loss
-        gathered_at_loss, gathered_at_loss_backward = gathered_fwd + sp.last_unit * gather, gathered_fwd
+        gathered_at_loss, gathered_at_loss_backward = gathered_fwd + g[-1], gathered_fwd
     else:
         gathered_fwd = gathered_bwd_end = gathered_at_loss = gathered_at_loss_backward = 0
     loss_fwd, loss_bwd = (sums.loss_forward, sums.loss_backward) if sp.has_head else (0, 0)
@@ -510,7 +575,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     last_layer_forward = [(activations - head_mb + cache_out, gathered_fwd, 0)]
     if fsdp_units:
         unshard_acts = activations - head_mb - one_layer + (sums.layer_input if has_layers else 0)
-        last_layer_forward = [(unshard_acts + cache_out, sp.largest_unshard * gather, 0)]
+        last_layer_forward = [(unshard_acts + cache_out, g_unshard, 0)]
         if recompute_set:  # the last layer is checkpointed (fully, or op by op)
             pending = sums.op_forward_pending if policy == "op" else 0
             last_layer_forward.append((activations - head_mb + cache_out + sums.layer_forward_working - pending,
@@ -521,6 +586,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         _add(tmp, "gathered_params", gathered + tied_gathered)
         _add(tmp, "loss_logits_fp32", loss)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
+        _add(tmp, "dequantised_weight", dequantised if not loss else 0)
         forward_moments.append((_Mem(params, grads_in_forward, optimizer, max(int(acts), 0), sum(tmp.values())), tmp))
     forward, forward_tmp = max(forward_moments, key=lambda m: m[0].total)
 
@@ -583,7 +649,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         grads_after_last_layer = grads_after(sp.last_two_units)
         layer_moments = [
             (activations - head_mb, grads_in_last_layer, gathered_fwd, workspace, 0, recompute_set),
-            (activations - head_mb - one_layer, grads_in_forward, sp.largest_unit * gather, 0, grad_reduce, 0),
+            (activations - head_mb - one_layer, grads_in_forward, max(g), 0, grad_reduce, 0),
             (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, first_recompute),
             (end_acts + first_input_only, grads_before_first_layer, gathered_bwd_end, end_work, pending + unit_grads,
              0),
@@ -602,6 +668,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         _add(tmp, "activation_gradients", work)
         _add(tmp, "gradient_reduction", reduce)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
+        _add(tmp, "dequantised_weight", dequantised)
+        _add(tmp, "gradient_in_flight", in_flight)
         moments.append((_Mem(params, grads, optimizer, max(int(acts), 0) + recompute, sum(tmp.values())), tmp))
     backward, backward_tmp = max(moments, key=lambda m: m[0].total)
 
@@ -627,6 +695,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     peak_phase = max(PHASES, key=lambda name: phases[name].total)
 
     host = _host_bytes(train, recipe, n_param, n_grad, n_state)
+    host = (host[0], host[1], host[2] + paged)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
                         peak_phase, sp, layer_factor, host,
                         activations + outputs - (head_count * sums.loss_outside_forward if sp.has_head else 0))

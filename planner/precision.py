@@ -44,5 +44,17 @@ RECIPES: dict[str, Recipe] = {
     "bf16": Recipe(2, 2, 0, 2, 2, "bf16", 2, 2),
 }
 
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
+OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "sgd": 1}
 """State tensors per parameter: Adam's m and v; SGD's momentum buffer."""
+
+# 8-bit AdamW (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): each state
+# element is one byte, with an fp32 absmax per block of 256 (torchao.optim.AdamW8bit's default
+# block_size=256; bitsandbytes' blockwise kernels use the same block).
+ADAM8BIT_BLOCK = 256
+
+
+def optimizer_state_bytes(optimizer: str, numel: int, state_bytes: int) -> int:
+    """Bytes of the optimizer's state tensors for ``numel`` parameters (no master copy)."""
+    if optimizer == "adamw8bit":
+        return OPTIMIZER_STATES[optimizer] * (numel + 4 * -(-numel // ADAM8BIT_BLOCK))
+    return OPTIMIZER_STATES[optimizer] * numel * state_bytes

@@ -83,7 +83,14 @@ class SearchSpace:
     allow_cross_node_tp: bool = False
     fixed: dict = field(default_factory=dict)  # precision, optimizer, attention, seq_len, engine, ...
 
+    @property
+    def finetuning(self) -> bool:
+        """LoRA/QLoRA are planned for data-parallel layouts only (TrainConfig says why)."""
+        return self.fixed.get("finetune", "full") != "full"
+
     def tp_values(self, model: ModelSpec) -> list[int]:
+        if self.finetuning and self.tp is None:
+            return [1]
         if self.tp is not None:
             for t in self.tp:
                 if t > self.gpus_per_node and not self.allow_cross_node_tp:
@@ -102,6 +109,8 @@ class SearchSpace:
     def pp_values(self, model: ModelSpec, tp: int) -> list[int]:
         if self.pp is not None:
             return self.pp
+        if self.finetuning:
+            return [1]
         if self.gpus % tp:
             return [1]  # an impossible fixed tp: let TrainConfig say what to change
         return [p for p in divisors(self.gpus // tp) if p <= model.total_layers]
@@ -113,6 +122,7 @@ class SearchSpace:
             (z, o) for z, o in STRATEGY_CHOICES
             # ZeRO without offload over one data-parallel rank is plain DDP.
             if (dp > 1 or z == 0 or o != "none") and (engine != "megatron" or (z <= 1 and o == "none"))
+            and (o == "none" or not self.finetuning)
         ]
 
     def checkpointing_values(self) -> list[str]:
@@ -121,6 +131,8 @@ class SearchSpace:
         # With flash attention, Megatron's selective recompute keeps what no recompute keeps.
         # torchtitan's op-level policy and checkpointing every second layer sit between none
         # and full in memory and time; Megatron's engine ships neither.
+        if self.finetuning:  # what is modelled for a frozen base with adapters
+            return ["none", "full", "layer:2"]
         eager = self.fixed.get("attention", "flash") == "eager"
         values = ["none", "selective", "full"] if eager else ["none", "full"]
         if self.fixed.get("engine", "pytorch") != "megatron":

@@ -47,9 +47,9 @@ from planner.flops import (
     stage_flops,
     unit_flops,
 )
-from planner.memory import _stage_params
+from planner.memory import _finetune_params, _stage_params
 from planner.params import representative_stages
-from planner.precision import OPTIMIZER_STATES, RECIPES
+from planner.precision import RECIPES, optimizer_state_bytes
 
 
 class StepBreakdown(BaseModel):
@@ -92,7 +92,7 @@ def _exposed(comm_s: float, window_s: float, contention: float) -> float:
 
 
 def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
-                      contention: float) -> tuple[float, float]:
+                      contention: float, gathered: tuple[int, ...] | None = None) -> tuple[float, float]:
     """(communication, exposed communication) of one micro-batch of sharded data parallelism,
     unit by unit as FSDP (and DeepSpeed's ZeRO-3) schedules it.
 
@@ -105,10 +105,12 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce)."""
     dp, zero3 = train.dp, train.zero_stage >= 3
     sizes, kinds = sp.unit_sizes, sp.unit_kinds
-    gather_of = {n: comm.all_gather_s(n * recipe.gather_bytes, dp, link) for n in set(sizes)}
+    # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
+    gathered = gathered or tuple(n * recipe.gather_bytes for n in sizes)
+    gather_of = {n: comm.all_gather_s(n, dp, link) for n in set(gathered)}
     scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) for n in set(sizes)}
     work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
-    gather = [gather_of[n] for n in sizes]
+    gather = [gather_of[n] for n in gathered]
     scatter = [scatter_of[n] for n in sizes]
     forward = [work[kind].forward / flops_rate for kind in kinds]
     backward = [(work[kind].backward + work[kind].recompute) / flops_rate for kind in kinds]
@@ -154,10 +156,13 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
 
     stages = representative_stages(model, p, v)
     per_stage = {}
+    frozen = None
     for i in stages:
         f = stage_flops(model, train, i)
         sp = _stage_params(model, p, v, t, dp, zero, train.engine, i)
         layers = sp.encoder_layers + sp.decoder_layers
+        if train.finetune != "full":  # what trains and communicates is the adapters (planner/finetune.py)
+            sp, frozen = _finetune_params(model, train)
         compute = (f.forward + f.backward) / flops_rate
         recompute = f.recompute / flops_rate
         if train.attention == "eager":
@@ -171,6 +176,13 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
         tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
         pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
+        if frozen is not None and frozen.quantised_bytes:
+            # a quantised base is dequantised per matmul: read the codes, write the 16-bit
+            # weight, in forward, in backward and in each recompute (bandwidth-bound)
+            dq = (frozen.quantised_bytes + frozen.quantised_numel * recipe.compute_bytes) / (
+                gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+            recompute_share = f.recompute / f.forward if f.forward else 0.0
+            compute, recompute = compute + 2 * dq, recompute + recompute_share * dq
         per_stage[i] = (compute, recompute, tp_s, pp_s, f, sp)
     t_mb = {i: c + r + tp_s + pp_s for i, (c, r, tp_s, pp_s, _, _) in per_stage.items()}
     slowest = max(stages, key=lambda i: t_mb[i])
@@ -208,7 +220,8 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                 dp_exposed = m * _exposed(rs, bwd_window, c) + ag
             else:
                 # FSDP2 ZeRO-2 (gather in every forward) and ZeRO-3 (gather in forward and backward)
-                per_mb_raw, per_mb_exposed = _per_unit_overlap(model, train, sp, recipe, flops_rate, link, c)
+                per_mb_raw, per_mb_exposed = _per_unit_overlap(model, train, sp, recipe, flops_rate, link, c,
+                                                               frozen.gathered if frozen else None)
                 dp_raw, dp_exposed = m * per_mb_raw, m * per_mb_exposed
         n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
         offload = 0.0
@@ -225,9 +238,12 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             optimizer = 0.0
         else:
             master_or_param = recipe.master_bytes or recipe.param_bytes
-            states = OPTIMIZER_STATES[train.optimizer] * recipe.state_bytes
-            touched = 2 * (master_or_param + states) + recipe.grad_bytes + (recipe.param_bytes if recipe.has_master else 0)
-            optimizer = n_state * touched / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+            states = optimizer_state_bytes(train.optimizer, n_state, recipe.state_bytes)
+            touched = (n_state * (2 * master_or_param + recipe.grad_bytes + (recipe.param_bytes if recipe.has_master else 0))
+                       + 2 * states)
+            optimizer = touched / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+            if train.paged_optimizer:  # the state pages in from host memory for the step and back out
+                offload += 2 * comm.host_transfer_s(states, gpu, k.host_link_efficiency)
         tail[i] = (dp_exposed, dp_raw, offload, optimizer)
     worst_tail = max(stages, key=lambda i: sum(tail[i][j] for j in (0, 2, 3)))
     dp_exposed, dp_raw, offload, optimizer = tail[worst_tail]

@@ -74,7 +74,10 @@ class Row(_Checked):
     error_pct: float | None
 
 
-_ADDED_LATER = {"impl": "trainplan", "compile": False}  # TrainConfig fields of issue 11
+# TrainConfig fields added after reports were stored: issue 11 (impl, compile), issue 12 (the rest)
+_ADDED_LATER = {"impl": "trainplan", "compile": False, "finetune": "full", "lora_rank": 8,
+                "lora_targets": "q,k,v,o,gate,up,down", "base_precision": "auto", "train_embeddings": False,
+                "optimizer_in_backward": False, "paged_optimizer": False}
 
 
 class ProfileReport(_Checked):

@@ -20,6 +20,7 @@ from planner.configs import (
     MAX_LAYERS,
     MAX_MICRO_BATCH,
     MAX_SEQ_LEN,
+    LORA_TARGETS,
     Impl,
 )
 from planner.errors import TrainplanError
@@ -202,7 +203,19 @@ def plan_options(fn):
                           "(torchtitan's op-level), layer:N (every N-th block) [default: search]"),
         click.option("--attention", type=click.Choice(["flash", "eager"]), default="flash", show_default=True),
         click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="bf16-mixed", show_default=True),
-        click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True),
+        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw",
+                     show_default=True, help="adamw8bit: block-wise 8-bit states (Dettmers et al. 2022)"),
+        click.option("--optimizer-in-backward", is_flag=True,
+                     help="apply each gradient as it arrives and free it (no gradients held between steps)"),
+        click.option("--paged-optimizer", is_flag=True, help="optimizer state paged out to host memory"),
+        click.option("--finetune", type=click.Choice(["full", "lora", "qlora"]), default="full", show_default=True,
+                     help="lora: frozen base + low-rank adapters; qlora: lora over a 4-bit NF4 base"),
+        click.option("--lora-rank", type=click.IntRange(1, 65536), default=8, show_default=True),
+        click.option("--lora-targets", default=",".join(LORA_TARGETS), show_default=True,
+                     help="adapted projections among q,k,v,o,gate,up,down"),
+        click.option("--base-precision", type=click.Choice(["auto", "bf16", "int8", "nf4"]), default="auto",
+                     show_default=True, help="the frozen base's storage (auto: nf4 for qlora, else unquantised)"),
+        click.option("--train-embeddings", is_flag=True, help="fine-tune the embedding and output head too"),
         click.option("--optimizer-impl", type=click.Choice(["fused", "foreach", "for-loop"]), default="fused",
                      show_default=True),
         click.option("--seq-len", type=_count(MAX_SEQ_LEN), default=None,
@@ -310,9 +323,17 @@ def build_space(options: dict):
         allow_cross_node_tp=options.get("allow_cross_node_tp", False),
         fixed=dict(attention=options["attention"], precision=options["precision"], optimizer=options["optimizer"],
                    optimizer_impl=options["optimizer_impl"], seq_len=options["seq_len"] or DEFAULT_SEQ_LEN,
-                   engine=options["engine"], impl=options["impl"], compile=options.get("compile_", False)),
+                   engine=options["engine"], impl=options["impl"], compile=options.get("compile_", False),
+                   **finetune_fields(options)),
     )
     return model, gpu, space
+
+
+def finetune_fields(options: dict) -> dict:
+    """The TrainConfig fields of the fine-tuning and optimizer flags."""
+    return dict(finetune=options["finetune"], lora_rank=options["lora_rank"], lora_targets=options["lora_targets"],
+                base_precision=options["base_precision"], train_embeddings=options["train_embeddings"],
+                optimizer_in_backward=options["optimizer_in_backward"], paged_optimizer=options["paged_optimizer"])
 
 
 @click.command("plan", cls=Command)
@@ -418,7 +439,7 @@ def build_run_config(options: dict, run: dict):
         activation_checkpointing=options["activation_checkpointing"] or "none", attention=options["attention"],
         micro_batch=options["micro_batch"] or 1, seq_len=seq_len, schedule=schedule,
         chunks=options["chunks"] or (2 if schedule == "interleaved" else 1), engine="pytorch",
-        compile=run["compile_"],
+        compile=run["compile_"], **finetune_fields(options),
     )
     if options["global_batch"]:
         fields["global_batch"] = options["global_batch"]
@@ -429,6 +450,12 @@ def build_run_config(options: dict, run: dict):
     if options["impl"] != "trainplan":
         raise click.UsageError(f"run executes trainplan's reference model: --impl {options['impl']} is planned by "
                                "`plan`; measure your own loop of that code with trainplan.track")
+    unplanned = [flag for flag, on in (("--finetune " + options["finetune"], options["finetune"] != "full"),
+                                       ("--optimizer adamw8bit", options["optimizer"] == "adamw8bit"),
+                                       ("--optimizer-in-backward", options["optimizer_in_backward"]),
+                                       ("--paged-optimizer", options["paged_optimizer"])) if on]
+    if unplanned:
+        raise click.UsageError(f"{unplanned[0]} is planned by `plan`; the strategy layer does not execute it yet")
     train = TrainConfig(**fields)
     check_layout(model, train)
     if run["data"]:

@@ -167,11 +167,23 @@ def render_plan(result: PlanResult, console: Console) -> None:
     if t is not None:
         tr = t.train
         console.print(
-            f"[dim]seq {tr.seq_len}, global batch {tr.global_batch}, {tr.precision}, {tr.optimizer} ({tr.optimizer_impl}), "
+            f"[dim]{finetune_label(tr)}seq {tr.seq_len}, global batch {tr.global_batch}, {tr.precision}, "
+            f"{tr.optimizer} ({tr.optimizer_impl}), "
             f"{tr.attention} attention, engine {tr.engine}, model code {tr.impl}, {'compiled' if tr.compile else 'eager'}; calibration: {result.calibration}. Memory per GPU in GiB "
             f"(2^30 bytes); peak = the largest total over forward / backward / optimizer step (at), worst pipeline stage; "
             f"comm = exposed communication; mb×acc = micro-batch × gradient accumulation.[/]"
         )
+
+
+def finetune_label(t) -> str:
+    """``LoRA r=8 on q,k,v,o,gate,up,down, nf4 base; `` (empty for a full fine-tune)."""
+    extras = [x for x, on in (("optimizer in backward", t.optimizer_in_backward),
+                              ("paged optimizer", t.paged_optimizer)) if on]
+    if t.finetune == "full":
+        return "".join(f"{x}, " for x in extras)
+    name = {"lora": "LoRA", "qlora": "QLoRA"}[t.finetune]
+    embeddings = ", embeddings and head train" if t.train_embeddings else ""
+    return f"{name} r={t.lora_rank} on {t.lora_targets}, {t.base} base{embeddings}; " + "".join(f"{x}, " for x in extras)
 
 
 def render_estimate(est: Estimate, console: Console) -> None:
@@ -181,7 +193,7 @@ def render_estimate(est: Estimate, console: Console) -> None:
         f"{layout_label(t)} on {t.gpus} × {est.gpu} ({gib(est.gpu_memory_bytes)} GiB)"
     )
     console.print(
-        f"[dim]micro-batch {t.micro_batch}, seq {t.seq_len}, global batch {t.global_batch} "
+        f"[dim]{finetune_label(t)}micro-batch {t.micro_batch}, seq {t.seq_len}, global batch {t.global_batch} "
         f"(accumulation {t.grad_accum}), {t.precision}, {t.optimizer} ({t.optimizer_impl}), {t.attention} attention, "
         f"checkpointing {t.activation_checkpointing}, engine {t.engine}, model code {t.impl}, {'compiled' if t.compile else 'eager'}[/]"
     )

@@ -64,6 +64,13 @@ CPU_CASES = [
           activation_checkpointing="layer:2")),
     ("8B ZeRO-2, op-level AC, micro-batch 2, 8 simulated", "llama-3-8b", 8,
      dict(gpus=8, zero_stage=2, seq_len=4096, micro_batch=2, precision="bf16-mixed", activation_checkpointing="op")),
+    # unsharded layouts with checkpointing: a rebuilt block's MLP backward (found by torchtitan's model)
+    ("DDP, full AC", "tiny-llama", None, dict(gpus=2, zero_stage=0, activation_checkpointing="full")),
+    ("DDP, op-level AC", "tiny-llama", None, dict(gpus=2, zero_stage=0, activation_checkpointing="op")),
+    ("DDP, layer:2 AC", "tiny-llama", None, dict(gpus=2, zero_stage=0, activation_checkpointing="layer:2")),
+    ("8B ZeRO-1, layer:2 AC, seq 4096, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=1, seq_len=4096, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="layer:2")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
