@@ -48,10 +48,11 @@ def quantised_bytes(shape: tuple[int, ...], base: str, param_bytes: int) -> int:
     if base == "int8":  # int8 codes and one fp32 absmax scale per output row
         return numel + 4 * shape[0]
     if base == "nf4":
-        # two 4-bit codes per byte, one int8 absmax per 64 weights, one fp32 scale per 256
-        # absmaxes, and the absmaxes' fp32 mean (subtracted before their quantisation)
+        # two 4-bit codes per byte (the last block padded), one int8 absmax per 64 weights, one
+        # fp32 scale per 256 absmaxes, and the absmaxes' fp32 mean (subtracted before their
+        # quantisation): strategies/kernels/nf4.py stores exactly these
         blocks = ceil(numel / NF4_BLOCK)
-        return ceil(numel / 2) + blocks + 4 * ceil(blocks / NF4_DQ_BLOCK) + 4
+        return NF4_BLOCK // 2 * blocks + blocks + 4 * ceil(blocks / NF4_DQ_BLOCK) + 4
     return numel * param_bytes
 
 

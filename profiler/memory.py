@@ -71,7 +71,23 @@ def _repeatable(tracker_class):
                     self.memory_tracking.clear()
             super()._pre_fw_hook(module, inputs)
 
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # torch 2.13's MemTracker hooks every parameter's gradient and fails on a frozen one
+            # (a LoRA fine-tune's base): mark those as hooked already, with handles that do nothing
+            for param in module.parameters():
+                if not param.requires_grad:
+                    self._param_to_grad_hook_handles.setdefault(param, (_NO_HANDLE, _NO_HANDLE))
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
     return Repeatable
+
+
+class _NoHandle:
+    def remove(self) -> None:
+        pass
+
+
+_NO_HANDLE = _NoHandle()
 
 
 def _optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:

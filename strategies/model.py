@@ -201,7 +201,7 @@ def build_model(spec: ModelSpec, device: str | torch.device = "meta", dtype: tor
 def _init_value(name: str, shape: torch.Size, dtype: torch.dtype, device, num_layers: int, seed: int) -> torch.Tensor:
     """The full (unsharded) initial value of a parameter: a function of its name only."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias":
+    if leaf == "bias" or name.endswith("lora_b.weight"):  # LoRA's B starts at zero (Hu et al. 2021)
         return torch.zeros(shape, dtype=dtype, device=device)
     if "norm" in name:
         return torch.ones(shape, dtype=dtype, device=device)

@@ -19,6 +19,7 @@ from strategies.checkpointing import (
 from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
 from strategies.kernels.optim import MasterWeightOptimizer, make_optimizer
+from strategies.lora import apply_lora, quantize_base
 from strategies.mesh import ParallelDims
 from strategies.model import Transformer, materialize
 from strategies.offload import apply_offload
@@ -77,8 +78,14 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     pp_rank = mesh["pp"].get_local_rank()
     stages = stage_modules(model, pp_rank, cfg) if cfg.pp > 1 else [(0, model)]
     modules = []
+    finetune = cfg.finetune != "full"
+    if finetune and sharded and cfg.base != "bf16":
+        raise ConfigError(f"a {cfg.base} base under FSDP2 (ZeRO-2/3) is not run yet: FSDP2 all-gathers one dtype "
+                          "per unit; use --base-precision bf16 with zero2/zero3, or DDP/ZeRO-1 with a quantised base")
     for _, module in stages:
         set_attention_kernel(module, cfg.attention)
+        if finetune:
+            apply_lora(module, cfg)
         apply_tensor_parallel(module, mesh["tp"], cfg)
         apply_activation_checkpointing(module, mesh, cfg)
         if cfg.compile:
@@ -88,6 +95,8 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
             apply_fsdp(module, mesh["dp"], cfg, precision.mp_policy(), offload.fsdp_policy)
         with fake:
             materialize(module, "cpu" if cfg.offload == "params" else device, seed, buffer_device=device)
+            if finetune:
+                quantize_base(module, cfg)
         finish_tensor_parallel(module, mesh["tp"])
         modules.append(module)
     if not sharded and not simulated:
@@ -101,7 +110,8 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
 
 
 def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -> Parallelized:
-    params = [p for module in modules for p in module.parameters()]
+    # what trains (a LoRA fine-tune: the adapters); the frozen base gets no optimizer state
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
     if cfg.zero_stage == 1:
         optimizer = apply_zero1(params, mesh["dp"], cfg, precision.master_weights, precision.loss_scaling,
                                 offload.optimizer_state_device)  # offload=params needs ZeRO-3, never here

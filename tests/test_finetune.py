@@ -138,5 +138,5 @@ def test_plan_70b_lora_searches_sharded_layouts():
 
 
 def test_run_refuses_what_the_strategy_layer_does_not_execute():
-    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--finetune", "lora"])
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--optimizer", "adamw8bit"])
     assert result.exit_code == 2 and "does not execute it yet" in result.output

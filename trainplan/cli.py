@@ -450,8 +450,7 @@ def build_run_config(options: dict, run: dict):
     if options["impl"] != "trainplan":
         raise click.UsageError(f"run executes trainplan's reference model: --impl {options['impl']} is planned by "
                                "`plan`; measure your own loop of that code with trainplan.track")
-    unplanned = [flag for flag, on in (("--finetune " + options["finetune"], options["finetune"] != "full"),
-                                       ("--optimizer adamw8bit", options["optimizer"] == "adamw8bit"),
+    unplanned = [flag for flag, on in (("--optimizer adamw8bit", options["optimizer"] == "adamw8bit"),
                                        ("--optimizer-in-backward", options["optimizer_in_backward"]),
                                        ("--paged-optimizer", options["paged_optimizer"])) if on]
     if unplanned:

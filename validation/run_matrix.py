@@ -68,8 +68,8 @@ CPU_CASES = [
     ("DDP, full AC", "tiny-llama", None, dict(gpus=2, zero_stage=0, activation_checkpointing="full")),
     ("DDP, op-level AC", "tiny-llama", None, dict(gpus=2, zero_stage=0, activation_checkpointing="op")),
     ("DDP, layer:2 AC", "tiny-llama", None, dict(gpus=2, zero_stage=0, activation_checkpointing="layer:2")),
-    ("8B ZeRO-1, layer:2 AC, seq 4096, 8 simulated", "llama-3-8b", 8,
-     dict(gpus=8, zero_stage=1, seq_len=4096, micro_batch=1, precision="bf16-mixed",
+    ("8B DDP, layer:2 AC, seq 4096, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=0, seq_len=4096, micro_batch=1, precision="bf16-mixed",
           activation_checkpointing="layer:2")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
