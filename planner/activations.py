@@ -57,6 +57,7 @@ class ActivationInputs:
     lora_rank: int
     lora_targets: str
     train_embeddings: bool
+    lora_dtype: str
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
@@ -84,6 +85,7 @@ class _Dims:
     impl: Implementation  # whose model code (planner/implementations.py)
     fused_qkv: bool  # one projection makes q, k and v (the model's or the implementation's)
     compiled: bool  # torch.compile'd blocks (TrainConfig.compile)
+    frozen_norms: bool  # a LoRA fine-tune: the norms' weights get no gradient
 
 
 def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
@@ -113,6 +115,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         impl=impl,
         fused_qkv=model.fused_qkv or impl.fused_qkv,
         compiled=train.compile,
+        frozen_norms=train.finetune != "full",
     )
 
 
@@ -135,7 +138,8 @@ def _norm_terms(model: ModelSpec, x: _Dims, prefix: str) -> dict[str, int]:
         # dtype) and recomputes the residual sum x + o(...) that this norm reads
         return {f"{prefix}_norm_input": x.ab * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens}
     if model.norm == "rmsnorm" and x.impl.rmsnorm != "fused":
-        normed = x.norm_ab if x.impl.rmsnorm == "hf" else FP32
+        # ``weight * normed`` keeps ``normed`` for the weight's gradient: not when it is frozen
+        normed = 0 if x.frozen_norms else x.norm_ab if x.impl.rmsnorm == "hf" else FP32
         return {f"{prefix}_norm_input": FP32 * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens,
                 f"{prefix}_norm_normed": normed * tokens * x.h}
     return {f"{prefix}_norm_input": x.norm_ab * tokens * x.h, f"{prefix}_norm_stats": x.stats * tokens}
@@ -162,7 +166,7 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
         for name, heads in (("q", x.heads), ("k", x.kv_heads)):
             terms[f"{prefix}_{name}_norm_input"] = (FP32 if x.impl.rmsnorm != "fused" else x.ab) * tokens * heads * x.d
             terms[f"{prefix}_{name}_norm_stats"] = FP32 * tokens * heads
-            if x.impl.rmsnorm != "fused":
+            if x.impl.rmsnorm != "fused" and not x.frozen_norms:
                 normed = x.ab if x.impl.rmsnorm == "hf" else FP32
                 terms[f"{prefix}_{name}_norm_normed"] = normed * tokens * heads * x.d
     if x.impl.rope_gathered_per_layer and model.position_embedding == "rope":
@@ -402,18 +406,27 @@ def _lora_terms(model: ModelSpec, x: _Dims, train: ActivationInputs | TrainConfi
     grad) -- while an adapter's A keeps that same input and B keeps A's output [tokens, r]."""
     adapted = set(train.lora_targets.split(","))
     tokens = x.s * x.b
-    qkv = bool(adapted & {"q", "k", "v"})
-    fc1 = bool(adapted & {"gate", "up"})
-    keep = {"attn_qkv_input": qkv, "mlp_input": fc1, "mlp_down_input": "down" in adapted}
+    # fp32 adapters over a 16-bit base (peft): each adapter casts its input to fp32 and A keeps
+    # that copy, so the 16-bit input itself is kept by no one (peft/tuners/lora/layer.py,
+    # Linear.forward: ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``)
+    casts = train.lora_dtype == "fp32" and x.ab != FP32
+    a_bytes = FP32 if train.lora_dtype == "fp32" else x.ab
+    qkv = bool(adapted & {"q", "k", "v"}) and not casts
+    fc1 = bool(adapted & {"gate", "up"}) and not casts
+    keep = {"attn_qkv_input": qkv, "mlp_input": fc1, "mlp_down_input": "down" in adapted and not casts}
     if not x.flash:  # eager: the output projection keeps its own reshaped copy of probs @ v
-        keep["attn_out"] = "o" in adapted
+        keep["attn_out"] = "o" in adapted and not casts
     terms = {name: nbytes for name, nbytes in terms.items() if keep.get(name, True)}
-    for name, width in (("q", x.heads * x.d), ("k", x.kv_heads * x.d), ("v", x.kv_heads * x.d), ("o", x.h)):
-        if name in adapted:
-            terms[f"attn_lora_{name}_a_out"] = x.ab * tokens * train.lora_rank
-    for name in ("gate", "up", "down") if model.mlp != "gelu" else ("fc1", "fc2"):
-        if (name in adapted) or (name == "fc1" and fc1) or (name == "fc2" and "down" in adapted):
-            terms[f"mlp_lora_{name}_a_out"] = x.ab * tokens * train.lora_rank
+    gelu = model.mlp == "gelu"
+    projections = [("attn", "q", x.h, "q"), ("attn", "k", x.h, "k"), ("attn", "v", x.h, "v"),
+                   ("attn", "o", x.heads * x.d, "o")]
+    projections += ([("mlp", "fc1", x.h, "gate"), ("mlp", "fc2", x.ffn, "down")] if gelu else
+                    [("mlp", "gate", x.h, "gate"), ("mlp", "up", x.h, "up"), ("mlp", "down", x.ffn, "down")])
+    for prefix, name, width, target in projections:
+        if target in adapted or (name == "fc1" and "up" in adapted):
+            terms[f"{prefix}_lora_{name}_a_out"] = a_bytes * tokens * train.lora_rank
+            if casts:
+                terms[f"{prefix}_lora_{name}_input_fp32"] = FP32 * tokens * width
     return terms
 
 

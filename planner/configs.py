@@ -221,6 +221,9 @@ class TrainConfig(_Frozen):
                                           "compute dtype), int8 (per-row absmax), nf4 (block-64, double-quantised "
                                           "absmax); auto: nf4 for qlora, the compute dtype for lora")
     train_embeddings: bool = Field(default=False, description="fine-tune the embedding and output head too")
+    lora_dtype: Literal["auto", "fp32"] = Field(default="auto", description="the adapters' dtype: auto (the "
+                                                "recipe's parameters) or fp32 (peft's default over a 16-bit base: "
+                                                "fp32 adapters, no master copy, each adapter casts its input)")
     optimizer_in_backward: bool = Field(default=False, description="each gradient applied and freed as it "
                                         "arrives (register_post_accumulate_grad_hook)")
     paged_optimizer: bool = Field(default=False, description="optimizer state paged out to host memory")
@@ -306,8 +309,8 @@ class TrainConfig(_Frozen):
             raise ConfigError(f"--lora-targets {self.lora_targets!r}: a comma-separated subset of "
                               f"{','.join(LORA_TARGETS)} without repeats")
         if self.finetune == "full":
-            if self.base_precision not in ("auto", "bf16") or self.train_embeddings:
-                raise ConfigError("--base-precision and --train-embeddings describe a LoRA fine-tune: add "
+            if self.base_precision not in ("auto", "bf16") or self.train_embeddings or self.lora_dtype != "auto":
+                raise ConfigError("--base-precision, --train-embeddings and --lora-dtype describe a LoRA fine-tune: add "
                                   "--finetune lora or qlora")
         else:
             if self.finetune == "qlora" and self.base_precision not in ("auto", "nf4"):

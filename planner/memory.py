@@ -445,7 +445,10 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     gather = recipe.gather_bytes
     gathered_units = tuple(n * gather for n in sp.unit_sizes)  # bytes of each unit as FSDP2 gathers it
     frozen_resident, dequantised = 0, 0
+    trecipe = recipe  # what the trainable parameters are stored and stepped in
     if train.finetune != "full":
+        if train.lora_dtype == "fp32":  # fp32 adapters: fp32 gradients and states, no master copy
+            trecipe = RECIPES["fp32"]
         # what trains is the adapters: gradients, optimizer state and sharding follow them
         # (``tsp``); the frozen base is resident, sharded by ZeRO-3 (planner/finetune.py)
         sp, frozen = _finetune_params(model, train)
@@ -456,14 +459,14 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     n_param = sp.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else sp.local
     n_grad = sp.sharded if zero >= 2 else sp.local
     n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
-    params = 0 if offload == "params" else n_param * recipe.param_bytes + frozen_resident
-    optimizer = 0 if offload != "none" else _optimizer_bytes(recipe, train.optimizer, engine, n_state)
-    grads_full = n_grad * recipe.grad_bytes
+    params = 0 if offload == "params" else n_param * trecipe.param_bytes + frozen_resident
+    optimizer = 0 if offload != "none" else _optimizer_bytes(trecipe, train.optimizer, engine, n_state)
+    grads_full = n_grad * trecipe.grad_bytes
     # optimizer in backward: each gradient is applied and freed as it arrives -- one tensor's
     # gradient at a time (PyTorch's register_post_accumulate_grad_hook recipe)
     in_flight = 0
     if train.optimizer_in_backward:
-        grads_full, in_flight = 0, (sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor) * recipe.grad_bytes
+        grads_full, in_flight = 0, (sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor) * trecipe.grad_bytes
     paged = 0
     if train.paged_optimizer:  # the state lives in host memory, paged in for the step
         optimizer, paged = 0, optimizer
@@ -549,12 +552,12 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     workspace = sums.workspace if has_layers else 0
     if fsdp:
         # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
-        grad_reduce = sp.largest_unit * (gather + recipe.reduce_bytes)
+        grad_reduce = sp.largest_unit * (gather + trecipe.reduce_bytes)
     elif engine.reduce_bucket_elements and zero >= 1:
-        grad_reduce = min(engine.reduce_bucket_elements, sp.local) * recipe.grad_bytes
+        grad_reduce = min(engine.reduce_bucket_elements, sp.local) * trecipe.grad_bytes
     elif not engine.grads_between_steps:
         # autograd's gradient of one tensor before DDP copies it into its bucket view
-        grad_reduce = sp.largest_tensor * recipe.grad_bytes
+        grad_reduce = sp.largest_tensor * trecipe.grad_bytes
     else:
         grad_reduce = 0
     recv_buffers = 0
@@ -634,7 +637,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         # A layer's backward has two peaks: in its middle (its saved or recomputed activations
         # and the activation gradients) and at its end, its first norm's backward (the layer's
         # activations freed but for the norm's input; all its weight gradients unsharded).
-        pending = sp.largest_unit * recipe.reduce_bytes
+        pending = sp.largest_unit * trecipe.reduce_bytes
         unit_grads = sp.largest_unit * gather
         end_work = sums.layer_backward_end if has_layers else 0
         workspace = sums.layer_backward_extra if has_layers else 0
@@ -677,11 +680,11 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     _add(optimizer_tmp, "pipeline_recv_buffers", recv_buffers)
     if offload == "none":
         if train.optimizer_impl == "foreach":
-            _add(optimizer_tmp, "optimizer_foreach_scratch", n_state * recipe.state_bytes)
+            _add(optimizer_tmp, "optimizer_foreach_scratch", n_state * trecipe.state_bytes)
         elif train.optimizer_impl == "for-loop":
             largest = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor
-            _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest * recipe.state_bytes)
-        if recipe.has_master and recipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
+            _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest * trecipe.state_bytes)
+        if trecipe.has_master and trecipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
             _add(optimizer_tmp, "fp32_grad_copy", n_state * 4)
     # With PyTorch optimizer offload the GPU gradients live until zero_grad, through the CPU step.
     step = _Mem(params, grads_at_end, optimizer, 0, sum(optimizer_tmp.values()))
@@ -694,7 +697,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         mem.overhead = fixed_overhead + int(overheads.fragmentation * mem.total)
     peak_phase = max(PHASES, key=lambda name: phases[name].total)
 
-    host = _host_bytes(train, recipe, n_param, n_grad, n_state)
+    host = _host_bytes(train, trecipe, n_param, n_grad, n_state)
     host = (host[0], host[1], host[2] + paged)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
                         peak_phase, sp, layer_factor, host,

@@ -144,8 +144,44 @@ class Tracker:
         attention = "eager" if getattr(config, "_attn_implementation", "sdpa") == "eager" else "flash"
         train = TrainConfig(gpus=1, precision=precision, micro_batch=batch, global_batch=batch, seq_len=seq,
                             attention=attention, optimizer="sgd" if kind == "sgd" else "adamw",
-                            optimizer_impl=impl, impl="hf", compile=self.compiled)
+                            optimizer_impl=impl, impl="hf", compile=self.compiled, **self._peft_fields())
         return spec, train
+
+    # peft's module names (Llama, Mistral, Qwen2 and the like) -> the planner's --lora-targets
+    _PEFT_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                     "up_proj": "up", "down_proj": "down"}
+
+    def _peft_fields(self) -> dict:
+        """A peft LoRA model (``PeftModel`` with one LoraConfig) as TrainConfig fields: its rank,
+        its target projections, whether the embedding and head train (``modules_to_save``)."""
+        configs = getattr(self.model, "peft_config", None)
+        if not configs:
+            return {}
+        if len(configs) != 1:
+            raise ValueError("compare() plans one LoRA adapter; this peft model has several")
+        lora = next(iter(configs.values()))
+        if type(lora).__name__ != "LoraConfig":
+            raise ValueError(f"the planner models LoRA, not peft's {type(lora).__name__}")
+        if lora.lora_dropout:
+            raise ValueError("LoRA dropout is not modelled (it keeps a dropped copy of each adapted input); "
+                             "plan with lora_dropout=0 or pass an estimate")
+        targets = lora.target_modules
+        if isinstance(targets, str):
+            raise ValueError("a target_modules regular expression is not read; list the module names")
+        unknown = sorted(set(targets) - set(self._PEFT_TARGETS))
+        if unknown:
+            raise ValueError(f"peft target {unknown[0]!r} is not a projection the planner models "
+                             f"({', '.join(self._PEFT_TARGETS)})")
+        order = list(self._PEFT_TARGETS)
+        names = [self._PEFT_TARGETS[t] for t in sorted(targets, key=order.index)]
+        saved = set(lora.modules_to_save or ())
+        if saved - {"embed_tokens", "lm_head"}:
+            raise ValueError(f"modules_to_save {sorted(saved)}: the planner trains the embedding and head or neither")
+        adapters = [p for name, p in self.model.named_parameters() if "lora_" in name]
+        base_dtype = next(p for name, p in self.model.named_parameters() if "lora_" not in name).dtype
+        fp32_adapters = bool(adapters) and adapters[0].dtype == torch.float32 and base_dtype != torch.float32
+        return dict(finetune="lora", lora_rank=lora.r, lora_targets=",".join(names),
+                    train_embeddings=bool(saved), lora_dtype="fp32" if fp32_adapters else "auto")
 
     def compare(self, estimate=None, tokens_per_step: int | None = None, gpu: str = "h100"):
         """A ProfileReport: the planner's ``Estimate`` for this layout against what was measured.

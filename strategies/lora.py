@@ -49,14 +49,14 @@ class LoRALinear(nn.Module):
     ``lora_b``. Built on the meta device in place of an ``nn.Linear``; ``quantize`` turns the
     materialised 16-bit weight into its storage."""
 
-    def __init__(self, base: nn.Linear, rank: int):
+    def __init__(self, base: nn.Linear, rank: int, adapter_dtype: torch.dtype | None = None):
         super().__init__()
         if base.bias is not None:
             raise ConfigError("LoRA on projections with a bias is not implemented in the reference model")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=adapter_dtype or base.weight.dtype)
         self.lora_a = nn.Linear(self.in_features, rank, bias=False, **kw)
         self.lora_b = nn.Linear(rank, self.out_features, bias=False, **kw)
         self.scaling = ALPHA_OVER_RANK
@@ -89,7 +89,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight) if self.storage == "plain" else _DequantLinear.apply(x, self)
-        return base + self.scaling * self.lora_b(self.lora_a(x))
+        adapter_dtype = self.lora_a.weight.dtype
+        if adapter_dtype == x.dtype:
+            return base + self.scaling * self.lora_b(self.lora_a(x))
+        # fp32 adapters over a 16-bit base, as peft runs them: the adapter's own fp32 copy of
+        # the input, the sum in fp32, cast back (peft/tuners/lora/layer.py, Linear.forward)
+        return (base + self.scaling * self.lora_b(self.lora_a(x.to(adapter_dtype)))).to(x.dtype)
 
 
 def _adapted(name: str, cfg: TrainConfig) -> bool:
@@ -105,7 +110,8 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> None:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and _adapted(name, cfg):
-                    setattr(parent, name, LoRALinear(child, cfg.lora_rank))
+                    adapter_dtype = torch.float32 if cfg.lora_dtype == "fp32" else None
+                    setattr(parent, name, LoRALinear(child, cfg.lora_rank, adapter_dtype))
     if cfg.train_embeddings:
         for name in ("embed", "pos_embed", "head"):
             module = getattr(model, name, None)

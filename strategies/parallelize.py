@@ -79,6 +79,9 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     stages = stage_modules(model, pp_rank, cfg) if cfg.pp > 1 else [(0, model)]
     modules = []
     finetune = cfg.finetune != "full"
+    if finetune and sharded and cfg.lora_dtype == "fp32":
+        raise ConfigError("fp32 adapters over a 16-bit base under FSDP2 (ZeRO-2/3) are not run yet (one dtype "
+                          "per all-gather); use --lora-dtype auto, or DDP/ZeRO-1")
     if finetune and sharded and cfg.base != "bf16":
         raise ConfigError(f"a {cfg.base} base under FSDP2 (ZeRO-2/3) is not run yet: FSDP2 all-gathers one dtype "
                           "per unit; use --base-precision bf16 with zero2/zero3, or DDP/ZeRO-1 with a quantised base")
@@ -113,8 +116,11 @@ def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -
     # what trains (a LoRA fine-tune: the adapters); the frozen base gets no optimizer state
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
     if cfg.zero_stage == 1:
-        optimizer = apply_zero1(params, mesh["dp"], cfg, precision.master_weights, precision.loss_scaling,
+        masters = precision.master_weights and not (cfg.finetune != "full" and cfg.lora_dtype == "fp32")
+        optimizer = apply_zero1(params, mesh["dp"], cfg, masters, precision.loss_scaling,
                                 offload.optimizer_state_device)  # offload=params needs ZeRO-3, never here
+    elif cfg.finetune != "full" and cfg.lora_dtype == "fp32":
+        optimizer = make_optimizer(params, cfg.optimizer, cfg.optimizer_impl)  # fp32 adapters need no master
     elif precision.master_weights or cfg.offload == "optimizer":
         optimizer = MasterWeightOptimizer(params, name=cfg.optimizer, impl=cfg.optimizer_impl,
                                           state_device=offload.optimizer_state_device,
