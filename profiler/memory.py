@@ -99,6 +99,7 @@ def _optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]
         if isinstance(opt, torch.optim.Optimizer) and opt not in found:
             found.append(opt)
             queue += [getattr(opt, "optim", None), getattr(opt, "_inner", None)]
+            queue += getattr(opt, "inner_optimizers", list)()
     return found
 
 

@@ -18,7 +18,7 @@ from strategies.checkpointing import (
 )
 from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
-from strategies.kernels.optim import MasterWeightOptimizer, make_optimizer
+from strategies.kernels.optim import InBackwardOptimizer, MasterWeightOptimizer, make_optimizer
 from strategies.lora import apply_lora, quantize_base
 from strategies.mesh import ParallelDims
 from strategies.model import Transformer, materialize
@@ -115,6 +115,21 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
 def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -> Parallelized:
     # what trains (a LoRA fine-tune: the adapters); the frozen base gets no optimizer state
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    if cfg.optimizer_in_backward:
+        if cfg.dp > 1 or cfg.tp > 1 or cfg.pp > 1 or cfg.offload != "none":
+            raise ConfigError("--optimizer-in-backward runs on one process here (a data-parallel gradient must be "
+                              "reduced before its step); use --gpus 1")
+        fp32_adapters = cfg.finetune != "full" and cfg.lora_dtype == "fp32"
+
+        def build(one):
+            if precision.master_weights and not fp32_adapters:
+                return MasterWeightOptimizer(one, name=cfg.optimizer, impl=cfg.optimizer_impl,
+                                             loss_scaling=precision.loss_scaling)
+            return make_optimizer(one, cfg.optimizer, cfg.optimizer_impl)
+
+        optimizer = InBackwardOptimizer(params, build)
+        par = Parallelized(modules, optimizer, None, precision, mesh, device, cfg)
+        return par
     if cfg.zero_stage == 1:
         masters = precision.master_weights and not (cfg.finetune != "full" and cfg.lora_dtype == "fp32")
         optimizer = apply_zero1(params, mesh["dp"], cfg, masters, precision.loss_scaling,

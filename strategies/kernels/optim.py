@@ -120,9 +120,40 @@ def _overflowed(found_inf: torch.Tensor) -> bool:
     return not is_fake(found_inf) and found_inf.item() > 0
 
 
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """The optimizer step fused into the backward pass (PyTorch's recipe, "How to save memory
+    by fusing the optimizer step into the backward pass"): every parameter has its own optimizer,
+    stepped by a post-accumulate-grad hook the moment its gradient is complete, which then frees
+    the gradient. No gradients outlive their own step; ``step`` and ``zero_grad`` do nothing. It
+    cannot accumulate gradients over micro-batches, and it is a single-process optimizer here (a
+    data-parallel gradient must be reduced before its step)."""
+
+    def __init__(self, params, build):
+        params = [p for p in params if p.requires_grad]
+        super().__init__(params, {})
+        self.inner = {p: build([p]) for p in params}
+        self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
+
+    def _step_one(self, param: torch.Tensor) -> None:
+        self.inner[param].step()
+        param.grad = None
+
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self.inner.values())
+
+
 def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor an optimizer keeps between steps, through wrappers
-    (ZeroRedundancyOptimizer's local optimizer, MasterWeightOptimizer's inner one)."""
+    (ZeroRedundancyOptimizer's local optimizer, MasterWeightOptimizer's inner one, the
+    per-parameter optimizers of an optimizer in backward)."""
+    if isinstance(optimizer, InBackwardOptimizer):
+        return [t for inner in optimizer.inner_optimizers() for t in state_tensors(inner)]
     inner = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer
     if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
         return state_tensors(inner)
