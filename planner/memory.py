@@ -53,7 +53,16 @@ from planner.params import (
     representative_stages,
     total_params,
 )
-from planner.precision import OPTIMIZER_STATES, RECIPES, Recipe, optimizer_state_bytes
+from planner.precision import (
+    ADAM8BIT_BLOCK,
+    ADAM8BIT_CHUNK,
+    ADAM8BIT_SCRATCH_FIXED,
+    ADAM8BIT_SCRATCH_PER_ELEMENT,
+    OPTIMIZER_STATES,
+    RECIPES,
+    Recipe,
+    optimizer_state_bytes,
+)
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "temporaries", "overhead")
 PHASES = ("forward", "backward", "optimizer")
@@ -220,6 +229,8 @@ class _StageParams:
     unit_sizes: tuple[int, ...]  # elements of each unit (local to tp), in forward order
     unit_kinds: tuple[str, ...]
     layer_ids: tuple[int, ...]  # global index of each layer held (layer:N checkpoints by index)
+    blocks_local: int  # 8-bit optimizer blocks (256 elements) over the tensors, each tensor its own
+    blocks_sharded: int  # the same over their FSDP2 shards
     first_unit: int  # the unit still gathered at the end of backward
     last_unit: int  # the unit that runs just before the loss (the head, on the last stage)
     last_to_differentiate: int  # units whose gradients are still being written then
@@ -282,6 +293,8 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         unit_sizes=tuple(unit_sizes),
         unit_kinds=tuple(kinds),
         layer_ids=layer_ids,
+        blocks_local=sum(-(-prod(s) // ADAM8BIT_BLOCK) for s in shapes),
+        blocks_sharded=sum(-(-(ceil(s[0] / dp) * prod(s[1:])) // ADAM8BIT_BLOCK) for s in shapes),
         first_unit=unit_sizes[0],
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
@@ -461,6 +474,11 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
     params = 0 if offload == "params" else n_param * trecipe.param_bytes + frozen_resident
     optimizer = 0 if offload != "none" else _optimizer_bytes(trecipe, train.optimizer, engine, n_state)
+    if train.optimizer == "adamw8bit" and offload == "none":
+        # one absmax per block of 256 of each tensor (not of the rank's total)
+        blocks = sp.blocks_sharded if zero >= 2 else sp.blocks_local if zero == 0 else -(
+            -sp.blocks_local * sp.optimizer_share // max(sp.local, 1))
+        optimizer += OPTIMIZER_STATES["adamw8bit"] * 4 * (blocks - -(-n_state // ADAM8BIT_BLOCK))
     grads_full = n_grad * trecipe.grad_bytes
     # optimizer in backward: each gradient is applied and freed as it arrives -- one tensor's
     # gradient at a time (PyTorch's register_post_accumulate_grad_hook recipe)
@@ -679,7 +697,12 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     optimizer_tmp: dict[str, int] = {}
     _add(optimizer_tmp, "pipeline_recv_buffers", recv_buffers)
     if offload == "none":
-        if train.optimizer_impl == "foreach":
+        if train.optimizer == "adamw8bit":
+            # its own loop dequantises m and v a chunk at a time (strategies/kernels/adam8bit.py)
+            largest = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor
+            _add(optimizer_tmp, "adam8bit_chunk_scratch",
+                 ADAM8BIT_SCRATCH_PER_ELEMENT * min(largest, ADAM8BIT_CHUNK) + ADAM8BIT_SCRATCH_FIXED)
+        elif train.optimizer_impl == "foreach":
             _add(optimizer_tmp, "optimizer_foreach_scratch", n_state * trecipe.state_bytes)
         elif train.optimizer_impl == "for-loop":
             largest = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor

@@ -106,7 +106,8 @@ def _rows(report):
     dict(gpus=1, finetune="qlora", lora_dtype="fp32", precision="bf16"),  # peft's QLoRA recipe
     dict(gpus=2, zero_stage=0, finetune="lora", base_precision="int8", activation_checkpointing="full"),
     dict(gpus=2, zero_stage=3, finetune="lora", lora_targets="q,v", global_batch=4),
-], ids=["1-nf4-fp32-adapters", "ddp-int8-full-ac", "zero3-bf16-qv"])
+    dict(gpus=1, finetune="lora", optimizer="adamw8bit", optimizer_in_backward=True),
+], ids=["1-nf4-fp32-adapters", "ddp-int8-full-ac", "zero3-bf16-qv", "1-adamw8bit-in-backward"])
 def test_lora_closed_loop(fields):
     """Issue 12's goal on CPU (gloo): parameters, gradients and optimizer bytes exact, activations
     within 3%, peak within 2% (measured: within 0.05%)."""

@@ -453,8 +453,7 @@ def build_run_config(options: dict, run: dict):
     if options["impl"] != "trainplan":
         raise click.UsageError(f"run executes trainplan's reference model: --impl {options['impl']} is planned by "
                                "`plan`; measure your own loop of that code with trainplan.track")
-    unplanned = [flag for flag, on in (("--optimizer adamw8bit", options["optimizer"] == "adamw8bit"),
-                                       ("--paged-optimizer", options["paged_optimizer"])) if on]
+    unplanned = [flag for flag, on in (("--paged-optimizer", options["paged_optimizer"]),) if on]
     if unplanned:
         raise click.UsageError(f"{unplanned[0]} is planned by `plan`; the strategy layer does not execute it yet")
     train = TrainConfig(**fields)

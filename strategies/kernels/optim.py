@@ -29,6 +29,11 @@ def optimizer_class_and_kwargs(name: str = "adamw", impl: str = "fused",
     """AdamW or SGD with the implementation the planner names: fused (one kernel per step),
     foreach (multi-tensor, one state-sized scratch list), for-loop (per tensor)."""
     impl_kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+    if name == "adamw8bit":  # its own per-tensor loop (strategies/kernels/adam8bit.py)
+        from strategies.kernels.adam8bit import AdamW8bit
+
+        return AdamW8bit, dict(lr=lr, betas=DEFAULTS["betas"], eps=DEFAULTS["eps"],
+                               weight_decay=DEFAULTS["weight_decay"])
     if name == "sgd":
         return torch.optim.SGD, dict(lr=lr, momentum=DEFAULTS["momentum"], **impl_kw)
     return torch.optim.AdamW, dict(lr=lr, betas=DEFAULTS["betas"], eps=DEFAULTS["eps"],
