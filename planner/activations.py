@@ -556,6 +556,20 @@ def pipeline_recv_buffer_bytes(model: ModelSpec, train: TrainConfig | Activation
     return x.ab * x.s * x.b * x.h // x.seq_div
 
 
+def frozen_head_hidden_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+    """A frozen head saves no input, yet the decoder's output (the final norm's) is alive while
+    the loss runs: the reference model's forward holds it until it returns."""
+    if train.finetune == "full" or train.train_embeddings or implementation(train.impl).returns_logits:
+        return 0
+    x = _dims(model, train)
+    return x.ab * x.s * x.b * x.h // x.linear_input_div
+
+
+def _fields(train: TrainConfig | ActivationInputs) -> dict:
+    return {f: getattr(train, f) for f in (ActivationInputs.__dataclass_fields__ if isinstance(train, ActivationInputs)
+                                           else type(train).model_fields)}
+
+
 def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> tuple[int, int]:
     """(forward, backward) bytes alive beside the saved tensors while the loss runs.
 
@@ -564,6 +578,10 @@ def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> 
     coexist with the saved log-softmax output."""
     x = _dims(model, train)
     logits_fp32 = FP32 * x.s * x.b * x.vocab
+    hidden = frozen_head_hidden_bytes(model, train)
+    if hidden:
+        forward, backward = loss_transients(model, train.__class__(**{**_fields(train), "finetune": "full"}))
+        return forward + hidden, backward
     if x.impl.returns_logits:
         # The returned logits are counted as forward outputs; 16-bit ones get an fp32 copy for
         # the loss (transformers/loss/loss_utils.py:61). The decoder's output (the final norm's,

@@ -224,6 +224,8 @@ class TrainConfig(_Frozen):
     lora_dtype: Literal["auto", "fp32"] = Field(default="auto", description="the adapters' dtype: auto (the "
                                                 "recipe's parameters) or fp32 (peft's default over a 16-bit base: "
                                                 "fp32 adapters, no master copy, each adapter casts its input)")
+    teacher: str = Field(default="", max_length=4096, description="distillation: a frozen teacher model (preset "
+                         "or config.json) whose forward runs in every step; empty: none")
     optimizer_in_backward: bool = Field(default=False, description="each gradient applied and freed as it "
                                         "arrives (register_post_accumulate_grad_hook)")
     paged_optimizer: bool = Field(default=False, description="optimizer state paged out to host memory")
@@ -333,6 +335,8 @@ class TrainConfig(_Frozen):
         if self.optimizer_in_backward and self.grad_accum > 1:
             raise LayoutError("--optimizer-in-backward applies each gradient as it arrives: it cannot accumulate "
                               "gradients over micro-batches (use one micro-batch per step)")
+        if self.teacher and (self.tp > 1 or self.pp > 1 or self.engine != "pytorch"):
+            raise LayoutError("distillation (--teacher) is planned for data-parallel layouts with the pytorch engine")
         if self.paged_optimizer and self.optimizer == "sgd":
             raise ConfigError("--paged-optimizer pages AdamW state (adamw or adamw8bit)")
 

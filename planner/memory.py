@@ -42,6 +42,7 @@ from planner.configs import (
     parse_checkpointing,
 )
 from planner.engines import ENGINES, EngineSemantics
+from planner.errors import ConfigError
 from planner.params import (
     embed_tensors,
     flat_shard_numel,
@@ -321,6 +322,31 @@ class _Frozen:
     quantised_bytes: int  # their storage
 
 
+@dataclass(frozen=True)
+class _Teacher:
+    weight_bytes: int
+    logprobs: int  # fp32 [tokens, vocab], per micro-batch
+    forward_peak: int  # its forward's last moment: fp32 logits and their log-softmax
+
+
+@lru_cache(maxsize=1024)
+def _teacher(model: ModelSpec, train: TrainConfig) -> _Teacher:
+    """Distillation (``--teacher``; strategies/train.py): the teacher's forward runs under
+    no_grad before the student's; ``F.log_softmax(teacher(x).float())`` keeps fp32 log-probs,
+    which the KL term of the loss saves for its backward (Hinton et al. 2015, temperature 1)."""
+    from planner.catalog import load_model
+
+    spec = load_model(train.teacher)
+    if spec.vocab_size != model.vocab_size:
+        raise ConfigError(f"the teacher {spec.name} has {spec.vocab_size} tokens in its vocabulary, the student "
+                          f"{model.vocab_size}: distillation compares their distributions token by token")
+    recipe = RECIPES[train.precision]
+    tokens = train.seq_len * train.micro_batch
+    logits = tokens * spec.vocab_size
+    return _Teacher(weight_bytes=total_params(spec) * recipe.compute_bytes, logprobs=4 * logits,
+                    forward_peak=(recipe.compute_bytes if recipe.compute_bytes < 4 else 0) * logits + 8 * logits)
+
+
 @lru_cache(maxsize=4096)
 def _finetune_params(model: ModelSpec, train: TrainConfig) -> tuple[_StageParams, _Frozen]:
     """(trainable tensors as stage parameters, the frozen base) of a LoRA fine-tune (pp = 1)."""
@@ -472,6 +498,9 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     n_param = sp.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else sp.local
     n_grad = sp.sharded if zero >= 2 else sp.local
     n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
+    teacher = _teacher(model, train) if train.teacher else None
+    # distillation: the teacher's weights, frozen in the compute dtype, on every rank
+    frozen_resident += teacher.weight_bytes if teacher else 0
     params = 0 if offload == "params" else n_param * trecipe.param_bytes + frozen_resident
     optimizer = 0 if offload != "none" else _optimizer_bytes(trecipe, train.optimizer, engine, n_state)
     if train.optimizer == "adamw8bit" and offload == "none":
@@ -516,6 +545,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     has_layers = sp.encoder_layers + sp.decoder_layers > 0
     # one cast of the RoPE tables per forward of the stage (per model chunk, interleaved)
     rope_mb = sums.rope_tables if has_layers else 0
+    if teacher is not None:  # its fp32 log-probabilities, kept by the loss through backward
+        head_mb += teacher.logprobs
     activations = (int(layer_factor * (layers_mb + autocast_mb)) + round(layer_factor * train.chunks) * rope_mb
                    + embed_count * embed_mb + head_count * head_mb)
     first_kind_is_encoder = sp.encoder_layers > 0
@@ -567,6 +598,9 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     else:
         gathered_fwd = gathered_bwd_end = gathered_at_loss = gathered_at_loss_backward = 0
     loss_fwd, loss_bwd = (sums.loss_forward, sums.loss_backward) if sp.has_head else (0, 0)
+    if teacher is not None and sp.has_head:
+        # the KL term, exp(t) * (t - s) over [tokens, vocab] in fp32: three such tensors at once
+        loss_fwd = max(loss_fwd, 3 * teacher.logprobs + act.frozen_head_hidden_bytes(model, train))
     workspace = sums.workspace if has_layers else 0
     if fsdp:
         # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
@@ -609,6 +643,11 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
         _add(tmp, "dequantised_weight", dequantised if not loss else 0)
         forward_moments.append((_Mem(params, grads_in_forward, optimizer, max(int(acts), 0), sum(tmp.values())), tmp))
+    if teacher is not None:
+        # the teacher's forward, before the student's: its log-softmax over the fp32 logits
+        tmp = {}
+        _add(tmp, "teacher_forward", teacher.forward_peak)
+        forward_moments.append((_Mem(params, grads_in_forward, optimizer, 0, sum(tmp.values())), tmp))
     forward, forward_tmp = max(forward_moments, key=lambda m: m[0].total)
 
     # Moments of the backward pass: the loss's backward (last stage); the first layer's

@@ -43,6 +43,7 @@ from planner.engines import ENGINES
 from planner.errors import ConfigError
 from planner.flops import (
     hardware_flops_per_step,
+    model_forward_flops_per_sequence,
     model_flops_per_step,
     stage_flops,
     unit_flops,
@@ -165,6 +166,10 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             sp, frozen = _finetune_params(model, train)
         compute = (f.forward + f.backward) / flops_rate
         recompute = f.recompute / flops_rate
+        if train.teacher:  # distillation: the teacher's forward per micro-batch (no backward)
+            from planner.catalog import load_model
+
+            compute += b * model_forward_flops_per_sequence(load_model(train.teacher), s) / flops_rate
         if train.attention == "eager":
             # the s x s scores are streamed through HBM by the elementwise ops around the matmuls
             scores = (model.num_heads // t) * s * s * b * recipe.compute_bytes * layers

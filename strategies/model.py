@@ -150,7 +150,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+                teacher_logprobs: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
             h = self.embed(inputs)
             if self.pos_embed is not None:
@@ -172,11 +173,26 @@ class Transformer(nn.Module):
         h = self.final_norm(h)
         if targets is None:
             return self.logits(h)
+        if teacher_logprobs is not None:  # the 16-bit logits die once cast, as below
+            return distillation_loss(F.log_softmax(self.logits(h).float().flatten(0, 1), dim=-1), targets,
+                                     teacher_logprobs)
         # One expression: the 16-bit logits are freed once cast, before log-softmax runs.
         return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(0, 1))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+
+
+DISTILL_ALPHA = 0.5  # weight of the hard-label loss; the teacher's term gets 1 - alpha
+
+
+def distillation_loss(logprobs: torch.Tensor, targets: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Knowledge distillation at temperature 1 (Hinton et al. 2015; the seed notes, 002):
+    alpha * cross-entropy with the labels + (1 - alpha) * KL(teacher || student) per token, both
+    from the student's fp32 log-probabilities [tokens, vocab]."""
+    hard = F.nll_loss(logprobs, targets.flatten(0, 1))
+    soft = F.kl_div(logprobs, teacher_logprobs.flatten(0, 1), reduction="batchmean", log_target=True)
+    return DISTILL_ALPHA * hard + (1 - DISTILL_ALPHA) * soft
 
 
 def rope_tables(spec: ModelSpec, device=None, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

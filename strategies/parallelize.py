@@ -40,6 +40,7 @@ class Parallelized:
     cfg: TrainConfig
     notes: list[str] = field(default_factory=list)
     simulated_ddp: bool = False
+    teacher: nn.Module | None = None  # distillation's frozen teacher (not wrapped, not optimised)
 
     @property
     def loss_parallel(self) -> bool:
@@ -50,7 +51,7 @@ class Parallelized:
         return self.simulated_ddp or any(type(m).__name__ == "DistributedDataParallel" for m in self.modules)
 
     def parameters(self):
-        for module in self.modules:
+        for module in self.modules + ([self.teacher] if self.teacher is not None else []):
             yield from module.parameters()
 
 

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +21,7 @@ from planner.configs import ModelSpec, TrainConfig
 from planner.errors import ConfigError
 from strategies.data import SyntheticTokens, TokenFile, batch
 from strategies.kernels.optim import MasterWeightOptimizer, state_tensors
-from strategies.model import build_model
+from strategies.model import build_model, materialize
 from strategies.parallelize import Parallelized, build_mesh, parallelize
 
 
@@ -200,7 +201,13 @@ def train_step(par: Parallelized, source, step: int, phases=None, losses: bool =
         sync = nullcontext() if j == m - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync, _loss_context(par):
             with par.precision.autocast(par.device.type), phases.phase("forward"):
-                loss = model(inputs, targets)
+                if par.teacher is None:
+                    loss = model(inputs, targets)
+                else:  # distillation: the teacher's fp32 log-probabilities, then the student's loss
+                    with torch.no_grad():
+                        teacher_logprobs = F.log_softmax(par.teacher(inputs).float(), dim=-1)
+                    loss = model(inputs, targets, teacher_logprobs=teacher_logprobs)
+                    del teacher_logprobs  # the loss's backward keeps its own reference
             scaled = loss / m
             with phases.phase("backward"):
                 (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
@@ -227,9 +234,26 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
     par = parallelize(model, cfg, world, rank, device, config.seed, mesh=mesh,
                       fake=None if isinstance(fake, nullcontext) else fake,
                       simulated=config.simulate_world is not None)
+    if cfg.teacher:
+        par.teacher = _teacher(cfg, device, config.seed, fake)
     with fake:
         return _loop(config, par, source, rank, device, losses=config.simulate_world is None,
                      phase_tracker=phase_tracker)
+
+
+def _teacher(cfg: TrainConfig, device: torch.device, seed: int, fake) -> torch.nn.Module:
+    """Distillation's teacher: the reference model of ``cfg.teacher``, frozen, in the compute
+    dtype, replicated on every rank, run under no_grad (its own initial values: seed + 1)."""
+    from planner.catalog import load_model
+    from strategies.precision import precision_plan
+
+    plan = precision_plan(cfg.precision, cfg.zero_stage >= 2)
+    dtype = plan.autocast_dtype or plan.fsdp_param_dtype or plan.param_dtype
+    teacher = build_model(load_model(cfg.teacher), "meta", dtype, max_seq_len=cfg.seq_len)
+    with fake:
+        materialize(teacher, device, seed + 1)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def _fake_mode(config: RunConfig, device: torch.device):
@@ -271,7 +295,8 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
         # trackers' per-module bookkeeping cannot follow: resident bytes only, there.
         tracked = last and config.profile and cfg.schedule != "interleaved"
         if tracked:
-            phases = phase_tracker(par.modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type,
+            modules = par.modules + ([par.teacher] if par.teacher is not None else [])
+            phases = phase_tracker(modules, par.optimizer, fsdp=cfg.zero_stage >= 2, device_type=device.type,
                                    compiled=cfg.compile)
         try:
             with phases if tracked else nullcontext():

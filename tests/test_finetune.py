@@ -138,5 +138,21 @@ def test_plan_70b_lora_searches_sharded_layouts():
 
 
 def test_run_refuses_what_the_strategy_layer_does_not_execute():
-    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--optimizer", "adamw8bit"])
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--paged-optimizer"])
     assert result.exit_code == 2 and "does not execute it yet" in result.output
+
+
+def test_distillation_adds_the_teachers_weights_logprobs_and_forward():
+    """--teacher: the teacher's weights in the compute dtype on every rank, its fp32 log-probs
+    [tokens, vocab] kept through the student's backward, its forward's FLOPs every micro-batch."""
+    student, gpu = load_model("llama-3.2-1b"), load_gpu("h100")
+    plain = estimate(student, gpu, _train(seq_len=1024))
+    distilled = estimate(student, gpu, _train(seq_len=1024, teacher="llama-3-8b"))
+    teacher_params = load_model("llama-3-8b")
+    from planner.params import total_params
+    assert distilled.stages[0].phases["optimizer"].params - plain.stages[0].phases["optimizer"].params == \
+        2 * total_params(teacher_params)
+    assert distilled.stages[0].saved_activations - plain.stages[0].saved_activations == 4 * 1024 * 128_256
+    assert distilled.throughput.step_time_s > 2 * plain.throughput.step_time_s  # an 8B forward per 1B step
+    with pytest.raises(ConfigError, match="vocabulary"):
+        estimate(load_model("llama-2-7b"), gpu, _train(teacher="llama-3-8b"))

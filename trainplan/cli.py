@@ -216,6 +216,8 @@ def plan_options(fn):
         click.option("--base-precision", type=click.Choice(["auto", "bf16", "int8", "nf4"]), default="auto",
                      show_default=True, help="the frozen base's storage (auto: nf4 for qlora, else unquantised)"),
         click.option("--train-embeddings", is_flag=True, help="fine-tune the embedding and output head too"),
+        click.option("--teacher", default="", help="distillation: a frozen teacher model (preset or config.json) "
+                     "run in every step"),
         click.option("--lora-dtype", type=click.Choice(["auto", "fp32"]), default="auto", show_default=True,
                      help="the adapters' dtype (fp32: peft's default over a 16-bit base)"),
         click.option("--optimizer-impl", type=click.Choice(["fused", "foreach", "for-loop"]), default="fused",
@@ -335,7 +337,7 @@ def finetune_fields(options: dict) -> dict:
     """The TrainConfig fields of the fine-tuning and optimizer flags."""
     return dict(finetune=options["finetune"], lora_rank=options["lora_rank"], lora_targets=options["lora_targets"],
                 base_precision=options["base_precision"], train_embeddings=options["train_embeddings"],
-                lora_dtype=options["lora_dtype"],
+                lora_dtype=options["lora_dtype"], teacher=options["teacher"],
                 optimizer_in_backward=options["optimizer_in_backward"], paged_optimizer=options["paged_optimizer"])
 
 
