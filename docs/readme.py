@@ -257,16 +257,39 @@ def frameworks() -> str:
     versions = {k: v for record in data["records"] for k, v in record["versions"].items()}
     dates = sorted({record["date"] for record in data["records"]})
     head = (f"Measured {dates[0] if len(dates) == 1 else f'{dates[0]} to {dates[-1]}'} on CPU (transformers "
-            f"{versions['transformers']}, torchtitan {versions['torchtitan']}, torch {versions['torch']}; "
-            f"`python validation/clients.py`). Worst errors: Hugging Face activations {worst['hf'][0]:.2f}%, peak "
-            f"{worst['hf'][1]:.2f}%; torchtitan activations {worst['torchtitan'][0]:.2f}%, peak "
+            f"{versions['transformers']}, peft {versions['peft']}, torchtitan {versions['torchtitan']}, torch "
+            f"{versions['torch']}; `python validation/clients.py`). Worst errors: Hugging Face activations "
+            f"{worst['hf'][0]:.2f}%, peak {worst['hf'][1]:.2f}%; peft LoRA activations {worst['peft'][0]:.2f}%, "
+            f"peak {worst['peft'][1]:.2f}%; torchtitan activations {worst['torchtitan'][0]:.2f}%, peak "
             f"{worst['torchtitan'][1]:.2f}%; torch.compile activations {worst['compile'][0]:.2f}%, peak "
             f"{worst['compile'][1]:.2f}%.\n\n")
     return head + "\n".join(lines) + "\n"
 
 
+def finetune_qlora() -> str:
+    args = ("plan", "--model", "8b", "--gpu", "rtx-4090", "--finetune", "qlora")
+    return _fence(_cli(*args), "$ " + " ".join(args) + "\n")
+
+
+def finetune_70b() -> str:
+    args = ("plan", "--model", "70b", "--gpus", "8", "--gpu", "a100-80gb", "--finetune", "lora")
+    return _fence(_cli(*args), "$ " + " ".join(args) + "\n")
+
+
+def finetune_accuracy() -> str:
+    """The fine-tuning layouts of validation/cpu.json, re-predicted (as the accuracy table)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / "validation/accuracy_table.py"), "--only", "finetune"],
+                            capture_output=True, text=True, check=True, cwd=ROOT)
+    return result.stdout.rstrip() + "\n"
+
+
 SECTIONS = {
     "frameworks": frameworks,
+    "finetune-qlora": finetune_qlora,
+    "finetune-70b": finetune_70b,
+    "finetune-accuracy": finetune_accuracy,
     "plan-search": plan_search,
     "plan-fixed": plan_fixed,
     "run-sample": run_sample,

@@ -55,7 +55,13 @@ def _dates(data: dict) -> str:
     return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
 
 
-def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]], list[str]]:
+def _finetuning(train: dict) -> bool:
+    """A fine-tuning case (issue 12): a frozen base, an 8-bit or in-backward optimizer, a teacher."""
+    return (train.get("finetune", "full") != "full" or bool(train.get("teacher")) or train["optimizer"] == "adamw8bit"
+            or train.get("optimizer_in_backward", False))
+
+
+def table(path: Path, on_cpu: bool, only_finetune: bool = False) -> tuple[str, dict[str, list[float]], list[str]]:
     """The markdown table, the errors per quantity, and the cases whose peak misses its goal."""
     data = json.loads(path.read_text())
     env = data["environment"]
@@ -65,6 +71,8 @@ def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]], list[s
     errors: dict[str, list[float]] = {k: [] for k in KEYS}
     missed: list[str] = []
     for case in data["cases"]:
+        if only_finetune and not ("report" in case and _finetuning(case["report"]["train"])):
+            continue
         if "report" not in case:
             lines.append(f"| {case['label']} | failed: {case.get('error', '?')} |")
             continue
@@ -77,7 +85,8 @@ def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]], list[s
         for key in KEYS:
             row = rows.get(key)
             if row is not None and row.predicted == row.measured and key in ("params", "grads", "optimizer"):
-                cells.append("exact" if row.measured else "0 (offloaded)")
+                held = "0 (offloaded)" if report.train["offload"] != "none" else "0 (none held)"
+                cells.append("exact" if row.measured else held)
                 continue
             if row is None or row.error_pct is None:
                 cells.append("-")
@@ -94,6 +103,9 @@ def table(path: Path, on_cpu: bool) -> tuple[str, dict[str, list[float]], list[s
 
 def main() -> int:
     check = "--check" in sys.argv
+    if "--only" in sys.argv:  # --only finetune: the fine-tuning cases of cpu.json (README's section)
+        print(table(HERE / "cpu.json", True, only_finetune=True)[0])
+        return 0
     failures = []
     for name, on_cpu in (("cpu.json", True), ("gpu_h100.json", False)):
         path = HERE / name

@@ -5,12 +5,12 @@
 
 Hugging Face: LlamaForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel (sdpa and eager, fp32 and
 amp-bf16) trained with a plain loop and measured by ``trainplan.track``, which also plans the run
-it saw (``--impl hf``). torchtitan 0.3.0: its Llama3 model and checkpointing policies, trained
+it saw (``--impl hf``); the same wrapped by peft (LoRA, ``--finetune lora``). torchtitan 0.3.0: its Llama3 model and checkpointing policies, trained
 as its trainer does (``--impl torchtitan-cpu``). torch.compile: trainplan's reference model with compiled blocks, measured
 by ``trainplan profile --compile`` (allocator high-water mark). Each record keeps the observed
 layout and the measured bytes; ``docs/readme.py`` re-predicts them with the current planner, so
 the README's accuracy figures follow the code. The same runs are tests
-(tests/test_hf_clients.py, tests/test_torchtitan.py, tests/test_profiler.py).
+(tests/test_hf_clients.py, tests/test_peft_client.py, tests/test_torchtitan.py, tests/test_profiler.py).
 """
 
 from __future__ import annotations
@@ -48,6 +48,42 @@ def hugging_face() -> list[dict]:
                     measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
                     versions=dict(transformers=transformers.__version__, torch=torch.__version__)))
                 print(records[-1]["name"], records[-1]["measured"], flush=True)
+    return records
+
+
+def peft_lora() -> list[dict]:
+    import peft
+    import torch
+    import transformers
+
+    from test_peft_client import TARGETS
+    from test_hf_clients import BATCH, SEQ, VOCAB, _model
+
+    records = []
+    for arch, attn, dtype in (("llama", "sdpa", torch.float32), ("llama", "sdpa", torch.bfloat16),
+                              ("llama", "eager", torch.bfloat16), ("qwen2", "sdpa", torch.bfloat16)):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(_model(arch, attn).to(dtype), peft.LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+        import trainplan
+
+        with trainplan.track(model, optimizer) as tracker:
+            for _ in range(3):
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        spec, train = tracker.observed()
+        measured = tracker.result()
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        records.append(dict(
+            framework="peft", name=f"peft LoRA r=8 on {type(model.base_model.model).__name__}, {attn}, {name}",
+            model=spec.model_dump(), train=train.model_dump(),
+            measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
+            versions=dict(peft=peft.__version__, transformers=transformers.__version__, torch=torch.__version__)))
+        print(records[-1]["name"], records[-1]["measured"], flush=True)
     return records
 
 
@@ -100,7 +136,7 @@ def compiled() -> list[dict]:
 def main() -> int:
     from strategies.files import write_atomic
 
-    runs = {"hf": hugging_face, "torchtitan": torchtitan, "compile": compiled}
+    runs = {"hf": hugging_face, "peft": peft_lora, "torchtitan": torchtitan, "compile": compiled}
     only = sys.argv[1:] or list(runs)
     unknown = sorted(set(only) - set(runs))
     if unknown:

@@ -71,6 +71,19 @@ CPU_CASES = [
     ("8B DDP, layer:2 AC, seq 4096, 8 simulated", "llama-3-8b", 8,
      dict(gpus=8, zero_stage=0, seq_len=4096, micro_batch=1, precision="bf16-mixed",
           activation_checkpointing="layer:2")),
+    # fine-tuning (issue 12): frozen bases, adapters, 8-bit optimizer, optimizer in backward, a teacher
+    ("LoRA, 1 GPU", "tiny-llama", None, dict(gpus=1, finetune="lora", precision="bf16-mixed")),
+    ("QLoRA, fp32 adapters, 8-bit AdamW in backward, 1 GPU", "tiny-llama", None,
+     dict(gpus=1, finetune="qlora", lora_dtype="fp32", precision="bf16", optimizer="adamw8bit",
+          optimizer_in_backward=True)),
+    ("LoRA INT8 base, DDP, full AC, distilled", "tiny-llama", None,
+     dict(gpus=2, zero_stage=0, finetune="lora", base_precision="int8", activation_checkpointing="full",
+          teacher="tiny-llama", precision="bf16-mixed")),
+    ("LoRA q,v, ZeRO-3", "tiny-llama", None,
+     dict(gpus=2, zero_stage=3, finetune="lora", lora_targets="q,v", precision="bf16-mixed", global_batch=4)),
+    ("8B QLoRA ZeRO-1, full AC, seq 4096, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=1, finetune="qlora", seq_len=4096, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="full")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
