@@ -14,8 +14,8 @@ from tests.test_hf_clients import BATCH, SEQ, VOCAB, _model
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize(("arch", "attn", "dtype"), [
-    ("llama", "sdpa", torch.float32), ("llama", "eager", torch.bfloat16), ("qwen2", "sdpa", torch.bfloat16)])
+# eager bf16 is measured in validation/clients.json (re-predicted in CI by the README check)
+@pytest.mark.parametrize(("arch", "attn", "dtype"), [("llama", "sdpa", torch.float32), ("qwen2", "sdpa", torch.bfloat16)])
 def test_peft_lora_measured_against_the_plan(arch, attn, dtype):
     """Issue 12: activations within 3%, peak within 2% (measured: within 0.02%)."""
     torch.manual_seed(0)
