@@ -565,11 +565,6 @@ def frozen_head_hidden_bytes(model: ModelSpec, train: TrainConfig | ActivationIn
     return x.ab * x.s * x.b * x.h // x.linear_input_div
 
 
-def _fields(train: TrainConfig | ActivationInputs) -> dict:
-    return {f: getattr(train, f) for f in (ActivationInputs.__dataclass_fields__ if isinstance(train, ActivationInputs)
-                                           else type(train).model_fields)}
-
-
 def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> tuple[int, int]:
     """(forward, backward) bytes alive beside the saved tensors while the loss runs.
 
@@ -578,10 +573,7 @@ def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> 
     coexist with the saved log-softmax output."""
     x = _dims(model, train)
     logits_fp32 = FP32 * x.s * x.b * x.vocab
-    hidden = frozen_head_hidden_bytes(model, train)
-    if hidden:
-        forward, backward = loss_transients(model, train.__class__(**{**_fields(train), "finetune": "full"}))
-        return forward + hidden, backward
+    hidden = frozen_head_hidden_bytes(model, train)  # 0 for models returning their logits
     if x.impl.returns_logits:
         # The returned logits are counted as forward outputs; 16-bit ones get an fp32 copy for
         # the loss (transformers/loss/loss_utils.py:61). The decoder's output (the final norm's,
@@ -592,8 +584,8 @@ def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> 
     if train.tp > 1 and train.engine == "pytorch":
         # DTensor's loss_parallel works on the vocabulary shard through one more fp32
         # shard-sized tensor (the max-shifted logits) in forward and in backward (measured).
-        return 2 * logits_fp32, 3 * logits_fp32
-    return logits_fp32, 2 * logits_fp32
+        return 2 * logits_fp32 + hidden, 3 * logits_fp32
+    return logits_fp32 + hidden, 2 * logits_fp32
 
 
 def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
