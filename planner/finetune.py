@@ -36,8 +36,9 @@ from planner.params import ParamTensor, Unit, model_units
 NF4_BLOCK = 64  # weights per absmax (QLoRA sec. 3)
 NF4_DQ_BLOCK = 256  # absmaxes per second-level fp32 scale (double quantisation)
 
-# projection name in planner/params.py -> the --lora-targets names that adapt it
-_TARGET_OF = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "gate": ("gate",), "up": ("up",),
+# projection name in planner/params.py (and strategies/model.py) -> the --lora-targets names that
+# adapt it
+PROJECTIONS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "gate": ("gate",), "up": ("up",),
               "down": ("down",), "fc1": ("gate", "up"), "fc2": ("down",)}
 
 
@@ -61,11 +62,11 @@ def _projection(tensor: ParamTensor) -> str | None:
     parts = tensor.name.split(".")
     if len(tensor.shape) != 2 or len(parts) != 3 or parts[0] not in ("attn", "cross", "mlp") or parts[2] != "weight":
         return None
-    return parts[1] if parts[1] in _TARGET_OF else None
+    return parts[1] if parts[1] in PROJECTIONS else None
 
 
 def is_adapted(projection: str, train: TrainConfig) -> bool:
-    return any(t in train.adapted for t in _TARGET_OF[projection])
+    return any(t in train.adapted for t in PROJECTIONS[projection])
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from planner.configs import (
 )
 from planner.engines import ENGINES, EngineSemantics
 from planner.errors import ConfigError
+from planner.flops import model_forward_flops_per_sequence
 from planner.params import (
     embed_tensors,
     flat_shard_numel,
@@ -327,6 +328,7 @@ class _Teacher:
     weight_bytes: int
     logprobs: int  # fp32 [tokens, vocab], per micro-batch
     forward_peak: int  # its forward's last moment: fp32 logits and their log-softmax
+    forward_flops: float  # its forward, per micro-batch (no backward)
 
 
 @lru_cache(maxsize=1024)
@@ -344,7 +346,8 @@ def _teacher(model: ModelSpec, train: TrainConfig) -> _Teacher:
     tokens = train.seq_len * train.micro_batch
     logits = tokens * spec.vocab_size
     return _Teacher(weight_bytes=total_params(spec) * recipe.compute_bytes, logprobs=4 * logits,
-                    forward_peak=(recipe.compute_bytes if recipe.compute_bytes < 4 else 0) * logits + 8 * logits)
+                    forward_peak=(recipe.compute_bytes if recipe.compute_bytes < 4 else 0) * logits + 8 * logits,
+                    forward_flops=train.micro_batch * model_forward_flops_per_sequence(spec, train.seq_len))
 
 
 @lru_cache(maxsize=4096)
@@ -498,6 +501,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     n_param = sp.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else sp.local
     n_grad = sp.sharded if zero >= 2 else sp.local
     n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
+    largest_tensor = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor  # of what trains
     teacher = _teacher(model, train) if train.teacher else None
     # distillation: the teacher's weights, frozen in the compute dtype, on every rank
     frozen_resident += teacher.weight_bytes if teacher else 0
@@ -513,7 +517,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # gradient at a time (PyTorch's register_post_accumulate_grad_hook recipe)
     in_flight = 0
     if train.optimizer_in_backward:
-        grads_full, in_flight = 0, (sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor) * trecipe.grad_bytes
+        grads_full, in_flight = 0, largest_tensor * trecipe.grad_bytes
     paged = 0
     if train.paged_optimizer:  # the state lives in host memory, paged in for the step
         optimizer, paged = 0, optimizer
@@ -738,14 +742,12 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     if offload == "none":
         if train.optimizer == "adamw8bit":
             # its own loop dequantises m and v a chunk at a time (strategies/kernels/adam8bit.py)
-            largest = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor
             _add(optimizer_tmp, "adam8bit_chunk_scratch",
-                 ADAM8BIT_SCRATCH_PER_ELEMENT * min(largest, ADAM8BIT_CHUNK) + ADAM8BIT_SCRATCH_FIXED)
+                 ADAM8BIT_SCRATCH_PER_ELEMENT * min(largest_tensor, ADAM8BIT_CHUNK) + ADAM8BIT_SCRATCH_FIXED)
         elif train.optimizer_impl == "foreach":
             _add(optimizer_tmp, "optimizer_foreach_scratch", n_state * trecipe.state_bytes)
         elif train.optimizer_impl == "for-loop":
-            largest = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor
-            _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest * trecipe.state_bytes)
+            _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest_tensor * trecipe.state_bytes)
         if trecipe.has_master and trecipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
             _add(optimizer_tmp, "fp32_grad_copy", n_state * 4)
     # With PyTorch optimizer offload the GPU gradients live until zero_grad, through the CPU step.

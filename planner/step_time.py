@@ -43,12 +43,11 @@ from planner.engines import ENGINES
 from planner.errors import ConfigError
 from planner.flops import (
     hardware_flops_per_step,
-    model_forward_flops_per_sequence,
     model_flops_per_step,
     stage_flops,
     unit_flops,
 )
-from planner.memory import _finetune_params, _stage_params
+from planner.memory import _finetune_params, _stage_params, _teacher
 from planner.params import representative_stages
 from planner.precision import RECIPES, optimizer_state_bytes
 
@@ -167,9 +166,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         compute = (f.forward + f.backward) / flops_rate
         recompute = f.recompute / flops_rate
         if train.teacher:  # distillation: the teacher's forward per micro-batch (no backward)
-            from planner.catalog import load_model
-
-            compute += b * model_forward_flops_per_sequence(load_model(train.teacher), s) / flops_rate
+            compute += _teacher(model, train).forward_flops / flops_rate
         if train.attention == "eager":
             # the s x s scores are streamed through HBM by the elementwise ops around the matmuls
             scores = (model.num_heads // t) * s * s * b * recipe.compute_bytes * layers

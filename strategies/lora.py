@@ -23,17 +23,16 @@ from torch import nn
 
 from planner.configs import TrainConfig
 from planner.errors import ConfigError
+from planner.finetune import PROJECTIONS, is_adapted
 from strategies.kernels.int8 import quantize_rows
 from strategies.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
-_TARGETS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "gate": ("gate",), "up": ("up",),
-            "down": ("down",), "fc1": ("gate", "up"), "fc2": ("down",)}
 ALPHA_OVER_RANK = 2.0
 
 
 class _DequantLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: LoRALinear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, module: FrozenProjection) -> torch.Tensor:
         ctx.module = module
         weight = module.dequantized(x.dtype)
         return F.linear(x, weight)
@@ -44,22 +43,19 @@ class _DequantLinear(torch.autograd.Function):
         return grad @ weight, None
 
 
-class LoRALinear(nn.Module):
-    """A frozen projection (``weight``, or its quantised pieces) plus adapters ``lora_a``,
-    ``lora_b``. Built on the meta device in place of an ``nn.Linear``; ``quantize`` turns the
-    materialised 16-bit weight into its storage."""
+class FrozenProjection(nn.Module):
+    """A frozen projection: ``weight``, or after ``quantize`` its quantised pieces. Built on the
+    meta device in place of an ``nn.Linear``; ``quantize`` turns the materialised 16-bit weight
+    into its storage."""
 
-    def __init__(self, base: nn.Linear, rank: int, adapter_dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Linear):
         super().__init__()
         if base.bias is not None:
-            raise ConfigError("LoRA on projections with a bias is not implemented in the reference model")
+            raise ConfigError("frozen (LoRA or quantised) projections with a bias are not implemented in the "
+                              "reference model")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=adapter_dtype or base.weight.dtype)
-        self.lora_a = nn.Linear(self.in_features, rank, bias=False, **kw)
-        self.lora_b = nn.Linear(rank, self.out_features, bias=False, **kw)
-        self.scaling = ALPHA_OVER_RANK
         self.storage = "plain"
 
     def quantize(self, storage: str) -> None:
@@ -88,17 +84,28 @@ class LoRALinear(nn.Module):
         return dequantize_nf4(q, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight) if self.storage == "plain" else _DequantLinear.apply(x, self)
+        return F.linear(x, self.weight) if self.storage == "plain" else _DequantLinear.apply(x, self)
+
+
+class LoRALinear(FrozenProjection):
+    """A frozen projection plus adapters ``lora_a``, ``lora_b`` (in ``adapter_dtype``, else the
+    base's)."""
+
+    def __init__(self, base: nn.Linear, rank: int, adapter_dtype: torch.dtype | None = None):
+        super().__init__(base)
+        kw = dict(device=base.weight.device, dtype=adapter_dtype or base.weight.dtype)
+        self.lora_a = nn.Linear(self.in_features, rank, bias=False, **kw)
+        self.lora_b = nn.Linear(rank, self.out_features, bias=False, **kw)
+        self.scaling = ALPHA_OVER_RANK
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = super().forward(x)
         adapter_dtype = self.lora_a.weight.dtype
         if adapter_dtype == x.dtype:
             return base + self.scaling * self.lora_b(self.lora_a(x))
         # fp32 adapters over a 16-bit base, as peft runs them: the adapter's own fp32 copy of
         # the input, the sum in fp32, cast back (peft/tuners/lora/layer.py, Linear.forward)
         return (base + self.scaling * self.lora_b(self.lora_a(x.to(adapter_dtype)))).to(x.dtype)
-
-
-def _adapted(name: str, cfg: TrainConfig) -> bool:
-    return any(t in cfg.adapted for t in _TARGETS.get(name, ()))
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig) -> None:
@@ -109,7 +116,7 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> None:
     for block in list(getattr(model, "layers", {}).values()):
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and _adapted(name, cfg):
+                if isinstance(child, nn.Linear) and name in PROJECTIONS and is_adapted(name, cfg):
                     adapter_dtype = torch.float32 if cfg.lora_dtype == "fp32" else None
                     setattr(parent, name, LoRALinear(child, cfg.lora_rank, adapter_dtype))
     if cfg.train_embeddings:
@@ -127,29 +134,9 @@ def quantize_base(model: nn.Module, cfg: TrainConfig) -> None:
     for block in list(getattr(model, "layers", {}).values()):
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, LoRALinear):
+                if isinstance(child, FrozenProjection):
                     child.quantize(cfg.base)
-                elif isinstance(child, nn.Linear) and name in _TARGETS:
-                    frozen = _FrozenQuantized(child)
+                elif isinstance(child, nn.Linear) and name in PROJECTIONS:
+                    frozen = FrozenProjection(child)
                     frozen.quantize(cfg.base)
                     setattr(parent, name, frozen)
-
-
-class _FrozenQuantized(LoRALinear):
-    """A quantised projection without adapters (not in --lora-targets)."""
-
-    def __init__(self, base: nn.Linear):
-        nn.Module.__init__(self)
-        if base.bias is not None:
-            raise ConfigError("quantised projections with a bias are not implemented in the reference model")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.storage = "plain"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantLinear.apply(x, self)
-
-
-def trainable(params) -> list[torch.Tensor]:
-    return [p for p in params if p.requires_grad]

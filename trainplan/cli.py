@@ -455,9 +455,8 @@ def build_run_config(options: dict, run: dict):
     if options["impl"] != "trainplan":
         raise click.UsageError(f"run executes trainplan's reference model: --impl {options['impl']} is planned by "
                                "`plan`; measure your own loop of that code with trainplan.track")
-    unplanned = [flag for flag, on in (("--paged-optimizer", options["paged_optimizer"]),) if on]
-    if unplanned:
-        raise click.UsageError(f"{unplanned[0]} is planned by `plan`; the strategy layer does not execute it yet")
+    if options["paged_optimizer"]:
+        raise click.UsageError("--paged-optimizer is planned by `plan`; the strategy layer does not execute it yet")
     train = TrainConfig(**fields)
     check_layout(model, train)
     if run["data"]:
