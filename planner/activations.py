@@ -26,6 +26,7 @@ from math import ceil
 
 from planner.configs import ModelSpec, TrainConfig
 from planner.engines import ENGINES
+from planner.finetune import is_adapted
 from planner.implementations import Implementation, implementation
 from planner.precision import RECIPES
 
@@ -418,12 +419,12 @@ def _lora_terms(model: ModelSpec, x: _Dims, train: ActivationInputs | TrainConfi
         keep["attn_out"] = "o" in adapted and not casts
     terms = {name: nbytes for name, nbytes in terms.items() if keep.get(name, True)}
     gelu = model.mlp == "gelu"
-    projections = [("attn", "q", x.h, "q"), ("attn", "k", x.h, "k"), ("attn", "v", x.h, "v"),
-                   ("attn", "o", x.heads * x.d, "o")]
-    projections += ([("mlp", "fc1", x.h, "gate"), ("mlp", "fc2", x.ffn, "down")] if gelu else
-                    [("mlp", "gate", x.h, "gate"), ("mlp", "up", x.h, "up"), ("mlp", "down", x.ffn, "down")])
-    for prefix, name, width, target in projections:
-        if target in adapted or (name == "fc1" and "up" in adapted):
+    # (block part, projection, input width)
+    projections = [("attn", "q", x.h), ("attn", "k", x.h), ("attn", "v", x.h), ("attn", "o", x.heads * x.d)]
+    projections += ([("mlp", "fc1", x.h), ("mlp", "fc2", x.ffn)] if gelu else
+                    [("mlp", "gate", x.h), ("mlp", "up", x.h), ("mlp", "down", x.ffn)])
+    for prefix, name, width in projections:
+        if is_adapted(name, train):
             terms[f"{prefix}_lora_{name}_a_out"] = a_bytes * tokens * train.lora_rank
             if casts:
                 terms[f"{prefix}_lora_{name}_input_fp32"] = FP32 * tokens * width

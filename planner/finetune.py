@@ -65,8 +65,9 @@ def _projection(tensor: ParamTensor) -> str | None:
     return parts[1] if parts[1] in PROJECTIONS else None
 
 
-def is_adapted(projection: str, train: TrainConfig) -> bool:
-    return any(t in train.adapted for t in PROJECTIONS[projection])
+def is_adapted(projection: str, targets) -> bool:
+    """Whether ``--lora-targets`` (a TrainConfig or ActivationInputs) adapts this projection."""
+    return any(t in targets.lora_targets.split(",") for t in PROJECTIONS[projection])
 
 
 @dataclass(frozen=True)
