@@ -65,6 +65,8 @@ class ThroughputConstants(BaseModel):
     cpu_adam_params_per_s: float = Field(gt=0, le=1e15, description="CPU Adam update rate per GPU's share of "
                                          "host cores")
     optimizer_hbm_efficiency: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth of the step")
+    decode_hbm_efficiency: float = Field(default=0.7, gt=0, le=1, description="achieved / peak HBM bandwidth of an "
+                                         "inference decode step (weights and KV cache streamed once per token)")
     compile_compute_speedup: float = Field(
         default=6667 / 5762, ge=1, le=10,
         description="compute-time speedup of torch.compile'd blocks (inductor fuses the memory-bound ops around "

@@ -24,6 +24,7 @@ from torch import nn
 from planner.configs import TrainConfig
 from planner.errors import ConfigError
 from planner.finetune import PROJECTIONS, is_adapted
+from strategies.kernels.int4 import Int4Weight, dequantize_int4, quantize_int4
 from strategies.kernels.int8 import quantize_rows
 from strategies.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
@@ -66,6 +67,11 @@ class FrozenProjection(nn.Module):
             codes, scale = quantize_rows(weight)
             self.weight_int8 = nn.Parameter(codes, requires_grad=False)
             self.weight_scale = nn.Parameter(scale.float(), requires_grad=False)
+        elif storage == "int4":
+            q4 = quantize_int4(weight)
+            self.weight_int4 = nn.Parameter(q4.codes, requires_grad=False)
+            self.weight_int4_scales = nn.Parameter(q4.scales, requires_grad=False)
+            self.weight_int4_zeros = nn.Parameter(q4.zeros, requires_grad=False)
         elif storage == "nf4":
             q = quantize_nf4(weight)
             self.weight_nf4 = nn.Parameter(q.codes, requires_grad=False)
@@ -79,6 +85,9 @@ class FrozenProjection(nn.Module):
         if self.storage == "int8":
             # int8 x (row scale in the compute dtype): one 16-bit tensor, no fp32 intermediate
             return self.weight_int8 * self.weight_scale.to(dtype)[:, None]
+        if self.storage == "int4":
+            return dequantize_int4(Int4Weight(self.weight_int4, self.weight_int4_scales, self.weight_int4_zeros,
+                                              (self.out_features, self.in_features)), dtype)
         q = NF4Weight(self.weight_nf4, self.weight_absmax, self.weight_absmax_scale, self.weight_absmax_mean,
                       (self.out_features, self.in_features))
         return dequantize_nf4(q, dtype)

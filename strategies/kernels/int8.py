@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 QMAX = 127
+MIN_ROWS = 32  # torch._int_mm needs more than 16 rows (planner/inference.py: W8A8_MIN_ROWS)
 OUTLIER_THRESHOLD = 6.0
 
 
@@ -38,10 +39,12 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     M > 16 and K, N multiples of 8) and on CPU; otherwise an int32 matmul."""
     m, k = a.shape
     n = b_t.shape[0]
-    fits = m > 16 and k % 8 == 0 and n % 8 == 0
-    if fits and hasattr(torch, "_int_mm"):
+    if k % 8 == 0 and n % 8 == 0 and hasattr(torch, "_int_mm"):
+        # fewer than 17 rows (decoding a small batch): pad to MIN_ROWS rather than fall back to an
+        # int32 copy of the whole weight
+        rows = a if m > 16 else torch.cat((a, a.new_zeros(MIN_ROWS - m, k)))
         try:
-            return torch._int_mm(a.contiguous(), b_t.t())
+            return torch._int_mm(rows.contiguous(), b_t.t())[:m]
         except RuntimeError:
             pass  # this device has no int8 GEMM for these shapes
     return a.to(torch.int32) @ b_t.to(torch.int32).t()
