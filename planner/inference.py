@@ -460,6 +460,9 @@ class InferenceMemory(BaseModel):
     prefill_activations: int
     decode_activations: int
     host_bytes: int = Field(description="pinned host memory of the swapped layers")
+    all_weights: int = Field(description="every weight of the GPU's share as stored, resident or swapped")
+    weights_16bit: int = Field(description="the same weights in 16 bits, for comparison")
+    peak_without_offload: int
 
 
 class OffloadPlan(BaseModel):
@@ -595,9 +598,14 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
     allocated = weights + worst.kv + activations + swap_buffers
     overhead = _overhead(overheads, cfg, allocated)
     peak = allocated + overhead
+    resident_all = worst.weights + worst.kv + activations
+    sixteen = cfg.model_copy(update={"weights": "bf16", "dtype": "auto"})
+    stage_units = pipeline_stages(model, cfg.pp)[worst_index].units
     memory = InferenceMemory(weights=weights, kv_cache=worst.kv, activations=activations, swap_buffers=swap_buffers,
                              overhead=overhead, peak=peak, prefill_activations=prefill_act,
-                             decode_activations=decode_act, host_bytes=host)
+                             decode_activations=decode_act, host_bytes=host, all_weights=worst.weights,
+                             weights_16bit=sum(unit_bytes(u, sixteen, 2, cfg.tp) for u in stage_units),
+                             peak_without_offload=resident_all + _overhead(overheads, cfg, resident_all))
 
     # ------------------------------------------------------------ time
     hbm_eff = cal.throughput.decode_hbm_efficiency

@@ -24,6 +24,8 @@ from planner.configs import (
     Impl,
 )
 from planner.errors import TrainplanError
+from trainplan import inference_cli
+from trainplan.inference_cli import inference_options, split_mode
 
 
 class Failure(click.ClickException):
@@ -188,8 +190,9 @@ def plan_options(fn):
         click.option("--gpu", "gpu_name", default="h100-sxm-80gb", show_default=True, help="GPU preset"),
         click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3"]), default=None,
                      help="data-parallel strategy [default: search all]"),
-        click.option("--offload", type=click.Choice(["none", "optimizer", "params"]), default=None,
-                     help="offload optimizer state and gradients (and parameters) to host memory"),
+        click.option("--offload", type=click.Choice(["none", "optimizer", "params", "layers"]), default=None,
+                     help="training: offload optimizer state and gradients (and parameters) to host memory; "
+                          "inference: layers (BMInf's layer swapping through --slots device buffers)"),
         click.option("--tp", type=_count(MAX_GPUS), default=None, help="tensor-parallel size [default: search]"),
         click.option("--pp", type=_count(MAX_GPUS), default=None, help="pipeline-parallel size [default: search]"),
         click.option("--sequence-parallel/--no-sequence-parallel", default=None,
@@ -343,6 +346,7 @@ def finetune_fields(options: dict) -> dict:
 
 @click.command("plan", cls=Command)
 @plan_options
+@inference_options
 @overhead_options
 @click.option("--allow-cross-node-tp", is_flag=True, help="let tensor parallelism span nodes")
 @click.option("--compile", "compile_", is_flag=True, help="plan torch.compile'd blocks: what inductor saves for "
@@ -361,6 +365,13 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
     from planner.estimate import estimate
     from planner.search import enumerate_configs, search
 
+    mode, inference = split_mode(options)
+    if mode == "inference":
+        from planner.catalog import load_gpu
+
+        gpu = load_gpu(options["gpu_name"])
+        cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
+        return inference_cli.plan(options, inference, cal, as_json, _console())
     model, gpu, space = build_space(options)
     cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
     configs = enumerate_configs(model, space)
@@ -471,6 +482,7 @@ def build_run_config(options: dict, run: dict):
 @click.command("run", cls=Command)
 @plan_options
 @run_options
+@inference_options
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, fail_step, as_json, **options):
     """Run a layout for a few steps on PyTorch's own engines and report loss, step time and
@@ -478,6 +490,11 @@ def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, 
     from strategies.launch import launch
     from strategies.train import RunResult
 
+    mode, inference = split_mode(options)
+    if mode == "inference":
+        gpu, _ = _device_gpu(options["gpu_name"])
+        return inference_cli.profile(options, inference, resolve_calibration(None, gpu), seed, None, as_json,
+                                     _console(), measure_only=True)
     run = dict(nproc=nproc, steps=steps, warmup=warmup, seed=seed, data=data, compile_=compile_,
                fail_rank=fail_rank, fail_step=fail_step)
     config = build_run_config(options, run)
@@ -518,6 +535,7 @@ def _device_gpu(gpu_name_option: str):
 @click.command("profile", cls=Command)
 @plan_options
 @run_options
+@inference_options
 @overhead_options
 @click.option("--simulate-world", type=click.IntRange(min=2, max=MAX_GPUS), default=None,
               help="measure rank 0 of this many GPUs in one process (fake process group)")
@@ -544,8 +562,11 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
 
     if out:
         check_output(out)  # before anything runs
+    mode, inference = split_mode(options)
     gpu, on_cpu = _device_gpu(options["gpu_name"])
     cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
+    if mode == "inference":
+        return inference_cli.profile(options, inference, cal, seed, out, as_json, _console())
     if recommend:
         return _profile_recommend(options, dict(nproc=nproc, steps=steps, warmup=warmup, seed=seed, data=data,
                                                compile_=compile_, fail_rank=None, fail_step=0), gpu, cal, on_cpu,

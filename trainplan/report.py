@@ -367,3 +367,108 @@ def render_recommend(report, console: Console) -> None:
         console.print("[dim]note: measured on a CPU; predicted tokens/s are for the GPU preset, memory compares[/]")
     style = "bold green" if report.recommended is not None else "bold red"
     console.print(Text.assemble(("recommended: " if report.recommended is not None else "none: ", style), report.reason))
+
+
+# ---------------------------------------------------------------- inference
+
+
+def _inference_header(est, console: Console) -> None:
+    c = est.config
+    layout = f"tp={c.tp}, pp={c.pp} on {c.gpus} × " if c.gpus > 1 else ""
+    kv = "int8" if c.kv_cache == "int8" else est.compute_dtype
+    console.print(f"[bold]{est.model}[/] inference on {layout}{est.gpu} ({gib(est.capacity_bytes)} GiB) — weights "
+                  f"{c.weights} ({est.compute_dtype} compute, {c.kernels} kernels), KV cache {kv}")
+    chunk = f", prefill chunks of {c.prefill_chunk}" if c.prefill_chunk else ""
+    console.print(f"[dim]batch {c.batch}, prompt {c.prompt_len} + {c.new_tokens} new tokens{chunk}; "
+                  f"calibration: {est.calibration}[/]")
+
+
+def render_inference(est, console: Console) -> None:
+    _inference_header(est, console)
+    m = est.memory
+    table = Table(title="memory per GPU" if est.config.gpus > 1 else "GPU memory", title_justify="left",
+                  header_style="bold")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("what", style="dim")
+    resident = "resident " if est.offload else ""
+    table.add_row("weights", gib(m.weights), f"{resident}as {est.config.weights}")
+    table.add_row("kv_cache", gib(m.kv_cache), f"{est.config.batch} × {est.config.prompt_len + est.config.new_tokens} "
+                  "positions")
+    table.add_row("activations", gib(m.activations), f"prefill {gib(m.prefill_activations)}, decode "
+                  f"{gib(m.decode_activations)}")
+    if est.offload:
+        table.add_row("swap_buffers", gib(m.swap_buffers), f"{est.offload.slots} slots of one layer")
+    table.add_row("overhead", gib(m.overhead), "CUDA context, communicators, fragmentation")
+    table.add_row(Text("peak", style="bold"), Text(gib(m.peak), style="bold"),
+                  Text("fits", style="bold green") if est.fits else Text("does not fit", style="bold red"))
+    print_table(console, table)
+    if est.config.weights not in ("bf16", "fp16"):
+        console.print(f"weights as {est.config.weights}: {gib(m.all_weights)} GiB (16-bit: {gib(m.weights_16bit)} GiB)"
+                      + (f"; all resident the peak would be {gib(m.peak_without_offload)} GiB of "
+                         f"{gib(est.capacity_bytes)} GiB" if est.offload else ""))
+    elif est.offload:
+        console.print(f"all resident the peak would be {gib(m.peak_without_offload)} GiB of {gib(est.capacity_bytes)} GiB")
+    if est.offload:
+        o = est.offload
+        console.print(Text.assemble(
+            "layer offload: ", (f"{o.resident_layers} layers resident, {o.swapped_layers} swapped", "bold"),
+            f" through {o.slots} slots ({gib(m.host_bytes)} GiB of pinned host memory); a layer loads in "
+            f"{o.layer_load_s * 1e3:,.1f} ms over {o.host_link_gb_s:,.1f} GB/s; exposed loads: "
+            f"{o.exposed_load_s_per_token * 1e3:,.1f} ms per decode step, {o.exposed_load_s_prefill:,.3f} s in prefill"))
+        console.print(f"  [dim]swapped layers: {', '.join(map(str, o.swapped))}[/]")
+    t = est.time
+    console.print(Text.assemble(
+        "time to first token ", (f"{t.time_to_first_token_s:,.3f} s", "bold"), "; decode ",
+        (f"{t.decode_tokens_per_s:,.1f} tokens/s", "bold"), f" ({t.decode_step_s * 1e3:,.1f} ms per step of "
+        f"{est.config.batch} token{'s' if est.config.batch > 1 else ''}, bound by {t.decode_bound}); "
+        f"{t.total_s:,.2f} s for the whole generation"))
+    console.print(f"  [dim]decode step without offload: HBM {t.decode_memory_s * 1e3:,.2f} ms at "
+                  f"{t.hbm_efficiency:.0%} of peak bandwidth, compute {t.decode_compute_s * 1e3:,.2f} ms at "
+                  f"{t.compute_efficiency:.0%} of peak[/]")
+    for note in est.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def render_inference_plan(plan, console: Console) -> None:
+    console.print(f"[bold]{plan.model}[/] inference on {plan.gpus} × {plan.gpu}")
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+    for name in ("tp", "pp", "peak GiB", "fit", "decode tokens/s", "first token s", "max batch", "max context"):
+        table.add_column(name, justify="right")
+    for c in plan.candidates:
+        table.add_row(str(c.tp), str(c.pp), gib(c.peak_bytes), Text("fits", style="green") if c.fits else
+                      Text("OOM", style="red"), f"{c.decode_tokens_per_s:,.1f}", f"{c.time_to_first_token_s:,.3f}",
+                      str(c.max_batch or "-"), f"{c.max_context:,}" if c.max_context else "-")
+    print_table(console, table)
+    console.print(f"recommended: {plan.reason}" if plan.recommended else f"[bold red]{plan.reason}[/]")
+    if plan.recommended is not None:
+        render_inference(plan.recommended, console)
+    for advice in plan.advice:
+        console.print(f"[yellow]try:[/] {advice}")
+
+
+def render_inference_profile(report, console: Console, measure_only: bool = False) -> None:
+    _inference_header(report.estimate, console)
+    console.print(f"[dim]ran on {report.environment.get('device', report.device)}, torch "
+                  f"{report.environment.get('torch')}[/]")
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+    table.add_column("component")
+    if not measure_only:
+        table.add_column("predicted", justify="right")
+    table.add_column("measured", justify="right")
+    if not measure_only:
+        table.add_column("error", justify="right")
+    units = {"time_to_first_token_s": "s", "decode_tokens_per_s": "tokens/s"}
+    for key in ("weights", "kv_cache", "activations", "prefill_activations", "decode_activations", "swap_buffers",
+                "host_bytes", "overhead", "peak", "time_to_first_token_s", "decode_tokens_per_s"):
+        unit = units.get(key, "bytes")
+        measured = getattr(report.measured, key)
+        row = [key, _quantity(measured, unit)]
+        if not measure_only:
+            error = report.error.get(key)
+            row = [key, _quantity(getattr(report.predicted, key), unit), row[1],
+                   _error_text(None if error is None else 100 * error)]
+        table.add_row(*row)
+    print_table(console, table)
+    first = report.tokens[0][:16]
+    console.print(f"generated (sequence 0, first {len(first)}): {' '.join(map(str, first))}")

@@ -1,0 +1,198 @@
+"""``plan``, ``run`` and ``profile`` with ``--mode inference``: the inference flags, their checks,
+and the three commands' inference paths (planner/inference.py, strategies/inference.py,
+profiler/inference.py)."""
+
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from planner.configs import MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN
+from planner.inference import WEIGHTS_HELP
+
+INFERENCE_FLAGS = {
+    "weights": "--weights", "dtype": "--dtype", "kv_cache": "--kv-cache", "batch": "--batch",
+    "prompt_len": "--prompt-len", "new_tokens": "--new-tokens", "prefill_chunk": "--prefill-chunk",
+    "slots": "--slots", "swapped_layers": "--swapped-layers", "kernels": "--kernels",
+    "memory_limit_gib": "--memory-limit-gib",
+}
+# training knobs with no meaning for inference (tp, pp, gpus, gpu, model and offload are shared)
+TRAINING_FLAGS = {
+    "strategy": "--strategy", "sequence_parallel": "--sequence-parallel", "schedule": "--schedule",
+    "chunks": "--chunks", "activation_checkpointing": "--ac", "attention": "--attention", "precision": "--precision",
+    "optimizer": "--optimizer", "optimizer_in_backward": "--optimizer-in-backward",
+    "paged_optimizer": "--paged-optimizer", "finetune": "--finetune", "lora_rank": "--lora-rank",
+    "lora_targets": "--lora-targets", "base_precision": "--base-precision", "train_embeddings": "--train-embeddings",
+    "teacher": "--teacher", "lora_dtype": "--lora-dtype", "optimizer_impl": "--optimizer-impl",
+    "seq_len": "--seq-len", "micro_batch": "--micro-batch", "global_batch": "--global-batch", "engine": "--engine",
+    "impl": "--impl", "compile_": "--compile", "steps": "--steps", "warmup": "--warmup", "data": "--data",
+    "simulate_world": "--simulate-world", "fake_tp": "--fake-tp", "recommend": "--recommend",
+    "top_k": "--candidates", "sort": "--sort", "allow_cross_node_tp": "--allow-cross-node-tp",
+    "nodes": "--nodes", "nproc": "--nproc",
+}
+
+
+def inference_options(fn):
+    options = [
+        click.option("--mode", type=click.Choice(["train", "inference"]), default="train", show_default=True,
+                     help="plan/run training, or inference (generation with a KV cache)"),
+        click.option("--weights", type=click.Choice(["bf16", "fp16", "fp32", "int8", "w8a8", "int4", "nf4"]),
+                     default="bf16", show_default=True, help=f"inference: {WEIGHTS_HELP}"),
+        click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+                     help="inference: activations and compute of quantised weights (auto: bf16 where the GPU has it, "
+                          "else the faster of fp16 and fp32)"),
+        click.option("--kv-cache", type=click.Choice(["auto", "int8"]), default="auto", show_default=True,
+                     help="inference: KV cache in the compute dtype, or int8 with per-token scales"),
+        click.option("--batch", type=click.IntRange(1, MAX_MICRO_BATCH), default=1, show_default=True,
+                     help="inference: sequences generated together"),
+        click.option("--prompt-len", type=click.IntRange(1, MAX_SEQ_LEN), default=512, show_default=True,
+                     help="inference: prompt tokens per sequence"),
+        click.option("--new-tokens", type=click.IntRange(1, MAX_SEQ_LEN), default=128, show_default=True,
+                     help="inference: tokens generated per sequence"),
+        click.option("--prefill-chunk", type=click.IntRange(0, MAX_SEQ_LEN), default=0, show_default=True,
+                     help="inference: prompt tokens per prefill forward (0: the whole prompt)"),
+        click.option("--slots", type=click.IntRange(1, MAX_LAYERS), default=2, show_default=True,
+                     help="inference with --offload layers: device buffers the swapped layers pass through"),
+        click.option("--swapped-layers", type=click.IntRange(0, MAX_LAYERS), default=0, show_default=True,
+                     help="inference with --offload layers: layers kept in host memory (0: the fewest that fit)"),
+        click.option("--kernels", type=click.Choice(["fused", "dequant"]), default=None,
+                     help="inference: weight-only matmuls by fused kernels (plan's default) or by dequantising "
+                          "each weight (run's executor)"),
+        click.option("--memory-limit-gib", type=click.FloatRange(min=0.01, max=2**20), default=None,
+                     help="inference: plan for (and on a GPU, emulate) a card with this much memory "
+                          "(torch.cuda.set_per_process_memory_fraction)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _given(name: str) -> bool:
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def split_mode(options: dict) -> tuple[str, dict]:
+    """Pop the mode and the inference flags from ``options``; refuse flags of the other mode."""
+    mode = options.pop("mode")
+    inference = {key: options.pop(key) for key in INFERENCE_FLAGS}
+    if mode == "train":
+        given = [flag for key, flag in INFERENCE_FLAGS.items() if _given(key)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} apply to inference: add --mode inference")
+        if options.get("offload") == "layers":
+            raise click.UsageError("--offload layers is inference's layer swapping: add --mode inference "
+                                   "(training offloads optimizer or params)")
+    else:
+        given = [flag for key, flag in TRAINING_FLAGS.items() if _given(key)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} apply to training, not --mode inference")
+        if options.get("offload") in ("optimizer", "params"):
+            raise click.UsageError(f"--offload {options['offload']} is a training offload; inference offloads "
+                                   "--offload layers")
+    return mode, inference
+
+
+def _config(model, gpu, options: dict, inference: dict, kernels_default: str):
+    from planner.inference import InferenceConfig, check_inference
+
+    gpus = options["gpus"] or (options["tp"] or 1) * (options["pp"] or 1)
+    tp = options["tp"] or 1
+    cfg = InferenceConfig(
+        gpus=gpus, tp=tp, pp=options["pp"] or max(1, gpus // tp),
+        weights=inference["weights"], dtype=inference["dtype"], kv_cache=inference["kv_cache"],
+        batch=inference["batch"], prompt_len=inference["prompt_len"], new_tokens=inference["new_tokens"],
+        prefill_chunk=inference["prefill_chunk"], offload=options["offload"] or "none", slots=inference["slots"],
+        swapped_layers=inference["swapped_layers"], kernels=inference["kernels"] or kernels_default)
+    check_inference(model, cfg)
+    return cfg
+
+
+def _gpu_with_limit(gpu, inference: dict):
+    limit = inference["memory_limit_gib"]
+    if limit is None:
+        return gpu, None
+    nbytes = int(limit * 2**30)
+    return gpu.model_copy(update={"memory_bytes": nbytes, "name": f"{gpu.name} limited to {limit:g} GiB"}), nbytes
+
+
+def plan(options: dict, inference: dict, cal, as_json: bool, console) -> None:
+    from planner.catalog import load_gpu, load_model
+    from planner.inference import estimate_inference, search_inference
+    from trainplan.cli import Failure, resolve_gpus
+
+    model = load_model(options["model_name"])
+    gpu, _ = _gpu_with_limit(load_gpu(options["gpu_name"]), inference)
+    gpus, per_node = resolve_gpus(options["gpus"], None, options["gpus_per_node"], gpu)
+    fixed = gpus == 1 or (options["tp"] is not None or options["pp"] is not None)
+    if fixed:
+        cfg = _config(model, gpu, {**options, "gpus": gpus}, inference, "fused")
+        est = estimate_inference(model, gpu, cfg, cal)
+        if as_json:
+            click.echo(est.model_dump_json(indent=2))
+        else:
+            from trainplan.report import render_inference
+
+            render_inference(est, console)
+        if not est.fits:
+            from planner.inference import inference_advice
+
+            raise Failure(f"does not fit: needs {est.memory.peak / 2**30:,.2f} GiB of {est.capacity_bytes / 2**30:,.2f}"
+                          f" GiB; try {'; '.join(inference_advice(cfg))}", "does_not_fit", result_printed=True)
+        return
+    from planner.inference import InferenceConfig
+
+    base = InferenceConfig(gpus=gpus, tp=1, pp=gpus, weights=inference["weights"], dtype=inference["dtype"],
+                           kv_cache=inference["kv_cache"], batch=inference["batch"],
+                           prompt_len=inference["prompt_len"], new_tokens=inference["new_tokens"],
+                           prefill_chunk=inference["prefill_chunk"], offload=options["offload"] or "none",
+                           slots=inference["slots"], swapped_layers=inference["swapped_layers"],
+                           kernels=inference["kernels"] or "fused")
+    result = search_inference(model, gpu, base, cal, per_node)
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+    else:
+        from trainplan.report import render_inference_plan
+
+        render_inference_plan(result, console)
+    if result.recommended is None:
+        raise Failure(f"nothing fits: {result.reason}; try {'; '.join(result.advice)}", "does_not_fit",
+                      result_printed=True)
+
+
+def profile(options: dict, inference: dict, cal, seed: int, out: str | None, as_json: bool, console,
+            measure_only: bool = False) -> None:
+    """``run --mode inference`` (measure_only) and ``profile --mode inference``: generate on this
+    machine's device (CUDA if present, else CPU) and compare with the plan."""
+    import torch
+
+    from planner.catalog import load_model
+    from profiler.inference import profile_inference
+    from trainplan.cli import Failure, _device_gpu, write_atomic
+
+    model = load_model(options["model_name"])
+    gpu, on_cpu = _device_gpu(options["gpu_name"])
+    if (options["gpus"] or 1) > 1 or (options["tp"] or 1) > 1 or (options["pp"] or 1) > 1:
+        raise click.UsageError("inference runs on one device; tensor and pipeline parallel inference are planned "
+                               "by `plan --mode inference`")
+    if inference["kernels"] == "fused":
+        raise click.UsageError("the executor dequantises each weight (--kernels dequant); fused kernels are planned only")
+    if model.encoder_layers:
+        raise click.UsageError(f"{model.name} is an encoder-decoder model: trainplan plans its inference but runs "
+                               "decoder-only models")
+    cfg = _config(model, gpu, {**options, "gpus": 1}, inference, "dequant")
+    device = torch.device("cpu" if on_cpu else "cuda:0")
+    limit = None if inference["memory_limit_gib"] is None else int(inference["memory_limit_gib"] * 2**30)
+    try:
+        report = profile_inference(model, gpu, cfg, cal, device, seed=seed, memory_limit=limit)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise Failure(f"out of memory: {str(exc).splitlines()[0]}", "out_of_memory") from None
+    text = report.model_dump_json(indent=2)
+    if out:
+        write_atomic(out, text)
+    if as_json:
+        click.echo(text)
+    else:
+        from trainplan.report import render_inference_profile
+
+        render_inference_profile(report, console, measure_only)
