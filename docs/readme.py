@@ -285,7 +285,66 @@ def finetune_accuracy() -> str:
     return result.stdout.rstrip() + "\n"
 
 
+def inference_seed() -> str:
+    args = ("plan", "--mode", "inference", "--model", "cpm-2", "--gpu", "gtx-1060-6gb", "--weights", "int8",
+            "--offload", "layers")
+    return _fence(_cli(*args), "$ " + " ".join(args) + "\n")
+
+
+def _layout_text(config: dict) -> str:
+    parts = [f"{config['weights']}"]
+    if config["weights"] not in ("bf16", "fp16", "fp32"):
+        parts[0] += f" ({config['dtype']})"
+    if config["kv_cache"] == "int8":
+        parts.append("int8 KV")
+    if config["prefill_chunk"]:
+        parts.append(f"chunks of {config['prefill_chunk']}")
+    if config["offload"] == "layers":
+        parts.append(f"{config['swapped_layers']} layers swapped")
+    return ", ".join(parts)
+
+
+def inference_accuracy() -> str:
+    """validation/inference.json re-predicted with the current planner."""
+    sys.path.insert(0, str(ROOT / "validation"))
+    import inference as measured_inference
+
+    lines = ["| model | layout | batch × prompt + new | tensors | weights, KV, slots | prefill activations | "
+             "decode activations |", "|---|---|---|---|---|---|---|"]
+    for record, predicted, measured in measured_inference.repredicted():
+        c = record["config"]
+        exact = all(predicted[k] == measured[k] for k in ("weights", "kv_cache", "swap_buffers", "host_bytes"))
+        cells = []
+        for key in ("prefill_activations", "decode_activations"):
+            error = (predicted[key] - measured[key]) / measured[key]
+            cells.append(f"{measured[key] / 2**20:,.2f} MiB, {error:+.2%}")
+        lines.append(f"| {record['model']} | {_layout_text(c)} | {c['batch']} × {c['prompt_len']} + {c['new_tokens']} | "
+                     f"{'fake (full size)' if record['simulated'] else 'real'} | {'exact' if exact else 'differ'} | "
+                     f"{cells[0]} | {cells[1]} |")
+    data = json.loads((ROOT / "validation/inference.json").read_text())
+    env = data["environment"]
+    lines.append("")
+    lines.append(f"Measured {env['date']} with torch {env['torch']} on a CPU (validation/inference.json; "
+                 "`python validation/inference.py`). Errors are predicted − measured over measured.")
+    return "\n".join(lines) + "\n"
+
+
+def inference_logits() -> str:
+    data = json.loads((ROOT / "validation/inference.json").read_text())
+    lines = ["| model (layers) | int8 | w8a8 | int4 | nf4 |", "|---|---|---|---|---|"]
+    by_model: dict[tuple, dict] = {}
+    for r in data["logit_error"]:
+        by_model.setdefault((r["model"], r["layers"]), {})[r["weights"]] = r["relative_rms"]
+    for (model, layers), errors in by_model.items():
+        lines.append(f"| {model} ({layers}) | " + " | ".join(f"{errors[w]:.1%}" for w in ("int8", "w8a8", "int4", "nf4"))
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 SECTIONS = {
+    "inference-seed": inference_seed,
+    "inference-accuracy": inference_accuracy,
+    "inference-logits": inference_logits,
     "frameworks": frameworks,
     "finetune-qlora": finetune_qlora,
     "finetune-70b": finetune_70b,

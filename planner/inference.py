@@ -209,10 +209,15 @@ class _Dims:
     e: int  # compute dtype bytes
 
 
-def _norm(walk: _ForwardWalk, rows: int, width: int, e: int, name: str) -> None:
-    """strategies/kernels/norm.py, no grad: x.float() (a copy unless fp32), pow, rstd, the
-    normalised fp32 product, its cast, times the weight."""
+def _norm(walk: _ForwardWalk, rows: int, width: int, e: int, name: str, kind: str = "rmsnorm") -> None:
+    """RMSNorm (strategies/kernels/norm.py), no grad: x.float() (a copy unless fp32), pow, rstd, the
+    normalised fp32 product, its cast, times the weight. LayerNorm: ATen's native_layer_norm
+    writes the output and an fp32 mean and rstd per row, which die at once."""
     n = rows * width
+    if kind == "layernorm":
+        walk.new(name, e * n)
+        walk.transient(8 * rows)
+        return
     if e != 4:
         walk.new("xf", 4 * n)
     walk.transient(4 * n + 4 * rows)  # xf.pow(2) then its mean
@@ -278,9 +283,10 @@ def _projection_call(walk: _ForwardWalk, cfg: InferenceConfig, d: _Dims, out: in
             walk.new("nf4_table", 256 * 2 * e)
             walk.new("weight", blocks * NF4_BLOCK * e)
             walk.transient(NF4_CHUNK_CODES * 4)  # a chunk of codes as int32 indices
-            # block_absmax: the scales repeated per block, the codes as fp32, their products
+            # block_absmax: the second-level scales repeated per block, then two fp32 temporaries
+            # of one value per block at a time (codes / 127, times the scales, plus the mean)
             groups = ceil(blocks / 256)
-            walk.transient(groups * 256 * 4 + 3 * blocks * 4 + blocks * e)
+            walk.transient(groups * 256 * 4 + 2 * blocks * 4)
             walk.free("nf4_table")
     walk.new(name, rows * out * e)
     walk.free("weight")
@@ -305,7 +311,7 @@ def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims,
     q_out, kv_out = model.num_heads // tp * hd, model.num_kv_heads // tp * hd
     f = model.ffn_hidden_size // tp
     rows, e = d.tokens, d.e
-    _norm(walk, rows, h, e, "n")
+    _norm(walk, rows, h, e, "n", model.norm)
     _projection_call(walk, cfg, d, q_out, h, "q")
     rope = model.position_embedding == "rope"
     if rope:
@@ -337,7 +343,7 @@ def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims,
     walk.free("attn_out", "attn_flat")
     walk.new("h", rows * h * e)
     walk.free("o")
-    _norm(walk, rows, h, e, "n2")
+    _norm(walk, rows, h, e, "n2", model.norm)
     if model.mlp == "gelu":
         _projection_call(walk, cfg, d, f, h, "a")
         walk.new("g", rows * f * e)
@@ -369,14 +375,14 @@ def forward_peak(model: ModelSpec, cfg: InferenceConfig, e: int, batch: int, chu
     h = model.hidden_size
     walk.new("x", d.tokens * h * e)
     if has_embedding and model.position_embedding == "learned":
-        walk.new("pos", d.tokens * h * e)
+        walk.new("pos", chunk * h * e + chunk * 8)  # positions [chunk] int64, their embeddings [chunk, h]
         walk.new("x_pos", d.tokens * h * e)
         walk.free("pos", "x")
         walk.live["x"] = walk.live.pop("x_pos")
     if layers:  # every block leaves the same tensors alive that it found: the first one's peak is theirs
         _layer(walk, model, cfg, d, tp)
     if has_head:
-        _norm(walk, batch, h, e, "last")
+        _norm(walk, batch, h, e, "last", model.norm)
         walk.free("x")
         vocab = model.vocab_size // tp if tp > 1 else model.vocab_size
         walk.new("logits", batch * vocab * e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import platform
 import weakref
+from contextlib import nullcontext
 from datetime import date
 
 import torch
@@ -42,13 +43,13 @@ class LivePeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
+            key, nbytes = storage._cdata, storage.nbytes()
             if nbytes == 0 or key in inputs or key in self.live:
                 continue
             self.live[key] = nbytes
@@ -125,10 +126,23 @@ def _error(predicted, measured) -> float | None:
 
 
 def profile_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration,
-                      device: torch.device, seed: int = 0, memory_limit: int | None = None) -> InferenceReport:
+                      device: torch.device, seed: int = 0, memory_limit: int | None = None,
+                      simulate: bool = False) -> InferenceReport:
     """Generate with ``cfg`` on ``device`` and compare with the planner's estimate (``cfg.kernels``
-    must be ``dequant``: what the executor runs)."""
-    from strategies.inference import KVCache, build_inference_model, generate, place
+    must be ``dequant``: what the executor runs). ``simulate``: fake tensors (sizes without values,
+    on a CPU): a full-size model's memory measured in seconds; no tokens, no time."""
+    if simulate:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        return _profile(model, gpu, cfg, cal, torch.device("cpu"), seed, None, FakeTensorMode(allow_non_fake_inputs=True))
+    return _profile(model, gpu, cfg, cal, device, seed, memory_limit, None)
+
+
+def _profile(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration, device: torch.device, seed: int,
+             memory_limit: int | None, fake) -> InferenceReport:
+    from strategies.inference import build_inference_model
+
+    simulated = fake is not None
 
     on_gpu = device.type == "cuda"
     if memory_limit is not None and on_gpu:
@@ -139,7 +153,16 @@ def profile_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal:
     estimate = estimate_inference(model, gpu, cfg, cal, overheads)
     if cfg.offload == "layers" and not cfg.swapped_layers:
         cfg = cfg.model_copy(update={"swapped_layers": estimate.offload.swapped_layers})
-    net = build_inference_model(model, cfg, "cpu", seed)
+    net = build_inference_model(model, cfg, "cpu", seed, fake)
+    with fake if simulated else nullcontext():
+        return _measure(net, model, gpu, cfg, estimate, device, seed, memory_limit, simulated)
+
+
+def _measure(net, model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, estimate: InferenceEstimate,
+             device: torch.device, seed: int, memory_limit: int | None, simulated: bool) -> InferenceReport:
+    from strategies.inference import KVCache, generate, place
+
+    on_gpu = device.type == "cuda"
     offload = place(net, cfg, model, device)
     weights = _nbytes(t for name, t in list(net.named_parameters()) + list(net.named_buffers())
                       if "rope" not in name and t.device.type == device.type)
@@ -155,8 +178,9 @@ def profile_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal:
     measured = InferenceSide(
         weights=weights, kv_cache=kv, activations=activations, swap_buffers=slots, host_bytes=host,
         prefill_activations=phases.peaks["prefill"], decode_activations=phases.peaks["decode"],
-        time_to_first_token_s=result.prefill_s,
-        decode_tokens_per_s=cfg.batch * (cfg.new_tokens - 1) / result.decode_s if cfg.new_tokens > 1 else None)
+        time_to_first_token_s=None if simulated else result.prefill_s,
+        decode_tokens_per_s=cfg.batch * (cfg.new_tokens - 1) / result.decode_s
+        if cfg.new_tokens > 1 and not simulated else None)
     if on_gpu:
         from strategies.train import _device_used
 
@@ -182,6 +206,8 @@ def profile_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal:
         environment["cuda"] = str(torch.version.cuda)
     if memory_limit is not None:
         environment["memory_limit_bytes"] = str(memory_limit)
+    if simulated:
+        environment["simulated"] = "fake tensors: sizes measured, no values, no time"
     return InferenceReport(model=model.name, gpu=gpu.name, device=device.type, config=cfg, predicted=predicted,
-                           measured=measured, error=error, tokens=result.tokens.tolist(), environment=environment,
+                           measured=measured, error=error, tokens=[] if simulated else result.tokens.tolist(), environment=environment,
                            estimate=estimate)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -56,19 +57,25 @@ def _projections(model: Transformer):
 
 
 def build_inference_model(spec: ModelSpec, cfg: InferenceConfig, device: torch.device | str = "cpu",
-                          seed: int = 0) -> Transformer:
+                          seed: int = 0, fake=None) -> Transformer:
     """The reference model with its weights as ``cfg.weights`` stores them, in host memory
     (``device``): materialised in fp32 (the layout-independent initial values of
-    ``strategies.model``), each projection quantised from those, the rest cast to the compute dtype."""
+    ``strategies.model``), each projection quantised from those, the rest cast to the compute dtype.
+    ``fake``: a FakeTensorMode to materialise under (built on the meta device outside it)."""
+    model = build_model(spec, "meta", torch.float32, max_seq_len=cfg.cache_len)
+    with fake if fake is not None else nullcontext():
+        return _quantised(materialize(model, device, seed), cfg)
+
+
+def _quantised(model: Transformer, cfg: InferenceConfig) -> Transformer:
     dtype = TORCH_DTYPES[compute_dtype_name(cfg)]
-    model = materialize(build_model(spec, "meta", torch.float32, max_seq_len=cfg.cache_len), device, seed)
     model.eval()
     quantised = cfg.weights not in TORCH_DTYPES
     for parent, name, child in list(_projections(model)):
         if cfg.weights == "w8a8":
             setattr(parent, name, W8A8Linear(child))
         elif quantised:
-            frozen = FrozenProjection(child)
+            frozen = FrozenProjection(child, allow_bias=True)
             frozen.quantize(cfg.weights)
             setattr(parent, name, frozen)
     for module in model.modules():
@@ -82,7 +89,7 @@ def build_inference_model(spec: ModelSpec, cfg: InferenceConfig, device: torch.d
 
 def _is_quantisation_piece(module: nn.Module, name: str) -> bool:
     """Scales of a quantised weight keep the dtype their kernel stores them in."""
-    return isinstance(module, FrozenProjection) and name != "weight"
+    return isinstance(module, FrozenProjection) and name not in ("weight", "bias")
 
 
 # ---------------------------------------------------------------- KV cache
@@ -158,7 +165,7 @@ class LayerOffload:
             tensors = _layer_tensors(layer)
             self.host[index] = [t.pin_memory() if cuda else t for t in tensors]
         template = model.layers[str(swapped[0])]
-        self.slots = [copy.deepcopy(template).to(device) for _ in range(slots)]
+        self.slots = [_to(copy.deepcopy(template), device) for _ in range(slots)]
         self.slot_tensors = [_layer_tensors(slot) for slot in self.slots]
         for index in swapped:  # the model keeps no weights of its own for a swapped layer
             model.layers[str(index)] = _Placeholder(index)
@@ -226,12 +233,20 @@ def place(model: Transformer, cfg: InferenceConfig, spec: ModelSpec, device: tor
         offload = LayerOffload(model, swapped_layers(spec.num_layers, cfg.swapped_layers), cfg.slots, device)
     for module in model.children():
         if module is not model.layers:
-            module.to(device)
+            _to(module, device)
     for name, layer in model.layers.items():
         if not isinstance(layer, _Placeholder):
-            layer.to(device)
+            _to(layer, device)
     model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     return offload
+
+
+def _to(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)`` unless it is there already (a no-op ``to`` cannot swap fake parameters)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if any(t.device != device for t in tensors):
+        module.to(device)
+    return module
 
 
 # ---------------------------------------------------------------- generation
@@ -314,7 +329,9 @@ def generate(model: Transformer, prompt: torch.Tensor, cfg: InferenceConfig, cac
         on_phase("prefill")
     _sync(device)
     start = time.perf_counter()
+    logits = None
     for pos in range(0, prompt.shape[1], chunk):
+        logits = None  # the previous chunk's logits die before the next forward
         logits = forward(model, prompt[:, pos:pos + chunk], pos, cache, tables, offload)
     first_logits = logits.float()
     token = logits.argmax(dim=-1)

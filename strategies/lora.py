@@ -36,7 +36,7 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, module: FrozenProjection) -> torch.Tensor:
         ctx.module = module
         weight = module.dequantized(x.dtype)
-        return F.linear(x, weight)
+        return F.linear(x, weight, module.bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -49,14 +49,17 @@ class FrozenProjection(nn.Module):
     meta device in place of an ``nn.Linear``; ``quantize`` turns the materialised 16-bit weight
     into its storage."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear, allow_bias: bool = False):
         super().__init__()
-        if base.bias is not None:
+        if base.bias is not None and not allow_bias:
             raise ConfigError("frozen (LoRA or quantised) projections with a bias are not implemented in the "
                               "reference model")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
+        self.bias = base.bias  # inference only (training refuses it above): added by the matmul
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.storage = "plain"
 
     def quantize(self, storage: str) -> None:
@@ -93,7 +96,7 @@ class FrozenProjection(nn.Module):
         return dequantize_nf4(q, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight) if self.storage == "plain" else _DequantLinear.apply(x, self)
+        return F.linear(x, self.weight, self.bias) if self.storage == "plain" else _DequantLinear.apply(x, self)
 
 
 class LoRALinear(FrozenProjection):

@@ -291,3 +291,31 @@ def test_offload_on_a_gpu_prefetches_on_a_side_stream():
     resident = profile_inference(TINY, load_gpu("h100-sxm-80gb"), cfg, default_calibration(), gpu)
     assert report.tokens == resident.tokens
     assert report.predicted.weights == report.measured.weights
+
+
+def test_validation_records_repredict():
+    """validation/inference.json (real and fake-tensor runs, `python validation/inference.py`)
+    re-predicted by today's planner: weights, KV cache and swap buffers exact, activations within 5%."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "validation"))
+    import inference as measured_inference
+
+    rows = measured_inference.repredicted()
+    assert len(rows) >= 20 and any(r["simulated"] for r, _, _ in rows)
+    for record, predicted, measured in rows:
+        for key in ("weights", "kv_cache", "swap_buffers", "host_bytes"):
+            assert predicted[key] == measured[key], (record["model"], key)
+        for key in ("prefill_activations", "decode_activations"):
+            assert predicted[key] == pytest.approx(measured[key], rel=0.05), (record["model"], record["config"], key)
+
+
+def test_profile_simulate_measures_a_full_size_model():
+    result = CliRunner().invoke(main, ["profile", "--mode", "inference", "--model", "llama-3.2-1b", "--weights", "int8",
+                                       "--dtype", "bf16", "--simulate", "--prompt-len", "256", "--new-tokens", "2",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["measured"]["weights"] == data["predicted"]["weights"] > 1.4e9
+    assert abs(data["error"]["activations"]) < 0.05 and data["tokens"] == []

@@ -14,7 +14,7 @@ INFERENCE_FLAGS = {
     "weights": "--weights", "dtype": "--dtype", "kv_cache": "--kv-cache", "batch": "--batch",
     "prompt_len": "--prompt-len", "new_tokens": "--new-tokens", "prefill_chunk": "--prefill-chunk",
     "slots": "--slots", "swapped_layers": "--swapped-layers", "kernels": "--kernels",
-    "memory_limit_gib": "--memory-limit-gib",
+    "memory_limit_gib": "--memory-limit-gib", "simulate": "--simulate",
 }
 # training knobs with no meaning for inference (tp, pp, gpus, gpu, model and offload are shared)
 TRAINING_FLAGS = {
@@ -61,6 +61,8 @@ def inference_options(fn):
         click.option("--memory-limit-gib", type=click.FloatRange(min=0.01, max=2**20), default=None,
                      help="inference: plan for (and on a GPU, emulate) a card with this much memory "
                           "(torch.cuda.set_per_process_memory_fraction)"),
+        click.option("--simulate", is_flag=True, help="profile --mode inference: measure memory with fake tensors "
+                     "(sizes without values: a full-size model on a CPU; no tokens, no time)"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -121,6 +123,8 @@ def plan(options: dict, inference: dict, cal, as_json: bool, console) -> None:
     from planner.inference import estimate_inference, search_inference
     from trainplan.cli import Failure, resolve_gpus
 
+    if inference["simulate"]:
+        raise click.UsageError("--simulate measures a run: use it with profile --mode inference")
     model = load_model(options["model_name"])
     gpu, _ = _gpu_with_limit(load_gpu(options["gpu_name"]), inference)
     gpus, per_node = resolve_gpus(options["gpus"], None, options["gpus_per_node"], gpu)
@@ -180,11 +184,14 @@ def profile(options: dict, inference: dict, cal, seed: int, out: str | None, as_
     if model.encoder_layers:
         raise click.UsageError(f"{model.name} is an encoder-decoder model: trainplan plans its inference but runs "
                                "decoder-only models")
+    if measure_only and inference["simulate"]:
+        raise click.UsageError("--simulate measures memory only: use profile --mode inference")
     cfg = _config(model, gpu, {**options, "gpus": 1}, inference, "dequant")
     device = torch.device("cpu" if on_cpu else "cuda:0")
     limit = None if inference["memory_limit_gib"] is None else int(inference["memory_limit_gib"] * 2**30)
     try:
-        report = profile_inference(model, gpu, cfg, cal, device, seed=seed, memory_limit=limit)
+        report = profile_inference(model, gpu, cfg, cal, device, seed=seed, memory_limit=limit,
+                                   simulate=inference["simulate"])
     except torch.cuda.OutOfMemoryError as exc:
         raise Failure(f"out of memory: {str(exc).splitlines()[0]}", "out_of_memory") from None
     text = report.model_dump_json(indent=2)

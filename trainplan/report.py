@@ -470,5 +470,8 @@ def render_inference_profile(report, console: Console, measure_only: bool = Fals
                    _error_text(None if error is None else 100 * error)]
         table.add_row(*row)
     print_table(console, table)
-    first = report.tokens[0][:16]
-    console.print(f"generated (sequence 0, first {len(first)}): {' '.join(map(str, first))}")
+    if report.tokens:
+        first = report.tokens[0][:16]
+        console.print(f"generated (sequence 0, first {len(first)}): {' '.join(map(str, first))}")
+    if "simulated" in report.environment:
+        console.print(f"[dim]{report.environment['simulated']}[/]")
