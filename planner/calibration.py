@@ -65,6 +65,12 @@ class ThroughputConstants(BaseModel):
     cpu_adam_params_per_s: float = Field(gt=0, le=1e15, description="CPU Adam update rate per GPU's share of "
                                          "host cores")
     optimizer_hbm_efficiency: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth of the step")
+    small_collective_base_latency_s: float = Field(
+        default=6.6e-6, ge=0, le=1, description="fixed cost of one small (latency-bound) collective: NCCL's LL "
+        "protocol, ring baseLat (src/graph/tuning.cc)")
+    small_collective_step_latency_s: float = Field(
+        default=0.6e-6, ge=0, le=1, description="per ring step of a small collective inside a node: NCCL's LL "
+        "hwLat over NVLink (src/graph/tuning.cc)")
     decode_hbm_efficiency: float = Field(default=0.7, gt=0, le=1, description="achieved / peak HBM bandwidth of an "
                                          "inference decode step (weights and KV cache streamed once per token)")
     compile_compute_speedup: float = Field(

@@ -628,7 +628,6 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
         return stored + (2 * numel * e if unfused else 0)
 
     layer_numel = {kind: layer_matmul_params(model, kind) // cfg.tp for kind in ("encoder", "decoder")}
-    time_layers = []
     chunk = cfg.prefill_chunk or cfg.prompt_len
     chunks = ceil(cfg.prompt_len / chunk)
     prefill_layer_s, decode_layer_s = [], []
@@ -646,26 +645,32 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
                 step_flops = 2 * params * cfg.batch + 4 * cfg.batch * cfg.cache_len * model.num_heads // cfg.tp * \
                     model.head_dim * (2 if model.encoder_layers else 1)
                 decode_layer_s.append((step_flops / flops_rate, (traffic + kv_read) / hbm))
-        time_layers.append(len(stage.layer_kinds))
     head_params = head_matmul_params(model) // cfg.tp
     head_bytes = head_params * e
     head_s_decode = max(2 * head_params * cfg.batch / flops_rate, head_bytes / hbm)
     head_s_prefill = max(2 * head_params * cfg.batch * chunks / flops_rate, chunks * head_bytes / hbm)
-    comm_s = 0.0
-    if cfg.tp > 1:  # two all-reduces of [batch, hidden] per layer per token, latency-bound in decode
-        per = cal.throughput.collective_base_latency_s + 2 * (cfg.tp - 1) * cal.throughput.intra_node_latency_s
-        bytes_per = cfg.batch * model.hidden_size * e * 2 * (cfg.tp - 1) / cfg.tp
-        comm_s = model.total_layers / cfg.pp * 2 * (per + bytes_per / (
-            gpu.intra_node_bandwidth_gb_s * 1e9 * cal.throughput.collective_bandwidth_efficiency))
+    bandwidth = gpu.intra_node_bandwidth_gb_s * 1e9 * cal.throughput.collective_bandwidth_efficiency
+
+    def all_reduce_s(nbytes: float) -> float:
+        """A ring all-reduce inside the node; decode's few kilobytes are latency-bound (NCCL's LL protocol)."""
+        return (cal.throughput.small_collective_base_latency_s + 2 * (cfg.tp - 1) *
+                cal.throughput.small_collective_step_latency_s + 2 * (cfg.tp - 1) / cfg.tp * nbytes / bandwidth)
+
+    decode_comm = prefill_comm = 0.0
+    if cfg.tp > 1:  # two all-reduces of the layer's [tokens, hidden] output per layer (Megatron's f and g)
+        decode_comm = model.total_layers * 2 * all_reduce_s(cfg.batch * model.hidden_size * e)
+        prefill_comm = chunks * model.total_layers * 2 * all_reduce_s(cfg.batch * chunk * model.hidden_size * e)
         notes.append("tensor parallel: two all-reduces per layer per step (latency-bound when decoding)")
-    if cfg.pp > 1:
+    if cfg.pp > 1:  # one activation send between consecutive stages
         notes.append("pipeline: stages run one after another for each token (no micro-batching across requests)")
-        comm_s += (cfg.pp - 1) * cal.throughput.collective_base_latency_s
+        hop = cal.throughput.small_collective_base_latency_s
+        decode_comm += (cfg.pp - 1) * (hop + cfg.batch * model.hidden_size * e / bandwidth)
+        prefill_comm += chunks * (cfg.pp - 1) * (hop + cfg.batch * chunk * model.hidden_size * e / bandwidth)
     decode_compute = sum(c for c, _ in decode_layer_s) + 2 * head_params * cfg.batch / flops_rate
     decode_memory = sum(m for _, m in decode_layer_s) + head_bytes / hbm
     decode_layers = [max(c, m) for c, m in decode_layer_s]
-    decode_step = sum(decode_layers) + head_s_decode + comm_s * cfg.pp
-    prefill = sum(prefill_layer_s) + head_s_prefill + comm_s * cfg.pp * chunks
+    decode_step = sum(decode_layers) + head_s_decode + decode_comm
+    prefill = sum(prefill_layer_s) + head_s_prefill + prefill_comm
     bound = "memory" if decode_memory >= decode_compute else "compute"
 
     if cfg.offload == "layers":

@@ -319,3 +319,17 @@ def test_profile_simulate_measures_a_full_size_model():
     data = json.loads(result.stdout)
     assert data["measured"]["weights"] == data["predicted"]["weights"] > 1.4e9
     assert abs(data["error"]["activations"]) < 0.05 and data["tokens"] == []
+
+
+def test_tensor_parallel_splits_weights_and_cache():
+    """Megatron's split, as in training (planner/params.py): q/k/v/gate/up by columns, o/down by
+    rows, the vocabulary by rows; each rank caches its own kv heads."""
+    model, gpu, cal = load_model("70b"), load_gpu("a100-80gb"), default_calibration()
+    one = estimate_inference(model, gpu, InferenceConfig(gpus=8, tp=1, pp=8, weights="fp16"), cal)
+    eight = estimate_inference(model, gpu, InferenceConfig(gpus=8, tp=8, pp=1, weights="fp16"), cal)
+    total = 68_976_648_192 * 2  # Llama-2-70B's parameters, fp16
+    norms = (2 * model.num_layers + 1) * model.hidden_size * 2  # replicated on every tp rank
+    assert eight.memory.weights == pytest.approx((total - norms) / 8 + norms, abs=16)
+    assert eight.memory.kv_cache * 8 == kv_cache_bytes(model, eight.config, 2) * model.num_layers
+    # a token crosses every pipeline stage in turn; tensor parallelism splits each layer's reads
+    assert eight.time.decode_tokens_per_s > 4 * one.time.decode_tokens_per_s
