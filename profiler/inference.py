@@ -146,8 +146,14 @@ def _profile(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibrat
 
     on_gpu = device.type == "cuda"
     if memory_limit is not None and on_gpu:
+        # the emulated card holds the CUDA context too: the caching allocator gets the rest
+        from strategies.train import _device_used
+
+        torch.cuda.init()
+        torch.empty(1, device=device)  # creates the context
+        context = _device_used(device) or 0
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), device)
+        torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (memory_limit - context) / total)), device)
         gpu = gpu.model_copy(update={"memory_bytes": memory_limit})
     overheads = cal.overheads if on_gpu else Overheads.none()
     estimate = estimate_inference(model, gpu, cfg, cal, overheads)

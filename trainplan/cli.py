@@ -367,11 +367,8 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
 
     mode, inference = split_mode(options)
     if mode == "inference":
-        from planner.catalog import load_gpu
-
-        gpu = load_gpu(options["gpu_name"])
-        cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
-        return inference_cli.plan(options, inference, cal, as_json, _console())
+        return _plan_inference(options, inference, calibration_path, cuda_context_mib, communicator_mib,
+                               fragmentation, as_json)
     model, gpu, space = build_space(options)
     cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
     configs = enumerate_configs(model, space)
@@ -399,6 +396,39 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
     if plan_result.recommended is None:
         raise Failure(f"nothing fits: {plan_result.reason}; try {'; '.join(plan_result.advice)}", "does_not_fit",
                       result_printed=True)
+
+
+def _plan_inference(options, inference, calibration_path, cuda_context_mib, communicator_mib, fragmentation,
+                    as_json) -> None:
+    from planner.catalog import load_gpu
+    from planner.inference import InferenceEstimate
+    from trainplan.report import render_inference, render_inference_plan
+
+    gpu = load_gpu(options["gpu_name"])
+    cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
+    gpus, per_node = resolve_gpus(options["gpus"], None, options["gpus_per_node"], gpu)
+    result, failure = inference_cli.plan(options, inference, cal, gpus, per_node)
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+    else:
+        (render_inference if isinstance(result, InferenceEstimate) else render_inference_plan)(result, _console())
+    if failure:
+        raise Failure(failure, "does_not_fit", result_printed=True)
+
+
+def _profile_inference(options, inference, cal, gpu, on_cpu, seed, out, as_json, measure_only=False) -> None:
+    from trainplan.report import render_inference_profile
+
+    report, failure = inference_cli.profile(options, inference, cal, gpu, on_cpu, seed, measure_only)
+    if failure:
+        raise Failure(failure, "out_of_memory")
+    text = report.model_dump_json(indent=2)
+    if out:
+        write_atomic(out, text)
+    if as_json:
+        click.echo(text)
+    else:
+        render_inference_profile(report, _console(), measure_only)
 
 
 # ---------------------------------------------------------------- run
@@ -492,9 +522,9 @@ def run_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, 
 
     mode, inference = split_mode(options)
     if mode == "inference":
-        gpu, _ = _device_gpu(options["gpu_name"])
-        return inference_cli.profile(options, inference, resolve_calibration(None, gpu), seed, None, as_json,
-                                     _console(), measure_only=True)
+        gpu, on_cpu = _device_gpu(options["gpu_name"])
+        return _profile_inference(options, inference, resolve_calibration(None, gpu), gpu, on_cpu, seed, None,
+                                  as_json, measure_only=True)
     run = dict(nproc=nproc, steps=steps, warmup=warmup, seed=seed, data=data, compile_=compile_,
                fail_rank=fail_rank, fail_step=fail_step)
     config = build_run_config(options, run)
@@ -566,7 +596,7 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
     gpu, on_cpu = _device_gpu(options["gpu_name"])
     cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
     if mode == "inference":
-        return inference_cli.profile(options, inference, cal, seed, out, as_json, _console())
+        return _profile_inference(options, inference, cal, gpu, on_cpu, seed, out, as_json)
     if recommend:
         return _profile_recommend(options, dict(nproc=nproc, steps=steps, warmup=warmup, seed=seed, data=data,
                                                compile_=compile_, fail_rank=None, fail_step=0), gpu, cal, on_cpu,

@@ -118,34 +118,22 @@ def _gpu_with_limit(gpu, inference: dict):
     return gpu.model_copy(update={"memory_bytes": nbytes, "name": f"{gpu.name} limited to {limit:g} GiB"}), nbytes
 
 
-def plan(options: dict, inference: dict, cal, as_json: bool, console) -> None:
+def plan(options: dict, inference: dict, cal, gpus: int, per_node: int):
+    """(the estimate or plan, None) when it fits; (result, the one-line reason) when it does not."""
     from planner.catalog import load_gpu, load_model
-    from planner.inference import estimate_inference, search_inference
-    from trainplan.cli import Failure, resolve_gpus
+    from planner.inference import InferenceConfig, estimate_inference, inference_advice, search_inference
 
     if inference["simulate"]:
         raise click.UsageError("--simulate measures a run: use it with profile --mode inference")
     model = load_model(options["model_name"])
     gpu, _ = _gpu_with_limit(load_gpu(options["gpu_name"]), inference)
-    gpus, per_node = resolve_gpus(options["gpus"], None, options["gpus_per_node"], gpu)
-    fixed = gpus == 1 or (options["tp"] is not None or options["pp"] is not None)
-    if fixed:
+    if gpus == 1 or options["tp"] is not None or options["pp"] is not None:
         cfg = _config(model, gpu, {**options, "gpus": gpus}, inference, "fused")
         est = estimate_inference(model, gpu, cfg, cal)
-        if as_json:
-            click.echo(est.model_dump_json(indent=2))
-        else:
-            from trainplan.report import render_inference
-
-            render_inference(est, console)
-        if not est.fits:
-            from planner.inference import inference_advice
-
-            raise Failure(f"does not fit: needs {est.memory.peak / 2**30:,.2f} GiB of {est.capacity_bytes / 2**30:,.2f}"
-                          f" GiB; try {'; '.join(inference_advice(cfg))}", "does_not_fit", result_printed=True)
-        return
-    from planner.inference import InferenceConfig
-
+        if est.fits:
+            return est, None
+        return est, (f"does not fit: needs {est.memory.peak / 2**30:,.2f} GiB of {est.capacity_bytes / 2**30:,.2f} GiB;"
+                     f" try {'; '.join(inference_advice(cfg))}")
     base = InferenceConfig(gpus=gpus, tp=1, pp=gpus, weights=inference["weights"], dtype=inference["dtype"],
                            kv_cache=inference["kv_cache"], batch=inference["batch"],
                            prompt_len=inference["prompt_len"], new_tokens=inference["new_tokens"],
@@ -153,29 +141,21 @@ def plan(options: dict, inference: dict, cal, as_json: bool, console) -> None:
                            slots=inference["slots"], swapped_layers=inference["swapped_layers"],
                            kernels=inference["kernels"] or "fused")
     result = search_inference(model, gpu, base, cal, per_node)
-    if as_json:
-        click.echo(result.model_dump_json(indent=2))
-    else:
-        from trainplan.report import render_inference_plan
-
-        render_inference_plan(result, console)
-    if result.recommended is None:
-        raise Failure(f"nothing fits: {result.reason}; try {'; '.join(result.advice)}", "does_not_fit",
-                      result_printed=True)
+    if result.recommended is not None:
+        return result, None
+    return result, f"nothing fits: {result.reason}; try {'; '.join(result.advice)}"
 
 
-def profile(options: dict, inference: dict, cal, seed: int, out: str | None, as_json: bool, console,
-            measure_only: bool = False) -> None:
+def profile(options: dict, inference: dict, cal, gpu, on_cpu: bool, seed: int, measure_only: bool = False):
     """``run --mode inference`` (measure_only) and ``profile --mode inference``: generate on this
-    machine's device (CUDA if present, else CPU) and compare with the plan."""
+    machine's device (CUDA if present, else CPU) and compare with the plan. Returns (report, None),
+    or (None, the reason) when the device ran out of memory."""
     import torch
 
     from planner.catalog import load_model
     from profiler.inference import profile_inference
-    from trainplan.cli import Failure, _device_gpu, write_atomic
 
     model = load_model(options["model_name"])
-    gpu, on_cpu = _device_gpu(options["gpu_name"])
     if (options["gpus"] or 1) > 1 or (options["tp"] or 1) > 1 or (options["pp"] or 1) > 1:
         raise click.UsageError("inference runs on one device; tensor and pipeline parallel inference are planned "
                                "by `plan --mode inference`")
@@ -190,16 +170,7 @@ def profile(options: dict, inference: dict, cal, seed: int, out: str | None, as_
     device = torch.device("cpu" if on_cpu else "cuda:0")
     limit = None if inference["memory_limit_gib"] is None else int(inference["memory_limit_gib"] * 2**30)
     try:
-        report = profile_inference(model, gpu, cfg, cal, device, seed=seed, memory_limit=limit,
-                                   simulate=inference["simulate"])
+        return profile_inference(model, gpu, cfg, cal, device, seed=seed, memory_limit=limit,
+                                 simulate=inference["simulate"]), None
     except torch.cuda.OutOfMemoryError as exc:
-        raise Failure(f"out of memory: {str(exc).splitlines()[0]}", "out_of_memory") from None
-    text = report.model_dump_json(indent=2)
-    if out:
-        write_atomic(out, text)
-    if as_json:
-        click.echo(text)
-    else:
-        from trainplan.report import render_inference_profile
-
-        render_inference_profile(report, console, measure_only)
+        return None, f"out of memory: {str(exc).splitlines()[0]}"

@@ -1,6 +1,7 @@
 """Measure inference layouts for validation/inference.json (the README's inference accuracy tables).
 
     python validation/inference.py          # writes validation/inference.json (atomically)
+    python validation/inference.py gpu OUT  # on a lent GPU (validation/gpu_session.sh inference): GPU_CASES
 
 Memory: the executor (strategies/inference.py) generates, profiler/inference.py measures weights,
 KV cache, swap slots (exact bytes) and the activation peaks of prefill and decoding -- on this CPU
@@ -105,10 +106,54 @@ def logit_errors() -> list[dict]:
     return records
 
 
+GPU_CASES = [  # (model, config, emulated card in GiB or None): issue 13's acceptance on a lent GPU
+    ("llama-2-7b", dict(batch=1, prompt_len=512, new_tokens=64, weights="int8", dtype="bf16", offload="layers"), 8.0),
+    ("llama-2-7b", dict(batch=1, prompt_len=512, new_tokens=128, weights="bf16"), None),
+    ("llama-3-8b", dict(batch=8, prompt_len=1024, new_tokens=64, weights="int4", dtype="bf16"), None),
+]
+
+
+def gpu(out: str) -> None:
+    """Measured tokens/s and peak memory against the plan, per GPU_CASES case, one JSON file."""
+    import torch
+
+    from planner.calibration import calibration_for_gpu
+    from planner.catalog import gpu_preset_for_device, load_gpu, load_model
+    from planner.inference import InferenceConfig
+    from profiler.inference import profile_inference
+    from strategies.files import write_atomic
+    from strategies.nvml import device_info
+
+    info = device_info(0)
+    gpu_spec = load_gpu(gpu_preset_for_device(info["name"]) or "h100-sxm-80gb")
+    cal = calibration_for_gpu(gpu_spec)
+    records = []
+    for name, config, limit_gib in GPU_CASES:
+        cfg = InferenceConfig(kernels="dequant", **config)
+        limit = None if limit_gib is None else int(limit_gib * 2**30)
+        try:
+            report = profile_inference(load_model(name), gpu_spec, cfg, cal, torch.device("cuda:0"),
+                                       memory_limit=limit)
+            records.append(dict(model=name, limit_gib=limit_gib, report=json.loads(report.model_dump_json())))
+            print(name, config, limit_gib, {k: v for k, v in report.error.items() if v is not None}, flush=True)
+        except torch.cuda.OutOfMemoryError as exc:
+            records.append(dict(model=name, config=config, limit_gib=limit_gib, error=str(exc).splitlines()[0]))
+            print(name, "out of memory", flush=True)
+        torch.cuda.empty_cache()
+        write_atomic(out, json.dumps(dict(environment=dict(gpu=info["name"], driver=str(info.get("driver", "")),
+                                                           torch=torch.__version__, cuda=str(torch.version.cuda),
+                                                           date=datetime.date.today().isoformat()),
+                                          records=records), indent=1) + "\n")
+
+
 def main() -> None:
     import torch
 
     from strategies.files import write_atomic
+
+    if sys.argv[1:2] == ["gpu"]:
+        gpu(sys.argv[2])
+        return
 
     records = [_measure(name, config, simulate=False) for name, config in SMALL]
     records += [_measure(name, config, simulate=True) for name, config in FULL]
