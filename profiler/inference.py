@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from datetime import date
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -111,6 +111,9 @@ class InferenceReport(BaseModel):
     measured: InferenceSide
     error: dict[str, float | None]
     tokens: list[list[int]]
+    implied: dict[str, float] = Field(default_factory=dict, description="on a GPU: the calibration constants that "
+                                      "would make the prediction match (decode_hbm_efficiency of a memory-bound "
+                                      "decode without offload)")
     environment: dict[str, str]
     estimate: InferenceEstimate
 
@@ -203,6 +206,11 @@ def _measure(net, model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, estimate
         decode_activations=mem.decode_activations, host_bytes=mem.host_bytes,
         time_to_first_token_s=estimate.time.time_to_first_token_s,
         decode_tokens_per_s=estimate.time.decode_tokens_per_s)
+    implied = {}
+    t = estimate.time
+    if on_gpu and measured.decode_tokens_per_s and t.decode_bound == "memory" and cfg.offload == "none":
+        measured_step = cfg.batch / measured.decode_tokens_per_s
+        implied["decode_hbm_efficiency"] = t.hbm_efficiency * t.decode_memory_s / measured_step
     keys = ("weights", "kv_cache", "activations", "swap_buffers", "host_bytes", "prefill_activations",
             "decode_activations", "peak", "time_to_first_token_s", "decode_tokens_per_s")
     error = {key: _error(getattr(predicted, key), getattr(measured, key)) for key in keys}
@@ -215,5 +223,6 @@ def _measure(net, model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, estimate
     if simulated:
         environment["simulated"] = "fake tensors: sizes measured, no values, no time"
     return InferenceReport(model=model.name, gpu=gpu.name, device=device.type, config=cfg, predicted=predicted,
-                           measured=measured, error=error, tokens=[] if simulated else result.tokens.tolist(), environment=environment,
+                           measured=measured, error=error, tokens=[] if simulated else result.tokens.tolist(), implied=implied,
+                           environment=environment,
                            estimate=estimate)

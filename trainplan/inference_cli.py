@@ -95,17 +95,21 @@ def split_mode(options: dict) -> tuple[str, dict]:
     return mode, inference
 
 
-def _config(model, gpu, options: dict, inference: dict, kernels_default: str):
+def _fields(options: dict, inference: dict, kernels_default: str) -> dict:
+    """InferenceConfig fields from the flags (the layout's gpus, tp, pp set by the caller)."""
+    keys = ("weights", "dtype", "kv_cache", "batch", "prompt_len", "new_tokens", "prefill_chunk", "slots",
+            "swapped_layers")
+    return dict({key: inference[key] for key in keys}, offload=options["offload"] or "none",
+                kernels=inference["kernels"] or kernels_default)
+
+
+def _config(model, options: dict, inference: dict, kernels_default: str):
     from planner.inference import InferenceConfig, check_inference
 
     gpus = options["gpus"] or (options["tp"] or 1) * (options["pp"] or 1)
     tp = options["tp"] or 1
-    cfg = InferenceConfig(
-        gpus=gpus, tp=tp, pp=options["pp"] or max(1, gpus // tp),
-        weights=inference["weights"], dtype=inference["dtype"], kv_cache=inference["kv_cache"],
-        batch=inference["batch"], prompt_len=inference["prompt_len"], new_tokens=inference["new_tokens"],
-        prefill_chunk=inference["prefill_chunk"], offload=options["offload"] or "none", slots=inference["slots"],
-        swapped_layers=inference["swapped_layers"], kernels=inference["kernels"] or kernels_default)
+    cfg = InferenceConfig(gpus=gpus, tp=tp, pp=options["pp"] or max(1, gpus // tp),
+                          **_fields(options, inference, kernels_default))
     check_inference(model, cfg)
     return cfg
 
@@ -128,18 +132,13 @@ def plan(options: dict, inference: dict, cal, gpus: int, per_node: int):
     model = load_model(options["model_name"])
     gpu, _ = _gpu_with_limit(load_gpu(options["gpu_name"]), inference)
     if gpus == 1 or options["tp"] is not None or options["pp"] is not None:
-        cfg = _config(model, gpu, {**options, "gpus": gpus}, inference, "fused")
+        cfg = _config(model, {**options, "gpus": gpus}, inference, "fused")
         est = estimate_inference(model, gpu, cfg, cal)
         if est.fits:
             return est, None
         return est, (f"does not fit: needs {est.memory.peak / 2**30:,.2f} GiB of {est.capacity_bytes / 2**30:,.2f} GiB;"
                      f" try {'; '.join(inference_advice(cfg))}")
-    base = InferenceConfig(gpus=gpus, tp=1, pp=gpus, weights=inference["weights"], dtype=inference["dtype"],
-                           kv_cache=inference["kv_cache"], batch=inference["batch"],
-                           prompt_len=inference["prompt_len"], new_tokens=inference["new_tokens"],
-                           prefill_chunk=inference["prefill_chunk"], offload=options["offload"] or "none",
-                           slots=inference["slots"], swapped_layers=inference["swapped_layers"],
-                           kernels=inference["kernels"] or "fused")
+    base = InferenceConfig(gpus=gpus, tp=1, pp=gpus, **_fields(options, inference, "fused"))
     result = search_inference(model, gpu, base, cal, per_node)
     if result.recommended is not None:
         return result, None
@@ -166,7 +165,7 @@ def profile(options: dict, inference: dict, cal, gpu, on_cpu: bool, seed: int, m
                                "decoder-only models")
     if measure_only and inference["simulate"]:
         raise click.UsageError("--simulate measures memory only: use profile --mode inference")
-    cfg = _config(model, gpu, {**options, "gpus": 1}, inference, "dequant")
+    cfg = _config(model, {**options, "gpus": 1}, inference, "dequant")
     device = torch.device("cpu" if on_cpu else "cuda:0")
     limit = None if inference["memory_limit_gib"] is None else int(inference["memory_limit_gib"] * 2**30)
     try:
