@@ -62,7 +62,10 @@ class ActivationInputs:
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
-        return cls(**{f.name: getattr(train, f.name) for f in fields(cls)})
+        """``seq_len`` is the rank's share of each sequence (all of it without context parallelism)."""
+        values = {f.name: getattr(train, f.name) for f in fields(cls)}
+        values["seq_len"] = train.local_seq_len
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
     if engine.vocab_multiple > 1 and tp > 1:
         vocab = ceil(vocab / (engine.vocab_multiple * tp)) * engine.vocab_multiple * tp
     return _Dims(
-        s=train.seq_len,
+        s=getattr(train, "local_seq_len", train.seq_len),  # context parallel: the rank's share
         b=train.micro_batch,
         h=model.hidden_size,
         heads=model.num_heads // tp,

@@ -83,14 +83,18 @@ class Placement:
     tp: Group
     dp: Group
     pp: Group
+    cp: Group
 
 
 def placement(gpu: GPUSpec, train: TrainConfig, gpus_per_node: int, constants: CommConstants) -> Placement:
     per_node = min(gpus_per_node, train.gpus)
     return Placement(
         tp=group(gpu, train.tp, 1, per_node, constants),
-        dp=group(gpu, train.dp, train.tp, per_node, constants),
-        pp=group(gpu, train.pp, train.tp * train.dp, per_node, constants),
+        # torchtitan's mesh order (pp, dp, cp, tp): cp ranks sit between tp and dp, and FSDP's
+        # dp x cp group spans both (parallelisms/parallel_dims.py)
+        dp=group(gpu, train.shard_world, train.tp, per_node, constants),
+        pp=group(gpu, train.pp, train.tp * train.shard_world, per_node, constants),
+        cp=group(gpu, train.cp, train.tp, per_node, constants),
     )
 
 

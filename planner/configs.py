@@ -193,6 +193,8 @@ class TrainConfig(_Frozen):
     dp: int = Field(default=0, ge=0, le=MAX_GPUS, description="0 means gpus / (tp x pp)")
     tp: int = Field(default=1, gt=0, le=MAX_GPUS)
     pp: int = Field(default=1, gt=0, le=MAX_GPUS)
+    cp: int = Field(default=1, gt=0, le=MAX_GPUS, description="context parallel: each sequence split over cp ranks "
+                    "(ring attention); FSDP/ZeRO shard over dp x cp")
     sequence_parallel: bool = False
     zero_stage: int = Field(default=0, ge=0, le=3)
     offload: Offload = "none"
@@ -237,15 +239,16 @@ class TrainConfig(_Frozen):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        gpus, tp, pp = data.get("gpus"), data.get("tp", 1), data.get("pp", 1)
-        if not data.get("dp") and isinstance(gpus, int) and isinstance(tp, int) and isinstance(pp, int):
-            if gpus > 0 and tp > 0 and pp > 0:
-                if gpus % (tp * pp):
+        gpus, tp, pp, cp = data.get("gpus"), data.get("tp", 1), data.get("pp", 1), data.get("cp", 1)
+        if not data.get("dp") and all(isinstance(v, int) and not isinstance(v, bool) for v in (gpus, tp, pp, cp)):
+            if gpus > 0 and tp > 0 and pp > 0 and cp > 0:
+                if gpus % (tp * pp * cp):
+                    what = "tp x pp" if cp == 1 else "tp x pp x cp"
                     raise LayoutError(
-                        f"tp x pp = {tp} x {pp} = {tp * pp} does not divide {gpus} GPUs; "
-                        f"choose tp and pp whose product divides {gpus}"
+                        f"{what} = {tp * pp * cp} does not divide {gpus} GPUs; "
+                        f"choose sizes whose product divides {gpus}"
                     )
-                data["dp"] = gpus // (tp * pp)
+                data["dp"] = gpus // (tp * pp * cp)
         dp, mb = data.get("dp", 0), data.get("micro_batch", 1)
         gb, ga = data.get("global_batch", 0), data.get("grad_accum", 0)
         if isinstance(dp, int) and isinstance(mb, int) and dp > 0 and mb > 0:
@@ -264,15 +267,18 @@ class TrainConfig(_Frozen):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         parse_checkpointing(self.activation_checkpointing)
-        if self.dp * self.tp * self.pp != self.gpus:
+        model_parallel = self.tp * self.pp * self.cp
+        if self.dp * model_parallel != self.gpus:
             hint = (
-                f"; with tp={self.tp} and pp={self.pp} use dp = {self.gpus // (self.tp * self.pp)}"
-                if self.gpus % (self.tp * self.pp) == 0
-                else f"; tp x pp = {self.tp * self.pp} does not divide {self.gpus} GPUs"
+                (f"; with tp={self.tp}, pp={self.pp} and cp={self.cp} use dp = {self.gpus // model_parallel}" if self.cp > 1
+                 else f"; with tp={self.tp} and pp={self.pp} use dp = {self.gpus // model_parallel}")
+                if self.gpus % model_parallel == 0
+                else f"; tp x pp x cp = {model_parallel} does not divide {self.gpus} GPUs"
             )
+            cp = f" x cp {self.cp}" if self.cp > 1 else ""
             raise LayoutError(
-                f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.dp * self.tp * self.pp} "
-                f"!= {self.gpus} GPUs{hint}"
+                f"dp x tp x pp{' x cp' if cp else ''} = {self.dp} x {self.tp} x {self.pp}{cp.replace(' x cp', ' x')} = "
+                f"{self.dp * model_parallel} != {self.gpus} GPUs{hint}"
             )
         if self.global_batch != self.micro_batch * self.dp * self.grad_accum:
             raise ConfigError(
@@ -301,8 +307,42 @@ class TrainConfig(_Frozen):
                 raise LayoutError("this planner models offload for the deepspeed and pytorch engines, not megatron")
         if self.precision == "amp-bf16" and self.engine != "pytorch":
             raise LayoutError("amp-bf16 (torch.autocast) is a PyTorch recipe: use --engine pytorch")
+        if self.cp > 1:
+            self._check_context_parallel()
         self._check_finetune()
         return self
+
+    def _check_context_parallel(self) -> None:
+        """What PyTorch's context parallel runs (torch.distributed.tensor.experimental.context_parallel,
+        torchtitan's --parallelism.context_parallel_degree): ring attention over SDPA's flash or
+        memory-efficient kernels, causal with round-robin load balancing (each rank holds chunks r
+        and 2cp - 1 - r of the sequence)."""
+        if self.attention != "flash":
+            raise LayoutError("context parallelism runs ring attention over SDPA's fused kernels: use --attention flash")
+        if self.seq_len % (2 * self.cp):
+            raise LayoutError(f"context parallelism with load balancing splits each sequence into 2 x cp = "
+                              f"{2 * self.cp} chunks: --seq-len {self.seq_len} is not a multiple of {2 * self.cp}")
+        if self.engine == "deepspeed":
+            raise LayoutError("DeepSpeed splits sequences with Ulysses (all-to-all), not ring attention: use --engine "
+                              "pytorch or megatron with --cp")
+        if self.finetune != "full" or self.teacher:
+            raise LayoutError("context parallelism is planned for full training (not lora, qlora or distillation)")
+        parse = parse_checkpointing(self.activation_checkpointing)[0]
+        if parse in ("selective", "op"):
+            raise LayoutError("with --cp, plan --ac none, full or layer:N (recomputing the ring attention's saved "
+                              "tensors is not modelled)")
+
+    @property
+    def shard_world(self) -> int:
+        """Ranks that shard parameters, gradients and optimizer state and average gradients: the
+        data-parallel ranks times the context-parallel ones (FSDP over the flattened dp x cp mesh,
+        as torchtitan builds it; Megatron's distributed optimizer likewise spans DP x CP)."""
+        return self.dp * self.cp
+
+    @property
+    def local_seq_len(self) -> int:
+        """Tokens of each sequence one rank holds."""
+        return self.seq_len // self.cp
 
     def _check_finetune(self) -> None:
         targets = self.lora_targets.split(",")

@@ -189,11 +189,13 @@ def unit_flops(model: ModelSpec, train: TrainConfig, kind: str) -> StageFlops:
     """Executed FLOPs of one micro-batch through one unit of ``kind`` (a layer, the head; the
     embedding lookup is no matmul) on one tensor-parallel rank: the window its neighbours'
     collectives overlap. Units of one kind do the same work."""
-    s, b, t = train.seq_len, train.micro_batch, train.tp
+    s, b, t = train.local_seq_len, train.micro_batch, train.tp
     flash = train.attention == "flash"
     if kind in ("encoder", "decoder"):
         matmul_params = layer_matmul_params(model, kind)
-        attention = attention_square_flops(model, s, kind)
+        # context parallel: the full s x s square split evenly over the cp ranks (round-robin load
+        # balancing gives every rank the same share of the causal triangle)
+        attention = attention_square_flops(model, train.seq_len, kind) / train.cp
         if flash and kind == "decoder":
             # causal flash skips the masked half (cross-attention is not causal)
             attention = attention / 2 if not model.encoder_layers else attention * 3 / 4

@@ -358,10 +358,10 @@ def _finetune_params(model: ModelSpec, train: TrainConfig) -> tuple[_StageParams
     stage = pipeline_stages(model, 1)[0]
     units = tuple(Unit(u.kind, u.trainable) for u in states)
     trainable = _units_params(model, units, stage.layer_ids, stage.has_embedding, stage.has_head, stage.layers,
-                              1, train.dp, train.zero_stage, train.engine)
+                              1, train.shard_world, train.zero_stage, train.engine)
     frozen = _Frozen(
         local=sum(u.frozen_bytes for u in states),
-        sharded=sum(ceil(u.frozen_bytes / train.dp) for u in states),
+        sharded=sum(ceil(u.frozen_bytes / train.shard_world) for u in states),
         gathered=tuple(u.frozen_bytes + u.trainable_numel * recipe.gather_bytes for u in states),
         dequantised=max(u.largest_dequantised for u in states) * recipe.compute_bytes,
         quantised_numel=sum(u.quantised for u in states),
@@ -479,7 +479,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     recipe = RECIPES[train.precision]
     engine = ENGINES[train.engine]
     zero, offload = train.zero_stage, train.offload
-    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.dp, zero, train.engine, stage_index)
+    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, zero, train.engine, stage_index)
     sums = _act_sums(model, act.ActivationInputs.of(train))
     fsdp = train.engine == "pytorch" and zero >= 2
 
@@ -528,7 +528,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # DDP's buckets (gradient_as_bucket_view) outlive zero_grad; a single process has no DDP.
     # FSDP2 (zero_grad(set_to_none=True)) has no gradients in the first micro-batch's forward;
     # later micro-batches (accumulation, or any pipeline) run with the accumulated shards.
-    grads_persist = (zero <= 1 and train.dp > 1) or engine.grads_between_steps
+    grads_persist = (zero <= 1 and train.shard_world > 1) or engine.grads_between_steps
     grads_in_forward = grads_at_end if grads_persist or train.num_microbatches > 1 else 0
 
     # --- activations (one micro-batch's worth of each part; ``inflight`` says how many)
@@ -755,7 +755,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     phases = {"forward": forward, "backward": backward, "optimizer": step}
     # --- overheads on top of each phase's allocated total
-    groups = sum(1 for size in (train.dp, train.tp, train.pp) if size > 1)
+    # the dp x cp group shards and averages gradients; the cp group alone passes the ring's k, v
+    groups = sum(1 for size in (train.shard_world, train.tp, train.pp, train.cp) if size > 1)
     fixed_overhead = overheads.cuda_context_bytes + groups * overheads.communicator_bytes
     for mem in phases.values():
         mem.overhead = fixed_overhead + int(overheads.fragmentation * mem.total)

@@ -48,13 +48,16 @@ def strategy_label(train: TrainConfig) -> str:
 
 
 def layout_label(train: TrainConfig) -> str:
-    text = f"dp{train.dp}·tp{train.tp}·pp{train.pp}"
+    text = f"dp{train.dp}·tp{train.tp}·pp{train.pp}" + (f"·cp{train.cp}" if train.cp > 1 else "")
     if train.sequence_parallel:
         text += "+sp"
     if train.pp > 1:
         text += f" {train.schedule}" + (f"×{train.chunks}" if train.chunks > 1 else "")
     return text
 
+
+LONG_SEQUENCE = 32768
+"""From this many tokens per sequence the search also tries context parallelism."""
 
 MAX_CANDIDATES = 10_000
 """A search evaluates at most this many layouts (about 10 s on one core for a 405B model); a
@@ -74,6 +77,7 @@ class SearchSpace:
     gpus_per_node: int = 8
     tp: list[int] | None = None
     pp: list[int] | None = None
+    cp: list[int] | None = None  # None: 1, and for long sequences every power of two that fits a node
     strategies: list[tuple[int, str]] | None = None  # (zero stage, offload)
     activation_checkpointing: list[str] | None = None
     micro_batch: list[int] | None = None
@@ -114,6 +118,22 @@ class SearchSpace:
         if self.gpus % tp:
             return [1]  # an impossible fixed tp: let TrainConfig say what to change
         return [p for p in divisors(self.gpus // tp) if p <= model.total_layers]
+
+    def cp_values(self, tp: int, pp: int) -> list[int]:
+        """Context parallel sizes to try: the given ones; else 1, and from LONG_SEQUENCE tokens on
+        every power of two whose ring stays inside a node (with tp) and splits the sequence into
+        2 x cp chunks (load balancing)."""
+        if self.cp is not None:
+            return self.cp
+        seq = self.fixed.get("seq_len", 4096)
+        if self.finetuning or seq < LONG_SEQUENCE or self.fixed.get("attention", "flash") != "flash" or \
+                self.fixed.get("engine", "pytorch") == "deepspeed":
+            return [1]
+        values, c = [], 1
+        while tp * c <= self.gpus_per_node and (self.gpus // (tp * pp)) % c == 0 and seq % (2 * c) == 0:
+            values.append(c)
+            c *= 2
+        return values or [1]
 
     def strategy_values(self, dp: int, engine: str) -> list[tuple[int, str]]:
         if self.strategies is not None:
@@ -173,38 +193,47 @@ class SearchSpace:
         return values
 
 
+def _enumerate_layout(model: ModelSpec, space: SearchSpace, engine: str, tp: int, pp: int, cp: int,
+                      configs: list[TrainConfig], errors: list[TrainplanError]) -> None:
+    dp = space.gpus // (tp * pp * cp) or 1
+    sequence_parallel = space.sequence_parallel if space.sequence_parallel is not None else tp > 1
+    global_batch = space.global_batch_for(dp)
+    per_replica = global_batch // dp if global_batch % dp == 0 else 0
+    micro_batches = space.micro_batch_values(per_replica) if per_replica else (space.micro_batch or [1])
+    for zero, offload in space.strategy_values(dp * cp, engine):
+        for checkpointing in space.checkpointing_values():
+            if cp > 1 and checkpointing in ("selective", "op"):
+                continue  # not modelled with ring attention (TrainConfig says why)
+            for mb in micro_batches:
+                microbatches = per_replica // mb if per_replica and per_replica % mb == 0 else 0
+                for schedule, chunks in space.schedule_values(model, pp, microbatches):
+                    try:
+                        train = TrainConfig(
+                            gpus=space.gpus, tp=tp, pp=pp, cp=cp, zero_stage=zero, offload=offload,
+                            activation_checkpointing=checkpointing, micro_batch=mb,
+                            global_batch=global_batch, schedule=schedule, chunks=chunks,
+                            sequence_parallel=sequence_parallel and tp > 1, **space.fixed,
+                        )
+                        check_layout(model, train)
+                    except (LayoutError, ConfigError) as exc:
+                        errors.append(exc)
+                        continue
+                    configs.append(train)
+                    if len(configs) > MAX_CANDIDATES:
+                        raise LayoutError(
+                            f"the flags leave more than {MAX_CANDIDATES:,} layouts to search; fix some of "
+                            f"--tp, --pp, --cp, --strategy, --ac or --micro-batch")
+
+
 def enumerate_configs(model: ModelSpec, space: SearchSpace) -> list[TrainConfig]:
     configs: list[TrainConfig] = []
-    first_error: TrainplanError | None = None
+    errors: list[TrainplanError] = []
     engine = space.fixed.get("engine", "pytorch")
     for tp in space.tp_values(model):
         for pp in space.pp_values(model, tp):
-            dp = space.gpus // (tp * pp) or 1
-            sequence_parallel = space.sequence_parallel if space.sequence_parallel is not None else tp > 1
-            global_batch = space.global_batch_for(dp)
-            per_replica = global_batch // dp if global_batch % dp == 0 else 0
-            micro_batches = space.micro_batch_values(per_replica) if per_replica else (space.micro_batch or [1])
-            for zero, offload in space.strategy_values(dp, engine):
-                for checkpointing in space.checkpointing_values():
-                    for mb in micro_batches:
-                        microbatches = per_replica // mb if per_replica and per_replica % mb == 0 else 0
-                        for schedule, chunks in space.schedule_values(model, pp, microbatches):
-                            try:
-                                train = TrainConfig(
-                                    gpus=space.gpus, tp=tp, pp=pp, zero_stage=zero, offload=offload,
-                                    activation_checkpointing=checkpointing, micro_batch=mb,
-                                    global_batch=global_batch, schedule=schedule, chunks=chunks,
-                                    sequence_parallel=sequence_parallel and tp > 1, **space.fixed,
-                                )
-                                check_layout(model, train)
-                            except (LayoutError, ConfigError) as exc:
-                                first_error = first_error or exc
-                                continue
-                            configs.append(train)
-                            if len(configs) > MAX_CANDIDATES:
-                                raise LayoutError(
-                                    f"the flags leave more than {MAX_CANDIDATES:,} layouts to search; fix some of "
-                                    f"--tp, --pp, --strategy, --ac or --micro-batch")
+            for cp in space.cp_values(tp, pp):
+                _enumerate_layout(model, space, engine, tp, pp, cp, configs, errors)
+    first_error = errors[0] if errors else None
     if not configs:
         if first_error is not None:
             raise first_error

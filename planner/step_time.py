@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from planner import comm
 from planner.calibration import Calibration, default_calibration
@@ -42,6 +42,8 @@ from planner.configs import (
 from planner.engines import ENGINES
 from planner.errors import ConfigError
 from planner.flops import (
+    FLASH_BACKWARD_FACTOR,
+    attention_square_flops,
     hardware_flops_per_step,
     model_flops_per_step,
     stage_flops,
@@ -60,6 +62,8 @@ class StepBreakdown(BaseModel):
     compute_s: float
     recompute_s: float
     tp_communication_s: float
+    cp_communication_s: float = Field(default=0.0, description="the ring attention's k, v exchanges not hidden "
+                                      "behind the attention they feed (context parallel)")
     pp_communication_s: float
     dp_communication_exposed_s: float
     bubble_s: float
@@ -68,7 +72,8 @@ class StepBreakdown(BaseModel):
 
     @property
     def exposed_communication_s(self) -> float:
-        return self.tp_communication_s + self.pp_communication_s + self.dp_communication_exposed_s
+        return (self.tp_communication_s + self.cp_communication_s + self.pp_communication_s
+                + self.dp_communication_exposed_s)
 
 
 class Throughput(BaseModel):
@@ -83,6 +88,8 @@ class Throughput(BaseModel):
     hardware_tflops_per_gpu: float
     breakdown: StepBreakdown
     dp_communication_s: float  # before overlap, for reference
+    cp_communication_s: float = 0.0  # the ring's transfers before overlap (context parallel)
+    cp_ring_bytes: float = 0.0  # bytes each rank sends around the ring per step
     compute_efficiency: float
     calibrated: bool
 
@@ -103,7 +110,7 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     unit's all-gather and the last reduce-scatter are exposed. ZeRO-2 keeps the parameters
     gathered from forward to backward: no all-gather in backward. Reduce-scatters carry the
     reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce)."""
-    dp, zero3 = train.dp, train.zero_stage >= 3
+    dp, zero3 = train.shard_world, train.zero_stage >= 3
     sizes, kinds = sp.unit_sizes, sp.unit_kinds
     # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
     gathered = gathered or tuple(n * recipe.gather_bytes for n in sizes)
@@ -126,6 +133,31 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     return raw, exposed
 
 
+def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, flops_rate: float, link: comm.Group,
+                      passes: float) -> tuple[float, float, float]:
+    """Per layer and micro-batch: the part of context parallelism's ring exchanges that the
+    attention cannot hide. PyTorch's ring attention (torch/distributed/tensor/experimental/
+    _context_parallel/_attention.py, _templated_ring_attention) sends the rank's k and v to the
+    next rank while SDPA runs on the block it holds, cp - 1 times; its backward passes k, v and
+    their gradients around the ring again (twice the bytes) beside the attention's backward
+    (FlashAttention-2: 2.5 x the forward). Each step hides behind one block of attention, the
+    rank's attention over cp blocks (Liu et al. 2023, Ring Attention, sec. 3: the overlap needs
+    block compute >= block transfer). Returns (bytes sent, seconds of transfer, seconds exposed)."""
+    if train.cp == 1:
+        return 0.0, 0.0, 0.0
+    kv_bytes = (2 * train.micro_batch * train.local_seq_len * (model.num_kv_heads // train.tp) * model.head_dim
+                * recipe.compute_bytes)
+    attention_flops = attention_square_flops(model, train.seq_len, "decoder") / 2 * train.micro_batch / train.tp
+    block_s = attention_flops / train.cp / train.cp / flops_rate  # one of the cp blocks of this rank's share
+    steps = train.cp - 1
+    forwards = passes - 1  # a full recompute runs the forward ring again
+    sent = steps * kv_bytes * (forwards + 2)
+    raw = steps * (forwards * comm.p2p_s(kv_bytes, link) + comm.p2p_s(2 * kv_bytes, link))
+    exposed = steps * (forwards * max(0.0, comm.p2p_s(kv_bytes, link) - block_s)
+                       + max(0.0, comm.p2p_s(2 * kv_bytes, link) - FLASH_BACKWARD_FACTOR * block_s))
+    return sent, raw, exposed
+
+
 def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None = None,
                   gpus_per_node: int | None = None, check: bool = True) -> Throughput:
     if check:
@@ -142,8 +174,8 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                                    k.intra_node_latency_s, k.inter_node_latency_s, k.collective_base_latency_s,
                                    k.tree_bandwidth_efficiency)
     links = comm.placement(gpu, train, gpus_per_node or gpu.gpus_per_node, constants)
-    s, b, t, p, v, m = train.seq_len, train.micro_batch, train.tp, train.pp, train.chunks, train.num_microbatches
-    zero, dp = train.zero_stage, train.dp
+    s, b, t, p, v, m = train.local_seq_len, train.micro_batch, train.tp, train.pp, train.chunks, train.num_microbatches
+    zero, dp = train.zero_stage, train.shard_world
 
     hidden_bytes = s * b * model.hidden_size * recipe.compute_bytes
     tp_collectives_per_layer = 2 + (1 if model.encoder_layers else 0)
@@ -156,6 +188,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
 
     stages = representative_stages(model, p, v)
     per_stage = {}
+    ring = {}  # context parallel, per stage: (bytes, transfer s, exposed s) per micro-batch
     frozen = None
     for i in stages:
         f = stage_flops(model, train, i)
@@ -177,6 +210,8 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         if train.compile:  # inductor fuses the elementwise work; communication is unchanged
             compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
         tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
+        ring_bytes, ring_raw, ring_exposed = (layers * x for x in _ring_attention_s(
+            model, train, recipe, flops_rate, links.cp, passes))
         pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
         if frozen is not None and frozen.quantised_bytes:
             # a quantised base is dequantised per matmul: read the codes, write the 16-bit
@@ -186,9 +221,11 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             recompute_share = f.recompute / f.forward if f.forward else 0.0
             compute, recompute = compute + 2 * dq, recompute + recompute_share * dq
         per_stage[i] = (compute, recompute, tp_s, pp_s, f, sp)
-    t_mb = {i: c + r + tp_s + pp_s for i, (c, r, tp_s, pp_s, _, _) in per_stage.items()}
+        ring[i] = (ring_bytes, ring_raw, ring_exposed)
+    t_mb = {i: c + r + tp_s + pp_s + ring[i][2] for i, (c, r, tp_s, pp_s, _, _) in per_stage.items()}
     slowest = max(stages, key=lambda i: t_mb[i])
     compute, recompute, tp_s, pp_s, _, _ = per_stage[slowest]
+    ring_bytes, ring_raw, ring_exposed = ring[slowest]
     bubble = (p - 1) / v * t_mb[slowest] if p > 1 else 0.0
 
     tail = {}  # per stage: (dp exposed, dp raw, offload, optimizer)
@@ -255,7 +292,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     if not math.isfinite(step) or step <= 0:
         raise ConfigError(f"the predicted step time is not a finite positive number ({step}); check the GPU's peaks "
                           f"and bandwidths and the calibration's efficiencies")
-    tokens = train.global_batch * s
+    tokens = train.global_batch * train.seq_len
     model_flops = model_flops_per_step(model, train)
     hardware_flops = hardware_flops_per_step(model, train)
     return Throughput(
@@ -270,6 +307,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             compute_s=m * compute,
             recompute_s=m * recompute,
             tp_communication_s=m * tp_s,
+            cp_communication_s=m * ring_exposed,
             pp_communication_s=m * pp_s,
             dp_communication_exposed_s=dp_exposed,
             bubble_s=bubble,
@@ -277,6 +315,8 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             optimizer_s=optimizer,
         ),
         dp_communication_s=dp_raw,
+        cp_communication_s=m * ring_raw,
+        cp_ring_bytes=m * ring_bytes,
         compute_efficiency=efficiency,
         calibrated=cal.calibrated,
     )

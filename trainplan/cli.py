@@ -195,6 +195,9 @@ def plan_options(fn):
                           "inference: layers (BMInf's layer swapping through --slots device buffers)"),
         click.option("--tp", type=_count(MAX_GPUS), default=None, help="tensor-parallel size [default: search]"),
         click.option("--pp", type=_count(MAX_GPUS), default=None, help="pipeline-parallel size [default: search]"),
+        click.option("--cp", type=_count(MAX_GPUS), default=None,
+                     help="context-parallel size: each sequence split over cp GPUs, ring attention "
+                          "[default: 1; searched from 32k-token sequences]"),
         click.option("--sequence-parallel/--no-sequence-parallel", default=None,
                      help="sequence parallelism with tp [default: on when tp > 1]"),
         click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default=None,
@@ -321,6 +324,7 @@ def build_space(options: dict):
         gpus_per_node=per_node,
         tp=[options["tp"]] if options["tp"] else None,
         pp=[options["pp"]] if options["pp"] else None,
+        cp=[options["cp"]] if options["cp"] else ([1] if fixed_layout else None),
         strategies=strategies,
         activation_checkpointing=[checkpointing] if checkpointing else None,
         micro_batch=[micro_batch] if micro_batch else None,
@@ -498,6 +502,9 @@ def build_run_config(options: dict, run: dict):
                                "`plan`; measure your own loop of that code with trainplan.track")
     if options["paged_optimizer"]:
         raise click.UsageError("--paged-optimizer is planned by `plan`; the strategy layer does not execute it yet")
+    if (options["cp"] or 1) > 1:
+        raise click.UsageError("--cp is planned by `plan`; the strategy layer does not run context parallelism yet "
+                               "(PyTorch's context_parallel has no CPU kernel in torch 2.13)")
     train = TrainConfig(**fields)
     check_layout(model, train)
     if run["data"]:

@@ -87,7 +87,7 @@ def verdict(est: Estimate) -> Text:
 
 def _short_layout(est: Estimate) -> str:
     t = est.train
-    text = f"{t.dp}·{t.tp}·{t.pp}" + ("+sp" if t.sequence_parallel else "")
+    text = f"{t.dp}·{t.tp}·{t.pp}" + ("+sp" if t.sequence_parallel else "") + (f" cp{t.cp}" if t.cp > 1 else "")
     if t.pp > 1 and t.schedule != "1f1b":
         text += " gpipe" if t.schedule == "gpipe" else f" int×{t.chunks}"
     return text
@@ -230,9 +230,15 @@ def render_estimate(est: Estimate, console: Console) -> None:
         f"({'calibrated' if th.calibrated else 'default efficiency'} {th.compute_efficiency:.0%} of peak)",
     ))
     parts = [("compute", b.compute_s), ("recompute", b.recompute_s), ("tensor-parallel comm", b.tp_communication_s),
+             ("exposed ring attention (cp)", b.cp_communication_s),
              ("pipeline transfers", b.pp_communication_s), ("exposed data-parallel comm", b.dp_communication_exposed_s),
              ("bubble", b.bubble_s), ("offload", b.offload_s), ("optimizer", b.optimizer_s)]
     console.print("  [dim]" + ", ".join(f"{name} {value:.3f} s" for name, value in parts if value > 0) + "[/]")
+    if t.cp > 1:
+        console.print(f"  [dim]context parallel: each rank holds {t.local_seq_len:,} of {t.seq_len:,} tokens per "
+                      f"sequence; ring attention sends {th.cp_ring_bytes / 2**30:,.2f} GiB of k, v (and their "
+                      f"gradients) per step, {th.cp_communication_s:.3f} s of transfers, "
+                      f"{b.cp_communication_s:.3f} s not hidden behind attention[/]")
     o = est.overheads
     console.print(
         f"[dim]overhead: CUDA context {gib(o.cuda_context_bytes)} GiB + {gib(o.communicator_bytes)} GiB per "

@@ -1,0 +1,103 @@
+"""Context parallelism in the planner (`--cp`): each sequence split over cp ranks with ring
+attention; FSDP/ZeRO shard over dp x cp."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from planner.catalog import load_gpu, load_model
+from planner.configs import TrainConfig
+from planner.errors import LayoutError
+from planner.estimate import estimate
+from planner.flops import unit_flops
+from planner.memory import estimate_memory
+from trainplan.cli import plan_command
+
+MODEL = load_model("8b")
+GPU = load_gpu("h100-sxm-80gb")
+
+
+def _train(**kw) -> TrainConfig:
+    base = dict(gpus=8, seq_len=131072, zero_stage=3, activation_checkpointing="full", micro_batch=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_rank_holds_its_share_of_each_sequence():
+    """A cp rank's activations are those of a sequence cp times shorter; parameters, gradients and
+    optimizer state are sharded over dp x cp exactly as over that many data-parallel ranks."""
+    cp4 = estimate_memory(MODEL, GPU, _train(cp=4))
+    short = estimate_memory(MODEL, GPU, _train(seq_len=131072 // 4, global_batch=8))
+    dp8 = estimate_memory(MODEL, GPU, _train(global_batch=8))
+    for phase in ("forward", "backward"):
+        assert cp4.stages[0].phases[phase].activations == short.stages[0].phases[phase].activations
+    for key in ("params", "grads", "optimizer"):
+        assert getattr(cp4.memory, key) == getattr(dp8.memory, key)
+    assert cp4.memory.activations * 4 == pytest.approx(dp8.memory.activations, rel=1e-9)
+
+
+def test_compute_is_split_evenly_over_the_ring():
+    """The cp ranks together do one rank's work: matmuls over S/cp tokens each, and an even share
+    of the causal attention square (round-robin load balancing)."""
+    for cp in (2, 4, 8):
+        split = unit_flops(MODEL, _train(cp=cp), "decoder")
+        whole = unit_flops(MODEL, _train(), "decoder")
+        assert split.forward * cp == pytest.approx(whole.forward)
+        assert split.backward * cp == pytest.approx(whole.backward)
+
+
+def test_ring_traffic_and_overlap():
+    """Each rank sends its k, v (2 x S/cp x kv_heads x head_dim x 2 B) cp - 1 times per forward
+    pass -- twice with full recompute -- and k, v plus their gradients in backward."""
+    train = _train(cp=4)
+    est = estimate(MODEL, GPU, train)
+    kv = 2 * (131072 // 4) * MODEL.num_kv_heads * MODEL.head_dim * 2
+    forwards = 2  # full recompute runs the forward ring again
+    per_microbatch = MODEL.num_layers * 3 * kv * (forwards + 2)
+    assert est.throughput.cp_ring_bytes == per_microbatch * train.num_microbatches
+    # at 131k tokens one attention block takes far longer than moving a block's k, v over NVLink
+    assert est.throughput.cp_communication_s > 0 and est.throughput.breakdown.cp_communication_s == 0
+    # on a slow link (PCIe cards, 4 per node) at short blocks the ring shows
+    slow = estimate(MODEL, load_gpu("l40s"), _train(cp=4, seq_len=8192, zero_stage=3))
+    assert slow.throughput.breakdown.cp_communication_s > 0
+
+
+def test_search_proposes_cp_when_the_sequence_does_not_fit_otherwise():
+    result = CliRunner().invoke(plan_command, ["--model", "8b", "--gpus", "8", "--seq-len", "131072", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["recommended"]["train"]["cp"] > 1
+    assert not any(c["train"]["cp"] == 1 and c["fits"] for c in plan["candidates"])
+    # short sequences are not split
+    result = CliRunner().invoke(plan_command, ["--model", "8b", "--gpus", "8", "--json", "--top", "0"])
+    assert all(c["train"]["cp"] == 1 for c in json.loads(result.stdout)["candidates"])
+
+
+def test_cli_breakdown_names_the_ring():
+    result = CliRunner().invoke(plan_command, ["--model", "8b", "--gpus", "8", "--seq-len", "131072", "--cp", "4",
+                                               "--strategy", "zero3", "--tp", "1", "--pp", "1", "--ac", "full"])
+    assert result.exit_code == 0, result.output
+    assert "context parallel: each rank holds 32,768 of 131,072 tokens" in result.stdout
+    assert "ring attention sends" in result.stdout
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(cp=4, attention="eager"), "--attention flash"),
+    (dict(cp=4, seq_len=1004), "multiple of 8"),
+    (dict(cp=3), "does not divide 8 GPUs"),
+    (dict(cp=2, engine="deepspeed"), "Ulysses"),
+    (dict(cp=2, activation_checkpointing="op"), "--ac none, full or layer:N"),
+])
+def test_impossible_context_parallel_layouts(kw, message):
+    with pytest.raises(LayoutError, match=message):
+        _train(**kw)
+
+
+def test_run_refuses_cp_in_one_line():
+    from trainplan.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--cp", "2", "--gpus", "2"])
+    assert result.exit_code == 2 and "planned" in result.stderr
+
