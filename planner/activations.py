@@ -59,6 +59,7 @@ class ActivationInputs:
     lora_targets: str
     train_embeddings: bool
     lora_dtype: str
+    cp: int  # context parallel: seq_len is the rank's share; RoPE rows are gathered per forward
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
@@ -532,6 +533,10 @@ def rope_table_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) ->
     if x.impl.rope == "per-forward":
         # Hugging Face: [1, seq, head_dim] cos and sin per forward, in the hidden states' dtype
         return 2 * train.seq_len * model.head_dim * x.norm_ab
+    if getattr(train, "cp", 1) > 1:
+        # context parallel: the rows of this rank's positions, gathered once per forward (the
+        # full cast tables die as soon as they are sharded; strategies/model.py)
+        return 2 * x.s * model.head_dim * x.ab
     if x.ab == FP32:
         return 0
     positions = max(model.max_position_embeddings, train.seq_len)

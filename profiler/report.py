@@ -127,15 +127,15 @@ def _error(predicted: float | None, measured: float | None) -> float | None:
     return (predicted - measured) / measured * 100
 
 
-def stage_of(rank: int, dp: int, tp: int) -> int:
-    return rank // (dp * tp)  # mesh (pp, dp, tp): tensor parallel fastest
+def stage_of(rank: int, dp: int, tp: int, cp: int = 1) -> int:
+    return rank // (dp * cp * tp)  # mesh (pp, dp[, cp], tp): tensor parallel fastest
 
 
 def predicted_side(est: Estimate) -> Side:
     t = est.train
     ranks = []
     for rank in range(t.gpus):
-        stage = est.stages[stage_of(rank, t.dp, t.tp)]
+        stage = est.stages[stage_of(rank, t.dp, t.tp, t.cp)]
         resident = stage.phases["optimizer"]
         ranks.append(RankMemory(
             rank=rank, stage=stage.stage,
@@ -177,7 +177,7 @@ def _measured_rank(r: RankBytes, stage: int, pipeline: bool) -> RankMemory:
 
 def measured_side(result: RunResult, est: Estimate) -> Side:
     t = result.train
-    ranks = [_measured_rank(r, stage_of(r.rank, t.dp, t.tp), t.pp > 1) for r in result.ranks if r is not None]
+    ranks = [_measured_rank(r, stage_of(r.rank, t.dp, t.tp, t.cp), t.pp > 1) for r in result.ranks if r is not None]
     worst = max(ranks, key=lambda r: (r.max_memory_allocated or 0, r.memory.peak))
     simulated = result.simulated_world is not None
     tokens = None if simulated else result.tokens_per_s

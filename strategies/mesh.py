@@ -15,13 +15,26 @@ class ParallelDims:
     tp: int
     pp: int
     world: int
+    cp: int = 1
 
     def __post_init__(self):
-        if self.dp * self.tp * self.pp != self.world:
-            raise LayoutError(f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.dp * self.tp * self.pp} "
-                              f"!= {self.world} ranks")
+        if self.dp * self.tp * self.pp * self.cp != self.world:
+            raise LayoutError(f"dp x tp x pp x cp = {self.dp} x {self.tp} x {self.pp} x {self.cp} = "
+                              f"{self.dp * self.tp * self.pp * self.cp} != {self.world} ranks")
 
     def build_mesh(self, device_type: str):
+        """(pp, dp, tp); with context parallelism (pp, dp, cp, tp), torchtitan's order, plus the
+        flattened "dp_cp" dimension that FSDP, DDP and ZeRO-1 shard and reduce over."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+        if self.cp == 1:
+            return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+        mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp),
+                                mesh_dim_names=("pp", "dp", "cp", "tp"))
+        mesh["dp", "cp"]._flatten("dp_cp")
+        return mesh
+
+
+def shard_mesh(mesh, cp: int):
+    """The ranks that shard and average gradients: dp, or dp x cp with context parallelism."""
+    return mesh["dp_cp"] if cp > 1 else mesh["dp"]

@@ -68,6 +68,7 @@ class Attention(nn.Module):
         self.dropout = spec.dropout
         self.kernel = "flash"  # or "eager"; set by ``strategies.checkpointing`` / the run config
         self.recompute_core = False  # Megatron's selective recompute of the core attention
+        self.cp_mesh = None  # context parallel: the ring's mesh (strategies.context_parallel)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -78,7 +79,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
-        if self.recompute_core:
+        if self.cp_mesh is not None:
+            from strategies.context_parallel import ring_attention
+
+            out = ring_attention(q, k, v, self.cp_mesh)
+        elif self.recompute_core:
             out = checkpoint(core_attention, q, k, v, self.kernel, dropout, use_reentrant=False)
         else:
             out = core_attention(q, k, v, self.kernel, dropout)
@@ -145,6 +150,7 @@ class Transformer(nn.Module):
         self.head = (None if spec.tied_embeddings
                      else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, **kw))
         self.has_head = True  # False on pipeline stages before the last
+        self.cp_shard = None  # context parallel: (rank, cp) -- which positions this rank's tokens are
         self.rope_length = max(spec.max_position_embeddings, max_seq_len)
         cos, sin = rope_tables(spec, device, self.rope_length)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -166,6 +172,12 @@ class Transformer(nn.Module):
         device_type = h.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
         cos, sin = self.rope_cos.to(dtype), self.rope_sin.to(dtype)
+        if self.cp_shard is not None:  # this rank's positions: chunks r and 2cp - 1 - r of the sequence
+            from strategies.context_parallel import load_balanced_shard
+
+            rank, cp = self.cp_shard
+            length = h.shape[1] * cp
+            cos, sin = load_balanced_shard(cos[:length], 0, rank, cp), load_balanced_shard(sin[:length], 0, rank, cp)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         if not self.has_head:

@@ -20,7 +20,8 @@ from strategies.ddp import apply_ddp
 from strategies.fsdp import apply_fsdp
 from strategies.kernels.optim import InBackwardOptimizer, MasterWeightOptimizer, make_optimizer
 from strategies.lora import apply_lora, quantize_base
-from strategies.mesh import ParallelDims
+from strategies.context_parallel import apply_context_parallel
+from strategies.mesh import ParallelDims, shard_mesh
 from strategies.model import Transformer, materialize
 from strategies.offload import apply_offload
 from strategies.pipeline import Pipeline, apply_pipeline, stage_modules
@@ -56,7 +57,7 @@ class Parallelized:
 
 
 def build_mesh(cfg: TrainConfig, world: int, device: torch.device):
-    return ParallelDims(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, world=world).build_mesh(device.type)
+    return ParallelDims(dp=cfg.dp, tp=cfg.tp, pp=cfg.pp, world=world, cp=cfg.cp).build_mesh(device.type)
 
 
 def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, device: torch.device,
@@ -72,7 +73,8 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     fake = fake if fake is not None else nullcontext()
     sharded = cfg.zero_stage >= 2
     precision = precision_plan(cfg.precision, sharded)
-    offload = apply_offload(model, mesh["dp"], cfg, device.type)
+    shards = shard_mesh(mesh, cfg.cp)
+    offload = apply_offload(model, shards, cfg, device.type)
     if cfg.offload == "params" and precision.fsdp_param_dtype is not None:
         raise ConfigError("amp-bf16 with parameter offload is not supported; use bf16-mixed or fp32")
 
@@ -91,12 +93,13 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
         if finetune:
             apply_lora(module, cfg)
         apply_tensor_parallel(module, mesh["tp"], cfg)
+        apply_context_parallel(module, mesh["cp"] if cfg.cp > 1 else None, cfg)
         apply_activation_checkpointing(module, mesh, cfg)
         if cfg.compile:
             for name, block in list(module.layers.items()):
                 module.layers[name] = torch.compile(block)
         if sharded:
-            apply_fsdp(module, mesh["dp"], cfg, precision.mp_policy(), offload.fsdp_policy)
+            apply_fsdp(module, shards, cfg, precision.mp_policy(), offload.fsdp_policy)
         with fake:
             materialize(module, "cpu" if cfg.offload == "params" else device, seed, buffer_device=device)
             if finetune:
@@ -105,7 +108,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
         modules.append(module)
     if not sharded and not simulated:
         device_ids = [device.index] if device.type == "cuda" else None
-        modules = [apply_ddp(module, mesh["dp"], cfg, device_ids) for module in modules]
+        modules = [apply_ddp(module, shards, cfg, device_ids) for module in modules]
         for i, (index, _) in enumerate(stages):
             stages[i] = (index, modules[i])
 
@@ -133,7 +136,7 @@ def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -
         return par
     if cfg.zero_stage == 1:
         masters = precision.master_weights and not (cfg.finetune != "full" and cfg.lora_dtype == "fp32")
-        optimizer = apply_zero1(params, mesh["dp"], cfg, masters, precision.loss_scaling,
+        optimizer = apply_zero1(params, shard_mesh(mesh, cfg.cp), cfg, masters, precision.loss_scaling,
                                 offload.optimizer_state_device)  # offload=params needs ZeRO-3, never here
     elif cfg.finetune != "full" and cfg.lora_dtype == "fp32":
         optimizer = make_optimizer(params, cfg.optimizer, cfg.optimizer_impl)  # fp32 adapters need no master

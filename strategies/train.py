@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from planner.configs import ModelSpec, TrainConfig
 from planner.errors import ConfigError
+from strategies.context_parallel import load_balanced_shard
 from strategies.data import SyntheticTokens, TokenFile, batch
 from strategies.kernels.optim import MasterWeightOptimizer, state_tensors
 from strategies.model import build_model, materialize
@@ -198,6 +199,9 @@ def train_step(par: Parallelized, source, step: int, phases=None, losses: bool =
     m = cfg.num_microbatches
     for j in range(m):
         inputs, targets = batch(source, first + j * cfg.micro_batch, cfg.micro_batch, par.device)
+        if cfg.cp > 1:  # this rank's share of each sequence (strategies/context_parallel.py)
+            rank = par.mesh["cp"].get_local_rank()
+            inputs, targets = (load_balanced_shard(t, 1, rank, cfg.cp) for t in (inputs, targets))
         sync = nullcontext() if j == m - 1 or not hasattr(model, "no_sync") else model.no_sync()
         with sync, _loss_context(par):
             with par.precision.autocast(par.device.type), phases.phase("forward"):

@@ -483,7 +483,7 @@ def build_run_config(options: dict, run: dict):
     sequence_parallel = options["sequence_parallel"] if options["sequence_parallel"] is not None else tp > 1
     seq_len = options["seq_len"] or min(DEFAULT_SEQ_LEN, model.max_position_embeddings)
     fields = dict(
-        gpus=gpus, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+        gpus=gpus, tp=tp, pp=pp, cp=options["cp"] or 1, sequence_parallel=sequence_parallel,
         zero_stage=STRATEGIES[options["strategy"] or "ddp"], offload=options["offload"] or "none",
         precision=options["precision"], optimizer=options["optimizer"], optimizer_impl=options["optimizer_impl"],
         activation_checkpointing=options["activation_checkpointing"] or "none", attention=options["attention"],
@@ -502,9 +502,9 @@ def build_run_config(options: dict, run: dict):
                                "`plan`; measure your own loop of that code with trainplan.track")
     if options["paged_optimizer"]:
         raise click.UsageError("--paged-optimizer is planned by `plan`; the strategy layer does not execute it yet")
-    if (options["cp"] or 1) > 1:
-        raise click.UsageError("--cp is planned by `plan`; the strategy layer does not run context parallelism yet "
-                               "(PyTorch's context_parallel has no CPU kernel in torch 2.13)")
+    if (options["cp"] or 1) > 1 and (tp > 1 or pp > 1):
+        raise click.UsageError("run executes context parallelism with data parallelism only (--tp 1 --pp 1); "
+                               "cp with tp or pp is planned by `plan`")
     train = TrainConfig(**fields)
     check_layout(model, train)
     if run["data"]:
