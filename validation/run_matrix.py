@@ -84,6 +84,15 @@ CPU_CASES = [
     ("8B QLoRA ZeRO-1, full AC, seq 4096, 8 simulated", "llama-3-8b", 8,
      dict(gpus=8, zero_stage=1, finetune="qlora", seq_len=4096, micro_batch=1, precision="bf16-mixed",
           activation_checkpointing="full")),
+    # context parallel (issue 14): PyTorch's ring attention, FSDP over dp x cp
+    ("Context parallel cp2, ZeRO-3", "tiny-llama", None, dict(gpus=2, cp=2, zero_stage=3)),
+    ("Context parallel cp2, DDP", "tiny-llama", None, dict(gpus=2, cp=2, zero_stage=0)),
+    ("1B dp2 x cp4 ZeRO-3, full AC, seq 16384, 8 simulated", "llama-3.2-1b", 8,
+     dict(gpus=8, cp=4, zero_stage=3, seq_len=16384, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="full")),
+    ("8B cp8 ZeRO-3, full AC, seq 65536, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, cp=8, zero_stage=3, seq_len=65536, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="full")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
