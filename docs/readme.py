@@ -341,7 +341,25 @@ def inference_logits() -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_context() -> str:
+    """torchtitan's published context-parallel runs against the planner (validation/published.py)."""
+    sys.path.insert(0, str(ROOT / "validation"))
+    from published import TORCHTITAN_CP, TORCHTITAN_CP_SOURCE, predict_torchtitan_cp
+
+    lines = ["| FSDP × CP | sequence | published tokens/s per GPU | planned (bf16) | published / 32k | planned / 32k |",
+             "|---|---|---|---|---|---|"]
+    first = None
+    for fsdp, cp, seq, tps in TORCHTITAN_CP:
+        planned = predict_torchtitan_cp(cp, seq)
+        first = first or (tps, planned)
+        lines.append(f"| {fsdp} × {cp} | {seq:,} | {tps:,} | {planned:,.0f} | {tps / first[0]:.3f} | "
+                     f"{planned / first[1]:.3f} |")
+    lines += ["", f"Source: {TORCHTITAN_CP_SOURCE}."]
+    return "\n".join(lines) + "\n"
+
+
 SECTIONS = {
+    "long-context": long_context,
     "inference-seed": inference_seed,
     "inference-accuracy": inference_accuracy,
     "inference-logits": inference_logits,

@@ -71,6 +71,11 @@ class ThroughputConstants(BaseModel):
     small_collective_step_latency_s: float = Field(
         default=0.6e-6, ge=0, le=1, description="per ring step of a small collective inside a node: NCCL's LL "
         "hwLat over NVLink (src/graph/tuning.cc)")
+    attention_efficiency: float = Field(
+        default=0.35, gt=0, le=1, description="fraction of the dense 16-bit peak that fused (flash) attention "
+        "sustains: FlashAttention-2 reaches 35% on an H100 (Shah et al. 2024, FlashAttention-3, abstract)")
+    attention_efficiency_by_gpu: dict[str, Efficiency] = Field(
+        default_factory=dict, description="per GPU name, overriding attention_efficiency")
     decode_hbm_efficiency: float = Field(default=0.7, gt=0, le=1, description="achieved / peak HBM bandwidth of an "
                                          "inference decode step (weights and KV cache streamed once per token)")
     compile_compute_speedup: float = Field(

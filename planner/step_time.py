@@ -133,6 +133,14 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     return raw, exposed
 
 
+def _flash_attention_forward_flops(model: ModelSpec, train: TrainConfig) -> float:
+    """One layer's causal attention forward FLOPs per micro-batch on this rank (the part of
+    ``unit_flops`` that flash attention computes)."""
+    square = attention_square_flops(model, train.seq_len, "decoder") / train.cp
+    causal = square / 2 if not model.encoder_layers else square * 3 / 4
+    return causal * train.micro_batch / train.tp
+
+
 def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, flops_rate: float, link: comm.Group,
                       passes: float) -> tuple[float, float, float]:
     """Per layer and micro-batch: the part of context parallelism's ring exchanges that the
@@ -190,6 +198,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     per_stage = {}
     ring = {}  # context parallel, per stage: (bytes, transfer s, exposed s) per micro-batch
     frozen = None
+    attention_rate = peak * k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
     for i in stages:
         f = stage_flops(model, train, i)
         sp = _stage_params(model, p, v, t, dp, zero, train.engine, i)
@@ -198,6 +207,11 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             sp, frozen = _finetune_params(model, train)
         compute = (f.forward + f.backward) / flops_rate
         recompute = f.recompute / flops_rate
+        if train.attention == "flash":  # fused attention runs at its own efficiency, not the matmuls'
+            attention_forward = _flash_attention_forward_flops(model, train) * layers
+            compute += (1 + FLASH_BACKWARD_FACTOR) * attention_forward * (1 / attention_rate - 1 / flops_rate)
+            share = f.recompute / f.forward if f.forward else 0.0  # the recomputed part of the forward
+            recompute += share * attention_forward * (1 / attention_rate - 1 / flops_rate)
         if train.teacher:  # distillation: the teacher's forward per micro-batch (no backward)
             compute += _teacher(model, train).forward_flops / flops_rate
         if train.attention == "eager":

@@ -182,3 +182,24 @@ def predict_fsdp(run: FsdpRun):
     """The planner's Throughput for a published run (8 GPUs per node, the shipped calibration)."""
     gpu = load_gpu(run.gpu)
     return estimate_step(load_model(run.model), gpu, TrainConfig(**run.train), calibration_for_gpu(gpu), 8)
+
+
+# ---------------------------------------------------------------- context parallel (torchtitan)
+
+TORCHTITAN_CP_SOURCE = ("torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Table 2: Llama 3.1 8B on 8 H100 "
+                        "(96 GB HBM2e, 500 W), FSDP + CP + torch.compile + Float8, local batch 1, full AC")
+TORCHTITAN_CP = [  # (fsdp, cp, sequence length, published tokens/s per GPU)
+    (8, 1, 32768, 3890),
+    (4, 2, 65536, 2540),
+    (2, 4, 131072, 1071),
+    (1, 8, 262144, 548),
+]
+
+
+def predict_torchtitan_cp(cp: int, seq_len: int) -> float:
+    """tokens/s per GPU the planner predicts for a row of TORCHTITAN_CP, in bf16 (Float8 is not
+    modelled yet): torchtitan's model code, fp32 parameters with bf16 compute, compiled blocks."""
+    gpu = load_gpu("h100-sxm-96gb")
+    train = TrainConfig(gpus=8, cp=cp, seq_len=seq_len, zero_stage=3, activation_checkpointing="full", micro_batch=1,
+                        precision="amp-bf16", compile=True, impl="torchtitan")
+    return estimate_step(load_model("llama-3-8b"), gpu, train, calibration_for_gpu(gpu)).tokens_per_s_per_gpu
