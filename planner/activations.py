@@ -532,7 +532,7 @@ def rope_table_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) ->
     x = _dims(model, train)
     if x.impl.rope == "per-forward":
         # Hugging Face: [1, seq, head_dim] cos and sin per forward, in the hidden states' dtype
-        return 2 * train.seq_len * model.head_dim * x.norm_ab
+        return 2 * x.s * model.head_dim * x.norm_ab
     if getattr(train, "cp", 1) > 1:
         # context parallel: the rows of this rank's positions, gathered once per forward (the
         # full cast tables die as soon as they are sharded; strategies/model.py)

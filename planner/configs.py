@@ -430,7 +430,13 @@ def check_layout(model: ModelSpec, train: TrainConfig) -> None:
         raise LayoutError(
             f"Megatron-LM needs the {layers} layers divisible by pp x chunks = {train.pp * train.chunks}"
         )
-    if train.sequence_parallel and train.seq_len % tp:
+    if train.cp > 1 and model.position_embedding != "rope":
+        raise LayoutError(f"context parallelism shards RoPE's positions; {model.name}'s {model.position_embedding} "
+                          "positions are not sharded by the reference model (use --cp 1)")
+    if train.cp > 1 and model.dropout > 0:
+        raise LayoutError(f"PyTorch's ring attention runs without dropout; {model.name} has dropout {model.dropout} "
+                          "(use --cp 1)")
+    if train.sequence_parallel and train.local_seq_len % tp:
         raise LayoutError(f"sequence parallelism needs seq len {train.seq_len} divisible by tp={tp}")
     if model.position_embedding == "learned" and train.seq_len > model.max_position_embeddings:
         raise LayoutError(

@@ -167,8 +167,7 @@ def kv_cache_bytes(model: ModelSpec, cfg: InferenceConfig, compute_bytes: int, k
     over the new tokens, plus cross-attention k, v over the prompt); encoders keep none."""
     if kind == "encoder":
         return 0
-    positions = (cfg.new_tokens + cfg.prompt_len) if model.encoder_layers else cfg.cache_len
-    entries = 2 * cfg.batch * (model.num_kv_heads // tp) * positions  # k and v rows of head_dim
+    entries = 2 * cfg.batch * (model.num_kv_heads // tp) * cfg.cache_len  # (encoder-decoder: new + prompt)  # k and v rows of head_dim
     if cfg.kv_cache == "int8":
         return entries * model.head_dim + entries * compute_bytes
     return entries * model.head_dim * compute_bytes
@@ -253,7 +252,8 @@ def _projection_call(walk: _ForwardWalk, cfg: InferenceConfig, d: _Dims, out: in
         return
     if cfg.weights == "w8a8":
         _quantize_rows(walk, rows, inp, e)
-        padded = max(rows, W8A8_MIN_ROWS) if inp % 8 == 0 and out % 8 == 0 else rows
+        # strategies/kernels/int8.int8_matmul pads 16 rows or fewer for torch._int_mm
+        padded = W8A8_MIN_ROWS if rows <= 16 and inp % 8 == 0 and out % 8 == 0 else rows
         if padded != rows:
             walk.new("padded", padded * inp)
         walk.new("int32", padded * out * 4)

@@ -387,6 +387,7 @@ _CAUSES = {
     "compute_s": "compute",
     "recompute_s": "activation recomputation",
     "tp_communication_s": "tensor-parallel all-reduces",
+    "cp_communication_s": "ring attention exchanges (context parallel)",
     "pp_communication_s": "pipeline transfers",
     "dp_communication_exposed_s": "exposed data-parallel communication",
     "bubble_s": "pipeline bubble",

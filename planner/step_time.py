@@ -141,7 +141,7 @@ def _flash_attention_forward_flops(model: ModelSpec, train: TrainConfig) -> floa
     return causal * train.micro_batch / train.tp
 
 
-def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, flops_rate: float, link: comm.Group,
+def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, attention_rate: float, link: comm.Group,
                       passes: float) -> tuple[float, float, float]:
     """Per layer and micro-batch: the part of context parallelism's ring exchanges that the
     attention cannot hide. PyTorch's ring attention (torch/distributed/tensor/experimental/
@@ -156,7 +156,7 @@ def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, flops_rate: 
     kv_bytes = (2 * train.micro_batch * train.local_seq_len * (model.num_kv_heads // train.tp) * model.head_dim
                 * recipe.compute_bytes)
     attention_flops = attention_square_flops(model, train.seq_len, "decoder") / 2 * train.micro_batch / train.tp
-    block_s = attention_flops / train.cp / train.cp / flops_rate  # one of the cp blocks of this rank's share
+    block_s = attention_flops / train.cp / train.cp / attention_rate  # one of the cp blocks of this rank's share
     steps = train.cp - 1
     forwards = passes - 1  # a full recompute runs the forward ring again
     sent = steps * kv_bytes * (forwards + 2)
@@ -210,7 +210,10 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         if train.attention == "flash":  # fused attention runs at its own efficiency, not the matmuls'
             attention_forward = _flash_attention_forward_flops(model, train) * layers
             compute += (1 + FLASH_BACKWARD_FACTOR) * attention_forward * (1 / attention_rate - 1 / flops_rate)
-            share = f.recompute / f.forward if f.forward else 0.0  # the recomputed part of the forward
+            # what recompute repeats of the attention: all of it (Megatron's selective), none
+            # (op-level keeps the attention kernel's output), else the recomputed share
+            share = {"selective": 1.0, "op": 0.0, "none": 0.0}.get(
+                policy, f.recompute / f.forward if f.forward else 0.0)
             recompute += share * attention_forward * (1 / attention_rate - 1 / flops_rate)
         if train.teacher:  # distillation: the teacher's forward per micro-batch (no backward)
             compute += _teacher(model, train).forward_flops / flops_rate
@@ -225,7 +228,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
         tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
         ring_bytes, ring_raw, ring_exposed = (layers * x for x in _ring_attention_s(
-            model, train, recipe, flops_rate, links.cp, passes))
+            model, train, recipe, attention_rate, links.cp, passes))
         pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
         if frozen is not None and frozen.quantised_bytes:
             # a quantised base is dequantised per matmul: read the codes, write the 16-bit

@@ -148,6 +148,8 @@ def _profile(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibrat
     simulated = fake is not None
 
     on_gpu = device.type == "cuda"
+    if memory_limit is not None:
+        gpu = gpu.model_copy(update={"memory_bytes": memory_limit})  # what is planned for
     if memory_limit is not None and on_gpu:
         # the emulated card holds the CUDA context too: the caching allocator gets the rest
         from strategies.train import _device_used
@@ -157,9 +159,10 @@ def _profile(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibrat
         context = _device_used(device) or 0
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (memory_limit - context) / total)), device)
-        gpu = gpu.model_copy(update={"memory_bytes": memory_limit})
     overheads = cal.overheads if on_gpu else Overheads.none()
     estimate = estimate_inference(model, gpu, cfg, cal, overheads)
+    if cfg.quantised and cfg.dtype == "auto":  # the dtype the plan chose for this GPU runs
+        cfg = cfg.model_copy(update={"dtype": estimate.compute_dtype})
     if cfg.offload == "layers" and not cfg.swapped_layers:
         cfg = cfg.model_copy(update={"swapped_layers": estimate.offload.swapped_layers})
     net = build_inference_model(model, cfg, "cpu", seed, fake)

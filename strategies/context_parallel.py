@@ -70,10 +70,13 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh) -> torch.Tensor:
-    if k.shape[1] != q.shape[1] and q.device.type == "cuda":  # GQA: CUDA's flash kernel takes one head count
-        # (the CPU kernel attends grouped heads itself, as SDPA's enable_gqa does)
-        repeat = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    if k.shape[1] != q.shape[1] and q.device.type == "cuda":
+        # CUDA's flash kernel takes one head count: repeating k, v would save and send num_heads /
+        # num_kv_heads times what the planner counts (the CPU kernel attends grouped heads itself)
+        from planner.errors import ConfigError
+
+        raise ConfigError("context parallel with grouped-query attention is not run on CUDA yet (its ring flash "
+                          "kernel needs k, v repeated to every head, which the planner does not count)")
     return _RingAttention.apply(q, k, v, mesh)
 
 
@@ -82,10 +85,8 @@ def apply_context_parallel(model: nn.Module, cp_mesh, cfg) -> None:
     which positions of each sequence this rank holds (its RoPE tables follow)."""
     if cfg.cp == 1:
         return
-    from strategies.model import Attention, Transformer
-
-    for module in model.modules():
-        if isinstance(module, Attention):
+    for module in model.modules():  # strategies.model's Attention and Transformer carry these slots
+        if hasattr(module, "cp_mesh"):
             module.cp_mesh = cp_mesh
-        if isinstance(module, Transformer):
+        if hasattr(module, "cp_shard"):
             module.cp_shard = (cp_mesh.get_local_rank(), cfg.cp)

@@ -138,7 +138,7 @@ class KVCache:
             codes[:, :, pos:stop] = q.transpose(1, 2)
             scales[:, :, pos:stop, 0] = scale.transpose(1, 2)
 
-    def read(self, layer: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.quantised:
             return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
         k = self.k[layer][:, :, :length] * self.k_scale[layer][:, :, :length]
@@ -267,7 +267,7 @@ def _attention(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     cache.write(layer, pos, k, v)
     del k, v
     length = pos + c
-    keys, values = cache.read(layer, length, x.dtype)
+    keys, values = cache.read(layer, length)
     # causal within the chunk; the cache before it is all visible
     mask = None if c == 1 or pos == 0 else torch.ones(c, length, dtype=torch.bool, device=x.device).tril(pos)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,

@@ -120,7 +120,7 @@ def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -
     # what trains (a LoRA fine-tune: the adapters); the frozen base gets no optimizer state
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
     if cfg.optimizer_in_backward:
-        if cfg.dp > 1 or cfg.tp > 1 or cfg.pp > 1 or cfg.offload != "none":
+        if cfg.shard_world > 1 or cfg.tp > 1 or cfg.pp > 1 or cfg.offload != "none":
             raise ConfigError("--optimizer-in-backward runs on one process here (a data-parallel gradient must be "
                               "reduced before its step); use --gpus 1")
         fp32_adapters = cfg.finetune != "full" and cfg.lora_dtype == "fp32"
@@ -148,5 +148,5 @@ def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -
         optimizer = make_optimizer(params, cfg.optimizer, cfg.optimizer_impl)
     pipeline = apply_pipeline(stages, mesh["pp"], cfg, device) if cfg.pp > 1 else None
     par = Parallelized(modules, optimizer, pipeline, precision, mesh, device, cfg)
-    par.simulated_ddp = simulated and cfg.zero_stage <= 1 and cfg.dp > 1
+    par.simulated_ddp = simulated and cfg.zero_stage <= 1 and cfg.shard_world > 1
     return par

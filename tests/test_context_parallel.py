@@ -169,3 +169,14 @@ def test_committed_context_parallel_runs_repredict():
             assert rows[key].predicted == rows[key].measured, (case["label"], key)
         assert abs(rows["activations"].error_pct) < 3, case["label"]
         assert abs(rows["peak"].error_pct) < 2, case["label"]
+
+
+def test_cp_needs_rope_and_no_dropout():
+    """The reference model shards RoPE's rows per rank and PyTorch's ring runs without dropout:
+    GPT-2's learned positions (and dropout) are refused with cp, not silently trained wrong."""
+    from planner.configs import check_layout
+
+    with pytest.raises(LayoutError, match="positions"):
+        check_layout(load_model("tiny-gpt2"), TrainConfig(gpus=2, cp=2, seq_len=256))
+    with pytest.raises(LayoutError, match="dropout"):
+        check_layout(MODEL.model_copy(update={"dropout": 0.1}), TrainConfig(gpus=2, cp=2, seq_len=256))

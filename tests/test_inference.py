@@ -333,3 +333,10 @@ def test_tensor_parallel_splits_weights_and_cache():
     assert eight.memory.kv_cache * 8 == kv_cache_bytes(model, eight.config, 2) * model.num_layers
     # a token crosses every pipeline stage in turn; tensor parallelism splits each layer's reads
     assert eight.time.decode_tokens_per_s > 4 * one.time.decode_tokens_per_s
+
+
+def test_a_layout_given_by_its_sizes_needs_no_gpu_count():
+    result = _plan("--mode", "inference", "--model", "70b", "--tp", "8", "--gpu", "a100-80gb", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["config"]["gpus"] == 8 and data["config"]["tp"] == 8 and data["fits"]

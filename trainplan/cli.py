@@ -411,6 +411,8 @@ def _plan_inference(options, inference, calibration_path, cuda_context_mib, comm
     gpu = load_gpu(options["gpu_name"])
     cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
     gpus, per_node = resolve_gpus(options["gpus"], None, options["gpus_per_node"], gpu)
+    if options["gpus"] is None and (options["tp"] or options["pp"]):  # a layout given by its sizes
+        gpus = (options["tp"] or 1) * (options["pp"] or 1)
     result, failure = inference_cli.plan(options, inference, cal, gpus, per_node)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
@@ -663,7 +665,9 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
 def _runnable(train) -> bool:
     """What PyTorch's engines run (strategies/): DDP-based strategies only without tp/pp when
     dp > 1; no 16-bit loss scaling with pipelines; not Megatron's fp32-grads recipe."""
-    if train.zero_stage <= 1 and train.dp > 1 and (train.tp > 1 or train.pp > 1):
+    if train.zero_stage <= 1 and train.shard_world > 1 and (train.tp > 1 or train.pp > 1):
+        return False
+    if train.cp > 1 and (train.tp > 1 or train.pp > 1):  # run executes cp with data parallelism only
         return False
     return train.precision != "bf16-mixed-fp32-grads" and not (train.pp > 1 and train.precision == "fp16-mixed")
 

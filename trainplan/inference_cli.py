@@ -106,7 +106,7 @@ def _fields(options: dict, inference: dict, kernels_default: str) -> dict:
 def _config(model, options: dict, inference: dict, kernels_default: str):
     from planner.inference import InferenceConfig, check_inference
 
-    gpus = options["gpus"] or (options["tp"] or 1) * (options["pp"] or 1)
+    gpus = options["gpus"]
     tp = options["tp"] or 1
     cfg = InferenceConfig(gpus=gpus, tp=tp, pp=options["pp"] or max(1, gpus // tp),
                           **_fields(options, inference, kernels_default))

@@ -308,7 +308,8 @@ def _error_text(error: float | None) -> Text:
 
 def render_profile(report, console: Console) -> None:
     t = report.train
-    layout = f"dp{t['dp']}·tp{t['tp']}·pp{t['pp']}" + ("+sp" if t["sequence_parallel"] else "")
+    layout = f"dp{t['dp']}·tp{t['tp']}·pp{t['pp']}" + (f"·cp{t['cp']}" if t.get("cp", 1) > 1 else "") + (
+        "+sp" if t["sequence_parallel"] else "")
     strategy = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}[t["zero_stage"]]
     if t["offload"] != "none":
         strategy += f"+offload({t['offload']})"
@@ -361,7 +362,9 @@ def render_recommend(report, console: Console) -> None:
     for i, r in enumerate(report.reports):
         t = r.train
         strategy = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}[t["zero_stage"]]
-        layout = f"{strategy} dp{t['dp']}·tp{t['tp']}·pp{t['pp']} mb{t['micro_batch']}×{t['grad_accum']} {t['activation_checkpointing']}"
+        cp = f"·cp{t['cp']}" if t.get("cp", 1) > 1 else ""
+        layout = (f"{strategy} dp{t['dp']}·tp{t['tp']}·pp{t['pp']}{cp} mb{t['micro_batch']}×{t['grad_accum']} "
+                  f"{t['activation_checkpointing']}")
         measured = r.measured
         table.add_row(str(i + 1), layout, bytes_text(r.predicted.memory.peak),
                       bytes_text(measured.memory.peak) if measured else "-",
