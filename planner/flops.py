@@ -56,6 +56,17 @@ def attention_square_flops(model: ModelSpec, seq_len: int, kind: str = "decoder"
     return per_attention * (2 if kind == "decoder" and model.encoder_layers else 1)
 
 
+def rank_attention_flops(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> float:
+    """Forward attention FLOPs of one micro-batch through one layer on one rank: the s x s square
+    split over the tensor-parallel heads and, with context parallelism, evenly over the cp ranks
+    (round-robin load balancing); causal flash attention skips the masked half of a decoder's
+    self-attention (cross-attention is not causal)."""
+    attention = attention_square_flops(model, train.seq_len, kind) / train.cp
+    if train.attention == "flash" and kind == "decoder":
+        attention = attention / 2 if not model.encoder_layers else attention * 3 / 4
+    return attention * train.micro_batch / train.tp
+
+
 def _counted_attention(model: ModelSpec, seq_len: int, kind: str, causal: bool) -> float:
     """The attention a model FLOP count charges: the full square (PaLM, nanoGPT, Korthikanti
     et al. and Narayanan et al. count it so) or, ``causal``, only the unmasked half of a
@@ -192,19 +203,12 @@ def unit_flops(model: ModelSpec, train: TrainConfig, kind: str) -> StageFlops:
     s, b, t = train.local_seq_len, train.micro_batch, train.tp
     flash = train.attention == "flash"
     if kind in ("encoder", "decoder"):
-        matmul_params = layer_matmul_params(model, kind)
-        # context parallel: the full s x s square split evenly over the cp ranks (round-robin load
-        # balancing gives every rank the same share of the causal triangle)
-        attention = attention_square_flops(model, train.seq_len, kind) / train.cp
-        if flash and kind == "decoder":
-            # causal flash skips the masked half (cross-attention is not causal)
-            attention = attention / 2 if not model.encoder_layers else attention * 3 / 4
+        matmul_params, attention = layer_matmul_params(model, kind), rank_attention_flops(model, train, kind)
     elif kind == "head":
         matmul_params, attention = head_matmul_params(model), 0
     else:
         return StageFlops(forward=0.0, backward=0.0, recompute=0.0)
     matmul = 2 * s * b * matmul_params / t
-    attention = attention * b / t
     forward = matmul + attention
     backward = BACKWARD_MATMUL_FACTOR * matmul + (FLASH_BACKWARD_FACTOR if flash else 2.0) * attention
     if train.finetune != "full":
@@ -248,6 +252,7 @@ __all__ = [
     "layer_matmul_params",
     "model_flops_per_step",
     "model_flops_per_token",
+    "rank_attention_flops",
     "recompute_flops_per_sequence",
     "stage_flops",
     "unit_flops",

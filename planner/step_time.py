@@ -43,9 +43,9 @@ from planner.engines import ENGINES
 from planner.errors import ConfigError
 from planner.flops import (
     FLASH_BACKWARD_FACTOR,
-    attention_square_flops,
     hardware_flops_per_step,
     model_flops_per_step,
+    rank_attention_flops,
     stage_flops,
     unit_flops,
 )
@@ -133,14 +133,6 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     return raw, exposed
 
 
-def _flash_attention_forward_flops(model: ModelSpec, train: TrainConfig) -> float:
-    """One layer's causal attention forward FLOPs per micro-batch on this rank (the part of
-    ``unit_flops`` that flash attention computes)."""
-    square = attention_square_flops(model, train.seq_len, "decoder") / train.cp
-    causal = square / 2 if not model.encoder_layers else square * 3 / 4
-    return causal * train.micro_batch / train.tp
-
-
 def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, attention_rate: float, link: comm.Group,
                       passes: float) -> tuple[float, float, float]:
     """Per layer and micro-batch: the part of context parallelism's ring exchanges that the
@@ -155,8 +147,7 @@ def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, attention_ra
         return 0.0, 0.0, 0.0
     kv_bytes = (2 * train.micro_batch * train.local_seq_len * (model.num_kv_heads // train.tp) * model.head_dim
                 * recipe.compute_bytes)
-    attention_flops = attention_square_flops(model, train.seq_len, "decoder") / 2 * train.micro_batch / train.tp
-    block_s = attention_flops / train.cp / train.cp / attention_rate  # one of the cp blocks of this rank's share
+    block_s = rank_attention_flops(model, train) / train.cp / attention_rate  # one of the cp blocks of this rank's share
     steps = train.cp - 1
     forwards = passes - 1  # a full recompute runs the forward ring again
     sent = steps * kv_bytes * (forwards + 2)
@@ -208,7 +199,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         compute = (f.forward + f.backward) / flops_rate
         recompute = f.recompute / flops_rate
         if train.attention == "flash":  # fused attention runs at its own efficiency, not the matmuls'
-            attention_forward = _flash_attention_forward_flops(model, train) * layers
+            attention_forward = rank_attention_flops(model, train) * layers
             compute += (1 + FLASH_BACKWARD_FACTOR) * attention_forward * (1 / attention_rate - 1 / flops_rate)
             # what recompute repeats of the attention: all of it (Megatron's selective), none
             # (op-level keeps the attention kernel's output), else the recomputed share
