@@ -76,6 +76,18 @@ class ThroughputConstants(BaseModel):
         "sustains: FlashAttention-2 reaches 35% on an H100 (Shah et al. 2024, FlashAttention-3, abstract)")
     attention_efficiency_by_gpu: dict[str, Efficiency] = Field(
         default_factory=dict, description="per GPU name, overriding attention_efficiency")
+    gemm_efficiency: dict[str, Efficiency] = Field(
+        default_factory=lambda: {"bf16": 0.803, "fp16": 0.803, "fp8": 0.709},
+        description="share of the dense peak one large GEMM sustains (no elementwise work around it), per dtype: "
+        "what Float8 linears save is measured in it. Default: the H100 SXM's Maximum Achievable Matmul FLOPS, 794.5 "
+        "of 989 TFLOPS in bf16 and 1,402.6 of 1,979 in fp8 e4m3 (ml-engineering, compute/accelerator/README.md, "
+        "torch 2.7, cuBLAS)")
+    gemm_efficiency_by_gpu: dict[str, dict[str, Efficiency]] = Field(
+        default_factory=lambda: {"NVIDIA H200": {"bf16": 0.803, "fp16": 0.803, "fp8": 0.734},
+                                 "NVIDIA GH200 480GB": {"bf16": 0.838, "fp16": 0.838, "fp8": 0.776},
+                                 "NVIDIA B200": {"bf16": 0.776, "fp16": 0.776, "fp8": 0.763}},
+        description="per GPU name, overriding gemm_efficiency (the same table: H200 fp8 73.4%, bf16 as the H100's; "
+        "GH200 83.8% and 77.6%; B200 77.6% and 76.3%)")
     decode_hbm_efficiency: float = Field(default=0.7, gt=0, le=1, description="achieved / peak HBM bandwidth of an "
                                          "inference decode step (weights and KV cache streamed once per token)")
     compile_compute_speedup: float = Field(
@@ -96,6 +108,10 @@ class ThroughputConstants(BaseModel):
 
     def efficiency(self, gpu_name: str, dtype: str) -> float:
         return self.compute_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.compute_efficiency[dtype])
+
+    def gemm(self, gpu_name: str, dtype: str) -> float:
+        """Share of the ``dtype`` peak one large GEMM sustains on this GPU."""
+        return self.gemm_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.gemm_efficiency[dtype])
 
 
 class Calibration(BaseModel):

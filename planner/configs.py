@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.errors import ConfigError, LayoutError
 
-Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16"]
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16", "fp8-tensorwise",
+                    "fp8-rowwise"]
 Offload = Literal["none", "optimizer", "params"]
 Optimizer = Literal["adamw", "adamw8bit", "sgd"]
 OptimizerImpl = Literal["fused", "foreach", "for-loop"]
@@ -231,6 +232,12 @@ class TrainConfig(_Frozen):
     optimizer_in_backward: bool = Field(default=False, description="each gradient applied and freed as it "
                                         "arrives (register_post_accumulate_grad_hook)")
     paged_optimizer: bool = Field(default=False, description="optimizer state paged out to host memory")
+    fp8_all_gather: bool = Field(default=True, description="fp8-tensorwise under FSDP: all-gather the projections' "
+                                 "weights in fp8 (torchao's enable_fsdp_float8_all_gather, on in torchtitan's Float8 "
+                                 "command)")
+    async_tp: bool = Field(default=False, description="asynchronous tensor parallelism: each sequence-parallel "
+                           "all-gather and reduce-scatter pipelined with the matmul it feeds (torch.compile's "
+                           "micro-pipeline TP over symmetric memory, torchtitan's enable_async_tensor_parallel)")
     ddp_bucket_mb: float = Field(default=25.0, gt=0, le=2**20, description="DDP bucket_cap_mb (MiB)")
 
     @model_validator(mode="before")
@@ -307,10 +314,25 @@ class TrainConfig(_Frozen):
                 raise LayoutError("this planner models offload for the deepspeed and pytorch engines, not megatron")
         if self.precision == "amp-bf16" and self.engine != "pytorch":
             raise LayoutError("amp-bf16 (torch.autocast) is a PyTorch recipe: use --engine pytorch")
+        if self.precision.startswith("fp8-"):
+            self._check_float8()
+        if self.async_tp and not (self.tp > 1 and self.sequence_parallel and self.compile and self.engine == "pytorch"):
+            raise LayoutError("asynchronous TP pipelines the sequence-parallel collectives inside torch.compile'd "
+                              "graphs: it needs --tp > 1, --sequence-parallel, --compile and --engine pytorch")
         if self.cp > 1:
             self._check_context_parallel()
         self._check_finetune()
         return self
+
+    def _check_float8(self) -> None:
+        """torchao's Float8 training as torchtitan runs it: FSDP2 with amp-bf16 states."""
+        if self.engine != "pytorch" or self.zero_stage < 2:
+            raise LayoutError(f"{self.precision} is planned as torchtitan runs torchao's Float8 linears: under FSDP2 "
+                              "(--strategy zero2 or zero3, --engine pytorch)")
+        if self.finetune != "full" or self.teacher:
+            raise LayoutError(f"{self.precision} is planned for full training (not lora, qlora or distillation)")
+        if self.offload != "none":
+            raise LayoutError(f"{self.precision} with --offload is not modelled")
 
     def _check_context_parallel(self) -> None:
         """What PyTorch's context parallel runs (torch.distributed.tensor.experimental.context_parallel,

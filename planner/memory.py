@@ -32,7 +32,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from planner import activations as act
-from planner import finetune
+from planner import finetune, float8
 from planner.calibration import Overheads, default_overheads
 from planner.configs import (
     GPUSpec,
@@ -485,7 +485,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
 
     # --- persistent state (bytes)
     gather = recipe.gather_bytes
-    gathered_units = tuple(n * gather for n in sp.unit_sizes)  # bytes of each unit as FSDP2 gathers it
+    # bytes of each unit as FSDP2 gathers it (Float8 tensorwise: the projections in fp8)
+    gathered_units = float8.gathered_unit_bytes(model, train, sp.unit_sizes, sp.unit_kinds, gather)
     frozen_resident, dequantised = 0, 0
     trecipe = recipe  # what the trainable parameters are stored and stepped in
     if train.finetune != "full":
@@ -606,6 +607,9 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         # the KL term, exp(t) * (t - s) over [tokens, vocab] in fp32: three such tensors at once
         loss_fwd = max(loss_fwd, 3 * teacher.logprobs + act.frozen_head_hidden_bytes(model, train))
     workspace = sums.workspace if has_layers else 0
+    # Float8: the fp8 copies one projection's backward casts (planner/float8.py)
+    fp8_scratch = float8.cast_scratch(model, train, "encoder" if sp.encoder_layers else "decoder") if (
+        has_layers and float8.float8_recipe(train.precision)) else 0
     if fsdp:
         # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
         grad_reduce = sp.largest_unit * (gather + trecipe.reduce_bytes)
@@ -730,6 +734,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         tmp = {}
         _add(tmp, "gathered_params", gathered + tied_gathered)
         _add(tmp, "activation_gradients", work)
+        _add(tmp, "float8_casts", fp8_scratch if work else 0)
         _add(tmp, "gradient_reduction", reduce)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
         _add(tmp, "dequantised_weight", dequantised)

@@ -8,6 +8,7 @@
 | bf16-mixed-fp32-grads | 2 | 4 | 4 | 4 + 4 | 2 | Megatron-LM's default (fp32 main grads: 18 B/param) |
 | amp-bf16 | 4 | 4 | - | 4 + 4 | 2 | torch.autocast; FSDP2 MixedPrecisionPolicy(param_dtype=bf16) |
 | bf16 | 2 | 2 | - | 2 + 2 | 2 | pure bf16, optimizer state included |
+| fp8-tensorwise, fp8-rowwise | 4 | 4 | - | 4 + 4 | 2 (fp8 GEMMs) | amp-bf16 under FSDP2 with torchao's Float8Linear (planner/float8.py) |
 
 ``gather_bytes`` is the dtype FSDP/ZeRO-3 all-gathers parameters in (bf16 under FSDP2's
 MixedPrecisionPolicy even though the shard is fp32); ``reduce_bytes`` the dtype gradients are
@@ -42,6 +43,9 @@ RECIPES: dict[str, Recipe] = {
     "bf16-mixed-fp32-grads": Recipe(2, 4, 4, 4, 2, "bf16", 2, 4),
     "amp-bf16": Recipe(4, 4, 0, 4, 2, "bf16", 2, 4),
     "bf16": Recipe(2, 2, 0, 2, 2, "bf16", 2, 2),
+    # torchao Float8 training: amp-bf16's states; the projections' GEMMs in fp8 (planner/float8.py)
+    "fp8-tensorwise": Recipe(4, 4, 0, 4, 2, "bf16", 2, 4),
+    "fp8-rowwise": Recipe(4, 4, 0, 4, 2, "bf16", 2, 4),
 }
 
 OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "sgd": 1}

@@ -30,7 +30,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from planner import comm
+from planner import comm, float8
 from planner.calibration import Calibration, default_calibration
 from planner.configs import (
     GPUSpec,
@@ -42,15 +42,18 @@ from planner.configs import (
 from planner.engines import ENGINES
 from planner.errors import ConfigError
 from planner.flops import (
+    BACKWARD_MATMUL_FACTOR,
     FLASH_BACKWARD_FACTOR,
     hardware_flops_per_step,
+    layer_matmul_params,
+    op_recomputed_params,
     model_flops_per_step,
     rank_attention_flops,
     stage_flops,
     unit_flops,
 )
 from planner.memory import _finetune_params, _stage_params, _teacher
-from planner.params import representative_stages
+from planner.params import layer_tensors, representative_stages
 from planner.precision import RECIPES, optimizer_state_bytes
 
 
@@ -157,6 +160,84 @@ def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, attention_ra
     return sent, raw, exposed
 
 
+def _sublayer_matmul_params(model: ModelSpec, kind: str) -> list[tuple[int, int]]:
+    """Per sub-layer of a block (self-attention, cross-attention, MLP): the column-parallel
+    weights its all-gather feeds and the row-parallel weight that feeds its reduce-scatter."""
+    groups: dict[str, list[int]] = {}
+    for tensor in layer_tensors(model, kind):
+        parts = tensor.name.split(".")
+        if len(tensor.shape) == 2 and parts[-1] == "weight" and parts[0] in ("attn", "cross", "mlp") \
+                and tensor.tp_dim in (0, 1) and "rel_bias" not in tensor.name:
+            pair = groups.setdefault(parts[0], [0, 0])
+            pair[tensor.tp_dim] += tensor.numel
+    return [tuple(pair) for pair in groups.values()]
+
+
+def _tp_sequence_parallel_s(model: ModelSpec, train: TrainConfig, kind: str, recipe, link: comm.Group,
+                            matmul_rate: float, passes: float, contention: float) -> float:
+    """Per layer and micro-batch: the tensor-parallel all-gathers and reduce-scatters of
+    sequence parallelism, collective by collective, and what asynchronous TP leaves exposed.
+
+    Each sub-layer all-gathers its input before its column-parallel projections and
+    reduce-scatters the row-parallel projection's output; backward runs the duals. Async TP
+    (torch/distributed/_symmetric_memory/__init__.py, ``fused_all_gather_matmul`` and
+    ``fused_matmul_reduce_scatter``, which torch.compile's micro-pipeline TP pass substitutes)
+    splits each into tp chunks and multiplies one chunk while the next moves: the transfer hides
+    behind the matmul but for one chunk's worth (and NCCL-like contention on the overlapped part).
+    Float8 tensorwise all-gathers the fp8 input (1 B per element) in the forward pass."""
+    t = train.tp
+    hidden = train.micro_batch * train.local_seq_len * model.hidden_size
+    fp8_gather = float8.float8_recipe(train.precision) == "tensorwise"
+    ag_fwd = comm.all_gather_s(hidden * (1 if fp8_gather else recipe.compute_bytes), t, link)
+    ag_bwd = comm.all_gather_s(hidden * recipe.compute_bytes, t, link)
+    rs = comm.reduce_scatter_s(hidden * recipe.compute_bytes, t, link)
+    tokens = train.micro_batch * train.local_seq_len
+    total = 0.0
+    for column, row in _sublayer_matmul_params(model, kind):
+        w_col, w_row = 2 * tokens * column / t / matmul_rate, 2 * tokens * row / t / matmul_rate
+        if train.async_tp:
+            hide = (t - 1) / t
+            forward = _exposed(ag_fwd, hide * w_col, contention) + _exposed(rs, hide * w_row, contention)
+            backward = _exposed(rs, hide * w_col, contention) + _exposed(ag_bwd, hide * w_row, contention)
+        else:
+            forward, backward = ag_fwd + rs, rs + ag_bwd
+        total += (passes - 1) * forward + backward
+    return total
+
+
+def _linear_recompute_share(model: ModelSpec, train: TrainConfig, kind: str, policy: str, f) -> float:
+    """The share of a layer's projections that its recompute runs again (per layer, on average)."""
+    if policy == "full":
+        return 1.0
+    if policy == "layer":
+        return f.recompute / f.forward if f.forward else 0.0
+    if policy == "op":
+        return op_recomputed_params(model, kind) / layer_matmul_params(model, kind)
+    return 0.0  # none; selective recomputes the attention only
+
+
+def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, recompute_share: float
+              ) -> tuple[float, float, float]:
+    """Per layer and micro-batch, what Float8 linears change: (compute seconds, recompute
+    seconds, the fp8 GEMM rate). The projections' GEMMs (forward, and the backward's two) move
+    from the bf16 to the fp8 tensor cores, each at the share of its peak one large GEMM
+    sustains (``gemm_efficiency``: measured matmul ceilings, not the whole model's efficiency,
+    whose elementwise work Float8 does not speed up); the casts stream at the optimizer's HBM
+    efficiency."""
+    fp8_peak = gpu.peak_tflops.fp8
+    if not fp8_peak:
+        raise ConfigError(f"{train.precision} needs fp8 tensor cores (SM89 or later: L4, L40S, RTX 4090, H100, H200, "
+                          f"B200, MI300X); {gpu.name} has no fp8 peak")
+    bf16_rate = gpu.peak_tflops.for_dtype("bf16") * 1e12 * k.gemm(gpu.name, "bf16")
+    fp8_rate = fp8_peak * 1e12 * k.gemm(gpu.name, "fp8")
+    layer = float8.layer(model, train, kind)
+    hbm = gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency
+    saved = layer.gemm_forward_flops * (1 / bf16_rate - 1 / fp8_rate)
+    compute = (layer.cast_forward_bytes + layer.cast_backward_bytes) / hbm - (1 + BACKWARD_MATMUL_FACTOR) * saved
+    recompute = recompute_share * (layer.cast_forward_bytes / hbm - saved)
+    return compute, recompute, fp8_rate
+
+
 def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None = None,
                   gpus_per_node: int | None = None, check: bool = True) -> Throughput:
     if check:
@@ -166,6 +247,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     recipe = RECIPES[train.precision]
     engine = ENGINES[train.engine]
     dtype = recipe.compute_dtype
+    f8 = float8.float8_recipe(train.precision)
     peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
     efficiency = k.efficiency(gpu.name, dtype)
     flops_rate = peak * efficiency
@@ -217,7 +299,19 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                 recompute += streamed / 2
         if train.compile:  # inductor fuses the elementwise work; communication is unchanged
             compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
-        tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
+        matmul_rate = {"decoder": flops_rate, "encoder": flops_rate}
+        if f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
+            for kind, n in (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers)):
+                if n:
+                    share = _linear_recompute_share(model, train, kind, policy, f)
+                    dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share)
+                    compute, recompute = compute + n * dc, recompute + n * dr
+        if train.sequence_parallel and (train.async_tp or f8 == "tensorwise"):
+            tp_s = sum(n * _tp_sequence_parallel_s(model, train, kind, recipe, links.tp, matmul_rate[kind], passes,
+                                                   k.overlap_contention)
+                       for kind, n in (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers)) if n)
+        else:
+            tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
         ring_bytes, ring_raw, ring_exposed = (layers * x for x in _ring_attention_s(
             model, train, recipe, attention_rate, links.cp, passes))
         pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
@@ -267,8 +361,9 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                 dp_exposed = m * _exposed(rs, bwd_window, c) + ag
             else:
                 # FSDP2 ZeRO-2 (gather in every forward) and ZeRO-3 (gather in forward and backward)
-                per_mb_raw, per_mb_exposed = _per_unit_overlap(model, train, sp, recipe, flops_rate, link, c,
-                                                               frozen.gathered if frozen else None)
+                gathered = frozen.gathered if frozen else (float8.gathered_unit_bytes(
+                    model, train, sp.unit_sizes, sp.unit_kinds, recipe.gather_bytes) if f8 else None)
+                per_mb_raw, per_mb_exposed = _per_unit_overlap(model, train, sp, recipe, flops_rate, link, c, gathered)
                 dp_raw, dp_exposed = m * per_mb_raw, m * per_mb_exposed
         n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
         offload = 0.0

@@ -25,7 +25,7 @@ from strategies.mesh import ParallelDims, shard_mesh
 from strategies.model import Transformer, materialize
 from strategies.offload import apply_offload
 from strategies.pipeline import Pipeline, apply_pipeline, stage_modules
-from strategies.precision import PrecisionPlan, precision_plan
+from strategies.precision import PrecisionPlan, apply_float8, precision_plan
 from strategies.tensor_parallel import apply_tensor_parallel, finish_tensor_parallel
 from strategies.zero1 import apply_zero1
 
@@ -88,8 +88,13 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     if finetune and sharded and cfg.base != "bf16":
         raise ConfigError(f"a {cfg.base} base under FSDP2 (ZeRO-2/3) is not run yet: FSDP2 all-gathers one dtype "
                           "per unit; use --base-precision bf16 with zero2/zero3, or DDP/ZeRO-1 with a quantised base")
+    if cfg.precision.startswith("fp8-") and (cfg.tp > 1 or cfg.pp > 1 or cfg.cp > 1):
+        raise ConfigError(f"{cfg.precision} is run under FSDP2 alone (--tp 1 --pp 1 --cp 1); Float8 with tensor, "
+                          "pipeline or context parallelism is planned by `plan`")
     for _, module in stages:
         set_attention_kernel(module, cfg.attention)
+        if cfg.precision.startswith("fp8-"):
+            apply_float8(module, cfg)
         if finetune:
             apply_lora(module, cfg)
         apply_tensor_parallel(module, mesh["tp"], cfg)

@@ -7,6 +7,7 @@
 | fp16-mixed | fp16 | fp16 | fp32 master + states, dynamic loss scaling | fp16 |
 | amp-bf16 | fp32 | fp32 | fp32 states | torch.autocast(bf16); under FSDP2, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) |
 | bf16 | bf16 | bf16 | bf16 states | bf16 |
+| fp8-tensorwise, fp8-rowwise | fp32 | fp32 | fp32 states | amp-bf16 under FSDP2; the blocks' projections are torchao ``Float8Linear`` (``apply_float8``) |
 
 Megatron's ``bf16-mixed-fp32-grads`` (fp32 main-gradient buffers) is planned, not run.
 """
@@ -53,6 +54,10 @@ def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
     if recipe in ("bf16-mixed", "fp16-mixed"):
         dtype = torch.bfloat16 if recipe == "bf16-mixed" else torch.float16
         return PrecisionPlan(recipe, dtype, True, recipe == "fp16-mixed", None, None, None)
+    if recipe.startswith("fp8-"):
+        if not sharded:
+            raise ConfigError(f"{recipe} runs under FSDP2, as torchtitan runs it: use --strategy zero2 or zero3")
+        return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
     if recipe == "amp-bf16":
         if sharded:
             return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
@@ -61,3 +66,31 @@ def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
         return PrecisionPlan(recipe, torch.bfloat16, False, False, None, None, None)
     raise ConfigError(f"precision {recipe} is planned but not run by trainplan's strategy layer "
                       f"(use bf16-mixed, fp16-mixed, amp-bf16, bf16 or fp32)")
+
+
+def apply_float8(model, cfg) -> None:
+    """Swap the blocks' projections for torchao's ``Float8Linear`` (``convert_to_float8_training``
+    with the recipe of ``--precision``; tensorwise all-gathers in fp8 under FSDP with
+    ``--fp8-all-gather``, as torchtitan's Float8 command does). The output head stays bf16
+    (torchtitan filters ``output``), and so does any projection with a dimension that is not a
+    multiple of 16 (``torch._scaled_mm``). ``torch._scaled_mm`` has a CPU kernel in PyTorch 2.13,
+    so this runs on CPU too, at no speed-up."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as error:
+        raise ConfigError(f"{cfg.precision} needs torchao (pip install torchao): {error}") from None
+    from planner.float8 import SCALED_MM_MULTIPLE, fp8_all_gather, float8_recipe
+
+    config = Float8LinearConfig.from_recipe_name(float8_recipe(cfg.precision))
+    if fp8_all_gather(cfg):
+        from dataclasses import replace
+
+        config = replace(config, enable_fsdp_float8_all_gather=True)
+
+    def block_projection(module, fqn: str) -> bool:
+        parts = fqn.split(".")
+        return (len(parts) >= 2 and parts[-2] in ("attn", "cross", "mlp")
+                and module.in_features % SCALED_MM_MULTIPLE == 0 and module.out_features % SCALED_MM_MULTIPLE == 0)
+
+    for block in model.layers.values():
+        convert_to_float8_training(block, config=config, module_filter_fn=block_projection)

@@ -51,6 +51,21 @@ def block_plan(model: Transformer, sequence_parallel: bool) -> dict:
     return plan
 
 
+def _enable_async_tp(mesh) -> None:
+    """Asynchronous TP as torchtitan enables it (torchtitan/distributed/tensor_parallel.py,
+    ``maybe_enable_async_tp``): inductor's micro-pipeline TP pass rewrites each all-gather ->
+    matmul and matmul -> reduce-scatter of the compiled blocks into the fused, pipelined ops of
+    ``torch.distributed._symmetric_memory``, which need the group's symmetric memory (CUDA)."""
+    if mesh.device_type != "cuda":
+        raise ConfigError("asynchronous TP runs over CUDA symmetric memory (torch.distributed._symmetric_memory); "
+                          "on this machine it is planned by `plan`, not run")
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(mesh.get_group().group_name)
+
+
 def apply_tensor_parallel(model: Transformer, mesh, cfg) -> Transformer:
     """``mesh``: the 1-D tensor-parallel mesh; ``cfg``: the TrainConfig."""
     from torch.distributed.tensor import Replicate, Shard
@@ -63,6 +78,8 @@ def apply_tensor_parallel(model: Transformer, mesh, cfg) -> Transformer:
 
     if mesh.size() == 1:
         return model
+    if cfg.async_tp:
+        _enable_async_tp(mesh)
     spec = model.spec
     if spec.tied_embeddings:
         raise ConfigError("tensor parallelism with tied embeddings is not supported by the reference model "

@@ -97,9 +97,18 @@ def _scalar(t: torch.Tensor) -> float:
 
 
 def _local_tensors(tensors):
+    """The plain tensors holding ``tensors``' data: a DTensor's local shard, and the inner tensors
+    of a wrapper subclass (torchao's fp8 all-gather weight wraps the fp32 parameter)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     for t in tensors:
-        if t is not None:
-            yield t.to_local() if hasattr(t, "to_local") else t
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if is_traceable_wrapper_subclass(local):
+            yield from _local_tensors(getattr(local, name) for name in local.__tensor_flatten__()[0])
+        else:
+            yield local
 
 
 def _unique_bytes(tensors, device_type: str | None = None) -> int:

@@ -172,7 +172,8 @@ def _count(hi: int) -> click.IntRange:
     return click.IntRange(min=1, max=hi)
 
 
-PRECISION_CHOICES = ["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16"]
+PRECISION_CHOICES = ["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16", "fp8-tensorwise",
+                     "fp8-rowwise"]
 DEFAULT_SEQ_LEN = 4096
 
 
@@ -208,7 +209,12 @@ def plan_options(fn):
                      help="activation checkpointing: none, selective (Megatron's core attention), full, op "
                           "(torchtitan's op-level), layer:N (every N-th block) [default: search]"),
         click.option("--attention", type=click.Choice(["flash", "eager"]), default="flash", show_default=True),
-        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="bf16-mixed", show_default=True),
+        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="bf16-mixed", show_default=True,
+                     help="fp8-tensorwise / fp8-rowwise: torchao's Float8 linears over amp-bf16 under FSDP2"),
+        click.option("--fp8-all-gather/--no-fp8-all-gather", default=True, show_default=True,
+                     help="fp8-tensorwise: FSDP all-gathers the projections' weights in fp8"),
+        click.option("--async-tp", is_flag=True, help="asynchronous tensor parallelism (needs --tp, sequence "
+                     "parallelism and --compile)"),
         click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw",
                      show_default=True, help="adamw8bit: block-wise 8-bit states (Dettmers et al. 2022)"),
         click.option("--optimizer-in-backward", is_flag=True,
@@ -345,7 +351,8 @@ def finetune_fields(options: dict) -> dict:
     return dict(finetune=options["finetune"], lora_rank=options["lora_rank"], lora_targets=options["lora_targets"],
                 base_precision=options["base_precision"], train_embeddings=options["train_embeddings"],
                 lora_dtype=options["lora_dtype"], teacher=options["teacher"],
-                optimizer_in_backward=options["optimizer_in_backward"], paged_optimizer=options["paged_optimizer"])
+                optimizer_in_backward=options["optimizer_in_backward"], paged_optimizer=options["paged_optimizer"],
+                fp8_all_gather=options["fp8_all_gather"], async_tp=options["async_tp"])
 
 
 @click.command("plan", cls=Command)

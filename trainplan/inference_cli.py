@@ -28,7 +28,8 @@ TRAINING_FLAGS = {
     "impl": "--impl", "compile_": "--compile", "steps": "--steps", "warmup": "--warmup", "data": "--data",
     "simulate_world": "--simulate-world", "fake_tp": "--fake-tp", "recommend": "--recommend",
     "top_k": "--candidates", "sort": "--sort", "allow_cross_node_tp": "--allow-cross-node-tp",
-    "nodes": "--nodes", "nproc": "--nproc", "cp": "--cp",
+    "nodes": "--nodes", "nproc": "--nproc", "cp": "--cp", "fp8_all_gather": "--fp8-all-gather",
+    "async_tp": "--async-tp",
 }
 
 

@@ -239,6 +239,13 @@ def render_estimate(est: Estimate, console: Console) -> None:
                       f"sequence; ring attention sends {th.cp_ring_bytes / 2**30:,.2f} GiB of k, v (and their "
                       f"gradients) per step, {th.cp_communication_s:.3f} s of transfers, "
                       f"{b.cp_communication_s:.3f} s not hidden behind attention[/]")
+    if t.precision.startswith("fp8-"):
+        console.print(f"  [dim]Float8 ({t.precision}): the blocks' projections run fp8 GEMMs"
+                      f"{' and are all-gathered in fp8' if t.fp8_all_gather and t.precision == 'fp8-tensorwise' else ''}; "
+                      f"MFU and HFU are against the bf16 peak[/]")
+    if t.async_tp:
+        console.print("  [dim]asynchronous TP: each sequence-parallel collective pipelined with the matmul it feeds; "
+                      "tensor-parallel comm above is what stays exposed[/]")
     o = est.overheads
     console.print(
         f"[dim]overhead: CUDA context {gib(o.cuda_context_bytes)} GiB + {gib(o.communicator_bytes)} GiB per "

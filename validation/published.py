@@ -197,9 +197,74 @@ TORCHTITAN_CP = [  # (fsdp, cp, sequence length, published tokens/s per GPU)
 
 
 def predict_torchtitan_cp(cp: int, seq_len: int) -> float:
-    """tokens/s per GPU the planner predicts for a row of TORCHTITAN_CP, in bf16 (Float8 is not
-    modelled yet): torchtitan's model code, fp32 parameters with bf16 compute, compiled blocks."""
+    """tokens/s per GPU the planner predicts for a row of TORCHTITAN_CP: torchtitan's model code,
+    fp32 parameters with bf16 compute, compiled blocks, Float8 tensorwise linears (what the
+    published runs used)."""
     gpu = load_gpu("h100-sxm-96gb")
     train = TrainConfig(gpus=8, cp=cp, seq_len=seq_len, zero_stage=3, activation_checkpointing="full", micro_batch=1,
-                        precision="amp-bf16", compile=True, impl="torchtitan")
+                        precision="fp8-tensorwise", compile=True, impl="torchtitan")
     return estimate_step(load_model("llama-3-8b"), gpu, train, calibration_for_gpu(gpu)).tokens_per_s_per_gpu
+
+
+# ---------------------------------------------------------------- Float8 (torchtitan, torchao)
+
+@dataclass(frozen=True)
+class Float8Run:
+    """A published bf16 run and its Float8 twin (same layout): tokens/s per GPU of each."""
+
+    label: str
+    gpus: int
+    micro_batch: int
+    checkpointing: str
+    precision: str
+    published_bf16: float
+    published_fp8: float
+    source: str
+
+
+FLOAT8_RUNS = [
+    Float8Run("torchtitan Table 1, 8 GPUs", 8, 2, "op", "fp8-tensorwise", 6667, 8532,
+              "torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Table 1: Llama 3.1 8B, FSDP + torch.compile "
+              "(+ Float8, tensorwise with fp8 all-gather per docs/float8.md at 9dec370), local batch 2, seq 8192, "
+              "selective (op) AC, H100 96 GB HBM2e at 500 W"),
+    Float8Run("torchtitan Table 3, 128 GPUs", 128, 2, "op", "fp8-tensorwise", 6514, 8380,
+              "the same file, Table 3: 128 GPUs, local batch 2"),
+    Float8Run("torchao README, tensorwise", 8, 1, "op", "fp8-tensorwise", 6150, 7689.5,
+              "pytorch/ao torchao/float8/README.md (training benchmarks, NVIDIA H100): Llama3-8b, 8 GPUs, batch 1, "
+              "seq 8192, torch.compile, FSDP2, per-op SAC; tensorwise with float8 all-gather"),
+    Float8Run("torchao README, rowwise", 8, 1, "op", "fp8-rowwise", 6150, 6768,
+              "the same table: rowwise with bfloat16 all-gather"),
+]
+
+
+def predict_float8(run: Float8Run, precision: str):
+    """The planner's Throughput of a FLOAT8_RUNS layout in ``precision`` (amp-bf16 or the run's
+    Float8 recipe): torchtitan's Llama 3 8B code, FSDP2, compiled, seq 8192, on the H100 96 GB."""
+    gpu = load_gpu("h100-sxm-96gb")
+    train = TrainConfig(gpus=run.gpus, zero_stage=3, micro_batch=run.micro_batch, seq_len=8192, precision=precision,
+                        activation_checkpointing=run.checkpointing, compile=True, impl="torchtitan")
+    return estimate_step(load_model("llama-3-8b"), gpu, train, calibration_for_gpu(gpu), 8)
+
+
+# ---------------------------------------------------------------- asynchronous TP (torchtitan)
+
+ASYNC_TP_SOURCE = ("torchtitan benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md (H100 96 GB HBM2e, 500 W, "
+                   "torch.compile, seq 8192)")
+ASYNC_TP = [  # (model, GPUs, local batch, AC, precision, vanilla TP tokens/s per GPU, async TP tokens/s per GPU)
+    ("llama-3-70b", 256, 16, "full", "amp-bf16", 597.3, 652.4),
+    ("llama-3-70b", 256, 16, "full", "fp8-tensorwise", 809.8, 942.4),
+    ("llama-3-70b", 256, 16, "full", "fp8-rowwise", 599.6, 624.8),
+    ("llama-3-8b", 64, 12, "op", "amp-bf16", 4378, 4809.4),
+    ("llama-3-8b", 64, 12, "op", "fp8-tensorwise", 5078.1, 5570.1),
+    ("llama-3-8b", 64, 12, "op", "fp8-rowwise", 3708.5, 3914.9),
+]
+
+
+def predict_async_tp(model: str, gpus: int, micro_batch: int, checkpointing: str, precision: str, async_tp: bool):
+    """The planner's Throughput of an ASYNC_TP row: FSDP over gpus / 8, TP 8 with sequence
+    parallelism inside each node."""
+    gpu = load_gpu("h100-sxm-96gb")
+    train = TrainConfig(gpus=gpus, tp=8, sequence_parallel=True, zero_stage=3, micro_batch=micro_batch, seq_len=8192,
+                        precision=precision, activation_checkpointing=checkpointing, compile=True, impl="torchtitan",
+                        async_tp=async_tp)
+    return estimate_step(load_model(model), gpu, train, calibration_for_gpu(gpu), 8)

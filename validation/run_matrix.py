@@ -93,6 +93,18 @@ CPU_CASES = [
     ("8B cp8 ZeRO-3, full AC, seq 65536, 8 simulated", "llama-3-8b", 8,
      dict(gpus=8, cp=8, zero_stage=3, seq_len=65536, micro_batch=1, precision="bf16-mixed",
           activation_checkpointing="full")),
+    # Float8 (issue 14): torchao's Float8Linear (torch._scaled_mm has a CPU kernel), FSDP2
+    ("Float8 tensorwise, fp8 all-gather, ZeRO-3", "tiny-llama", None, dict(gpus=2, zero_stage=3,
+                                                                            precision="fp8-tensorwise")),
+    ("Float8 rowwise, ZeRO-2, full AC", "tiny-llama", None, dict(gpus=2, zero_stage=2, precision="fp8-rowwise",
+                                                                 activation_checkpointing="full")),
+    ("8B ZeRO-3 fp8-tensorwise, seq 8192 x 2, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=2, precision="fp8-tensorwise")),
+    ("8B ZeRO-3 fp8-rowwise, op-level AC, seq 8192, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=1, precision="fp8-rowwise", activation_checkpointing="op")),
+    ("1B ZeRO-2 fp8-tensorwise, bf16 all-gather, full AC, 16 simulated", "llama-3.2-1b", 16,
+     dict(gpus=16, zero_stage=2, seq_len=4096, micro_batch=4, precision="fp8-tensorwise", fp8_all_gather=False,
+          activation_checkpointing="full")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 

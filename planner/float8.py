@@ -1,0 +1,159 @@
+"""Float8 training as torchao runs it (``torchao.float8``, 0.18.0) and torchtitan applies it.
+
+``--precision fp8-tensorwise`` / ``fp8-rowwise`` are torchao's recipes of those names
+(``Float8LinearConfig.from_recipe_name``) on top of amp-bf16's states: FSDP2 keeps fp32
+parameters, gradients and Adam moments and computes in bf16 (``MixedPrecisionPolicy``), and
+each block projection (q, k, v, o and the MLP's) becomes a ``Float8Linear`` whose three GEMMs
+run on the fp8 tensor cores. What changes against amp-bf16:
+
+- **Which linears.** Every projection of the blocks whose both dimensions are multiples of 16
+  (``torch._scaled_mm``'s requirement; torchao's README ``module_filter_fn``); the output head
+  stays in bf16 (torchtitan filters ``"output"``, torchtitan/float8.py at 9dec370 and its
+  ``filter_fqns`` since). Embeddings are no linears.
+- **What backward saves.** ``matmul_with_hp_or_float8_args.forward`` saves the 16-bit input and
+  weight (``ctx.save_for_backward(input_hp, weight_hp_t)``, torchao/float8/float8_linear.py), so
+  activations are amp-bf16's; torchtitan's Table 1 (77.0 vs 76.8 GiB) and torchao's README
+  benchmark (47.65 vs 47.77 GB) agree.
+- **Casts.** Each GEMM operand is scaled and cast per use (dynamic scaling): forward the input
+  and the weight; backward the output gradient twice (one orientation per GEMM), the input and
+  the weight again. A cast reads its 16-bit source for the amax, then again to write one byte
+  per element: 5 B per element compiled (inductor fuses abs-max and the scale-and-cast, not the
+  two passes of a tensor-wide max); a row-wise scale along the contiguous dimension fuses into
+  one pass (3 B); eager runs torchao's ops one by one -- abs, max, ``.to(float32)``, ``* scale``,
+  ``clamp``, ``.to(float8)`` (torchao/float8/float8_utils.py ``tensor_to_amax``,
+  ``to_fp8_saturated``; float8_training_tensor.py ``_ToFloat8ConstrFunc``): 33 B per element,
+  with an fp32 copy and its clamped copy (8 B per element) alive at once.
+- **FSDP all-gather in fp8** (tensorwise only, torchao's ``enable_fsdp_float8_all_gather``, which
+  torchtitan's Float8 launch command turns on, docs/float8.md at 9dec370): the fp32 shard is cast
+  to fp8 before the all-gather, so a block's gathered projections take 1 B per element and their
+  casts happen on the shard; torchtitan's rowwise recipe communicates in bf16.
+- **Tensor parallel** (tensorwise): ``Float8ColwiseParallel`` all-gathers the fp8 input, so the
+  sequence-parallel all-gathers carry 1 B per element; reduce-scatters stay bf16
+  (torchao/float8/float8_tensor_parallel.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from planner.configs import ModelSpec, TrainConfig
+from planner.params import layer_tensors
+
+FLOAT8_RECIPES = {"fp8-tensorwise": "tensorwise", "fp8-rowwise": "rowwise"}
+SCALED_MM_MULTIPLE = 16
+# bytes moved per element of a 16-bit tensor cast to float8 (module docstring)
+CAST_BYTES_COMPILED_TWO_PASS = 5
+CAST_BYTES_COMPILED_ONE_PASS = 3
+CAST_BYTES_EAGER = 33
+EAGER_CAST_SCRATCH = 8  # the fp32 scaled copy and its clamp, per element, while one cast runs
+FP32_SHARD_CAST_BYTES = 9  # fp8 all-gather: amax of the fp32 shard (4), then read 4 and write 1
+
+
+def float8_recipe(precision: str) -> str:
+    """``tensorwise``, ``rowwise``, or empty for a recipe without Float8 linears."""
+    return FLOAT8_RECIPES.get(precision, "")
+
+
+@lru_cache(maxsize=256)
+def converted_shapes(model: ModelSpec, kind: str = "decoder") -> tuple[tuple[str, int, int, int | None], ...]:
+    """(input, out, in, tp_dim) of the projections of one block that become Float8Linear;
+    ``input`` names the tensor the projection reads (q, k, v read one; gate and up another)."""
+    shapes = []
+    for tensor in layer_tensors(model, kind):
+        parts = tensor.name.split(".")
+        if len(tensor.shape) == 2 and len(parts) == 3 and parts[2] == "weight" and parts[0] in ("attn", "cross", "mlp") \
+                and "rel_bias" not in tensor.name:
+            out_features, in_features = tensor.shape
+            if out_features % SCALED_MM_MULTIPLE == 0 and in_features % SCALED_MM_MULTIPLE == 0:
+                # column-parallel projections of a sub-layer share its input (cross-attention's
+                # k, v read the encoder's output); a row-parallel one reads its own
+                source = parts[0] + (".memory" if parts[0] == "cross" and parts[1] in ("k", "v") else "")
+                shapes.append((source if tensor.tp_dim == 0 else parts[0] + "." + parts[1], out_features, in_features,
+                               tensor.tp_dim))
+    return tuple(shapes)
+
+
+def converted_numel(model: ModelSpec, kind: str, tp: int) -> int:
+    """Elements of one block's converted weights on one tensor-parallel rank."""
+    return sum(out * inp for _, out, inp, _ in converted_shapes(model, kind)) // tp
+
+
+def fp8_all_gather(train: TrainConfig) -> bool:
+    """Whether FSDP gathers the converted weights in fp8."""
+    return float8_recipe(train.precision) == "tensorwise" and train.zero_stage >= 2 and train.fp8_all_gather
+
+
+@dataclass(frozen=True)
+class Float8Layer:
+    """One block, one micro-batch, one rank: the FLOPs its Float8 GEMMs run (forward; the
+    backward's two GEMMs run twice as many) and the bytes its casts move."""
+
+    gemm_forward_flops: float
+    cast_forward_bytes: float
+    cast_backward_bytes: float
+    largest_cast_elements: int  # the largest tensor cast at once (eager scratch)
+
+
+def layer(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> Float8Layer:
+    """Compiled, the casts of one input shared by several projections (q, k, v; gate, up) are
+    one: AOTAutograd eliminates common subexpressions of the joint graph
+    (``torch._functorch.config.cse``); eager, each Float8Linear casts its own. Under tensor
+    parallelism with sequence parallelism, tensorwise casts the input on the rank's sequence
+    shard before the fp8 all-gather (``Float8ColwiseParallel``)."""
+    recipe = float8_recipe(train.precision)
+    m = train.micro_batch * train.local_seq_len  # a linear sees the whole local sequence
+    t = train.tp
+    gathered_fp8 = fp8_all_gather(train)
+    if not train.compile:
+        dim0 = dim1 = CAST_BYTES_EAGER
+    elif recipe == "rowwise":  # row-wise scales along the contiguous dimension fuse; column-wise do not
+        dim0, dim1 = CAST_BYTES_COMPILED_ONE_PASS, CAST_BYTES_COMPILED_TWO_PASS
+    else:
+        dim0 = dim1 = CAST_BYTES_COMPILED_TWO_PASS
+    shard_input = recipe == "tensorwise" and train.sequence_parallel
+    flops = forward = backward = 0.0
+    largest = 0
+    cast_inputs: set[str] = set()
+    for source, out_features, in_features, tp_dim in converted_shapes(model, kind):
+        n = out_features // t if tp_dim == 0 else out_features
+        k = in_features // t if tp_dim == 1 else in_features
+        flops += 2 * m * k * n
+        weight = k * n
+        weight_cast = FP32_SHARD_CAST_BYTES * weight / train.shard_world if gathered_fp8 else dim0 * weight
+        once = train.compile and source in cast_inputs  # the shared input was cast already
+        cast_inputs.add(source)
+        input_rows = m // t if shard_input and tp_dim == 0 else m
+        # forward: input (rows), weight; backward: grad_output both ways, input by columns, weight again
+        forward += (0 if once else dim0 * input_rows * k) + weight_cast
+        backward += ((dim0 + dim1) * m * n + (0 if once else dim1 * m * k)
+                     + (0 if gathered_fp8 else dim1 * weight))
+        largest = max(largest, m * k, m * n, weight)
+    return Float8Layer(flops, forward, backward, largest)
+
+
+def gathered_unit_bytes(model: ModelSpec, train: TrainConfig, sizes: tuple[int, ...], kinds: tuple[str, ...],
+                        gather_bytes: int) -> tuple[int, ...]:
+    """Bytes each FSDP unit all-gathers: its converted weights at 1 B when they travel in fp8,
+    everything else in the gather dtype."""
+    if not fp8_all_gather(train):
+        return tuple(n * gather_bytes for n in sizes)
+    fp8 = {kind: converted_numel(model, kind, train.tp) for kind in set(kinds) if kind in ("encoder", "decoder")}
+    return tuple(n * gather_bytes - fp8.get(kind, 0) * (gather_bytes - 1) for n, kind in zip(sizes, kinds))
+
+
+def cast_scratch(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> int:
+    """Bytes of float8 copies alive at once in one projection's backward: the output gradient in
+    both orientations, the input by columns and (unless gathered in fp8) the weight; eager adds
+    the fp32 scaled copy and its clamp of the tensor being cast."""
+    m = train.micro_batch * train.local_seq_len
+    t, gathered_fp8 = train.tp, fp8_all_gather(train)
+    worst = 0
+    for _, out_features, in_features, tp_dim in converted_shapes(model, kind):
+        n = out_features // t if tp_dim == 0 else out_features
+        k = in_features // t if tp_dim == 1 else in_features
+        alive = 2 * m * n + m * k + (0 if gathered_fp8 else k * n)
+        if not train.compile:
+            alive += EAGER_CAST_SCRATCH * max(m * n, m * k, k * n)
+        worst = max(worst, alive)
+    return worst

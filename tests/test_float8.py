@@ -1,0 +1,206 @@
+"""Float8 training (``--precision fp8-tensorwise / fp8-rowwise``, torchao's Float8Linear under
+FSDP2) and asynchronous tensor parallelism (``--async-tp``): planner, strategy layer, and the
+published runs they are checked against (validation/published.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from planner import float8
+from planner.catalog import load_gpu, load_model
+from planner.configs import TrainConfig
+from planner.errors import LayoutError
+from planner.memory import estimate_memory
+from planner.params import layer_tensors
+from trainplan.cli import main, plan_command
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "validation"))
+
+MODEL = load_model("llama-3-8b")
+GPU = load_gpu("h100-sxm-80gb")
+
+
+def _train(**kw) -> TrainConfig:
+    return TrainConfig(**{**dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=2, precision="fp8-tensorwise"), **kw})
+
+
+def test_float8_keeps_amp_bf16_states_and_activations():
+    """torchao's Float8Linear changes the GEMMs, not the states (fp32 parameters, gradients and
+    Adam moments under FSDP2's bf16 MixedPrecisionPolicy) nor what backward saves (the 16-bit
+    input and weight: ``ctx.save_for_backward(input_hp, weight_hp_t)``)."""
+    amp = estimate_memory(MODEL, GPU, _train(precision="amp-bf16"))
+    for precision in ("fp8-tensorwise", "fp8-rowwise"):
+        fp8 = estimate_memory(MODEL, GPU, _train(precision=precision))
+        for key in ("params", "grads", "optimizer", "activations"):
+            assert getattr(fp8.memory, key) == getattr(amp.memory, key), (precision, key)
+
+
+def test_converted_projections():
+    """Llama 3 8B: the seven projections of each block become Float8Linear (their dimensions are
+    multiples of 16), norms and the output head do not."""
+    shapes = float8.converted_shapes(MODEL)
+    assert len(shapes) == 7
+    matmul = sum(t.numel for t in layer_tensors(MODEL, "decoder") if len(t.shape) == 2)
+    assert float8.converted_numel(MODEL, "decoder", 1) == matmul
+    assert float8.converted_numel(MODEL, "decoder", 8) == matmul // 8
+    # q, k, v read one input; gate, up another; o and down their own
+    assert sorted({source for source, *_ in shapes}) == ["attn", "attn.o", "mlp", "mlp.down"]
+    odd = MODEL.model_copy(update={"ffn_hidden_size": 14340})  # not a multiple of 16: the MLP stays bf16
+    assert len(float8.converted_shapes(odd)) == 4
+
+
+def test_fp8_all_gather_moves_projections_at_one_byte():
+    """Tensorwise with ``enable_fsdp_float8_all_gather``: a block's projections travel (and sit
+    unsharded) at 1 B per element, its norms at bf16; embedding and head units unchanged. Rowwise,
+    or with --no-fp8-all-gather, everything is gathered in bf16."""
+    train = _train()
+    sizes, kinds = (1000, 218_112_000 + 8192, 525_336_576), ("embedding", "decoder", "head")
+    gathered = float8.gathered_unit_bytes(MODEL, train, sizes, kinds, 2)
+    converted = float8.converted_numel(MODEL, "decoder", 1)
+    assert gathered == (2000, converted + 2 * (sizes[1] - converted), 2 * sizes[2])
+    for other in (_train(precision="fp8-rowwise"), _train(fp8_all_gather=False)):
+        assert float8.gathered_unit_bytes(MODEL, other, sizes, kinds, 2) == tuple(2 * n for n in sizes)
+
+
+def test_cast_traffic_by_hand():
+    """One block of Llama 3 8B, 2 x 8192 tokens, compiled tensorwise with fp8 all-gather: the
+    casts read each 16-bit source twice (amax, then scale-and-cast) and write one byte: 5 B per
+    element. Forward: the attention input once (q, k, v share it), o's input, the MLP input once
+    (gate, up), down's input, and the fp32 shards (9 B per element over 8 ranks). Backward: every
+    output gradient both ways, the same inputs by columns, no weight (it arrived in fp8)."""
+    h, f, kv, m = 4096, 14336, 1024, 2 * 8192
+    layer = float8.layer(MODEL, _train(compile=True))
+    weights = h * h + 2 * h * kv + h * h + 3 * h * f
+    forward = 5 * m * (h + h + h + f) + 9 * weights / 8
+    outputs = h + 2 * kv + h + 2 * f + h
+    backward = 10 * m * outputs + 5 * m * (h + h + h + f)
+    assert layer.cast_forward_bytes == pytest.approx(forward)
+    assert layer.cast_backward_bytes == pytest.approx(backward)
+    assert layer.gemm_forward_flops == 2 * m * weights
+    eager = float8.layer(MODEL, _train(compile=False))  # every projection casts its own input, 33 B each
+    assert eager.cast_forward_bytes > 6 * layer.cast_forward_bytes
+
+
+def test_float8_speed_up_against_published_runs():
+    """validation/published.py: Llama 3 8B under FSDP2 + compile on H100s. The planner's Float8
+    GEMMs run at the measured fp8 matmul ceiling (1,402.6 of 1,979 TFLOPS against 794.5 of 989 in
+    bf16, ml-engineering's MAMF table) and its casts at HBM speed. Tensorwise it predicts 1.09x
+    where torchtitan and torchao publish 1.25-1.29x: the published boards are 500 W H100s whose
+    bf16 GEMMs sit further below their peak than the MAMF table's (an unmeasured cause; a lent
+    GPU will calibrate ``gemm_efficiency``). Rowwise: 1.07x against 1.10x. Absolute Float8
+    throughput within 10% of every published figure. Pinned so the gap cannot silently widen."""
+    from published import FLOAT8_RUNS, predict_float8
+
+    for run in FLOAT8_RUNS:
+        bf16, fp8 = predict_float8(run, "amp-bf16"), predict_float8(run, run.precision)
+        speedup, published = fp8.tokens_per_s_per_gpu / bf16.tokens_per_s_per_gpu, run.published_fp8 / run.published_bf16
+        assert 1.05 < speedup <= published, (run.label, speedup, published)
+        assert published / speedup < 1.2, (run.label, speedup, published)
+        assert fp8.tokens_per_s_per_gpu == pytest.approx(run.published_fp8, rel=0.15), run.label
+
+
+def test_async_tp_against_published_runs():
+    """torchtitan's async TP benchmark (Llama 3 70B on 256 and 8B on 64 H100s, FSDP x TP 8, SP,
+    compile): the planner's gain from pipelining each sequence-parallel collective with its matmul
+    is within 8% of the published gain in all six rows (it predicts 1.17x for bf16 where 1.09-1.10x
+    is published: the pipelined chunks' own slowdown is not modelled). Vanilla TP throughput within
+    30% for bf16 and tensorwise; rowwise runs slower than bf16 under TP in the benchmark (its
+    note: torchtitan issue 1207), which the planner does not model, so its absolute rows are left out."""
+    from published import ASYNC_TP, predict_async_tp
+
+    for model, gpus, mb, ac, precision, vanilla, fused in ASYNC_TP:
+        sync = predict_async_tp(model, gpus, mb, ac, precision, False)
+        overlapped = predict_async_tp(model, gpus, mb, ac, precision, True)
+        gain = overlapped.tokens_per_s_per_gpu / sync.tokens_per_s_per_gpu
+        assert gain > 1.0
+        assert gain == pytest.approx(fused / vanilla, rel=0.08), (model, precision, gain)
+        assert overlapped.breakdown.tp_communication_s < sync.breakdown.tp_communication_s
+        if precision != "fp8-rowwise":
+            assert sync.tokens_per_s_per_gpu == pytest.approx(vanilla, rel=0.3), (model, precision)
+
+
+def test_async_tp_hides_what_the_matmul_covers():
+    """With ample matmul per collective, async TP leaves one chunk of tp (plus contention) of
+    each transfer; the same layout without it pays all of it."""
+    train = dict(gpus=8, tp=8, sequence_parallel=True, zero_stage=3, seq_len=8192, micro_batch=4, compile=True,
+                 precision="amp-bf16")
+    from planner.estimate import estimate
+
+    sync = estimate(load_model("llama-3-70b"), GPU, TrainConfig(**train))
+    fused = estimate(load_model("llama-3-70b"), GPU, TrainConfig(**train, async_tp=True))
+    assert fused.throughput.breakdown.tp_communication_s < 0.4 * sync.throughput.breakdown.tp_communication_s
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu", "a100-80gb", "--strategy", "zero3"], "no fp8 peak"),
+    (["--strategy", "ddp"], "FSDP2"),
+])
+def test_float8_refusals(args, message):
+    result = CliRunner().invoke(plan_command, ["--model", "8b", "--gpus", "8", "--precision", "fp8-tensorwise",
+                                               "--seq-len", "4096", "--tp", "1", "--pp", "1", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_async_tp_needs_tp_sp_and_compile():
+    with pytest.raises(LayoutError, match="compile"):
+        TrainConfig(gpus=8, tp=8, sequence_parallel=True, async_tp=True)
+    result = CliRunner().invoke(plan_command, ["--model", "8b", "--gpus", "8", "--async-tp", "--tp", "1"])
+    assert result.exit_code == 2 and "asynchronous TP" in result.output
+
+
+def test_plan_float8_json_has_the_fp8_run():
+    result = CliRunner().invoke(plan_command, ["--model", "8b", "--gpus", "8", "--precision", "fp8-tensorwise",
+                                               "--compile", "--strategy", "zero3", "--seq-len", "8192", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    best = data["recommended"] if "recommended" in data else data
+    assert "fp8-tensorwise" in json.dumps(best)
+
+
+@pytest.mark.dist
+def test_float8_run_trains_like_amp_bf16():
+    """torchao's Float8Linear runs on CPU (torch._scaled_mm has a CPU kernel in 2.13) under FSDP2
+    over gloo, with fp8 all-gather: its losses follow amp-bf16's within 2% over three steps."""
+    common = ["run", "--model", "tiny-llama", "--seq-len", "128", "--steps", "3", "--nproc", "2", "--strategy",
+              "zero3", "--json"]
+    fp8 = json.loads(CliRunner().invoke(main, [*common, "--precision", "fp8-tensorwise"]).output)
+    amp = json.loads(CliRunner().invoke(main, [*common, "--precision", "amp-bf16"]).output)
+    for a, b in zip(fp8["steps"], amp["steps"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.02)
+    # the fp32 parameters behind torchao's fp8 all-gather wrapper are counted
+    assert fp8["ranks"][0]["params"] == amp["ranks"][0]["params"]
+
+
+def test_async_tp_is_not_run_on_cpu():
+    result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--nproc", "2", "--tp", "2", "--compile",
+                                       "--async-tp", "--steps", "1", "--seq-len", "64"])
+    assert result.exit_code != 0
+    assert "symmetric memory" in result.output and "Traceback" not in result.output
+
+
+def test_committed_float8_runs_repredict():
+    """validation/cpu.json's Float8 runs (2 gloo ranks of the reference model, tensorwise ZeRO-3
+    and rowwise ZeRO-2 with full AC; fake-tensor ranks of Llama-3-8B at 2 x 8192 and 8192 with
+    op-level AC, Llama-3.2-1B on 16 with bf16 all-gather) re-predicted: states exact, activations
+    within 0.1%, peak within 3% (the eager casts' scratch: +2.1% on the small rowwise run)."""
+    from accuracy_table import repredict
+
+    from profiler.report import ProfileReport
+
+    cases = [c for c in json.loads((ROOT / "validation" / "cpu.json").read_text())["cases"]
+             if c.get("report", {}).get("train", {}).get("precision", "").startswith("fp8-")]
+    assert len(cases) >= 5
+    for case in cases:
+        report = repredict(ProfileReport.model_validate(case["report"]), True)
+        rows = {r.quantity.split(" ")[0]: r for r in report.rows if r.unit == "bytes"}
+        for key in ("params", "grads", "optimizer"):
+            assert rows[key].predicted == rows[key].measured, (case["label"], key)
+        assert abs(rows["activations"].error_pct) < 0.1, case["label"]
+        assert abs(rows["peak"].error_pct) < 3, case["label"]
