@@ -346,7 +346,7 @@ def long_context() -> str:
     sys.path.insert(0, str(ROOT / "validation"))
     from published import TORCHTITAN_CP, TORCHTITAN_CP_SOURCE, predict_torchtitan_cp
 
-    lines = ["| FSDP × CP | sequence | published tokens/s per GPU | planned (bf16) | published / 32k | planned / 32k |",
+    lines = ["| FSDP × CP | sequence | published tokens/s per GPU | planned | published / 32k | planned / 32k |",
              "|---|---|---|---|---|---|"]
     first = None
     for fsdp, cp, seq, tps in TORCHTITAN_CP:
@@ -358,8 +358,32 @@ def long_context() -> str:
     return "\n".join(lines) + "\n"
 
 
+def float8_published() -> str:
+    """Published Float8 and async-TP runs against the planner (validation/published.py)."""
+    sys.path.insert(0, str(ROOT / "validation"))
+    from published import ASYNC_TP, ASYNC_TP_SOURCE, FLOAT8_RUNS, predict_async_tp, predict_float8
+
+    lines = ["| Float8 run (Llama 3 8B, FSDP2, compile) | recipe | published bf16 → fp8 tokens/s per GPU | "
+             "planned | published speed-up | planned |", "|---|---|---|---|---|---|"]
+    for run in FLOAT8_RUNS:
+        bf16, fp8 = (predict_float8(run, p).tokens_per_s_per_gpu for p in ("amp-bf16", run.precision))
+        lines.append(f"| {run.label}, batch {run.micro_batch} | {run.precision} | {run.published_bf16:,.0f} → "
+                     f"{run.published_fp8:,.0f} | {bf16:,.0f} → {fp8:,.0f} | {run.published_fp8 / run.published_bf16:.2f}× | "
+                     f"{fp8 / bf16:.2f}× |")
+    lines += ["", "Sources: " + "; ".join(dict.fromkeys(run.source for run in FLOAT8_RUNS)) + ".", "",
+              "| async TP run | precision | published vanilla → async tokens/s per GPU | planned | published gain | "
+              "planned |", "|---|---|---|---|---|---|"]
+    for model, gpus, mb, ac, precision, vanilla, fused in ASYNC_TP:
+        sync, over = (predict_async_tp(model, gpus, mb, ac, precision, a).tokens_per_s_per_gpu for a in (False, True))
+        lines.append(f"| {model}, {gpus} GPUs (FSDP {gpus // 8} × TP 8), batch {mb}, AC {ac} | {precision} | "
+                     f"{vanilla:,} → {fused:,} | {sync:,.0f} → {over:,.0f} | {fused / vanilla:.2f}× | {over / sync:.2f}× |")
+    lines += ["", f"Source: {ASYNC_TP_SOURCE}."]
+    return "\n".join(lines) + "\n"
+
+
 SECTIONS = {
     "long-context": long_context,
+    "float8": float8_published,
     "inference-seed": inference_seed,
     "inference-accuracy": inference_accuracy,
     "inference-logits": inference_logits,

@@ -92,7 +92,6 @@ class Float8Layer:
     gemm_forward_flops: float
     cast_forward_bytes: float
     cast_backward_bytes: float
-    largest_cast_elements: int  # the largest tensor cast at once (eager scratch)
 
 
 def layer(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> Float8Layer:
@@ -113,7 +112,6 @@ def layer(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> Float8
         dim0 = dim1 = CAST_BYTES_COMPILED_TWO_PASS
     shard_input = recipe == "tensorwise" and train.sequence_parallel
     flops = forward = backward = 0.0
-    largest = 0
     cast_inputs: set[str] = set()
     for source, out_features, in_features, tp_dim in converted_shapes(model, kind):
         n = out_features // t if tp_dim == 0 else out_features
@@ -128,8 +126,7 @@ def layer(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> Float8
         forward += (0 if once else dim0 * input_rows * k) + weight_cast
         backward += ((dim0 + dim1) * m * n + (0 if once else dim1 * m * k)
                      + (0 if gathered_fp8 else dim1 * weight))
-        largest = max(largest, m * k, m * n, weight)
-    return Float8Layer(flops, forward, backward, largest)
+    return Float8Layer(flops, forward, backward)
 
 
 def gathered_unit_bytes(model: ModelSpec, train: TrainConfig, sizes: tuple[int, ...], kinds: tuple[str, ...],
@@ -142,18 +139,55 @@ def gathered_unit_bytes(model: ModelSpec, train: TrainConfig, sizes: tuple[int, 
     return tuple(n * gather_bytes - fp8.get(kind, 0) * (gather_bytes - 1) for n, kind in zip(sizes, kinds))
 
 
-def cast_scratch(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> int:
-    """Bytes of float8 copies alive at once in one projection's backward: the output gradient in
-    both orientations, the input by columns and (unless gathered in fp8) the weight; eager adds
-    the fp32 scaled copy and its clamp of the tensor being cast."""
+def projection_backward_peak(m: int, k: int, n: int, scratch: int, weight_cast: bool = True) -> int:
+    """Bytes one Float8Linear's backward allocates at its peak (m tokens, k in, n out; 16-bit
+    gradients; ``scratch``: bytes per element an eager cast holds beside its fp8 result), step by
+    step as ``matmul_with_hp_or_float8_args.backward`` runs."""
+    weight = k * n if weight_cast else 0  # the weight's fp8 copy
+    return max(
+        (1 + scratch) * m * n,  # the first output-gradient cast
+        m * n + (1 + scratch) * weight,  # the weight's cast
+        2 * m * n + scratch * m * n + weight + 2 * m * k,  # the second output-gradient cast
+        2 * m * n + weight + 2 * m * k + (1 + scratch) * m * k,  # the input's cast by columns
+        2 * m * n + weight + 2 * m * k + m * k + 2 * k * n,  # grad_weight written
+    )
+
+
+def backward_working_bytes(model: ModelSpec, train: TrainConfig, kind: str = "decoder", mlp_freed: int = 0) -> int:
+    """The most any one Float8 projection's backward holds of its own, gradients included, as
+    torchao's ``matmul_with_hp_or_float8_args.backward`` runs it (16-bit input and output
+    gradient; m tokens, k in, n out): cast the output gradient for grad_input (an eager cast keeps
+    its fp32 scaled copy and clamped copy with the fp8 result: 9 B per element), cast the weight
+    (unless it was all-gathered in fp8), grad_input = go @ w (2mk); cast the output gradient again
+    for grad_weight, then the input by columns, grad_weight (2kn). Measured on CPU with
+    torch 2.13 / torchao 0.18 (``LivePeak`` over one Float8Linear, six shapes, exact to the
+    scales' bytes): at the second output-gradient cast 10mn + kn + 2mk, at the input cast
+    2mn + kn + 11mk, against the bf16 linear's 2mk + 2kn; traced in a block, the fp8 copy of an
+    fp8-gathered weight is the gathered parameter itself. Compiled, inductor writes the fp8
+    copies without the fp32 scratch (1 B per element): not measured (its allocations are inside
+    the compiled kernels).
+
+    Around it in the block: the output gradient coming in (for o and down, the residual
+    stream's gradient itself; for the others beside it), the gradients of the sub-layer's
+    projections still to run, the input gradient accumulated so far; and every projection but
+    the MLP's output one runs after that one's backward freed its saved input (``mlp_freed``
+    bytes, which the caller's moment still counts)."""
     m = train.micro_batch * train.local_seq_len
     t, gathered_fp8 = train.tp, fp8_all_gather(train)
+    scratch = 0 if train.compile else EAGER_CAST_SCRATCH
+    shapes = [(source, out // t if tp_dim == 0 else out, inp // t if tp_dim == 1 else inp)
+              for source, out, inp, tp_dim in converted_shapes(model, kind)]
     worst = 0
-    for _, out_features, in_features, tp_dim in converted_shapes(model, kind):
-        n = out_features // t if tp_dim == 0 else out_features
-        k = in_features // t if tp_dim == 1 else in_features
-        alive = 2 * m * n + m * k + (0 if gathered_fp8 else k * n)
-        if not train.compile:
-            alive += EAGER_CAST_SCRATCH * max(m * n, m * k, k * n)
-        worst = max(worst, alive)
+    for i, (source, n, k) in enumerate(shapes):
+        own = projection_backward_peak(m, k, n, scratch, weight_cast=not gathered_fp8)
+        # Autograd runs a sub-layer's projections in reverse order of their forward (v, k, q;
+        # up, gate): the output gradients of those still to run wait, and from the second on
+        # the input's gradient accumulates in a buffer of its own
+        siblings = [j for j, other in enumerate(shapes) if other[0] == source]
+        waiting = sum(2 * m * shapes[j][1] for j in siblings if j < i)
+        accumulated = 2 * m * k if any(j > i for j in siblings) else 0
+        row_parallel = source != source.split(".")[0]  # o, down: their own input
+        residual = 0 if row_parallel else 2 * m * model.hidden_size
+        freed = 0 if source in ("mlp.down", "mlp.fc2") else mlp_freed
+        worst = max(worst, own + 2 * m * n + waiting + accumulated + residual - freed)
     return worst

@@ -597,7 +597,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     elif (zero == 2 and engine.zero2_gathers_params) or (zero >= 3 and train.pp > 1 and train.engine == "pytorch"):
         # ZeRO-2 as FSDP2; and FSDP2 under torch.distributed.pipelining, which keeps every unit
         # gathered until the last micro-batch's backward (no resharding in between)
-        gathered_fwd, gathered_bwd_end = sum(g), g[0]
+        # at the first layer's backward the embedding's unit and that layer's are gathered
+        gathered_fwd, gathered_bwd_end = sum(g), g[0] + (g[1] if len(g) > 1 else 0)
         # + the all-gather buffer of the unit that ran last, not yet released at the loss
         gathered_at_loss, gathered_at_loss_backward = gathered_fwd + g[-1], gathered_fwd
     else:
@@ -607,8 +608,12 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         # the KL term, exp(t) * (t - s) over [tokens, vocab] in fp32: three such tensors at once
         loss_fwd = max(loss_fwd, 3 * teacher.logprobs + act.frozen_head_hidden_bytes(model, train))
     workspace = sums.workspace if has_layers else 0
-    # Float8: the fp8 copies one projection's backward casts (planner/float8.py)
-    fp8_scratch = float8.cast_scratch(model, train, "encoder" if sp.encoder_layers else "decoder") if (
+    # Float8: one projection's backward, its casts included (planner/float8.py), is a moment of
+    # its own beside each moment of a layer's backward
+    # by the other projections' backward, the MLP's saved tensors are freed: the down projection's
+    # input, the activation's output and the up projection's output (gated), or fc2's input (GELU)
+    fp8_work = float8.backward_working_bytes(model, train, "encoder" if sp.encoder_layers else "decoder",
+                                             (2 if model.mlp == "gelu" else 3) * sums.rebuilt_mlp_backward_freed) if (
         has_layers and float8.float8_recipe(train.precision)) else 0
     if fsdp:
         # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
@@ -679,6 +684,8 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         (activations - head_mb - one_layer, grads_in_forward, gathered_fwd, 0, grad_reduce, 0),
         (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, first_recompute),
     ]
+    # the moments in the middle of a layer's backward, before its MLP's backward ran
+    mid_layer = [moment for moment in layer_moments if moment[3]]
     if has_layers and not fsdp_units:
         # a rebuilt block (checkpointed fully, or op by op) peaks in its MLP's elementwise
         # backward (``act.rebuilt_mlp_backward``): the down projection's input freed and its
@@ -730,11 +737,17 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
                 (second - second_saved + sums.layer_input, grads_after_last_layer, gathered_fwd, end_work,
                  pending + unit_grads, 0),
             ]
-    for acts, grads, gathered, work, reduce, recompute in layer_moments:
+    if fsdp_units:
+        mid_layer = [moment for moment in layer_moments
+                     if moment[3] and moment[3] == workspace and moment[4] != pending + unit_grads]
+    if fp8_work:  # a Float8 projection's backward, in the middle of a layer's backward
+        layer_moments += [(acts, grads, gathered, 0, reduce, recompute, fp8_work)
+                          for acts, grads, gathered, _, reduce, recompute in mid_layer]
+    for acts, grads, gathered, work, reduce, recompute, *projection in layer_moments:
         tmp = {}
         _add(tmp, "gathered_params", gathered + tied_gathered)
         _add(tmp, "activation_gradients", work)
-        _add(tmp, "float8_casts", fp8_scratch if work else 0)
+        _add(tmp, "float8_projection_backward", sum(projection))
         _add(tmp, "gradient_reduction", reduce)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
         _add(tmp, "dequantised_weight", dequantised)

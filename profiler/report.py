@@ -77,7 +77,8 @@ class Row(_Checked):
 # TrainConfig fields added after reports were stored: issue 11 (impl, compile), issue 12 (the rest)
 _ADDED_LATER = {"impl": "trainplan", "compile": False, "finetune": "full", "lora_rank": 8,
                 "lora_targets": "q,k,v,o,gate,up,down", "base_precision": "auto", "train_embeddings": False, "lora_dtype": "auto", "teacher": "",
-                "optimizer_in_backward": False, "paged_optimizer": False, "cp": 1}
+                "optimizer_in_backward": False, "paged_optimizer": False, "cp": 1, "fp8_all_gather": True,
+                "async_tp": False}
 
 
 class ProfileReport(_Checked):

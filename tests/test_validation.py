@@ -21,7 +21,9 @@ def _checkpointing_cases():
     import json
 
     cases = json.loads((ROOT / "validation" / "cpu.json").read_text())["cases"]
-    return [c for c in cases if "AC" in c["label"] and c.get("report", {}).get("measured")]
+    # Float8 runs have their own check (tests/test_float8.py): their eager casts are not traced op by op
+    return [c for c in cases if "AC" in c["label"] and c.get("report", {}).get("measured")
+            and not c["report"]["train"].get("precision", "").startswith("fp8-")]
 
 
 def test_checkpointing_policies_are_exact_per_phase():

@@ -98,6 +98,12 @@ CPU_CASES = [
                                                                             precision="fp8-tensorwise")),
     ("Float8 rowwise, ZeRO-2, full AC", "tiny-llama", None, dict(gpus=2, zero_stage=2, precision="fp8-rowwise",
                                                                  activation_checkpointing="full")),
+    ("Float8 tensorwise, fp8 all-gather, ZeRO-2, full AC", "tiny-llama", None,
+     dict(gpus=2, zero_stage=2, precision="fp8-tensorwise", activation_checkpointing="full")),
+    ("Float8 rowwise, ZeRO-3, full AC", "tiny-llama", None, dict(gpus=2, zero_stage=3, precision="fp8-rowwise",
+                                                                 activation_checkpointing="full")),
+    ("Float8 tensorwise, bf16 all-gather, ZeRO-3, op-level AC", "tiny-llama", None,
+     dict(gpus=2, zero_stage=3, precision="fp8-tensorwise", fp8_all_gather=False, activation_checkpointing="op")),
     ("8B ZeRO-3 fp8-tensorwise, seq 8192 x 2, 8 simulated", "llama-3-8b", 8,
      dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=2, precision="fp8-tensorwise")),
     ("8B ZeRO-3 fp8-rowwise, op-level AC, seq 8192, 8 simulated", "llama-3-8b", 8,
@@ -127,6 +133,16 @@ GPU_CASES = [
     ("8B TP8, 8 simulated", "llama-3-8b", 8, dict(gpus=8, tp=8, sequence_parallel=True)),
     ("8B dp2xtp4 ZeRO-3, 8 simulated", "llama-3-8b", 8, dict(gpus=8, tp=4, zero_stage=3, sequence_parallel=True)),
     ("7B PP4xdp2 ZeRO-3, 8 simulated", "llama-2-7b", 8, dict(gpus=8, pp=4, zero_stage=3, global_batch=16)),
+    # Float8 (issue 14): torchao on the fp8 tensor cores, compiled as torchtitan runs it; the
+    # amp-bf16 twin gives the measured speed-up (needs torchao among the carried wheels)
+    ("1B ZeRO-3 amp-bf16, compiled", "llama-3.2-1b", None,
+     dict(gpus=1, zero_stage=3, seq_len=4096, micro_batch=2, precision="amp-bf16", compile=True)),
+    ("1B ZeRO-3 fp8-tensorwise, compiled", "llama-3.2-1b", None,
+     dict(gpus=1, zero_stage=3, seq_len=4096, micro_batch=2, precision="fp8-tensorwise", compile=True)),
+    ("1B ZeRO-3 fp8-rowwise, compiled", "llama-3.2-1b", None,
+     dict(gpus=1, zero_stage=3, seq_len=4096, micro_batch=2, precision="fp8-rowwise", compile=True)),
+    ("8B ZeRO-3 fp8-tensorwise, seq 8192 x 2, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, zero_stage=3, seq_len=8192, micro_batch=2, precision="fp8-tensorwise")),
 ]
 GPU_DEFAULTS = dict(seq_len=4096, micro_batch=1, precision="bf16-mixed")
 
