@@ -205,7 +205,7 @@ def test_compiled_run_is_measured_compiled_and_matches_the_compile_prediction(tm
     precision = "amp-bf16"
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 688,
-                                  "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                  "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 2,
                                   "vocab_size": 1024, "max_position_embeddings": 512}))
     spec = load_model(str(config))
     train = TrainConfig(gpus=1, precision=precision, micro_batch=4, global_batch=4, seq_len=512,

@@ -511,6 +511,9 @@ def build_run_config(options: dict, run: dict):
                                "`plan`; measure your own loop of that code with trainplan.track")
     if options["paged_optimizer"]:
         raise click.UsageError("--paged-optimizer is planned by `plan`; the strategy layer does not execute it yet")
+    if options["async_tp"] and not visible_gpus():
+        raise click.UsageError("asynchronous TP runs over CUDA symmetric memory (torch.distributed._symmetric_memory): "
+                               "on this machine it is planned by `plan`, not run")
     if (options["cp"] or 1) > 1 and (tp > 1 or pp > 1):
         raise click.UsageError("run executes context parallelism with data parallelism only (--tp 1 --pp 1); "
                                "cp with tp or pp is planned by `plan`")
