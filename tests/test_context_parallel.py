@@ -153,22 +153,16 @@ def test_committed_context_parallel_runs_repredict():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "validation"))
-    from accuracy_table import repredict
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "validation"))
+    from accuracy_table import committed_cpu_rows
 
-    from profiler.report import ProfileReport
-
-    cases = [c for c in json.loads((root / "validation" / "cpu.json").read_text())["cases"]
-             if c.get("report", {}).get("train", {}).get("cp", 1) > 1]
+    cases = committed_cpu_rows(lambda train: train.get("cp", 1) > 1)
     assert len(cases) >= 4
-    for case in cases:
-        report = repredict(ProfileReport.model_validate(case["report"]), True)
-        rows = {r.quantity.split(" ")[0]: r for r in report.rows if r.unit == "bytes"}
+    for label, rows in cases:
         for key in ("params", "grads", "optimizer"):
-            assert rows[key].predicted == rows[key].measured, (case["label"], key)
-        assert abs(rows["activations"].error_pct) < 3, case["label"]
-        assert abs(rows["peak"].error_pct) < 2, case["label"]
+            assert rows[key].predicted == rows[key].measured, (label, key)
+        assert abs(rows["activations"].error_pct) < 3, label
+        assert abs(rows["peak"].error_pct) < 2, label
 
 
 def test_cp_needs_rope_and_no_dropout():

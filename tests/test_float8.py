@@ -185,20 +185,15 @@ def test_committed_float8_runs_repredict():
     2 x 8192 and at 8192 with op-level AC, Llama-3.2-1B on 16 with bf16 all-gather) re-predicted:
     states exact, activations within 0.1%, peak within 3% (the small runs, where a projection's
     eager backward binds: -0.1% to +2.6%; the full-size ones exact)."""
-    from accuracy_table import repredict
+    from accuracy_table import committed_cpu_rows
 
-    from profiler.report import ProfileReport
-
-    cases = [c for c in json.loads((ROOT / "validation" / "cpu.json").read_text())["cases"]
-             if c.get("report", {}).get("train", {}).get("precision", "").startswith("fp8-")]
+    cases = committed_cpu_rows(lambda train: train["precision"].startswith("fp8-"))
     assert len(cases) >= 8
-    for case in cases:
-        report = repredict(ProfileReport.model_validate(case["report"]), True)
-        rows = {r.quantity.split(" ")[0]: r for r in report.rows if r.unit == "bytes"}
+    for label, rows in cases:
         for key in ("params", "grads", "optimizer"):
-            assert rows[key].predicted == rows[key].measured, (case["label"], key)
-        assert abs(rows["activations"].error_pct) < 0.1, case["label"]
-        assert abs(rows["peak"].error_pct) < 3, case["label"]
+            assert rows[key].predicted == rows[key].measured, (label, key)
+        assert abs(rows["activations"].error_pct) < 0.1, label
+        assert abs(rows["peak"].error_pct) < 3, label
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])

@@ -33,6 +33,19 @@ def _gpu(name: str):
     return load_gpu(gpu_preset_for_device(name) or "h100-sxm-80gb")
 
 
+def committed_cpu_rows(select) -> list[tuple[str, dict]]:
+    """The cpu.json cases whose ``train`` ``select`` accepts, re-predicted by today's planner:
+    (label, byte rows by their first word -- params, grads, optimizer, activations, peak)."""
+    cases = json.loads((HERE / "cpu.json").read_text())["cases"]
+    out = []
+    for case in cases:
+        if "report" not in case or not select(case["report"]["train"]):
+            continue
+        report = repredict(ProfileReport.model_validate(case["report"]), True)
+        out.append((case["label"], {r.quantity.split(" ")[0]: r for r in report.rows if r.unit == "bytes"}))
+    return out
+
+
 def repredict(report: ProfileReport, on_cpu: bool) -> ProfileReport:
     train = TrainConfig(**report.train)
     gpu = _gpu(report.gpu)
