@@ -523,7 +523,8 @@ def _stage(model: ModelSpec, cfg: InferenceConfig, e: int, index: int) -> _Stage
     stage = pipeline_stages(model, cfg.pp)[index]
     layer_units = [u for u in stage.units if u.kind in ("encoder", "decoder")]
     layer_bytes = [unit_bytes(u, cfg, e, cfg.tp) for u in layer_units]
-    weights = sum(unit_bytes(u, cfg, e, cfg.tp) for u in stage.units)
+    weights = sum(layer_bytes) + sum(unit_bytes(u, cfg, e, cfg.tp) for u in stage.units
+                                     if u.kind not in ("encoder", "decoder"))
     kv = sum(kv_cache_bytes(model, cfg, e, u.kind, cfg.tp) for u in layer_units)
     return _Stage(weights, layer_bytes, [u.kind for u in layer_units], kv, stage.has_embedding, stage.has_head)
 
