@@ -519,6 +519,9 @@ def build_run_config(options: dict, run: dict):
                                "cp with tp or pp is planned by `plan`")
     train = TrainConfig(**fields)
     check_layout(model, train)
+    if train.zero_stage <= 1 and train.dp > 1 and (tp > 1 or pp > 1):
+        raise click.UsageError("DDP (ddp, zero1) combines with neither tensor nor pipeline parallelism in PyTorch "
+                               "when dp > 1; use --strategy zero2 or zero3 (FSDP2) for dp x tp and pp x dp")
     if run["data"]:
         from strategies.data import check_token_file
 
