@@ -23,5 +23,10 @@ def test_the_check_notices_a_changed_number(tmp_path, monkeypatch):
     text = readme.README.read_text()
     marker = "<!-- begin: seed-states -->\n"
     stale = text.replace(marker, marker + "the seed notes (112 / 38 GB)\n", 1)
-    # one regeneration: the README itself is current (test_readme_matches_what_the_code_prints)
+    # the README itself is current (test_readme_matches_what_the_code_prints): regenerate only the
+    # changed section, the others stand in with what the README holds
+    current = {m["name"]: m["body"] for m in readme.MARKER.finditer(text)}
+    sections = {name: (lambda body=current[name]: body) for name in readme.SECTIONS}
+    sections["seed-states"] = readme.SECTIONS["seed-states"]
+    monkeypatch.setattr(readme, "SECTIONS", sections)
     assert readme.generate(stale) == text != stale
