@@ -9,7 +9,9 @@ Measured (one GPU, one process):
   groups, whose buffers grow with peers and channels);
 - **fragmentation**: reserved / allocated - 1 at the peak of real training steps;
 - **compute efficiency**: the executed FLOPs of the steps (planner.flops) over the time left
-  once the predicted optimizer step is taken out, divided by the dense peak;
+  once the predicted optimizer step is taken out, divided by the dense peak -- less the flash
+  attention, which the planner times at its own ``attention_efficiency`` (so that the
+  calibrated step is predicted as measured);
 - **optimizer HBM efficiency**: bytes a fused AdamW step touches over its time and the HBM
   bandwidth.
 
@@ -26,16 +28,21 @@ import time
 from planner.calibration import Calibration, default_calibration
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.errors import TrainplanError
-from planner.flops import stage_flops
+from planner.catalog import load_model
+from planner.flops import FLASH_BACKWARD_FACTOR, rank_attention_flops, stage_flops
 from planner.params import total_params
 from planner.precision import OPTIMIZER_STATES, RECIPES
 
 
-def fit_compute_efficiency(executed_flops: float, compute_seconds: float, peak_flops: float) -> float:
-    """Fraction of the dense peak the compute ran at."""
-    if compute_seconds <= 0:
+def fit_compute_efficiency(executed_flops: float, compute_seconds: float, peak_flops: float,
+                           attention_flops: float = 0.0, attention_flops_per_s: float = float("inf")) -> float:
+    """Fraction of the dense peak the compute ran at. ``attention_flops`` (forward and backward
+    of the flash attention, included in ``executed_flops``) ran at ``attention_flops_per_s``, as
+    planner.step_time times them; the rest at the fitted efficiency."""
+    rest_seconds = compute_seconds - attention_flops / attention_flops_per_s
+    if compute_seconds <= 0 or rest_seconds <= 0:
         raise TrainplanError("measured compute time is not positive; take more or longer steps")
-    return executed_flops / (compute_seconds * peak_flops)
+    return (executed_flops - attention_flops) / (rest_seconds * peak_flops)
 
 
 def fit_fragmentation(max_reserved: int, max_allocated: int) -> float:
@@ -128,7 +135,15 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
     base = default_calibration()
     dtype = RECIPES[measured["precision"]].compute_dtype
     peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
-    efficiency = fit_compute_efficiency(measured["executed_flops"], measured["forward_backward_s"], peak)
+    model = load_model(measured["model"])
+    train = TrainConfig(gpus=1, seq_len=measured["seq_len"], micro_batch=measured["micro_batch"],
+                        precision=measured["precision"])
+    attention = (1 + FLASH_BACKWARD_FACTOR) * (rank_attention_flops(model, train) * model.num_layers
+                                               + rank_attention_flops(model, train, "encoder") * model.encoder_layers)
+    attention_rate = peak * base.throughput.attention_efficiency_by_gpu.get(gpu.name,
+                                                                            base.throughput.attention_efficiency)
+    efficiency = fit_compute_efficiency(measured["executed_flops"], measured["forward_backward_s"], peak,
+                                        attention, attention_rate)
     touched = optimizer_bytes_touched(measured["num_params"], measured["precision"])
     hbm = min(1.0, touched / (measured["optimizer_step_s"] * gpu.hbm_bandwidth_gb_s * 1e9))
     fragmentation = fit_fragmentation(measured["max_memory_reserved"], measured["max_memory_allocated"])

@@ -41,3 +41,27 @@ def test_bad_throughput_is_one_clear_error(tmp_path):
     path.write_text(json.dumps({"id": "mine", "source": "by hand", "overheads": {}, "throughput": [1]}))
     with pytest.raises(ConfigFileError, match="throughput must be a JSON object"):
         load_calibration(path)
+
+
+def test_shipped_h100_calibration_predicts_its_own_step():
+    """The shipped H100 calibration, refit from its own measurements (llama-3.2-1b, seq 2048 x 4,
+    bf16-mixed), predicts that step's forward + backward as measured: the fit takes the flash
+    attention out at attention_efficiency, as planner.step_time times it."""
+    import json
+    from pathlib import Path
+
+    from planner.catalog import load_gpu, load_model
+    from planner.configs import TrainConfig
+    from planner.step_time import estimate_step
+    from profiler.calibrate import calibration_from
+
+    shipped = json.loads((Path(__file__).resolve().parent.parent / "presets/calibration/h100-sxm-80gb.json").read_text())
+    measured, gpu = shipped["measurements"], load_gpu("h100-sxm-80gb")
+    cal = calibration_from(measured, gpu, "h100-sxm-80gb")
+    name = gpu.name
+    assert cal.throughput.compute_efficiency_by_gpu[name]["bf16"] == \
+        shipped["throughput"]["compute_efficiency_by_gpu"][name]["bf16"]
+    train = TrainConfig(gpus=1, seq_len=measured["seq_len"], micro_batch=measured["micro_batch"],
+                        precision=measured["precision"])
+    step = estimate_step(load_model(measured["model"]), gpu, train, cal)
+    assert step.breakdown.compute_s == pytest.approx(measured["forward_backward_s"], rel=1e-3)
