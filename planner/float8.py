@@ -29,7 +29,9 @@ run on the fp8 tensor cores. What changes against amp-bf16:
   casts happen on the shard; torchtitan's rowwise recipe communicates in bf16.
 - **Tensor parallel** (tensorwise): ``Float8ColwiseParallel`` all-gathers the fp8 input, so the
   sequence-parallel all-gathers carry 1 B per element; reduce-scatters stay bf16
-  (torchao/float8/float8_tensor_parallel.py).
+  (torchao/float8/float8_tensor_parallel.py). The projections then save that fp8 input rather
+  than a 16-bit one: not modelled yet (activations stay amp-bf16's), and ``run`` does not run
+  Float8 with tensor parallelism to measure it.
 """
 
 from __future__ import annotations

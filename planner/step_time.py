@@ -299,7 +299,11 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                 recompute += streamed / 2
         if train.compile:  # inductor fuses the elementwise work; communication is unchanged
             compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
-        matmul_rate = {"decoder": flops_rate, "encoder": flops_rate}
+        # the matmul kernels a collective can hide behind run at the GEMM ceiling, not the
+        # model-wide efficiency (which includes the elementwise work between them)
+        gemm_rate = peak * k.gemm_efficiency_by_gpu.get(gpu.name, {}).get(
+            dtype, k.gemm_efficiency.get(dtype, efficiency))
+        matmul_rate = {"decoder": gemm_rate, "encoder": gemm_rate}
         if f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
             for kind, n in (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers)):
                 if n:
