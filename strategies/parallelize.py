@@ -90,7 +90,8 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
                           "per unit; use --base-precision bf16 with zero2/zero3, or DDP/ZeRO-1 with a quantised base")
     if cfg.precision.startswith("fp8-") and (cfg.tp > 1 or cfg.pp > 1 or cfg.cp > 1):
         raise ConfigError(f"{cfg.precision} is run under FSDP2 alone (--tp 1 --pp 1 --cp 1); Float8 with tensor, "
-                          "pipeline or context parallelism is planned by `plan`")
+                          "pipeline or context parallelism is planned by `plan` (torchao's Float8 TP all-gathers "
+                          "float8 tensors, which gloo cannot)")
     for _, module in stages:
         set_attention_kernel(module, cfg.attention)
         if cfg.precision.startswith("fp8-"):
