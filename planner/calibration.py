@@ -109,9 +109,13 @@ class ThroughputConstants(BaseModel):
     def efficiency(self, gpu_name: str, dtype: str) -> float:
         return self.compute_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.compute_efficiency[dtype])
 
-    def gemm(self, gpu_name: str, dtype: str) -> float:
-        """Share of the ``dtype`` peak one large GEMM sustains on this GPU."""
-        return self.gemm_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.gemm_efficiency[dtype])
+    def gemm(self, gpu_name: str, dtype: str, default: float | None = None) -> float:
+        """Share of the ``dtype`` peak one large GEMM sustains on this GPU (``default`` where
+        neither table has the dtype, e.g. fp32)."""
+        value = self.gemm_efficiency_by_gpu.get(gpu_name, {}).get(dtype, self.gemm_efficiency.get(dtype, default))
+        if value is None:
+            raise KeyError(dtype)
+        return value
 
 
 class Calibration(BaseModel):

@@ -57,7 +57,7 @@ def quantised_bytes(shape: tuple[int, ...], base: str, param_bytes: int) -> int:
     return numel * param_bytes
 
 
-def _projection(tensor: ParamTensor) -> str | None:
+def block_projection(tensor: ParamTensor) -> str | None:
     """``attn.q.weight`` -> ``q``; None for anything that is not a block projection's weight."""
     parts = tensor.name.split(".")
     if len(tensor.shape) != 2 or len(parts) != 3 or parts[0] not in ("attn", "cross", "mlp") or parts[2] != "weight":
@@ -90,7 +90,7 @@ def _unit_state(unit: Unit, train: TrainConfig, param_bytes: int) -> UnitState:
         if train.train_embeddings and tensor.name in ("embed.weight", "pos_embed.weight", "head.weight"):
             trainable.append(tensor)
             continue
-        projection = _projection(tensor)
+        projection = block_projection(tensor)
         if projection is None:
             frozen += tensor.numel * param_bytes
             continue

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from planner.configs import ModelSpec, TrainConfig
+from planner.finetune import block_projection
 from planner.params import layer_tensors
 
 FLOAT8_RECIPES = {"fp8-tensorwise": "tensorwise", "fp8-rowwise": "rowwise"}
@@ -63,17 +64,23 @@ def converted_shapes(model: ModelSpec, kind: str = "decoder") -> tuple[tuple[str
     ``input`` names the tensor the projection reads (q, k, v read one; gate and up another)."""
     shapes = []
     for tensor in layer_tensors(model, kind):
-        parts = tensor.name.split(".")
-        if len(tensor.shape) == 2 and len(parts) == 3 and parts[2] == "weight" and parts[0] in ("attn", "cross", "mlp") \
-                and "rel_bias" not in tensor.name:
-            out_features, in_features = tensor.shape
-            if out_features % SCALED_MM_MULTIPLE == 0 and in_features % SCALED_MM_MULTIPLE == 0:
-                # column-parallel projections of a sub-layer share its input (cross-attention's
-                # k, v read the encoder's output); a row-parallel one reads its own
-                source = parts[0] + (".memory" if parts[0] == "cross" and parts[1] in ("k", "v") else "")
-                shapes.append((source if tensor.tp_dim == 0 else parts[0] + "." + parts[1], out_features, in_features,
-                               tensor.tp_dim))
+        projection = block_projection(tensor)
+        if projection is None or any(dim % SCALED_MM_MULTIPLE for dim in tensor.shape):
+            continue
+        # column-parallel projections of a sub-layer share its input (cross-attention's k, v read
+        # the encoder's output); a row-parallel one reads its own
+        sublayer = tensor.name.split(".")[0]
+        source = sublayer + (".memory" if sublayer == "cross" and projection in ("k", "v") else "")
+        out_features, in_features = tensor.shape
+        shapes.append((source if tensor.tp_dim == 0 else f"{sublayer}.{projection}", out_features, in_features,
+                       tensor.tp_dim))
     return tuple(shapes)
+
+
+def _local_projections(model: ModelSpec, kind: str, tp: int) -> list[tuple[str, int, int, bool]]:
+    """(input, n out, k in, column-parallel) of the converted projections on one tensor-parallel rank."""
+    return [(source, out // tp if tp_dim == 0 else out, inp // tp if tp_dim == 1 else inp, tp_dim == 0)
+            for source, out, inp, tp_dim in converted_shapes(model, kind)]
 
 
 def converted_numel(model: ModelSpec, kind: str, tp: int) -> int:
@@ -104,7 +111,6 @@ def layer(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> Float8
     shard before the fp8 all-gather (``Float8ColwiseParallel``)."""
     recipe = float8_recipe(train.precision)
     m = train.micro_batch * train.local_seq_len  # a linear sees the whole local sequence
-    t = train.tp
     gathered_fp8 = fp8_all_gather(train)
     if not train.compile:
         dim0 = dim1 = CAST_BYTES_EAGER
@@ -115,15 +121,13 @@ def layer(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> Float8
     shard_input = recipe == "tensorwise" and train.sequence_parallel
     flops = forward = backward = 0.0
     cast_inputs: set[str] = set()
-    for source, out_features, in_features, tp_dim in converted_shapes(model, kind):
-        n = out_features // t if tp_dim == 0 else out_features
-        k = in_features // t if tp_dim == 1 else in_features
+    for source, n, k, column in _local_projections(model, kind, train.tp):
         flops += 2 * m * k * n
         weight = k * n
         weight_cast = FP32_SHARD_CAST_BYTES * weight / train.shard_world if gathered_fp8 else dim0 * weight
         once = train.compile and source in cast_inputs  # the shared input was cast already
         cast_inputs.add(source)
-        input_rows = m // t if shard_input and tp_dim == 0 else m
+        input_rows = m // train.tp if shard_input and column else m
         # forward: input (rows), weight; backward: grad_output both ways, input by columns, weight again
         forward += (0 if once else dim0 * input_rows * k) + weight_cast
         backward += ((dim0 + dim1) * m * n + (0 if once else dim1 * m * k)
@@ -175,12 +179,11 @@ def backward_working_bytes(model: ModelSpec, train: TrainConfig, kind: str = "de
     the MLP's output one runs after that one's backward freed its saved input (``mlp_freed``
     bytes, which the caller's moment still counts)."""
     m = train.micro_batch * train.local_seq_len
-    t, gathered_fp8 = train.tp, fp8_all_gather(train)
+    gathered_fp8 = fp8_all_gather(train)
     scratch = 0 if train.compile else EAGER_CAST_SCRATCH
-    shapes = [(source, out // t if tp_dim == 0 else out, inp // t if tp_dim == 1 else inp)
-              for source, out, inp, tp_dim in converted_shapes(model, kind)]
+    shapes = _local_projections(model, kind, train.tp)
     worst = 0
-    for i, (source, n, k) in enumerate(shapes):
+    for i, (source, n, k, column) in enumerate(shapes):
         own = projection_backward_peak(m, k, n, scratch, weight_cast=not gathered_fp8)
         # Autograd runs a sub-layer's projections in reverse order of their forward (v, k, q;
         # up, gate): the output gradients of those still to run wait, and from the second on
@@ -188,8 +191,7 @@ def backward_working_bytes(model: ModelSpec, train: TrainConfig, kind: str = "de
         siblings = [j for j, other in enumerate(shapes) if other[0] == source]
         waiting = sum(2 * m * shapes[j][1] for j in siblings if j < i)
         accumulated = 2 * m * k if any(j > i for j in siblings) else 0
-        row_parallel = source != source.split(".")[0]  # o, down: their own input
-        residual = 0 if row_parallel else 2 * m * model.hidden_size
+        residual = 2 * m * model.hidden_size if column else 0  # o's and down's gradient is the residual's
         freed = 0 if source in ("mlp.down", "mlp.fc2") else mlp_freed
         worst = max(worst, own + 2 * m * n + waiting + accumulated + residual - freed)
     return worst

@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field, model_validator
 from planner.calibration import Calibration, Overheads
 from planner.configs import MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN, GPUSpec, ModelSpec, _Frozen
 from planner.errors import ConfigError, LayoutError
-from planner.finetune import _projection, quantised_bytes
+from planner.finetune import block_projection, quantised_bytes
 from planner.flops import _counted_attention, head_matmul_params, layer_matmul_params
 from planner.params import ParamTensor, Unit, pipeline_stages
 
@@ -145,7 +145,7 @@ def int4_bytes(shape: tuple[int, int]) -> int:
 
 def stored_bytes(tensor: ParamTensor, cfg: InferenceConfig, compute_bytes: int, tp: int = 1) -> int:
     shape = tensor.local_shape(tp)
-    if cfg.quantised and _projection(tensor) is not None:
+    if cfg.quantised and block_projection(tensor) is not None:
         if cfg.weights in ("int8", "w8a8"):
             return quantised_bytes(shape, "int8", compute_bytes)
         if cfg.weights == "int4":
@@ -167,7 +167,7 @@ def kv_cache_bytes(model: ModelSpec, cfg: InferenceConfig, compute_bytes: int, k
     over the new tokens, plus cross-attention k, v over the prompt); encoders keep none."""
     if kind == "encoder":
         return 0
-    entries = 2 * cfg.batch * (model.num_kv_heads // tp) * cfg.cache_len  # (encoder-decoder: new + prompt)  # k and v rows of head_dim
+    entries = 2 * cfg.batch * (model.num_kv_heads // tp) * cfg.cache_len  # k and v rows of head_dim
     if cfg.kv_cache == "int8":
         return entries * model.head_dim + entries * compute_bytes
     return entries * model.head_dim * compute_bytes

@@ -609,9 +609,9 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         loss_fwd = max(loss_fwd, 3 * teacher.logprobs + act.frozen_head_hidden_bytes(model, train))
     workspace = sums.workspace if has_layers else 0
     # Float8: one projection's backward, its casts included (planner/float8.py), is a moment of
-    # its own beside each moment of a layer's backward
-    # by the other projections' backward, the MLP's saved tensors are freed: the down projection's
-    # input, the activation's output and the up projection's output (gated), or fc2's input (GELU)
+    # its own beside each moment in the middle of a layer's backward. By the other projections'
+    # backward the MLP's saved tensors are freed: the down projection's input, the activation's
+    # output and the up projection's output (gated), or fc2's input (GELU).
     fp8_work = float8.backward_working_bytes(model, train, "encoder" if sp.encoder_layers else "decoder",
                                              (2 if model.mlp == "gelu" else 3) * sums.rebuilt_mlp_backward_freed) if (
         has_layers and float8.float8_recipe(train.precision)) else 0
@@ -685,7 +685,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
         (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, first_recompute),
     ]
     # the moments in the middle of a layer's backward, before its MLP's backward ran
-    mid_layer = [moment for moment in layer_moments if moment[3]]
+    mid_layer = [layer_moments[0], layer_moments[2]]
     if has_layers and not fsdp_units:
         # a rebuilt block (checkpointed fully, or op by op) peaks in its MLP's elementwise
         # backward (``act.rebuilt_mlp_backward``): the down projection's input freed and its
@@ -722,24 +722,24 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
             return min(grads_at_end, grads_in_forward + grads_at_end * min(units, sp.local) // sp.local)
         grads_in_last_layer = grads_after(sp.last_unit if sp.has_head else 0)
         grads_after_last_layer = grads_after(sp.last_two_units)
+        mid_layer = [(activations - head_mb, grads_in_last_layer, gathered_fwd, workspace, 0, recompute_set),
+                     (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, first_recompute)]
         layer_moments = [
-            (activations - head_mb, grads_in_last_layer, gathered_fwd, workspace, 0, recompute_set),
+            mid_layer[0],
             (activations - head_mb - one_layer, grads_in_forward, max(g), 0, grad_reduce, 0),
-            (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, first_recompute),
+            mid_layer[1],
             (end_acts + first_input_only, grads_before_first_layer, gathered_bwd_end, end_work, pending + unit_grads,
              0),
         ]
         if sp.encoder_layers + sp.decoder_layers >= 2:
             # the second-to-last layer (its own policy under layer:N), the last layer's freed
             second = activations - head_mb - one_layer
+            mid_layer.append((second, grads_after_last_layer, gathered_fwd, workspace, pending, second_recompute))
             layer_moments += [
-                (second, grads_after_last_layer, gathered_fwd, workspace, pending, second_recompute),
+                mid_layer[-1],
                 (second - second_saved + sums.layer_input, grads_after_last_layer, gathered_fwd, end_work,
                  pending + unit_grads, 0),
             ]
-    if fsdp_units:
-        mid_layer = [moment for moment in layer_moments
-                     if moment[3] and moment[3] == workspace and moment[4] != pending + unit_grads]
     if fp8_work:  # a Float8 projection's backward, in the middle of a layer's backward
         layer_moments += [(acts, grads, gathered, 0, reduce, recompute, fp8_work)
                           for acts, grads, gathered, _, reduce, recompute in mid_layer]

@@ -40,6 +40,7 @@ from planner.configs import (
     parse_checkpointing,
 )
 from planner.engines import ENGINES
+from planner.finetune import block_projection
 from planner.errors import ConfigError
 from planner.flops import (
     BACKWARD_MATMUL_FACTOR,
@@ -165,11 +166,8 @@ def _sublayer_matmul_params(model: ModelSpec, kind: str) -> list[tuple[int, int]
     weights its all-gather feeds and the row-parallel weight that feeds its reduce-scatter."""
     groups: dict[str, list[int]] = {}
     for tensor in layer_tensors(model, kind):
-        parts = tensor.name.split(".")
-        if len(tensor.shape) == 2 and parts[-1] == "weight" and parts[0] in ("attn", "cross", "mlp") \
-                and tensor.tp_dim in (0, 1) and "rel_bias" not in tensor.name:
-            pair = groups.setdefault(parts[0], [0, 0])
-            pair[tensor.tp_dim] += tensor.numel
+        if block_projection(tensor) and tensor.tp_dim in (0, 1):
+            groups.setdefault(tensor.name.split(".")[0], [0, 0])[tensor.tp_dim] += tensor.numel
     return [tuple(pair) for pair in groups.values()]
 
 
@@ -301,8 +299,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
             compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
         # the matmul kernels a collective can hide behind run at the GEMM ceiling, not the
         # model-wide efficiency (which includes the elementwise work between them)
-        gemm_rate = peak * k.gemm_efficiency_by_gpu.get(gpu.name, {}).get(
-            dtype, k.gemm_efficiency.get(dtype, efficiency))
+        gemm_rate = peak * k.gemm(gpu.name, dtype, default=efficiency)
         matmul_rate = {"decoder": gemm_rate, "encoder": gemm_rate}
         if f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
             for kind, n in (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers)):
