@@ -41,7 +41,7 @@ from functools import lru_cache
 
 from planner.configs import ModelSpec, TrainConfig
 from planner.finetune import block_projection
-from planner.params import layer_tensors
+from planner.params import ParamTensor, layer_tensors
 
 FLOAT8_RECIPES = {"fp8-tensorwise": "tensorwise", "fp8-rowwise": "rowwise"}
 SCALED_MM_MULTIPLE = 16
@@ -58,15 +58,21 @@ def float8_recipe(precision: str) -> str:
     return FLOAT8_RECIPES.get(precision, "")
 
 
+def converts(tensor: ParamTensor) -> bool:
+    """Whether torchao's conversion, as torchtitan filters it, makes this weight a Float8Linear's:
+    a block projection whose dimensions are multiples of 16."""
+    return block_projection(tensor) is not None and not any(dim % SCALED_MM_MULTIPLE for dim in tensor.shape)
+
+
 @lru_cache(maxsize=256)
 def converted_shapes(model: ModelSpec, kind: str = "decoder") -> tuple[tuple[str, int, int, int | None], ...]:
     """(input, out, in, tp_dim) of the projections of one block that become Float8Linear;
     ``input`` names the tensor the projection reads (q, k, v read one; gate and up another)."""
     shapes = []
     for tensor in layer_tensors(model, kind):
-        projection = block_projection(tensor)
-        if projection is None or any(dim % SCALED_MM_MULTIPLE for dim in tensor.shape):
+        if not converts(tensor):
             continue
+        projection = block_projection(tensor)
         # column-parallel projections of a sub-layer share its input (cross-attention's k, v read
         # the encoder's output); a row-parallel one reads its own
         sublayer = tensor.name.split(".")[0]

@@ -54,13 +54,11 @@ def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
     if recipe in ("bf16-mixed", "fp16-mixed"):
         dtype = torch.bfloat16 if recipe == "bf16-mixed" else torch.float16
         return PrecisionPlan(recipe, dtype, True, recipe == "fp16-mixed", None, None, None)
-    if recipe.startswith("fp8-"):
-        if not sharded:
-            raise ConfigError(f"{recipe} runs under FSDP2, as torchtitan runs it: use --strategy zero2 or zero3")
-        return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
-    if recipe == "amp-bf16":
+    if recipe == "amp-bf16" or recipe.startswith("fp8-"):  # Float8: amp-bf16 with torchao's linears
         if sharded:
             return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
+        if recipe != "amp-bf16":
+            raise ConfigError(f"{recipe} runs under FSDP2, as torchtitan runs it: use --strategy zero2 or zero3")
         return PrecisionPlan(recipe, torch.float32, False, False, torch.bfloat16, None, None)
     if recipe == "bf16":
         return PrecisionPlan(recipe, torch.bfloat16, False, False, None, None, None)
@@ -79,7 +77,8 @@ def apply_float8(model, cfg) -> None:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as error:
         raise ConfigError(f"{cfg.precision} needs torchao (pip install torchao): {error}") from None
-    from planner.float8 import SCALED_MM_MULTIPLE, fp8_all_gather, float8_recipe
+    from planner.float8 import converts, fp8_all_gather, float8_recipe
+    from planner.params import ParamTensor
 
     config = Float8LinearConfig.from_recipe_name(float8_recipe(cfg.precision))
     if fp8_all_gather(cfg):
@@ -87,10 +86,8 @@ def apply_float8(model, cfg) -> None:
 
         config = replace(config, enable_fsdp_float8_all_gather=True)
 
-    def block_projection(module, fqn: str) -> bool:
-        parts = fqn.split(".")
-        return (len(parts) >= 2 and parts[-2] in ("attn", "cross", "mlp")
-                and module.in_features % SCALED_MM_MULTIPLE == 0 and module.out_features % SCALED_MM_MULTIPLE == 0)
+    def planned(module, fqn: str) -> bool:  # the planner's rule, on the block-relative name (attn.q)
+        return converts(ParamTensor(f"{fqn}.weight", (module.out_features, module.in_features)))
 
     for block in model.layers.values():
-        convert_to_float8_training(block, config=config, module_filter_fn=block_projection)
+        convert_to_float8_training(block, config=config, module_filter_fn=planned)
