@@ -63,6 +63,26 @@ def _repeatable(tracker_class):
     accounting -- all we read -- goes on."""
 
     class Repeatable(tracker_class):
+        def __enter__(self):
+            from profiler.alloc_trace import ShardingPropagation
+
+            if getattr(self, "_propagation", None) is None:
+                self._propagation = ShardingPropagation().__enter__()
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            if self._depth == 0 and getattr(self, "_propagation", None) is not None:
+                self._propagation.__exit__(*exc)
+                self._propagation = None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # DTensor's sharding propagation runs ops on global-shape fake tensors under the
+            # simulated rank's own fake mode: no rank allocates them (alloc_trace.ShardingPropagation)
+            if getattr(self, "_propagation", None) is not None and self._propagation.active:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
         def _pre_fw_hook(self, module, inputs):
             if module in self.memory_tracking and not self._mod_tracker.is_bw:
                 name = self._mod_tracker.get_known_fqn(module)

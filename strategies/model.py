@@ -246,9 +246,11 @@ def _local_slices(param: torch.Tensor) -> tuple[slice, ...] | None:
     """Where a DTensor's local shard sits in the global tensor (None for a plain tensor)."""
     if not hasattr(param, "device_mesh"):
         return None
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    with unset_fake_temporarily():  # the mesh's coordinates are real, also on a simulated rank
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
@@ -259,12 +261,11 @@ def materialize(model: nn.Module, device: str | torch.device, seed: int = 0,
     shard with its slice of the layout-independent initial value. One full tensor exists at a
     time, transiently. ``buffer_device``: where the RoPE tables live when the parameters are
     offloaded to the host."""
-    from torch._guards import active_fake_mode
-
     spec = _find_spec(model)
     model.to_empty(device=device)
-    simulated = active_fake_mode() is not None  # a simulated rank: sizes matter, values do not
-    for name, param in ([] if simulated else model.named_parameters()):
+    # A simulated rank (fake tensors) initialises too: no values, but the same transient full
+    # tensors, which leave their blocks in a GPU's caching allocator (profiler.alloc_trace).
+    for name, param in model.named_parameters():
         canonical = canonical_name(name)
         local = param.to_local() if hasattr(param, "to_local") else param
         if local.numel() == 0:

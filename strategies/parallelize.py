@@ -152,7 +152,7 @@ def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -
                                           loss_scaling=precision.loss_scaling)
     else:
         optimizer = make_optimizer(params, cfg.optimizer, cfg.optimizer_impl)
-    pipeline = apply_pipeline(stages, mesh["pp"], cfg, device) if cfg.pp > 1 else None
+    pipeline = apply_pipeline(stages, mesh["pp"], cfg, device, precision, simulated) if cfg.pp > 1 else None
     par = Parallelized(modules, optimizer, pipeline, precision, mesh, device, cfg)
     par.simulated_ddp = simulated and cfg.zero_stage <= 1 and cfg.shard_world > 1
     return par

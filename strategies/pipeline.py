@@ -66,8 +66,38 @@ class Pipeline:
         return losses
 
 
-def apply_pipeline(stages: list[tuple[int, Transformer]], mesh, cfg, device) -> Pipeline:
-    """Builds the schedule for this rank's (already parallelized, materialised) stage modules."""
+def _static_shapes(index: int, total: int, spec, cfg, precision) -> dict:
+    """Example input and output of pipeline stage ``index`` (meta tensors): token ids into the
+    first, the residual stream between stages, logits out of the last. Given these, the stages
+    skip the shape exchange of their first step (PipelineStage's static mode)."""
+    shape = (cfg.micro_batch, cfg.seq_len)
+    hidden = precision.fsdp_param_dtype or precision.param_dtype  # the residual stream's dtype
+    logits = precision.fsdp_param_dtype or precision.autocast_dtype or precision.param_dtype
+    stream = torch.empty(*shape, spec.hidden_size, dtype=hidden, device="meta", requires_grad=True)
+    inputs = torch.empty(shape, dtype=torch.long, device="meta") if index == 0 else stream
+    outputs = (torch.empty(*shape, spec.vocab_size, dtype=logits, device="meta", requires_grad=True)
+               if index == total - 1 else stream)
+    return {"input_args": inputs, "output_args": outputs}
+
+
+def _static_start(schedule) -> None:
+    """A fake process group carries no values, so the schedule's start-up vote on static shapes
+    (``_warmup_p2p``: every stage votes, the product travels to the last stage and back) is
+    answered here with the result every stage would give: all shapes are static."""
+    from torch.distributed.pipelining._utils import InferenceMode
+
+    def static(stages, *_):
+        for stage in stages:
+            stage._inference_mode = InferenceMode.STATIC
+
+    schedule._warmup_p2p = static
+
+
+def apply_pipeline(stages: list[tuple[int, Transformer]], mesh, cfg, device, precision=None,
+                   simulated: bool = False) -> Pipeline:
+    """Builds the schedule for this rank's (already parallelized, materialised) stage modules.
+    ``simulated``: one rank of a larger world on a fake process group, which cannot carry the
+    shapes the stages exchange on their first step: they are given (static mode) instead."""
     from torch.distributed.pipelining import (
         PipelineStage,
         Schedule1F1B,
@@ -77,7 +107,13 @@ def apply_pipeline(stages: list[tuple[int, Transformer]], mesh, cfg, device) -> 
 
     total = cfg.pp * cfg.chunks
     group = mesh.get_group()
-    pipeline_stages = [PipelineStage(module, index, total, device, group=group) for index, module in stages]
+    if simulated and cfg.tp > 1:
+        raise ConfigError("a simulated rank of pipeline x tensor parallelism is not run (its stages exchange "
+                          "DTensors whose layouts a fake process group cannot carry); simulate pp with --tp 1")
+    pipeline_stages = []
+    for index, module in stages:
+        shapes = _static_shapes(index, total, module.spec, cfg, precision) if simulated else {}
+        pipeline_stages.append(PipelineStage(module, index, total, device, group=group, **shapes))
     m = cfg.num_microbatches
     if cfg.schedule == "1f1b" and m < cfg.pp:
         raise ConfigError(f"1F1B needs at least pp = {cfg.pp} micro-batches per step, got {m}; raise the global "
@@ -88,5 +124,7 @@ def apply_pipeline(stages: list[tuple[int, Transformer]], mesh, cfg, device) -> 
         schedule = ScheduleGPipe(pipeline_stages[0], n_microbatches=m, loss_fn=pipeline_loss)
     else:
         schedule = Schedule1F1B(pipeline_stages[0], n_microbatches=m, loss_fn=pipeline_loss)
+    if simulated:
+        _static_start(schedule)
     indices = [index for index, _ in stages]
     return Pipeline(schedule, has_first=0 in indices, has_last=total - 1 in indices)

@@ -44,6 +44,9 @@ class RunConfig(BaseModel):
     fail_rank: int | None = Field(default=None, description="testing: this rank raises at fail_step")
     fail_step: int = 0
     fail_kind: str = Field(default="error", description="testing: 'error', or 'oom' for a simulated out-of-memory")
+    trace_allocations: bool = Field(default=False, description="record every device allocation and free, with its "
+                                    "stream, for the caching-allocator replay: needs an allocation tracer, which "
+                                    "`python -m profiler.worker` provides")
 
 
 class StepRecord(BaseModel):
@@ -88,6 +91,8 @@ class RunResult(BaseModel):
     tokens_per_s: float
     simulated_world: int | None = None
     notes: list[str] = []
+    allocations: list[list] | None = Field(default=None, description="the allocation trace (trace_allocations): "
+                                           "[\"a\", id, bytes, stream], [\"f\", id], [\"m\", marker]")
 
 
 def _scalar(t: torch.Tensor) -> float:
@@ -120,6 +125,16 @@ def _unique_bytes(tensors, device_type: str | None = None) -> int:
         storage = local.untyped_storage()
         storages[storage._cdata] = storage.nbytes()  # the StorageImpl: unique, also for fake tensors
     return sum(storages.values())
+
+
+def host_resident(par: Parallelized) -> list[torch.Tensor]:
+    """What an offloaded layout keeps in host memory: the optimizer state (and the fp32 masters),
+    and with parameter offload the parameter and gradient shards too."""
+    tensors = state_tensors(par.optimizer)
+    if par.cfg.offload == "params":
+        params = list(par.parameters())
+        tensors += params + [p.grad for p in params if p.grad is not None]
+    return tensors
 
 
 def resident_bytes(par: Parallelized, rank: int) -> RankBytes:
@@ -229,19 +244,45 @@ def train_step(par: Parallelized, source, step: int, phases=None, losses: bool =
     return total, count
 
 
+class _Traced:
+    """The fake mode (or nothing) with an allocation tracer entered inside it, as one reusable
+    context manager: the tracer must sit above FakeTensorMode to see the fake tensors it makes."""
+
+    def __init__(self, fake, tracer):
+        self.fake, self.tracer = fake, tracer
+
+    def __enter__(self):
+        self.fake.__enter__()
+        self.tracer.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.tracer.__exit__(*exc)
+        return self.fake.__exit__(*exc)
+
+
 def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
-             phase_tracker=None) -> tuple[list[StepRecord], RankBytes]:
+             phase_tracker=None, alloc_tracer=None) -> tuple[list[StepRecord], RankBytes]:
     """``phase_tracker``: the class that measures a profiled step per phase (see ``_NoPhases``);
-    the strategy layer runs steps, the layer above it measures them."""
+    ``alloc_tracer``: the allocation tracer of a traced run (``profiler.alloc_trace``), a dispatch
+    mode entered around everything the rank allocates. The strategy layer runs steps, the layer
+    above it measures them."""
     spec, cfg = config.model, config.train
     if cfg.gpus != world:
         raise ConfigError(f"the layout is for {cfg.gpus} GPUs but {world} ranks are running")
     if config.profile and phase_tracker is None:
         raise ConfigError("a profiled run needs a phase tracker: launch `python -m profiler.worker`")
+    if config.trace_allocations and alloc_tracer is None:
+        raise ConfigError("an allocation trace needs a tracer: launch `python -m profiler.worker`")
+    if alloc_tracer is not None and device.type != "cpu":
+        raise ConfigError("allocation traces are taken on a CPU (fake tensors stand in for the GPU's); on a "
+                          "GPU read the caching allocator itself (torch.cuda.memory_stats)")
     torch.manual_seed(config.seed)
     source = (TokenFile(config.data, spec.vocab_size, cfg.seq_len) if config.data
               else SyntheticTokens(spec.vocab_size, cfg.seq_len, config.seed))
     fake = _fake_mode(config, device)
+    if alloc_tracer is not None:
+        fake = _Traced(fake, alloc_tracer)
     model = build_model(spec, "meta", _param_dtype(cfg), max_seq_len=cfg.seq_len)
     mesh = build_mesh(cfg, world, device)
     par = parallelize(model, cfg, world, rank, device, config.seed, mesh=mesh,
@@ -251,7 +292,7 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
         par.teacher = _teacher(cfg, device, config.seed, fake)
     with fake:
         return _loop(config, par, source, rank, device, losses=config.simulate_world is None,
-                     phase_tracker=phase_tracker)
+                     phase_tracker=phase_tracker, alloc_tracer=alloc_tracer)
 
 
 def _teacher(cfg: TrainConfig, device: torch.device, seed: int, fake) -> torch.nn.Module:
@@ -279,7 +320,7 @@ def _fake_mode(config: RunConfig, device: torch.device):
     x 4 B; real shards -0.12%), so fake tensor parallelism is opt-in
     (``fake_tensor_parallel``, ``profile --fake-tp``)."""
     t = config.train
-    if (config.simulate_world is None or device.type != "cpu" or t.pp > 1
+    if (config.simulate_world is None or device.type != "cpu"
             or (t.tp > 1 and not config.fake_tensor_parallel)):
         return nullcontext()
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -288,7 +329,7 @@ def _fake_mode(config: RunConfig, device: torch.device):
 
 
 def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch.device,
-          losses: bool, phase_tracker=None) -> tuple[list[StepRecord], RankBytes]:
+          losses: bool, phase_tracker=None, alloc_tracer=None) -> tuple[list[StepRecord], RankBytes]:
     cfg = par.cfg
     records, bytes_record = [], None
     tokens_per_step = cfg.global_batch * cfg.seq_len
@@ -299,6 +340,8 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
                 raise torch.OutOfMemoryError(f"out of memory at backward of step {step}: simulated (--fail-kind oom)")
             raise RuntimeError(f"deliberate failure of rank {rank} at step {step} (--fail-rank)")
         last = step == config.steps - 1
+        if alloc_tracer is not None:
+            alloc_tracer.mark(f"step {step}")
         if last and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if device.type == "cuda":
@@ -314,8 +357,14 @@ def _loop(config: RunConfig, par: Parallelized, source, rank: int, device: torch
         try:
             with phases if tracked else nullcontext():
                 total, count = train_step(par, source, step, phases, losses)
+                if alloc_tracer is not None:
+                    alloc_tracer.mark("optimizer")
                 with phases.phase("optimizer"):
                     par.optimizer.step()
+                if alloc_tracer is not None:
+                    alloc_tracer.mark("after optimizer")
+                    if cfg.offload != "none":  # offloaded state lives in host memory on a GPU
+                        alloc_tracer.host(host_resident(par))
                 if last:
                     bytes_record = resident_bytes(par, rank)
         except torch.OutOfMemoryError as exc:

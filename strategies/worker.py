@@ -19,8 +19,9 @@ from pathlib import Path
 EXIT_FAILED, EXIT_OOM = 1, 3
 
 
-def main(argv: list[str] | None = None, phase_tracker=None) -> int:
-    """``phase_tracker``: measures a profiled step per phase (``profiler.worker`` passes one)."""
+def main(argv: list[str] | None = None, phase_tracker=None, alloc_tracer=None) -> int:
+    """``phase_tracker``: measures a profiled step per phase; ``alloc_tracer``: builds the
+    allocation tracer of a traced run from the device type (``profiler.worker`` passes both)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m strategies.worker RUN_CONFIG.json RESULT.json", file=sys.stderr)
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None, phase_tracker=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     try:
-        return _run(config_path, result_path, rank, world, local_rank, phase_tracker)
+        return _run(config_path, result_path, rank, world, local_rank, phase_tracker, alloc_tracer)
     except Exception as exc:  # one line for the launcher; the traceback is not the user's problem
         oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None, phase_tracker=None) -> int:
         os._exit(EXIT_OOM if oom else EXIT_FAILED)
 
 
-def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: int, phase_tracker=None) -> int:
+def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: int, phase_tracker=None,
+         alloc_tracer=None) -> int:
     import torch
     import torch.distributed as dist
 
@@ -70,7 +72,8 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
     elif world > 1 or "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
-    records, bytes_record = run_rank(config, rank, world, device, phase_tracker)
+    tracer = alloc_tracer(device.type) if config.trace_allocations and alloc_tracer is not None else None
+    records, bytes_record = run_rank(config, rank, world, device, phase_tracker, tracer)
     try:
         gathered = [None] * world
         if dist.is_initialized() and not config.simulate_world:
@@ -95,6 +98,7 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
                 median_step_time_s=median,
                 tokens_per_s=config.train.global_batch * config.train.seq_len / median,
                 simulated_world=config.simulate_world,
+                allocations=[list(event) for event in tracer.events] if tracer is not None else None,
             )
             write_atomic(result_path, result.model_dump_json(indent=2))
     finally:
