@@ -131,9 +131,6 @@ def gpu_from_file(path: Path) -> GPUSpec:
 
 # ---------------------------------------------------------------- Hugging Face config.json
 
-_GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu"}
-
-
 class _BadField(Exception):
     pass
 
@@ -168,22 +165,32 @@ def model_from_hf_config(path: Path) -> ModelSpec:
 
 def model_from_hf_dict(cfg: dict, where: str, source: str, default_name: str = "") -> ModelSpec:
     """A ``config.json``'s contents (or a live model's ``model.config.to_dict()``) as a
-    ModelSpec; ``where`` names it in errors."""
+    ModelSpec; ``where`` names it in errors. A family, activation, block layout or field the
+    planner does not model is refused in one line naming it (``_audit``), never planned as
+    another model."""
     try:
         model_type = _get(cfg, str, "model_type", default="").lower()
         name = _get(cfg, str, "_name_or_path", default="") or default_name or model_type or "custom"
+        experts = _expert_field(cfg)
+        if experts:
+            raise _BadField(f"{experts} makes it a mixture of experts, which trainplan does not model yet")
         if model_type in _UNSUPPORTED:
             raise _BadField(f"model_type {model_type!r} is {_UNSUPPORTED[model_type]}, which trainplan does not model")
-        if model_type == "gpt2" or "n_embd" in cfg:
+        if model_type not in _FAMILIES:
+            known = ", ".join(sorted(_FAMILIES))
+            raise _BadField(f"model_type {shown(model_type, 40) if model_type else '(none)'} is not a family trainplan "
+                            f"models ({known}); its block layout would be guessed")
+        unmodelled = _audit(cfg, model_type)
+        if model_type == "gpt2":
             fields = _gpt2_fields(cfg)
-        elif model_type == "gpt_neox" or "rotary_pct" in cfg or "use_parallel_residual" in cfg:
+        elif model_type == "gpt_neox":
             fields = _neox_fields(cfg)
         else:
             fields = _llama_fields(cfg, model_type)
     except _BadField as exc:
         raise ConfigFileError(f"{where}: {exc}") from None
     try:
-        return ModelSpec(name=name[:200], source=source, **fields)
+        return ModelSpec(name=name[:200], source=source, unmodelled=unmodelled, **fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
@@ -194,8 +201,94 @@ def model_from_hf_dict(cfg: dict, where: str, source: str, default_name: str = "
 
 # Architectures whose blocks trainplan's layer model does not describe (experts, state spaces).
 _UNSUPPORTED = {"mixtral": "a mixture of experts", "qwen2_moe": "a mixture of experts",
-                "qwen3_moe": "a mixture of experts", "deepseek_v3": "a mixture of experts",
-                "mamba": "a state-space model", "jamba": "a hybrid state-space model"}
+                "qwen3_moe": "a mixture of experts", "deepseek_v2": "a mixture of experts",
+                "deepseek_v3": "a mixture of experts", "gpt_oss": "a mixture of experts",
+                "olmoe": "a mixture of experts", "phimoe": "a mixture of experts", "granitemoe": "a mixture of experts",
+                "dbrx": "a mixture of experts", "llama4": "a mixture of experts", "llama4_text": "a mixture of experts",
+                "mamba": "a state-space model", "mamba2": "a state-space model", "jamba": "a hybrid state-space model",
+                "falcon_mamba": "a state-space model", "zamba": "a hybrid state-space model",
+                "bert": "an encoder-only model", "roberta": "an encoder-only model", "t5": "an encoder-decoder",
+                "phi": "a parallel attention + MLP block (phi-2)", "gptj": "a parallel attention + MLP block (GPT-J)",
+                "falcon": "a parallel attention + MLP block (Falcon)"}
+
+# The families read, as transformers' modeling code builds them (modeling_<type>.py): every field
+# that changes a tensor's shape, the KV heads, the MLP's form or what is saved is read below, or
+# refused or noted in ``_audit``.
+_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox"}
+
+# Fields that count experts, wherever a config puts them (Mixtral/gpt-oss/Phi-3.5-MoE/Granite-MoE/
+# Llama 4: num_local_experts; Qwen2/3-MoE, OLMoE: num_experts; DeepSeek: n_routed_experts;
+# DBRX: ffn_config.moe_num_experts; Arctic: num_local_experts).
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
+                "n_shared_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+                "num_experts_per_token", "moe_topk", "router_top_k")
+
+_GATED = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu",
+          "gelu_fast": "geglu"}
+_GELUS = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python", "quick_gelu"}
+
+
+def _expert_field(cfg: dict, depth: int = 0) -> str:
+    """The first field that counts experts (or sizes them), at the top level or in a nested
+    config (``text_config``, ``ffn_config``); empty if none."""
+    for key, value in cfg.items():
+        if isinstance(value, dict) and depth < 2:
+            inner = _expert_field(value, depth + 1)
+            if inner:
+                return f"{key}.{inner}"
+        elif key in _EXPERT_KEYS and value not in (None, 0, False, [], {}):
+            return f"{key} ({shown(json.dumps(value), 20)})"
+    return ""
+
+
+def _audit(cfg: dict, model_type: str) -> tuple[str, ...]:
+    """Refuse (``_BadField``) what a family's config may say that the planner does not model;
+    return notes for fields that change memory and are not modelled yet."""
+
+    def flag(key: str) -> bool:
+        return cfg.get(key) not in (None, False, 0, "", [], {})
+
+    if model_type == "gpt2":
+        act = _get(cfg, str, "activation_function", default="gelu_new")
+        if act not in _GELUS:
+            raise _BadField(f"activation_function {shown(act, 32)}: the planner models GELU MLPs for gpt2")
+        if flag("add_cross_attention"):
+            raise _BadField("add_cross_attention: GPT-2 with cross-attention layers is not modelled")
+        return ()
+    if model_type == "gpt_neox":
+        act = _get(cfg, str, "hidden_act", default="gelu")
+        if act not in _GELUS:
+            raise _BadField(f"hidden_act {shown(act, 32)}: the planner models GELU MLPs for gpt_neox")
+        if _get(cfg, bool, "use_parallel_residual", default=True):
+            raise _BadField("use_parallel_residual: attention and MLP in parallel (x + attn(ln1(x)) + mlp(ln2(x))) "
+                            "save different tensors than the sequential block the planner models")
+        if _get(cfg, float, "rotary_pct", "partial_rotary_factor", default=1.0) != 1.0:
+            raise _BadField("rotary_pct < 1: partial rotary embeddings are not modelled")
+        return ()
+    act = _get(cfg, str, "hidden_act", "hidden_activation", default="silu")
+    if act not in _GATED or (model_type == "gemma") != (_GATED[act] == "geglu"):
+        raise _BadField(f"hidden_act {shown(act, 32)}: the planner models {model_type} with "
+                        f"{'GeGLU (gelu_pytorch_tanh)' if model_type == 'gemma' else 'SwiGLU (silu)'}")
+    if _get(cfg, float, "partial_rotary_factor", default=1.0) != 1.0:
+        raise _BadField("partial_rotary_factor < 1: partial rotary embeddings are not modelled")
+    if _get(cfg, bool, "attention_bias", default=False) and not _get(cfg, bool, "mlp_bias", default=False):
+        if model_type not in ("qwen2",):
+            raise _BadField("attention_bias without mlp_bias (a bias on o_proj, none in the MLP) is not modelled")
+    for key in ("qk_layernorm", "use_qk_norm", "post_feedforward_layernorm", "use_post_norm",
+                "attn_logit_softcapping", "final_logit_softcapping", "cross_attention_layers", "use_bidirectional"):
+        if flag(key):
+            raise _BadField(f"{key}: not part of the {model_type} blocks the planner models")
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or not set(types) <= {"full_attention", "sliding_attention"}:
+            raise _BadField(f"layer_types {shown(json.dumps(types), 60)}: only full and sliding attention are read")
+    window = _get(cfg, int, "sliding_window", default=0)
+    sliding = window and (model_type != "qwen2" and model_type != "qwen3"
+                          or _get(cfg, bool, "use_sliding_window", default=False))
+    if sliding and (types is None or "sliding_attention" in types):
+        return (f"sliding_window {window} is not modelled yet: the KV cache and attention FLOPs are planned as full "
+                f"attention (more than a rolling cache holds)",)
+    return ()
 
 
 def _llama_fields(cfg: dict, model_type: str) -> dict:
@@ -212,7 +305,7 @@ def _llama_fields(cfg: dict, model_type: str) -> dict:
         head_dim=_get(cfg, int, "head_dim", default=0),
         ffn_hidden_size=_get(cfg, int, "intermediate_size", required=True),
         vocab_size=_get(cfg, int, "vocab_size", required=True),
-        mlp=_GATED_ACTS.get(act, "swiglu"),
+        mlp=_GATED[act],
         norm="rmsnorm",
         position_embedding="rope",
         max_position_embeddings=_get(cfg, int, "max_position_embeddings", default=4096),
@@ -222,7 +315,7 @@ def _llama_fields(cfg: dict, model_type: str) -> dict:
         linear_bias=_get(cfg, bool, "mlp_bias", default=False) and _get(cfg, bool, "attention_bias", default=False),
         dropout=float(_get(cfg, float, "attention_dropout", default=0.0)),
         fused_qkv=model_type == "phi3",
-        qk_norm=model_type.startswith(("qwen3", "olmo2", "gemma3")),
+        qk_norm=model_type == "qwen3",
         activation=act[:32],
     )
 

@@ -105,6 +105,8 @@ class ModelSpec(_Frozen):
     encoder_layers: int = Field(default=0, ge=0, le=MAX_LAYERS, description="T5-style encoder layers (0: decoder-only)")
     relative_attention_buckets: int = Field(default=32, gt=0, le=2**16)
     source: str = ""
+    unmodelled: tuple[str, ...] = Field(default=(), max_length=16, description="config fields that change memory "
+                                        "but are not modelled yet (a sliding window): named in every report's notes")
 
     @model_validator(mode="before")
     @classmethod

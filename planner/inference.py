@@ -559,7 +559,7 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
     dtype = compute_dtype_name(cfg, gpu)
     e = DTYPE_BYTES[dtype]
     overheads = overheads or cal.overheads
-    notes: list[str] = []
+    notes: list[str] = list(model.unmodelled)
     # the worst stage decides memory; every stage's time adds up for one token (no micro-batching)
     stages = [_stage(model, cfg, e, i) for i in range(cfg.pp)]
     worst_index, worst_peak, worst = 0, -1, None

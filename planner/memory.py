@@ -912,7 +912,7 @@ def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, over
 
 
 def _notes(model: ModelSpec, train: TrainConfig) -> list[str]:
-    notes = []
+    notes = list(model.unmodelled)
     if train.activation_checkpointing == "selective" and train.attention == "flash":
         notes.append("selective recompute saves almost nothing with flash attention: flash already "
                      "recomputes the attention scores instead of saving them")

@@ -82,11 +82,18 @@ def test_hf_gpt2_config(tmp_path):
 
 
 def test_hf_gpt_neox_config(tmp_path):
-    """EleutherAI/pythia-160m config.json (GPT-NeoX, untied, biases): 162,322,944 parameters."""
+    """EleutherAI/pythia-160m config.json (GPT-NeoX, untied, biases): 162,322,944 parameters --
+    its blocks run attention and MLP in parallel with a quarter of each head rotary, which the
+    planner does not model and refuses by name; the sequential, fully rotary variant is read."""
     cfg = {"model_type": "gpt_neox", "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
            "num_hidden_layers": 12, "vocab_size": 50304, "rotary_pct": 0.25, "use_parallel_residual": True,
            "max_position_embeddings": 2048, "tie_word_embeddings": False}
-    assert total_params(catalog.load_model(_write(tmp_path, cfg))) == 162_322_944
+    with pytest.raises(ConfigFileError, match="use_parallel_residual"):
+        catalog.load_model(_write(tmp_path, cfg))
+    with pytest.raises(ConfigFileError, match="rotary_pct"):
+        catalog.load_model(_write(tmp_path, cfg | {"use_parallel_residual": False}))
+    sequential = cfg | {"use_parallel_residual": False, "rotary_pct": 1.0}
+    assert total_params(catalog.load_model(_write(tmp_path, sequential))) == 162_322_944
 
 
 def test_malformed_config_files(tmp_path):
