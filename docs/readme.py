@@ -117,11 +117,52 @@ def calibration() -> str:
     path = ROOT / "presets/calibration/h100-sxm-80gb.json"
     cal = load_calibration(path)
     o, t = cal.overheads, cal.throughput
-    return (f"`h100-sxm-80gb.json` was measured on {cal.date}: CUDA context {o.cuda_context_bytes / 2**20:.0f} MiB, "
-            f"communicator {o.communicator_bytes / 2**20:.0f} MiB, fragmentation {o.fragmentation:.1%}, bf16 compute "
+    return (f"`h100-sxm-80gb.json` was measured on {cal.date}: CUDA context (with the training kernels loaded) "
+            f"{o.cuda_context_bytes / 2**20:.0f} MiB, communicator {o.communicator_bytes / 2**20:.0f} MiB, bf16 compute "
             f"efficiency {t.efficiency(cal.device, 'bf16'):.1%}, optimizer HBM {t.optimizer_hbm_efficiency:.0%}. A GPU "
             f"without a calibration of its own uses one measured on the same chip (an H200 uses this one: both are "
             f"{cal.chip}), and the report names the file it used.\n")
+
+
+def _allocator():
+    sys.path.insert(0, str(ROOT / "validation"))
+    import allocator
+
+    return allocator
+
+
+def allocator_replay() -> str:
+    return _allocator().table() + "\n"
+
+
+def device_memory() -> str:
+    """The planner's peak against the device memory the H100 runs held (NVML), fit and check halves."""
+    allocator = _allocator()
+    rows = allocator.h100_predictions()
+    gaps = [r["device_used"] / r["allocated"] - 1 for r in rows]
+    derived = allocator.derive()
+    layouts = allocator.layout_errors()
+    out = [f"NVML showed {min(gaps):.0%} to {max(gaps):.0%} more than the allocated peak on these runs. The rule's "
+           f"constants come from {layouts['fitted']} points ({layouts['layouts']} replayed layouts and "
+           f"{len(allocator.FIT_RUNS)} H100 runs), each constant lifted until no point is more than "
+           f"{allocator.MARGIN:.1%} above its prediction; the CUDA context with its training kernels is "
+           f"{derived['cuda_context_bytes'] / 2**30:.2f} GiB. Over the replayed layouts the rule is "
+           f"{layouts['min']:+.0%} to {layouts['max']:+.0%} off the replayed reserved memory (with "
+           f"expandable segments {layouts['exp_min']:+.0%} to {layouts['exp_max']:+.0%}), the widest margins with "
+           f"recompute.\n",
+           "| run | half | NVML used | planned peak | error |", "|---|---|---:|---:|---:|"]
+    summary = {}
+    for row in sorted(rows, key=lambda r: r["role"] != "check"):
+        error = row["predicted"] / row["device_used"] - 1
+        summary.setdefault(row["role"], []).append(error)
+        out.append(f"| {row['label']} | {row['role']} | {row['device_used'] / 2**30:.2f} GiB | "
+                   f"{row['predicted'] / 2**30:.2f} GiB | {error:+.1%} |")
+    for role in ("check", "fit"):
+        errors = summary[role]
+        inside = sum(-0.01 <= e <= 0.06 for e in errors)
+        out.append(f"\n{role}: {inside} of {len(errors)} within -1% .. +6%, errors {min(errors):+.1%} .. "
+                   f"{max(errors):+.1%}, median {statistics.median(errors):+.1%}")
+    return "\n".join(out) + "\n"
 
 
 def accuracy() -> str:
@@ -398,6 +439,8 @@ SECTIONS = {
     "profile-h100": profile_h100,
     "int8": int8,
     "calibration": calibration,
+    "allocator-replay": allocator_replay,
+    "device-memory": device_memory,
     "accuracy": accuracy,
     "step-time": step_time,
     "comm": comm_checks,

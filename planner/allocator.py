@@ -36,6 +36,8 @@ from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from pydantic import BaseModel, ConfigDict, Field
+
 MIN_BLOCK = 512  # kMinBlockSize
 SMALL_SIZE = 1 << 20  # kSmallSize: largest small request
 SMALL_BUFFER = 2 << 20  # kSmallBuffer: a small-pool segment
@@ -284,3 +286,50 @@ def replay(events: Iterable[tuple], expandable_segments: bool = False, capacity:
                 allocator.free(block)
     return ReplayResult(allocator.peak_allocated, allocator.peak_reserved, allocator.segments, len(streams),
                         dict(allocator.reserved_by_stream))
+
+
+# ---------------------------------------------------------------- the planner's fast rule
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class CacheInputs:
+    """What the caching allocator holds beyond a step's allocated peak depends on, as the
+    planner knows it for one rank (planner/memory.py fills it in)."""
+
+    checkpointed: bool  # full, op-level or layer:N recompute (the loss's logits then dominate the cache)
+    layer_saved: int  # one layer's saved activations, one micro-batch: the blocks every layer frees and reallocates
+    logits: int  # the loss's fp32 logits of one micro-batch
+    fsdp_unit: int  # FSDP2: the largest unit as gathered (its unsharded parameters, gradients, reduce-scatter input)
+    tp_embedding_gradient: int  # tensor parallel without FSDP: the vocabulary-parallel embedding's replicated gradient
+    side_pools: int  # FSDP2's all-gather and reduce-scatter streams' own pools, beyond what the peak holds of them
+
+
+class CacheModel(BaseModel):
+    """Reserved minus allocated memory at a step's peak (what ``max_memory_reserved`` adds to
+    ``max_memory_allocated``): FSDP2's side-stream pools as they are (all-gather: the three
+    largest units as gathered -- two in flight, the third a block of another size; reduce-scatter:
+    the sharded gradients and one unit's shard), plus a linear term in the quantities that
+    fragment the default stream's pool, fitted to replays (``validation/allocator.py derive``):
+    without recompute, one layer's saved activations, FSDP2's unit and the replicated embedding
+    gradient of a vocabulary-parallel embedding; with recompute, the loss's fp32 logits. Each
+    constant was lifted until no fitted replay is more than 0.5% above its prediction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    layer_saved: float = Field(ge=0, le=100)
+    fsdp_unit: float = Field(ge=0, le=100)
+    tp_embedding_gradient: float = Field(ge=0, le=100)
+    constant_gib: float = Field(ge=0, le=1e4)
+    checkpointed_logits: float = Field(ge=0, le=100)
+    checkpointed_constant_gib: float = Field(ge=0, le=1e4)
+    source: str = ""
+
+    def cache_bytes(self, x: CacheInputs) -> int:
+        if x.checkpointed:
+            fragments = self.checkpointed_logits * x.logits + self.checkpointed_constant_gib * GiB
+        else:
+            fragments = (self.layer_saved * x.layer_saved + self.fsdp_unit * x.fsdp_unit
+                         + self.tp_embedding_gradient * x.tp_embedding_gradient + self.constant_gib * GiB)
+        return int(x.side_pools + max(0.0, fragments))

@@ -15,8 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from planner.allocator import CacheModel
 from planner.configs import MAX_DEVICE_BYTES, GPUSpec
 from planner.errors import ConfigFileError, shown
 from planner.inputs import read_json_object
@@ -31,16 +32,30 @@ class Overheads(BaseModel):
 
     model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    cuda_context_bytes: int = Field(default=0, ge=0, le=MAX_DEVICE_BYTES)
-    communicator_bytes: int = Field(default=0, ge=0, le=MAX_DEVICE_BYTES,
-                                    description="per process group with more than one rank")
-    fragmentation: float = Field(default=0.0, ge=0.0, le=1.0, description="fraction of allocated bytes")
+    cuda_context_bytes: int = Field(default=0, ge=0, le=MAX_DEVICE_BYTES,
+                                    description="device memory of a process outside the caching allocator once its "
+                                                "training kernels are loaded (NVML used - max_memory_reserved)")
+    communicator_bytes: int = Field(default=0, ge=0, le=MAX_DEVICE_BYTES, description="per NCCL communicator")
+    fragmentation: float | None = Field(
+        default=0.0, ge=0.0, le=1.0, description="a flat fraction of allocated bytes the caching allocator holds "
+        "beyond them; null: the caching-allocator model (``cache``, planner/allocator.py)")
+    cache: CacheModel | None = Field(default=None, description="reserved - allocated at the peak, PyTorch's default "
+                                     "allocator settings")
+    cache_expandable: CacheModel | None = Field(default=None, description="the same with expandable_segments:True")
+    inference_fragmentation: float = Field(default=0.0, ge=0.0, le=1.0, description="inference: the allocator's "
+                                           "cache as a flat fraction of the allocated peak (not yet modelled)")
     calibrated: bool = False
     source: str = ""
 
+    @model_validator(mode="after")
+    def _a_cache_rule(self) -> Overheads:
+        if self.fragmentation is None and (self.cache is None or self.cache_expandable is None):
+            raise ValueError("fragmentation null (the caching-allocator model) needs cache and cache_expandable")
+        return self
+
     @classmethod
     def none(cls) -> Overheads:
-        """No context, no communicators, no fragmentation: CPU runs and exact comparisons."""
+        """No context, no communicators, no allocator cache: CPU runs and exact comparisons."""
         return cls(source="none (CPU or exact comparison)")
 
 

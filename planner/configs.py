@@ -241,6 +241,9 @@ class TrainConfig(_Frozen):
                            "all-gather and reduce-scatter pipelined with the matmul it feeds (torch.compile's "
                            "micro-pipeline TP over symmetric memory, torchtitan's enable_async_tensor_parallel)")
     ddp_bucket_mb: float = Field(default=25.0, gt=0, le=2**20, description="DDP bucket_cap_mb (MiB)")
+    alloc_conf: Literal["default", "expandable_segments"] = Field(
+        default="default", description="PyTorch's CUDA caching allocator settings (PYTORCH_CUDA_ALLOC_CONF): default, "
+        "or expandable_segments:True (torchtitan's launcher sets it)")
 
     @model_validator(mode="before")
     @classmethod

@@ -13,7 +13,7 @@ Memory per GPU (the components a run measures, ``profiler/inference.py``):
   projections (with a dequantised weight where the kernel makes one), attention output, MLP, the
   last position's logits.
 - ``swap_buffers``: layer offload's device slots (``slots`` x the largest swapped layer).
-- ``overhead``: CUDA context (and communicators, fragmentation) from the calibration.
+- ``overhead``: CUDA context (and communicators, the allocator's cache) from the calibration.
 
 Time (roofline per phase, Williams et al. 2009): prefill is compute-bound -- forward FLOPs over
 the dtype's dense peak times the calibrated efficiency, or the weights' bytes over HBM where that
@@ -530,8 +530,13 @@ def _stage(model: ModelSpec, cfg: InferenceConfig, e: int, index: int) -> _Stage
 
 
 def _overhead(cal_overheads: Overheads, cfg: InferenceConfig, allocated: int) -> int:
+    """CUDA context, communicators and the allocator's cache: a flat fraction of the allocated
+    peak (the training cache rule of planner/allocator.py is fitted to training steps, not to
+    prefill and decode)."""
     communicators = cal_overheads.communicator_bytes * ((cfg.tp > 1) + (cfg.pp > 1))
-    return cal_overheads.cuda_context_bytes + communicators + int(cal_overheads.fragmentation * allocated)
+    fraction = (cal_overheads.fragmentation if cal_overheads.fragmentation is not None
+                else cal_overheads.inference_fragmentation)
+    return cal_overheads.cuda_context_bytes + communicators + int(fraction * allocated)
 
 
 def _activations(model: ModelSpec, cfg: InferenceConfig, e: int, stage: _Stage) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from planner import activations as act
 from planner import finetune, float8
+from planner.allocator import CacheInputs
 from planner.calibration import Overheads, default_overheads
 from planner.configs import (
     GPUSpec,
@@ -127,6 +128,9 @@ class StageMemory(RankMemory):
     phases: dict[str, MemoryBreakdown]
     temporaries_detail: dict[str, int] = Field(description="what the temporaries at the peak phase are")
     host: HostMemory
+    allocator_cache: int = Field(default=0, description="of the overhead: what PyTorch's caching allocator reserves "
+                                 "beyond the allocated peak (planner/allocator.py)")
+    communicators: int = Field(default=0, description="NCCL communicators this rank holds")
 
 
 class ModelSummary(_Result):
@@ -464,6 +468,8 @@ class _StageResult:
     layer_factor: float
     host: tuple[int, int, int]  # params, grads, optimizer
     saved_activations: int  # at the end of forward: what the forward leaves for backward
+    cache_inputs: CacheInputs  # what the caching allocator's cache depends on (planner/allocator.py)
+    cache: int  # the allocator's cache at the peak, in every phase's overhead
 
     @property
     def peak(self) -> int:
@@ -772,19 +778,60 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     step = _Mem(params, grads_at_end, optimizer, 0, sum(optimizer_tmp.values()))
 
     phases = {"forward": forward, "backward": backward, "optimizer": step}
-    # --- overheads on top of each phase's allocated total
-    # the dp x cp group shards and averages gradients; the cp group alone passes the ring's k, v
-    groups = sum(1 for size in (train.shard_world, train.tp, train.pp, train.cp) if size > 1)
-    fixed_overhead = overheads.cuda_context_bytes + groups * overheads.communicator_bytes
-    for mem in phases.values():
-        mem.overhead = fixed_overhead + int(overheads.fragmentation * mem.total)
     peak_phase = max(PHASES, key=lambda name: phases[name].total)
+    # --- what the device holds beyond the allocated bytes: the CUDA context, NCCL's
+    # communicators and the caching allocator's cache (planner/allocator.py). The allocator
+    # never gives memory back, so its cache at the step's peak stays through every phase.
+    cache_inputs = None
+    if fsdp:  # FSDP2's all-gather and reduce-scatter streams keep pools of their own
+        all_gather_pool = sum(sorted(g, reverse=True)[:3])
+        reduce_scatter_pool = 0 if offload == "params" else (
+            grads_full + sp.largest_unit * trecipe.grad_bytes // max(train.shard_world, 1))
+        side_pools = all_gather_pool + max(0, reduce_scatter_pool - phases[peak_phase].grads)
+    else:
+        side_pools = 0
+    cache_inputs = CacheInputs(
+        checkpointed=policy in ("full", "op", "layer"),
+        layer_saved=per_layer,
+        logits=sums.loss_forward,
+        fsdp_unit=max(g) if fsdp else 0,
+        # trainplan's vocabulary-parallel embedding (DTensor) computes a replicated, full-vocabulary
+        # gradient before keeping its shard (strategies/tensor_parallel.py)
+        tp_embedding_gradient=(model.vocab_size * model.hidden_size * trecipe.grad_bytes
+                               if train.tp > 1 and not fsdp and sp.has_embedding else 0),
+        side_pools=side_pools)
+    fixed_overhead = overheads.cuda_context_bytes + communicator_count(train) * overheads.communicator_bytes
+    if overheads.fragmentation is not None:  # a flat fraction (a calibration file's, or --fragmentation)
+        cache = int(overheads.fragmentation * phases[peak_phase].total)
+    else:
+        rule = overheads.cache_expandable if train.alloc_conf == "expandable_segments" else overheads.cache
+        cache = rule.cache_bytes(cache_inputs)
+    for mem in phases.values():
+        mem.overhead = fixed_overhead + cache
 
     host = _host_bytes(train, trecipe, n_param, n_grad, n_state)
     host = (host[0], host[1], host[2] + paged)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
                         peak_phase, sp, layer_factor, host,
-                        activations + outputs - (head_count * sums.loss_outside_forward if sp.has_head else 0))
+                        activations + outputs - (head_count * sums.loss_outside_forward if sp.has_head else 0),
+                        cache_inputs, cache)
+
+
+def communicator_count(train: TrainConfig) -> int:
+    """NCCL communicators a rank holds: one per process group of more than one rank it
+    collectives over (dp x cp shards and averages gradients, tp, pp, the cp ring), plus the
+    default (world) group, which torchrun-launched training initialises eagerly
+    (``init_process_group(device_id=...)``), also on one GPU, unless it is one of those groups.
+    A plain single-process script holds none."""
+    sizes = [size for size in (train.shard_world, train.tp, train.pp, train.cp) if size > 1]
+    return len(sizes) + (train.gpus not in sizes)
+
+
+def allocator_inputs(model: ModelSpec, train: TrainConfig, stage_index: int = 0) -> tuple[int, CacheInputs]:
+    """(the stage's allocated peak, what its allocator cache depends on): the fast rule's inputs,
+    which validation/allocator.py fits the rule's constants to."""
+    core = _stage_core(model, train, Overheads.none(), stage_index)
+    return core.peak, core.cache_inputs
 
 
 def _host_bytes(train: TrainConfig, recipe: Recipe, n_param: int, n_grad: int, n_state: int) -> tuple[int, int, int]:
@@ -833,6 +880,8 @@ def _stage_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads, st
         temporaries_detail=core.details[core.peak_phase],
         host=HostMemory(params=host_params, grads=host_grads, optimizer=host_optimizer,
                         per_rank=host_params + host_grads + host_optimizer),
+        allocator_cache=core.cache,
+        communicators=communicator_count(train),
     )
 
 

@@ -2,12 +2,14 @@
 
 Measured (one GPU, one process):
 
-- **CUDA context**: NVML's memory for this process right after CUDA starts, less what the
-  caching allocator reserved;
+- **CUDA context**: NVML's memory for this process after the training steps (the context and
+  every kernel module the steps loaded), less what the caching allocator reserved and the
+  communicator;
 - **communicator**: NVML's growth when an NCCL process group starts and runs its first
   all-reduce, less the allocator's growth (a one-rank communicator: a lower bound for larger
   groups, whose buffers grow with peers and channels);
-- **fragmentation**: reserved / allocated - 1 at the peak of real training steps;
+- the caching allocator's cache is not a constant: the planner models it
+  (``planner/allocator.py``); its reserved / allocated ratio is kept with the measurements;
 - **compute efficiency**: the executed FLOPs of the steps (planner.flops) over the time left
   once the predicted optimizer step is taken out, divided by the dense peak -- less the flash
   attention, which the planner times at its own ``attention_efficiency`` (so that the
@@ -45,10 +47,6 @@ def fit_compute_efficiency(executed_flops: float, compute_seconds: float, peak_f
     return (executed_flops - attention_flops) / (rest_seconds * peak_flops)
 
 
-def fit_fragmentation(max_reserved: int, max_allocated: int) -> float:
-    return max(0.0, max_reserved / max_allocated - 1.0) if max_allocated else 0.0
-
-
 def optimizer_bytes_touched(num_params: int, precision: str, optimizer: str = "adamw") -> int:
     """What one fused step reads and writes per parameter (as planner.step_time counts it)."""
     r = RECIPES[precision]
@@ -82,7 +80,6 @@ def measure(model: ModelSpec, gpu: GPUSpec, seq_len: int = 2048, micro_batch: in
 
     torch.empty(1, device=device)
     torch.cuda.synchronize()
-    context = used() - torch.cuda.memory_reserved(device)
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
@@ -115,6 +112,8 @@ def measure(model: ModelSpec, gpu: GPUSpec, seq_len: int = 2048, micro_batch: in
             optimizer_times.append(end - mid)
     max_allocated = torch.cuda.max_memory_allocated(device)
     max_reserved = torch.cuda.max_memory_reserved(device)
+    # what the process holds outside the allocator once the training kernels are loaded
+    context = used() - torch.cuda.memory_reserved(device) - max(communicator, 0)
     flops = stage_flops(model, train, 0)
     info = device_info(0)
     dist.destroy_process_group()
@@ -146,7 +145,6 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
                                         attention, attention_rate)
     touched = optimizer_bytes_touched(measured["num_params"], measured["precision"])
     hbm = min(1.0, touched / (measured["optimizer_step_s"] * gpu.hbm_bandwidth_gb_s * 1e9))
-    fragmentation = fit_fragmentation(measured["max_memory_reserved"], measured["max_memory_allocated"])
     by_gpu = dict(base.throughput.compute_efficiency_by_gpu)
     by_gpu[gpu.name] = {**by_gpu.get(gpu.name, {}), dtype: round(efficiency, 4)}
     throughput = base.throughput.model_copy(update={"compute_efficiency_by_gpu": by_gpu,
@@ -154,7 +152,7 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
     overheads = base.overheads.model_copy(update={
         "cuda_context_bytes": measured["cuda_context_bytes"],
         "communicator_bytes": measured["communicator_bytes"],
-        "fragmentation": round(fragmentation, 4),
+        "fragmentation": None,
         "calibrated": True,
         "source": f"measured by trainplan calibrate on {measured['gpu']} ({measured['date']})",
     })
@@ -164,7 +162,7 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
                f"{measured['micro_batch']}, {measured['precision']} on {measured['gpu']}",
         environment={k: str(measured[k]) for k in ("gpu", "driver", "torch", "cuda")},
         date=measured["date"], overheads=overheads, throughput=throughput,
-        calibrated_constants=["cuda_context_bytes", "communicator_bytes", "fragmentation",
+        calibrated_constants=["cuda_context_bytes", "communicator_bytes",
                               f"compute_efficiency[{gpu.name}][{dtype}]", "optimizer_hbm_efficiency"],
         measurements=measured,
     )

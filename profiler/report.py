@@ -78,7 +78,7 @@ class Row(_Checked):
 _ADDED_LATER = {"impl": "trainplan", "compile": False, "finetune": "full", "lora_rank": 8,
                 "lora_targets": "q,k,v,o,gate,up,down", "base_precision": "auto", "train_embeddings": False, "lora_dtype": "auto", "teacher": "",
                 "optimizer_in_backward": False, "paged_optimizer": False, "cp": 1, "fp8_all_gather": True,
-                "async_tp": False}
+                "async_tp": False, "alloc_conf": "default"}
 
 
 class ProfileReport(_Checked):

@@ -57,6 +57,8 @@ def _run(config_path: str, result_path: str, rank: int, world: int, local_rank: 
     from strategies.train import RunConfig, RunResult, run_rank
 
     config = RunConfig.model_validate_json(Path(config_path).read_text())
+    if config.train.alloc_conf == "expandable_segments":  # read by the caching allocator at its first use
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -157,7 +157,7 @@ def test_exit_status_fits_0_does_not_fit_1_usage_2():
     assert fits.exit_code == 0, fits.output
     too_big = _plan(*FIXED_7B, "--strategy", "ddp")  # 7B DDP: 16 B/param > 80 GB
     assert too_big.exit_code == 1
-    assert too_big.stderr.strip() == "error: does not fit: GPU memory needs 133.55 GiB of 79.65 GiB"
+    assert too_big.stderr.strip() == "error: does not fit: GPU memory needs 128.86 GiB of 79.65 GiB"
     assert "does not fit" in too_big.stdout  # the breakdown is still printed
     nothing = _plan("--model", "405b", "--gpus", "8", "--tp", "1", "--pp", "1")
     assert nothing.exit_code == 1 and nothing.stderr.startswith("error: nothing fits")
@@ -283,7 +283,7 @@ def test_impl_is_planned_and_run_refuses_what_it_cannot_execute():
         result = CliRunner().invoke(main, ["plan", "--model", "8b", "--gpus", "8", "--strategy", "zero3", "--tp", "1",
                                            "--pp", "1", "--ac", "none", "--seq-len", "8192", "--impl", impl, "--json"])
         assert result.exit_code in (0, 1), result.output
-        data = json.loads(result.output)
+        data = json.loads(result.stdout)
         assert data["train"]["impl"] == impl
         peaks[impl] = data["memory"]["peak"]
     assert peaks["megatron"] < peaks["trainplan"] < peaks["torchtitan"]

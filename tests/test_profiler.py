@@ -21,7 +21,6 @@ from planner.errors import ConfigError
 from profiler.calibrate import (
     calibration_from,
     fit_compute_efficiency,
-    fit_fragmentation,
 )
 from profiler.report import ProfileReport
 from profiler.run import profile_layout
@@ -102,10 +101,19 @@ def test_simulated_tensor_parallel_on_cpu():
     _check(report)
 
 
-def test_simulated_pipeline_on_cpu_says_why_not():
-    train = TrainConfig(gpus=8, pp=2, seq_len=64, precision="fp32", global_batch=16)
-    with pytest.raises(ConfigError, match="simulating pipeline parallelism needs a GPU"):
-        profile_layout(SPEC, GPU, train, CAL, simulate_world=8, timeout_s=120)
+def test_a_simulated_pipeline_runs_on_cpu():
+    """torch.distributed.pipelining on a fake process group: the stages are given their shapes
+    (PipelineStage's static mode) and the start-up vote is answered (strategies/pipeline.py), so
+    rank 0 -- the first stage, with FSDP2 keeping its units gathered across micro-batches -- runs
+    on fake tensors. Full-size layouts are in validation/cpu.json; here a small one, against the
+    planner (which the real 4-rank run of this layout matches within 2.5%)."""
+    train = TrainConfig(gpus=4, pp=2, zero_stage=3, seq_len=256, micro_batch=2, global_batch=16, precision="fp32")
+    report = profile_layout(SPEC, GPU, train, CAL, simulate_world=4, timeout_s=300)
+    assert report.status == "ok" and report.measured.ranks[0].stage == 0
+    rows = {row.quantity: row for row in report.rows}
+    for key in ("params", "grads", "optimizer"):
+        assert rows[key].measured == rows[key].predicted
+    assert abs(rows["peak (allocated)"].error_pct) < 5
 
 
 def _cli(*args):
@@ -175,7 +183,6 @@ def test_track_api_on_a_users_loop():
 
 def test_calibration_fit_and_use(tmp_path):
     assert fit_compute_efficiency(4e14, 1.0, 1e15) == pytest.approx(0.4)
-    assert fit_fragmentation(110, 100) == pytest.approx(0.1)
     measured = {"gpu": GPU.name, "driver": "x", "torch": "x", "cuda": "x", "model": "llama-3.2-1b", "seq_len": 2048,
                 "micro_batch": 4, "precision": "bf16-mixed", "cuda_context_bytes": 600 * 2**20,
                 "communicator_bytes": 64 * 2**20, "max_memory_allocated": 40 * 2**30,
@@ -187,6 +194,8 @@ def test_calibration_fit_and_use(tmp_path):
     path.write_text(cal.model_dump_json())
     loaded = load_calibration(path)
     assert loaded.calibrated and loaded.overheads.cuda_context_bytes == 600 * 2**20
+    # the allocator's cache is modelled (planner/allocator.py), not a calibrated flat fraction
+    assert loaded.overheads.fragmentation is None and loaded.overheads.cache is not None
     # the flash attention is taken out at its own efficiency: the rest ran faster than the average
     assert loaded.throughput.efficiency(GPU.name, "bf16") > 2.2e14 / (0.5 * 989.4e12)
     from planner.flops import FLASH_BACKWARD_FACTOR, rank_attention_flops

@@ -215,6 +215,9 @@ def plan_options(fn):
                      help="fp8-tensorwise: FSDP all-gathers the projections' weights in fp8"),
         click.option("--async-tp", is_flag=True, help="asynchronous tensor parallelism (needs --tp, sequence "
                      "parallelism and --compile)"),
+        click.option("--alloc-conf", type=click.Choice(["default", "expandable_segments"]), default=None,
+                     help="PyTorch's CUDA caching allocator (PYTORCH_CUDA_ALLOC_CONF): default, or "
+                          "expandable_segments:True as torchtitan's launcher sets it [default: default]"),
         click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw",
                      show_default=True, help="adamw8bit: block-wise 8-bit states (Dettmers et al. 2022)"),
         click.option("--optimizer-in-backward", is_flag=True,
@@ -261,7 +264,7 @@ def overhead_options(fn):
         click.option("--communicator-mib", type=Finite(0, 10**6), default=None,
                      help="override the per-communicator (NCCL) overhead (MiB)"),
         click.option("--fragmentation", type=Finite(0, 1), default=None,
-                     help="override the allocator fragmentation fraction"),
+                     help="instead of the caching-allocator model, a flat fraction of the allocated peak"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -352,7 +355,8 @@ def finetune_fields(options: dict) -> dict:
                 base_precision=options["base_precision"], train_embeddings=options["train_embeddings"],
                 lora_dtype=options["lora_dtype"], teacher=options["teacher"],
                 optimizer_in_backward=options["optimizer_in_backward"], paged_optimizer=options["paged_optimizer"],
-                fp8_all_gather=options["fp8_all_gather"], async_tp=options["async_tp"])
+                fp8_all_gather=options["fp8_all_gather"], async_tp=options["async_tp"],
+                alloc_conf=options["alloc_conf"] or "default")
 
 
 @click.command("plan", cls=Command)
@@ -724,7 +728,7 @@ def compare_command(report_path, as_json):
               help="where to write the calibration [default: calibration/<gpu>.json]")
 @click.option("--json", "as_json", is_flag=True, help="print the calibration as JSON")
 def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, as_json):
-    """Measure this GPU (CUDA context, NCCL communicator, allocator fragmentation, compute and
+    """Measure this GPU (CUDA context with its training kernels, NCCL communicator, compute and
     optimizer efficiency) and write the planner's constants as a calibration file."""
     import time
     from pathlib import Path
@@ -750,7 +754,7 @@ def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, a
     else:
         o, t = cal.overheads, cal.throughput
         click.echo(f"{name}: CUDA context {o.cuda_context_bytes / 2**20:.0f} MiB, communicator "
-                   f"{o.communicator_bytes / 2**20:.0f} MiB, fragmentation {o.fragmentation:.1%}, compute efficiency "
+                   f"{o.communicator_bytes / 2**20:.0f} MiB, compute efficiency "
                    f"{t.compute_efficiency_by_gpu[name]}, optimizer HBM efficiency {t.optimizer_hbm_efficiency:.0%}"
                    f" -> {path}")
 

@@ -29,7 +29,7 @@ TRAINING_FLAGS = {
     "simulate_world": "--simulate-world", "fake_tp": "--fake-tp", "recommend": "--recommend",
     "top_k": "--candidates", "sort": "--sort", "allow_cross_node_tp": "--allow-cross-node-tp",
     "nodes": "--nodes", "nproc": "--nproc", "cp": "--cp", "fp8_all_gather": "--fp8-all-gather",
-    "async_tp": "--async-tp",
+    "async_tp": "--async-tp", "alloc_conf": "--alloc-conf",
 }
 
 

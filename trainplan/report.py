@@ -246,14 +246,22 @@ def render_estimate(est: Estimate, console: Console) -> None:
     if t.async_tp:
         console.print("  [dim]asynchronous TP: each sequence-parallel collective pipelined with the matmul it feeds; "
                       "tensor-parallel comm above is what stays exposed[/]")
-    o = est.overheads
-    console.print(
-        f"[dim]overhead: CUDA context {gib(o.cuda_context_bytes)} GiB + {gib(o.communicator_bytes)} GiB per "
-        f"communicator + {o.fragmentation:.0%} fragmentation ({'calibrated' if o.calibrated else 'uncalibrated defaults'}); "
-        f"calibration: {est.calibration}[/]"
-    )
+    console.print(f"[dim]overhead: {overhead_text(est)}; calibration: {est.calibration}[/]")
     for note in est.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def overhead_text(est) -> str:
+    """What the overhead of the worst rank is made of: the CUDA context, NCCL's communicators and
+    the caching allocator's cache (planner/allocator.py), as NVML would see them."""
+    o, worst = est.overheads, max(est.stages, key=lambda s: s.peak)
+    n = worst.communicators
+    cache = (f"{o.fragmentation:.0%} of the allocated peak held by the caching allocator (flat)"
+             if o.fragmentation is not None else
+             f"{gib(worst.allocator_cache)} GiB cached by PyTorch's caching allocator beyond the allocated peak"
+             f"{' (expandable segments)' if est.train.alloc_conf == 'expandable_segments' else ''}")
+    return (f"CUDA context {gib(o.cuda_context_bytes)} GiB + {n} NCCL communicator{'s' if n != 1 else ''} x "
+            f"{gib(o.communicator_bytes)} GiB + {cache} ({'calibrated' if o.calibrated else 'uncalibrated defaults'})")
 
 
 def bytes_text(n: int | None) -> str:
@@ -415,7 +423,7 @@ def render_inference(est, console: Console) -> None:
                   f"{gib(m.decode_activations)}")
     if est.offload:
         table.add_row("swap_buffers", gib(m.swap_buffers), f"{est.offload.slots} slots of one layer")
-    table.add_row("overhead", gib(m.overhead), "CUDA context, communicators, fragmentation")
+    table.add_row("overhead", gib(m.overhead), "CUDA context, communicators, caching allocator")
     table.add_row(Text("peak", style="bold"), Text(gib(m.peak), style="bold"),
                   Text("fits", style="bold green") if est.fits else Text("does not fit", style="bold red"))
     print_table(console, table)
