@@ -165,6 +165,18 @@ def device_memory() -> str:
     return "\n".join(out) + "\n"
 
 
+def torchtitan_memory() -> str:
+    sys.path.insert(0, str(ROOT / "validation"))
+    from published import TORCHTITAN_MEMORY, TORCHTITAN_MEMORY_SOURCE, predict_reserved
+
+    out = ["| torchtitan run (H100 96 GB) | published reserved | planned | error |", "|---|---:|---:|---:|"]
+    for run in TORCHTITAN_MEMORY:
+        planned = predict_reserved(run) / 2**30
+        out.append(f"| {run.label} | {run.published_gib:.1f} GiB | {planned:.1f} GiB | "
+                   f"{planned / run.published_gib - 1:+.0%} |")
+    return "\n".join(out) + f"\n\nSource: {TORCHTITAN_MEMORY_SOURCE}.\n"
+
+
 def accuracy() -> str:
     import subprocess
 
@@ -441,6 +453,7 @@ SECTIONS = {
     "calibration": calibration,
     "allocator-replay": allocator_replay,
     "device-memory": device_memory,
+    "torchtitan-memory": torchtitan_memory,
     "accuracy": accuracy,
     "step-time": step_time,
     "comm": comm_checks,

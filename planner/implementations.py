@@ -59,6 +59,10 @@ class Implementation:
     # op-level checkpointing keeps the attention kernel's outputs (its save list names the
     # kernel the device runs)
     sac_saves_attention: bool = True
+    # with pipeline parallelism, FSDP2 units are not resharded after forward: every unit stays
+    # gathered from the step's first forward to its last backward (torchtitan's policy);
+    # False: ZeRO-3 reshards after each forward, as fully_shard(reshard_after_forward=True) does
+    keeps_units_gathered_with_pp: bool = False
     # what this implementation was checked against
     validated: str = ""
 
@@ -97,7 +101,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "torchtitan": Implementation(
         name="torchtitan", title="torchtitan 0.3.0 Llama3Model (SDPA), trained by its Trainer",
         fused_qkv=True, rope_gathered_per_layer=True, returns_logits=True, loss_in_forward=False,
+        keeps_units_gathered_with_pp=True,
         sources=(
+            ("with PP, FSDP does not reshard after forward ('to avoid per-microbatch all-gathers')",
+             "torchtitan/distributed/fsdp.py get_fsdp_reshard_after_forward_policy, policy 'default' "
+             "(torchtitan/parallelisms/parallelize_llama.py apply_fsdp at 9dec370, the Dec 2024 benchmarks)"),
             ("nn.RMSNorm runs aten._fused_rms_norm on CUDA: it keeps (input, fp32 rstd)",
              "torch/nn/functional.py rms_norm -> aten/src/ATen/native/layer_norm.cpp rms_norm_symint "
              "(on CPU it decomposes: fp32 input, rstd and x * rstd)"),

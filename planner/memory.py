@@ -45,6 +45,7 @@ from planner.configs import (
 from planner.engines import ENGINES, EngineSemantics
 from planner.errors import ConfigError
 from planner.flops import model_forward_flops_per_sequence
+from planner.implementations import implementation
 from planner.params import (
     embed_tensors,
     flat_shard_numel,
@@ -595,16 +596,37 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # layer keeps that unit gathered from its forward to its backward (strategies/fsdp.py).
     tied_gathered = g[0] if (
         fsdp_units and model.tied_embeddings and sp.has_embedding and sp.has_head) else 0
-    if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch"):
+    # FSDP2 under torch.distributed.pipelining: the stage turns off resharding after backward and
+    # gradient sync until its last micro-batch (torch/distributed/pipelining/stage.py,
+    # backward_maybe_with_nosync: set_reshard_after_backward(False), set_requires_gradient_sync(False)).
+    # Each unit's unsharded gradients therefore stay, accumulated over the micro-batches in the
+    # reduce dtype where it differs from the compute dtype (FSDPParam.to_accumulated_grad_if_needed),
+    # until the last micro-batch's backward reduce-scatters them; in the steady state of the
+    # schedule every unit's are there. ZeRO-3 still reshards after each forward unless the
+    # implementation keeps units gathered under a pipeline (torchtitan's policy).
+    pipeline_fsdp = fsdp and train.pp > 1
+    units_stay_gathered = pipeline_fsdp and implementation(train.impl).keeps_units_gathered_with_pp
+    unsharded_grads = sum(sp.unit_sizes) * trecipe.reduce_bytes if pipeline_fsdp else 0
+    # with GPipe every forward runs before the first backward: none are there at the end of
+    # forward; with 1F1B the steady state's forwards and backwards run beside all of them
+    unsharded_before_backward = 0 if train.schedule == "gpipe" else unsharded_grads
+    if pipeline_fsdp:
+        grads_in_forward = 0  # the sharded gradients are written by the last micro-batch's backward
+    if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch" and units_stay_gathered):
         # current + prefetched unit while layers run; at the loss only the unit that ran last
         # (the head) is still gathered -- FSDP2 frees it in its backward
         gathered_fwd = gathered_bwd_end = g_pair
+        if pipeline_fsdp and sp.has_embedding and len(g) > 2:
+            # a pipeline's steady state peaks in a micro-batch's backward among the layers: the
+            # embedding's unit is gathered only around the first layer
+            gathered_fwd = max(a + b for a, b in zip(g[1:], g[2:]))
         gathered_at_loss, gathered_at_loss_backward = g[-1], 0
-    elif (zero == 2 and engine.zero2_gathers_params) or (zero >= 3 and train.pp > 1 and train.engine == "pytorch"):
-        # ZeRO-2 as FSDP2; and FSDP2 under torch.distributed.pipelining, which keeps every unit
-        # gathered until the last micro-batch's backward (no resharding in between)
+    elif (zero == 2 and engine.zero2_gathers_params) or units_stay_gathered:
+        # ZeRO-2 as FSDP2, and units kept gathered under a pipeline
         # at the first layer's backward the embedding's unit and that layer's are gathered
-        gathered_fwd, gathered_bwd_end = sum(g), g[0] + (g[1] if len(g) > 1 else 0)
+        # (under a pipeline: all of them, until the last micro-batch)
+        gathered_fwd = sum(g)
+        gathered_bwd_end = gathered_fwd if pipeline_fsdp else g[0] + (g[1] if len(g) > 1 else 0)
         # + the all-gather buffer of the unit that ran last, not yet released at the loss
         gathered_at_loss, gathered_at_loss_backward = gathered_fwd + g[-1], gathered_fwd
     else:
@@ -621,7 +643,11 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     fp8_work = float8.backward_working_bytes(model, train, "encoder" if sp.encoder_layers else "decoder",
                                              (2 if model.mlp == "gelu" else 3) * sums.rebuilt_mlp_backward_freed) if (
         has_layers and float8.float8_recipe(train.precision)) else 0
-    if fsdp:
+    if pipeline_fsdp:
+        # no reduce-scatter before the last micro-batch: a unit's new gradient is accumulated
+        # into its unsharded gradient (counted above), in the reduce dtype where it differs
+        grad_reduce = sp.largest_unit * gather if trecipe.reduce_bytes != gather else 0
+    elif fsdp:
         # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
         grad_reduce = sp.largest_unit * (gather + trecipe.reduce_bytes)
     elif engine.reduce_bucket_elements and zero >= 1:
@@ -658,6 +684,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     for acts, gathered, loss in ((activations + outputs, gathered_at_loss, loss_fwd), *last_layer_forward):
         tmp: dict[str, int] = {}
         _add(tmp, "gathered_params", gathered + tied_gathered)
+        _add(tmp, "unsharded_gradients", unsharded_before_backward)
         _add(tmp, "loss_logits_fp32", loss)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
         _add(tmp, "dequantised_weight", dequantised if not loss else 0)
@@ -677,6 +704,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     if sp.has_head:
         tmp = {}
         _add(tmp, "gathered_params", gathered_at_loss_backward + tied_gathered)
+        _add(tmp, "unsharded_gradients", unsharded_before_backward)
         _add(tmp, "loss_gradients_fp32", loss_bwd)
         _add(tmp, "pipeline_recv_buffers", recv_buffers)
         moments.append((_Mem(params, grads_in_forward, optimizer, activations, sum(tmp.values())), tmp))
@@ -749,9 +777,16 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     if fp8_work:  # a Float8 projection's backward, in the middle of a layer's backward
         layer_moments += [(acts, grads, gathered, 0, reduce, recompute, fp8_work)
                           for acts, grads, gathered, _, reduce, recompute in mid_layer]
+    after_first_backward = activations - (activations - head_mb) // max(round(layer_factor), 1)
+    if unsharded_grads and not unsharded_before_backward:
+        # GPipe: after the first micro-batch's backward every unit's unsharded gradients exist,
+        # beside the other micro-batches' activations
+        layer_moments.append((after_first_backward, grads_in_forward, gathered_fwd, workspace, 0, recompute_set))
     for acts, grads, gathered, work, reduce, recompute, *projection in layer_moments:
         tmp = {}
         _add(tmp, "gathered_params", gathered + tied_gathered)
+        _add(tmp, "unsharded_gradients", unsharded_grads if (unsharded_before_backward or acts <= after_first_backward)
+             else 0)
         _add(tmp, "activation_gradients", work)
         _add(tmp, "float8_projection_backward", sum(projection))
         _add(tmp, "gradient_reduction", reduce)

@@ -144,3 +144,44 @@ def test_replayed_reserved_memory_matches_the_h100_runs_within_3_percent():
         assert result.peak_reserved == case["replay"]["max_memory_reserved"], case["label"]
         assert abs(result.peak_reserved / measured["max_memory_reserved"] - 1) < 0.03, case["label"]
         assert abs(result.peak_allocated / measured["max_memory_allocated"] - 1) < 0.01, case["label"]
+
+
+def test_torchtitan_published_reserved_memory():
+    """torchtitan benchmarks/llama3_h100_202412_torchtitan.md publishes each run's max reserved
+    memory (validation/published.py TORCHTITAN_MEMORY). One-dimensional FSDP and context-parallel
+    runs within 5%; the tensor-parallel 70B and the pipelined 405B are under-predicted -- by at
+    most these bounds, so the gap cannot silently widen (issue 21: not explained yet)."""
+    import sys
+
+    sys.path.insert(0, str(VALIDATION))
+    from published import TORCHTITAN_MEMORY, predict_reserved
+
+    for run in TORCHTITAN_MEMORY:
+        error = predict_reserved(run) / (run.published_gib * 2**30) - 1
+        if run.label.startswith(("Table 4", "Table 5")):
+            assert -0.36 < error < 0, (run.label, error)
+        else:
+            assert abs(error) < 0.05, (run.label, error)
+
+
+def test_pipelines_keep_unsharded_gradients_and_torchtitan_keeps_units_gathered():
+    """torch.distributed.pipelining over FSDP2: every unit's unsharded gradient stays through the
+    1F1B steady state (in fp32 with amp-bf16's reduce dtype); torchtitan keeps units gathered
+    under a pipeline (reshard_after_forward = not pp_enabled), trainplan's ZeRO-3 does not."""
+    from planner.calibration import Overheads
+    from planner.catalog import load_gpu, load_model
+    from planner.configs import TrainConfig
+    from planner.memory import estimate_memory
+
+    def stage0(**kw):
+        train = TrainConfig(gpus=8, pp=4, zero_stage=3, seq_len=4096, micro_batch=1, global_batch=16, **kw)
+        est = estimate_memory(load_model("llama-3-8b"), load_gpu("h100"), train, Overheads.none(),
+                              search_micro_batch=False)
+        return est.stages[0]
+
+    mixed, amp = stage0(precision="bf16-mixed"), stage0(precision="amp-bf16")
+    assert amp.temporaries_detail["unsharded_gradients"] == 2 * mixed.temporaries_detail["unsharded_gradients"]
+    assert mixed.temporaries_detail["unsharded_gradients"] == 2 * mixed.num_params
+    titan = stage0(precision="bf16-mixed", impl="torchtitan")
+    assert titan.temporaries_detail["gathered_params"] >= 2 * titan.num_params > mixed.temporaries_detail[
+        "gathered_params"]

@@ -268,3 +268,68 @@ def predict_async_tp(model: str, gpus: int, micro_batch: int, checkpointing: str
                         precision=precision, activation_checkpointing=checkpointing, compile=True, impl="torchtitan",
                         async_tp=async_tp)
     return estimate_step(load_model(model), gpu, train, calibration_for_gpu(gpu), 8)
+
+
+# ---------------------------------------------------------------- device memory (torchtitan)
+
+TORCHTITAN_MEMORY_SOURCE = (
+    "torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Tables 1-5 (H100 96 GB HBM2e, torchtitan 9dec370): "
+    "'Memory(GiB)' is torchtitan's max reserved memory (torch.cuda.memory_stats' reserved_bytes.all.peak, its "
+    "DeviceMemoryMonitor), the largest over the GPUs; its launcher ran with PYTORCH_CUDA_ALLOC_CONF="
+    "expandable_segments:True (run_llama_train.sh at 9dec370)")
+
+
+@dataclass(frozen=True)
+class MemoryRun:
+    label: str
+    model: str
+    fields: tuple[tuple[str, object], ...]
+    published_gib: float
+
+
+def _memory_run(label: str, model: str, published: float, **fields) -> MemoryRun:
+    return MemoryRun(label, model, tuple(sorted(fields.items())), published)
+
+
+_TT8B = dict(zero_stage=3, seq_len=8192, impl="torchtitan")
+TORCHTITAN_MEMORY = [
+    _memory_run("Table 1: 8B, FSDP 8, batch 2, op-level AC", "llama-3-8b", 82.4, gpus=8, micro_batch=2,
+                precision="amp-bf16", activation_checkpointing="op", **_TT8B),
+    _memory_run("Table 1: + torch.compile", "llama-3-8b", 77.0, gpus=8, micro_batch=2, precision="amp-bf16",
+                activation_checkpointing="op", compile=True, **_TT8B),
+    _memory_run("Table 1: + torch.compile + Float8", "llama-3-8b", 76.8, gpus=8, micro_batch=2,
+                precision="fp8-tensorwise", activation_checkpointing="op", compile=True, **_TT8B),
+    _memory_run("Table 3: 8B, FSDP 128, batch 2, op-level AC", "llama-3-8b", 67.0, gpus=128, micro_batch=2,
+                precision="amp-bf16", activation_checkpointing="op", **_TT8B),
+    _memory_run("Table 3: + torch.compile", "llama-3-8b", 62.0, gpus=128, micro_batch=2, precision="amp-bf16",
+                activation_checkpointing="op", compile=True, **_TT8B),
+    _memory_run("Table 2: 8B, FSDP 8, 32k tokens, full AC, compile + Float8", "llama-3-8b", 83.9, gpus=8,
+                micro_batch=1, precision="fp8-tensorwise", activation_checkpointing="full", compile=True,
+                **(_TT8B | dict(seq_len=32768))),
+    _memory_run("Table 2: FSDP 1 x CP 8, 262k tokens", "llama-3-8b", 84.5, gpus=8, cp=8, micro_batch=1,
+                precision="fp8-tensorwise", activation_checkpointing="full", compile=True,
+                **(_TT8B | dict(seq_len=262144))),
+    _memory_run("Table 4: 70B, FSDP 32 x TP 8, batch 16, full AC, compile + Float8", "llama-3-70b", 71.9, gpus=256,
+                tp=8, sequence_parallel=True, micro_batch=16, precision="fp8-tensorwise",
+                activation_checkpointing="full", compile=True, **_TT8B),
+    _memory_run("Table 5: 405B, FSDP 8 x TP 8 x PP 8, 1F1B, batch 32", "llama-3.1-405b", 82.5, gpus=512, tp=8, pp=8,
+                sequence_parallel=True, micro_batch=1, global_batch=256, precision="fp8-tensorwise",
+                activation_checkpointing="full", compile=True, async_tp=True, **_TT8B),
+    _memory_run("Table 5: interleaved 1F1B", "llama-3.1-405b", 72.7, gpus=512, tp=8, pp=8, sequence_parallel=True,
+                micro_batch=1, global_batch=256, precision="fp8-tensorwise", activation_checkpointing="full",
+                compile=True, async_tp=True, schedule="interleaved", chunks=2, **_TT8B),
+]
+
+
+def predict_reserved(run: MemoryRun) -> int:
+    """The planner's reserved memory (the worst rank's peak less the CUDA context and its
+    communicators, which torchtitan's reading leaves out), with expandable segments as the runs
+    had them, on the 96 GB H100 they ran on."""
+    from planner.memory import estimate_memory
+
+    gpu = load_gpu("h100-sxm-96gb")
+    overheads = calibration_for_gpu(gpu).overheads
+    train = TrainConfig(**dict(run.fields), alloc_conf="expandable_segments")
+    worst = max(estimate_memory(load_model(run.model), gpu, train, overheads, search_micro_batch=False).stages,
+                key=lambda stage: stage.peak)
+    return worst.peak - overheads.cuda_context_bytes - worst.communicators * overheads.communicator_bytes

@@ -111,6 +111,15 @@ CPU_CASES = [
     ("1B ZeRO-2 fp8-tensorwise, bf16 all-gather, full AC, 16 simulated", "llama-3.2-1b", 16,
      dict(gpus=16, zero_stage=2, seq_len=4096, micro_batch=4, precision="fp8-tensorwise", fp8_all_gather=False,
           activation_checkpointing="full")),
+    # pipelines with FSDP2 (issue 21): torch.distributed.pipelining on a fake process group,
+    # rank 0 (the first stage) of 1F1B / GPipe over 8 micro-batches
+    ("8B PP4 x dp2 ZeRO-3 amp-bf16, 1F1B, 8 micro-batches, seq 8192, 8 simulated", "llama-3-8b", 8,
+     dict(gpus=8, pp=4, zero_stage=3, seq_len=8192, micro_batch=1, global_batch=16, precision="amp-bf16")),
+    ("8B PP4 x dp4 ZeRO-3, 1F1B, 8 micro-batches, 16 simulated", "llama-3-8b", 16,
+     dict(gpus=16, pp=4, zero_stage=3, seq_len=4096, micro_batch=1, global_batch=32, precision="bf16-mixed")),
+    ("7B PP4 x dp2 ZeRO-2, GPipe, 8 micro-batches, 8 simulated", "llama-2-7b", 8,
+     dict(gpus=8, pp=4, zero_stage=2, seq_len=4096, micro_batch=1, global_batch=16, precision="bf16-mixed",
+          schedule="gpipe")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
