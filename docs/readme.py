@@ -83,6 +83,31 @@ def profile_cpu() -> str:
     return _fence(_render(render_profile, report), command)
 
 
+def profile_replay() -> str:
+    """The committed `profile --replay-allocator` sample: the replay as measured, the planned
+    reserved memory re-predicted with the current planner."""
+    from planner.calibration import calibration_for_gpu
+    from planner.catalog import load_gpu, load_model
+    from planner.configs import TrainConfig
+    from planner.estimate import estimate
+    from planner.memory import communicator_count
+    from profiler.report import ProfileReport
+
+    report = ProfileReport.model_validate_json(
+        (ROOT / "validation/samples/profile_7b_zero3_sim8_replay.json").read_text())
+    train = TrainConfig(**report.train)
+    gpu = load_gpu("h100-sxm-80gb")
+    cal = calibration_for_gpu(gpu)
+    stage = estimate(load_model(report.model), gpu, train, cal).stages[0]
+    planned = stage.peak - cal.overheads.cuda_context_bytes - communicator_count(train) * cal.overheads.communicator_bytes
+    replayed = next(r.measured for r in report.rows if r.quantity.startswith("max_memory_reserved (replayed"))
+    command = ("trainplan profile --model 7b --gpus 8 --simulate-world 8 --strategy zero3 --tp 1 --pp 1 "
+               "--micro-batch 1 --seq-len 4096 --replay-allocator")
+    return (f"`{command}` ({report.environment['date']}, CPU): Llama-2-7B ZeRO-3, rank 0 of 8, plans "
+            f"{planned / 2**30:.2f} GiB reserved on an H100 where the replay holds {replayed / 2**30:.2f} GiB "
+            f"({planned / replayed - 1:+.1%}).\n")
+
+
 def profile_h100() -> str:
     from trainplan.report import render_profile
 
@@ -452,6 +477,7 @@ SECTIONS = {
     "int8": int8,
     "calibration": calibration,
     "allocator-replay": allocator_replay,
+    "profile-replay": profile_replay,
     "device-memory": device_memory,
     "torchtitan-memory": torchtitan_memory,
     "accuracy": accuracy,

@@ -288,6 +288,11 @@ def _op_level_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, int]:
             counted += 1
         if bias or counted % 2 == 1:
             terms[name] = nbytes
+            if x.compiled and name.endswith(("_down_out", "_fc2_out")) and x.seq_div == 1:
+                # torch.compile's partitioner keeps only what the backward graph reads: the
+                # MLP's last matmul feeds the residual sum alone, whose gradient needs no input
+                # (CompiledFunctionBackward.saved_tensors of the reference block, torch 2.13 CPU)
+                del terms[name]
         if x.seq_div > 1 and name.endswith(("_o_out", "_down_out", "_fc2_out")):
             terms[name.replace("_out", "_reduce_scattered")] = nbytes // x.seq_div
     for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
@@ -398,6 +403,10 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
     terms |= _mlp_terms(model, x)
     if selective:
         terms = {k: v for k, v in terms.items() if k not in dropped}
+        if x.compiled and x.flash and model.position_embedding == "rope":
+            # compiled, the checkpointed core attention's rotated q is rebuilt in backward from
+            # the saved projection output (CompiledFunctionBackward.saved_tensors, torch 2.13 CPU)
+            terms.pop("attn_q", None)
     if train.finetune != "full":
         terms = _lora_terms(model, x, train, terms)
     return terms

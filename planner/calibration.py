@@ -185,6 +185,9 @@ def load_calibration(path: str | Path) -> Calibration:
     back to the defaults, so a memory-only calibration is valid."""
     where = shown(str(path))
     raw = read_json_object(path, "calibration file")
+    if "overheads" not in raw and "throughput" not in raw:
+        raise ConfigFileError(f"calibration {where}: has neither overheads nor throughput: not a calibration file "
+                              "(trainplan calibrate writes one)")
     for key in ("overheads", "throughput"):
         if not isinstance(raw.get(key, {}), dict):
             raise ConfigFileError(f"calibration {where}: {key} must be a JSON object")

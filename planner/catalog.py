@@ -99,7 +99,11 @@ def load_model(name_or_path: str) -> ModelSpec:
     """A preset id, an alias, or a path to a Hugging Face ``config.json`` (or its folder)."""
     if _names_a_file(name_or_path):
         path = Path(name_or_path)
-        return model_from_hf_config(path / "config.json" if path.is_dir() else path)
+        try:
+            folder = path.is_dir()
+        except OSError as exc:  # a name too long for a path, say
+            raise ConfigFileError(f"{shown(name_or_path)}: {exc.strerror or exc}") from None
+        return model_from_hf_config(path / "config.json" if folder else path)
     return _model_from_preset(_resolve("models", name_or_path, "trainplan presets"))
 
 
@@ -171,6 +175,7 @@ def model_from_hf_dict(cfg: dict, where: str, source: str, default_name: str = "
     try:
         model_type = _get(cfg, str, "model_type", default="").lower()
         name = _get(cfg, str, "_name_or_path", default="") or default_name or model_type or "custom"
+        name = "".join(c for c in name if c.isprintable()) or "custom"  # no escape sequences in reports
         experts = _expert_field(cfg)
         if experts:
             raise _BadField(f"{experts} makes it a mixture of experts, which trainplan does not model yet")

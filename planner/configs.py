@@ -54,6 +54,8 @@ MAX_DEVICE_BYTES = 2**50
 MAX_HOST_BYTES = 2**60
 MAX_TFLOPS = 10**6
 MAX_BANDWIDTH_GB_S = 10**6
+MIN_BANDWIDTH_GB_S = 1e-3  # 1 MB/s: below it step times overflow to infinity
+MIN_TFLOPS = 1e-6  # 1 MFLOP/s
 
 
 CHECKPOINTING_HELP = ("none, selective (Megatron's core-attention recompute), full, op (torchtitan's op-level "
@@ -145,10 +147,12 @@ class ModelSpec(_Frozen):
 class PeakTflops(_Frozen):
     """Dense peak throughput per data type, TFLOP/s (int8: TOPS). ``None``: not supported."""
 
-    fp32: float = Field(gt=0, le=MAX_TFLOPS)
-    tf32: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
-    bf16: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
-    fp16: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
+
+    fp32: float = Field(ge=MIN_TFLOPS, le=MAX_TFLOPS)
+    tf32: float | None = Field(default=None, ge=MIN_TFLOPS, le=MAX_TFLOPS)
+    bf16: float | None = Field(default=None, ge=MIN_TFLOPS, le=MAX_TFLOPS)
+    fp16: float | None = Field(default=None, ge=MIN_TFLOPS, le=MAX_TFLOPS)
     fp8: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
     int8: float | None = Field(default=None, gt=0, le=MAX_TFLOPS)
 
@@ -160,15 +164,19 @@ class PeakTflops(_Frozen):
 
 
 class GPUSpec(_Frozen):
-    name: str
+    # strict: a GPU file's "80" or true is a mistake to name, not a number to guess
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$",
+                      description="as the driver names it (no control characters)")
     memory_bytes: int = Field(gt=0, le=MAX_DEVICE_BYTES, description="total device memory as the driver reports it")
     peak_tflops: PeakTflops
-    hbm_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S)
-    intra_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S,
+    hbm_bandwidth_gb_s: float = Field(ge=MIN_BANDWIDTH_GB_S, le=MAX_BANDWIDTH_GB_S)
+    intra_node_bandwidth_gb_s: float = Field(ge=MIN_BANDWIDTH_GB_S, le=MAX_BANDWIDTH_GB_S,
                                              description="GPU-to-GPU inside a node, per direction")
-    inter_node_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S,
+    inter_node_bandwidth_gb_s: float = Field(ge=MIN_BANDWIDTH_GB_S, le=MAX_BANDWIDTH_GB_S,
                                              description="per GPU, per direction, across nodes")
-    host_link_bandwidth_gb_s: float = Field(gt=0, le=MAX_BANDWIDTH_GB_S,
+    host_link_bandwidth_gb_s: float = Field(ge=MIN_BANDWIDTH_GB_S, le=MAX_BANDWIDTH_GB_S,
                                             description="GPU-to-host (PCIe / C2C), per direction")
     gpus_per_node: int = Field(default=8, gt=0, le=MAX_GPUS_PER_NODE)
     host_memory_per_node_bytes: int = Field(default=2**40, gt=0, le=MAX_HOST_BYTES,

@@ -29,6 +29,7 @@ scheduler event by event.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from math import ceil
 from typing import Literal
@@ -40,6 +41,7 @@ from planner.configs import MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN, 
 from planner.errors import ConfigError, LayoutError
 from planner.finetune import block_projection, quantised_bytes
 from planner.flops import _counted_attention, head_matmul_params, layer_matmul_params
+from planner.memory import Limit, memory_limits
 from planner.params import ParamTensor, Unit, pipeline_stages
 
 Weights = Literal["bf16", "fp16", "fp32", "int8", "w8a8", "int4", "nf4"]
@@ -502,6 +504,9 @@ class InferenceEstimate(BaseModel):
     compute_dtype: str
     memory: InferenceMemory
     capacity_bytes: int
+    limits: list[Limit] = Field(default_factory=list, description="every capacity checked: the GPU's memory, and "
+                                "the node's host memory for the pinned copies of swapped layers")
+    does_not_fit: list[str] = Field(default_factory=list, description="the limits that fail (empty when it fits)")
     fits: bool
     time: InferenceTime
     offload: OffloadPlan | None = None
@@ -708,9 +713,15 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
         notes.append("weight-only matmuls dequantise each weight to the compute dtype and drop it (trainplan's "
                      "executor)" if cfg.kernels == "dequant" else "weight-only matmuls by fused kernels: the stored "
                      "bytes are read once, no dequantised copy (--kernels dequant: trainplan's executor)")
+    if not all(math.isfinite(v) for v in (time.prefill_s, time.decode_step_s, time.total_s)):
+        raise ConfigError(f"{gpu.name}: its bandwidths or peak throughput are too small for finite times")
+    # the swapped layers' pinned host copies, one set per GPU of the node
+    limits = memory_limits(gpu, peak, host * min(gpu.gpus_per_node, cfg.gpus))
+    limits[0] = limits[0].model_copy(update={"available_bytes": capacity})
+    failing = [limit.name for limit in limits if not limit.fits]
     return InferenceEstimate(model=model.name, gpu=gpu.name, config=cfg, compute_dtype=dtype, memory=memory,
-                             capacity_bytes=capacity, fits=peak <= capacity, time=time, offload=offload_plan,
-                             calibration=cal.label, notes=notes)
+                             capacity_bytes=capacity, limits=limits, does_not_fit=failing, fits=not failing,
+                             time=time, offload=offload_plan, calibration=cal.label, notes=notes)
 
 
 # ---------------------------------------------------------------- search

@@ -24,6 +24,7 @@ and FSDP2's gathered parameters.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from math import ceil, prod
@@ -48,8 +49,6 @@ from planner.flops import model_forward_flops_per_sequence
 from planner.implementations import implementation
 from planner.params import (
     embed_tensors,
-    flat_shard_numel,
-    fsdp_shard_numel,
     greedy_partition_max,
     local_tensor_shapes,
     pipeline_stages,
@@ -262,25 +261,49 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
                   has_head: bool, layers: tuple[int, int], tp: int, dp: int, zero_stage: int,
                   engine_name: str) -> _StageParams:
     engine = ENGINES[engine_name]
-    shapes = local_tensor_shapes(units, tp, engine.vocab_multiple) or [(0,)]
-    local = sum(prod(s) for s in shapes)
-    sharded = flat_shard_numel(shapes, dp) if engine.sharding == "flat" else fsdp_shard_numel(shapes, dp)
+    # Layers repeat: each distinct unit (by its tensors' shapes) is measured once, each distinct
+    # tensor shape counted with its multiplicity (a 10,000-layer model has a few dozen shapes).
+    per_unit: dict[tuple, tuple[int, int, tuple]] = {}  # signature -> (elements, matmul elements, shapes)
+    unit_sizes, matmul = [], 0
+    by_object: dict[int, tuple] = {}  # repeated layers are one Unit object (planner.params.model_units)
+    for u in units:
+        if id(u) not in by_object:
+            by_object[id(u)] = tuple((t.shape, t.tp_dim, t.name if t.name in ("embed.weight", "head.weight",
+                                                                             "pos_embed.weight") else "rel_bias" in t.name)
+                                     for t in u.tensors)
+    signatures = [by_object[id(u)] for u in units]
+    for u, signature in zip(units, signatures):
+        if signature not in per_unit:
+            local_shapes = tuple(local_tensor_shapes((u,), tp, engine.vocab_multiple))
+            matmuls = sum(
+                prod(t.local_shape(tp, engine.vocab_multiple if t.name in ("embed.weight", "head.weight") else 1))
+                for t in u.tensors
+                if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name)
+            per_unit[signature] = (sum(prod(s) for s in local_shapes), matmuls, local_shapes)
+        size, matmuls, _ = per_unit[signature]
+        unit_sizes.append(size)
+        matmul += matmuls
+    counts: Counter = Counter()
+    for signature, n in Counter(signatures).items():
+        for shape in per_unit[signature][2]:
+            counts[shape] += n
+    if not counts:
+        counts[(0,)] = 1
+    local = sum(n * prod(s) for s, n in counts.items())
+
+    def shard(shape: tuple[int, ...]) -> int:
+        return ceil(shape[0] / dp) * prod(shape[1:])
+
+    sharded = -(-local // dp) if engine.sharding == "flat" else sum(n * shard(s) for s, n in counts.items())
     if zero_stage == 1 and engine.zero1_partition == "greedy-tensors":
-        optimizer_share = greedy_partition_max(shapes, dp)
+        optimizer_share = greedy_partition_max(list(counts.elements()), dp)
     else:
         optimizer_share = sharded
-    unit_sizes = [sum(prod(s) for s in local_tensor_shapes((u,), tp, engine.vocab_multiple)) for u in units]
     pairs = [a + b for a, b in zip(unit_sizes, unit_sizes[1:])] or unit_sizes
     # FSDP2 unshards a unit into an all-gather buffer and copies it out to the unsharded
     # parameters before the previous unit's all-gather buffer is released (measured with
     # FSDPMemTracker, torch 2.13: three layers' worth at each layer's pre-forward).
     unshards = [2 * unit_sizes[0]] + [a + 2 * b for a, b in zip(unit_sizes, unit_sizes[1:])]
-    matmul = sum(
-        prod(t.local_shape(tp, engine.vocab_multiple if t.name in ("embed.weight", "head.weight") else 1))
-        for u in units
-        for t in u.tensors
-        if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name
-    )
     if model.tied_embeddings and has_head:  # the logits multiply by the embedding
         matmul += prod(embed_tensors(model)[0].local_shape(tp, engine.vocab_multiple))
     # When the stage's first layer is differentiated, its gradients and the embedding's
@@ -291,8 +314,8 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         local=local,
         sharded=sharded,
         optimizer_share=optimizer_share,
-        largest_tensor=max(prod(s) for s in shapes),
-        largest_tensor_sharded=max(ceil(s[0] / dp) * prod(s[1:]) for s in shapes),
+        largest_tensor=max(prod(s) for s in counts),
+        largest_tensor_sharded=max(shard(s) for s in counts),
         largest_unit=max(unit_sizes),
         largest_pair=max(pairs),
         largest_unshard=max(unshards),
@@ -300,8 +323,8 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         unit_sizes=tuple(unit_sizes),
         unit_kinds=tuple(kinds),
         layer_ids=layer_ids,
-        blocks_local=sum(-(-prod(s) // ADAM8BIT_BLOCK) for s in shapes),
-        blocks_sharded=sum(-(-(ceil(s[0] / dp) * prod(s[1:])) // ADAM8BIT_BLOCK) for s in shapes),
+        blocks_local=sum(n * -(-prod(s) // ADAM8BIT_BLOCK) for s, n in counts.items()),
+        blocks_sharded=sum(n * -(-shard(s) // ADAM8BIT_BLOCK) for s, n in counts.items()),
         first_unit=unit_sizes[0],
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
@@ -344,6 +367,9 @@ def _teacher(model: ModelSpec, train: TrainConfig) -> _Teacher:
     from planner.catalog import load_model
 
     spec = load_model(train.teacher)
+    if spec.position_embedding == "learned" and train.seq_len > spec.max_position_embeddings:
+        raise ConfigError(f"seq len {train.seq_len} exceeds the {spec.max_position_embeddings} learned positions of "
+                          f"the teacher {spec.name}")
     if spec.vocab_size != model.vocab_size:
         raise ConfigError(f"the teacher {spec.name} has {spec.vocab_size} tokens in its vocabulary, the student "
                           f"{model.vocab_size}: distillation compares their distributions token by token")

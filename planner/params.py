@@ -144,13 +144,19 @@ class Unit:
 
 def model_units(spec: ModelSpec) -> list[Unit]:
     """All units in forward order (unique tensors: a tied head does not repeat the embedding)."""
+    return list(_model_units(spec))
+
+
+@lru_cache(maxsize=256)
+def _model_units(spec: ModelSpec) -> tuple[Unit, ...]:
     units = [Unit("embed", embed_tensors(spec))]
-    for i in range(spec.encoder_layers):
-        units.append(Unit("encoder", layer_tensors(spec, "encoder", first=i == 0)))
-    for i in range(spec.num_layers):
-        units.append(Unit("decoder", layer_tensors(spec, "decoder", first=i == 0)))
+    for kind, count in (("encoder", spec.encoder_layers), ("decoder", spec.num_layers)):
+        if count:
+            # layers after the first are alike: one Unit object stands for each of them
+            first, rest = Unit(kind, layer_tensors(spec, kind, first=True)), Unit(kind, layer_tensors(spec, kind))
+            units += [first] + [rest] * (count - 1)
     units.append(Unit("head", head_tensors(spec)))
-    return units
+    return tuple(units)
 
 
 def total_params(spec: ModelSpec) -> int:

@@ -97,6 +97,8 @@ class SearchSpace:
             return [1]
         if self.tp is not None:
             for t in self.tp:
+                if self.gpus % t:
+                    raise LayoutError(f"tp={t} does not divide the {self.gpus} GPU{'s' if self.gpus > 1 else ''}")
                 if t > self.gpus_per_node and not self.allow_cross_node_tp:
                     raise LayoutError(
                         f"tp={t} spans nodes ({self.gpus_per_node} GPUs per node): tensor parallelism all-reduces "
@@ -202,8 +204,8 @@ def _enumerate_layout(model: ModelSpec, space: SearchSpace, engine: str, tp: int
     micro_batches = space.micro_batch_values(per_replica) if per_replica else (space.micro_batch or [1])
     for zero, offload in space.strategy_values(dp * cp, engine):
         for checkpointing in space.checkpointing_values():
-            if cp > 1 and checkpointing in ("selective", "op"):
-                continue  # not modelled with ring attention (TrainConfig says why)
+            if cp > 1 and checkpointing in ("selective", "op") and space.activation_checkpointing is None:
+                continue  # not modelled with ring attention; a policy the user fixed is refused below, saying why
             for mb in micro_batches:
                 microbatches = per_replica // mb if per_replica and per_replica % mb == 0 else 0
                 for schedule, chunks in space.schedule_values(model, pp, microbatches):

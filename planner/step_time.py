@@ -27,6 +27,7 @@ Per micro-batch or per step, by strategy:
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,6 +97,10 @@ class Throughput(BaseModel):
     cp_ring_bytes: float = 0.0  # bytes each rank sends around the ring per step
     compute_efficiency: float
     calibrated: bool
+    mfu_peak: str = Field(default="", description="the dtype whose dense peak MFU and HFU are measured against (the "
+                          "compute dtype; bf16 for Float8, whose fp8 GEMMs can pass it)")
+    mfu_bound: float = Field(default=1.0, description="the largest MFU the model allows: the compute efficiency, "
+                             "with Float8 times the fp8 / bf16 peak ratio")
 
 
 def _exposed(comm_s: float, window_s: float, contention: float) -> float:
@@ -125,13 +130,15 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     scatter = [scatter_of[n] for n in sizes]
     forward = [work[kind].forward / flops_rate for kind in kinds]
     backward = [(work[kind].backward + work[kind].recompute) / flops_rate for kind in kinds]
-    exposed = gather[0] + sum(_exposed(gather[u], forward[u - 1], contention) for u in range(1, len(sizes)))
+    # identical units repeat: each distinct (communication, compute window) pair is costed once
+    pairs = Counter((gather[u], forward[u - 1]) for u in range(1, len(sizes)))
+    exposed = gather[0] + sum(n * _exposed(c, w, contention) for (c, w), n in pairs.items())
     last = len(sizes) - 1
     if zero3:
         exposed += gather[last]
-    for u in range(last, -1, -1):  # backward runs the units in reverse
-        hidden = (gather[u - 1] if zero3 and u > 0 else 0.0) + (scatter[u + 1] if u < last else 0.0)
-        exposed += _exposed(hidden, backward[u], contention)
+    windows = Counter(((gather[u - 1] if zero3 and u > 0 else 0.0) + (scatter[u + 1] if u < last else 0.0), backward[u])
+                      for u in range(last, -1, -1))  # backward runs the units in reverse
+    exposed += sum(n * _exposed(hidden, w, contention) for (hidden, w), n in windows.items())
     exposed += scatter[0]
     raw = sum(gather) * (2 if zero3 else 1) + sum(scatter)
     return raw, exposed
@@ -423,4 +430,7 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         cp_ring_bytes=m * ring_bytes,
         compute_efficiency=efficiency,
         calibrated=cal.calibrated,
+        mfu_peak=dtype,
+        mfu_bound=efficiency * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype)
+                                if float8.float8_recipe(train.precision) and gpu.peak_tflops.fp8 else 1.0),
     )

@@ -22,14 +22,23 @@ def check_output(path: str | Path) -> Path:
     try:
         mode = os.lstat(target).st_mode
     except FileNotFoundError:
-        return target
+        mode = None
     except OSError as exc:
         raise ConfigFileError(f"cannot write {shown(str(path))}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(mode):
+    if mode is not None and not stat.S_ISREG(mode):
         kind = ("a symlink" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else
                 "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                 else "not a regular file")
         raise ConfigFileError(f"refusing to write {shown(str(path))}: it is {kind}, not a regular file")
+    # the atomic write needs a temporary beside the target: try one (a read-only or pseudo
+    # file system, such as /proc, refuses it here rather than after the work)
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ConfigFileError(f"cannot write {shown(str(path))}: {exc.strerror or exc}") from None
     return target
 
 

@@ -185,3 +185,28 @@ def test_pipelines_keep_unsharded_gradients_and_torchtitan_keeps_units_gathered(
     titan = stage0(precision="bf16-mixed", impl="torchtitan")
     assert titan.temporaries_detail["gathered_params"] >= 2 * titan.num_params > mixed.temporaries_detail[
         "gathered_params"]
+
+
+def test_profile_replays_a_simulated_world_through_the_allocator():
+    """`profile --simulate-world --replay-allocator`: rank 0's trace replayed (reserved at least
+    the traced allocated peak plus cuBLAS's 32 MiB workspace), the planned reserved memory and
+    device peak beside it; a GPU machine or an inference profile is refused in one line."""
+    from click.testing import CliRunner
+
+    from trainplan.cli import main
+
+    args = ["profile", "--model", "tiny-llama", "--gpus", "2", "--simulate-world", "2", "--strategy", "zero3",
+            "--json", "--replay-allocator"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rows = {row["quantity"]: row for row in report["rows"]}
+    reserved = rows["max_memory_reserved (replayed, rank 0)"]
+    device = next(row for name, row in rows.items() if name.startswith("device memory on"))
+    allocated = rows["peak (allocated)"]["measured"]
+    assert reserved["measured"] >= allocated + 32 * MiB and reserved["measured"] % (2 * MiB) == 0
+    # the device adds the same context and communicators to both sides
+    assert device["measured"] - reserved["measured"] == device["predicted"] - reserved["predicted"] > 0
+    assert any(note.startswith("allocator replay:") for note in report["notes"])
+    refused = CliRunner().invoke(main, ["profile", "--model", "tiny-llama", "--mode", "inference", "--replay-allocator"])
+    assert refused.exit_code == 2 and "--replay-allocator" in refused.output

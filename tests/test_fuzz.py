@@ -48,7 +48,8 @@ def _check_estimate(est: dict) -> None:
         assert all(p >= 0 for p in parts), stage
         assert stage["peak"] >= max(parts)
     th = est["throughput"]
-    assert 0 < th["mfu"] <= th["compute_efficiency"] + 1e-9 and th["hfu"] >= th["mfu"] - 1e-12
+    assert 0 < th["mfu"] <= th["mfu_bound"] + 1e-9 and th["hfu"] >= th["mfu"] - 1e-12
+    assert th["mfu_bound"] >= th["compute_efficiency"] - 1e-12
     assert th["step_time_s"] > 0 and th["tokens_per_s"] > 0
     assert all(v >= 0 for k, v in th["breakdown"].items())
     assert est["fits"] == all(limit["fits"] for limit in est["limits"])
@@ -104,6 +105,46 @@ FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
                    st.sampled_from(["nan", "inf", "-inf", "1e308", "-1", "0", "abc", "0.5"]))
 
 
+# flags added after the generators were first written (issues 11-21): context parallelism,
+# Float8, asynchronous TP, fine-tuning, optimizers, allocator settings, inference mode
+SWITCHES = {"--async-tp", "--optimizer-in-backward", "--paged-optimizer", "--train-embeddings", "--compile",
+            "--allow-cross-node-tp", "--sequence-parallel", "--no-sequence-parallel", "--fp8-all-gather",
+            "--no-fp8-all-gather", "--json", "--simulate"}
+LATER_FLAGS = {
+    "--cp": NUMBERS, "--sequence-parallel": st.just(True), "--no-sequence-parallel": st.just(True),
+    "--fp8-all-gather": st.just(True), "--no-fp8-all-gather": st.just(True), "--async-tp": st.just(True),
+    "--alloc-conf": st.sampled_from(["default", "expandable_segments", "cuda"]),
+    "--optimizer": st.sampled_from(["adamw", "adamw8bit", "sgd", "lion"]),
+    "--optimizer-in-backward": st.just(True), "--paged-optimizer": st.just(True),
+    "--finetune": st.sampled_from(["full", "lora", "qlora", "dora"]),
+    "--lora-rank": st.one_of(NUMBERS, st.sampled_from([8, 64, 65537])),
+    "--lora-targets": st.sampled_from(["q,v", "q,k,v,o,gate,up,down", "down", "w1", "", "q,q"]),
+    "--base-precision": st.sampled_from(["auto", "bf16", "int8", "nf4", "int2"]),
+    "--train-embeddings": st.just(True),
+    "--teacher": st.sampled_from(["tiny-llama", "8b", "gpt2", "no-such-teacher", ""]),
+    "--lora-dtype": st.sampled_from(["auto", "fp32"]),
+    "--impl": st.sampled_from(["trainplan", "hf", "torchtitan", "torchtitan-cpu", "megatron", "jax"]),
+    "--compile": st.just(True), "--allow-cross-node-tp": st.just(True),
+    "--mode": st.sampled_from(["train", "inference", "serve"]),
+    "--weights": st.sampled_from(["bf16", "fp16", "fp32", "int8", "w8a8", "int4", "nf4", "int3"]),
+    "--dtype": st.sampled_from(["auto", "bf16", "fp16", "fp32"]),
+    "--kv-cache": st.sampled_from(["auto", "int8", "fp8"]),
+    "--batch": NUMBERS, "--prompt-len": NUMBERS, "--new-tokens": NUMBERS, "--prefill-chunk": NUMBERS,
+    "--slots": NUMBERS, "--swapped-layers": NUMBERS, "--kernels": st.sampled_from(["fused", "dequant", "cutlass"]),
+    "--memory-limit-gib": FLOATS,
+    "--calibration": st.sampled_from(["/dev/null", "/no/such/file.json"]),
+    "--simulate": st.just(True),
+}
+LATER_FLAGS["--offload"] = st.sampled_from(["none", "optimizer", "params", "layers", "disk"])
+LATER_FLAGS["--precision"] = st.sampled_from(["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16",
+                                              "bf16", "fp8", "fp8-tensorwise", "fp8-rowwise"])
+LATER_FLAGS["--ac"] = st.sampled_from(["none", "selective", "full", "op", "layer:2", "layer:0", "most"])
+
+
+def _flag(flag: str, value) -> list[str]:
+    return [flag] if flag in SWITCHES else [flag, str(value)]
+
+
 @st.composite
 def plan_flags(draw) -> list[str]:
     args = ["plan", "--model", draw(st.sampled_from(MODELS))]
@@ -123,9 +164,9 @@ def plan_flags(draw) -> list[str]:
         "--optimizer-impl": st.sampled_from(["fused", "foreach", "for-loop"]),
         "--cuda-context-mib": FLOATS, "--communicator-mib": FLOATS, "--fragmentation": FLOATS,
         "--top": st.sampled_from([0, 1, 3]), "--sort": st.sampled_from(["throughput", "memory", "mfu", "speed"]),
-    }
+    } | LATER_FLAGS
     for flag in draw(st.lists(st.sampled_from(sorted(optional)), max_size=8, unique=True)):
-        args += [flag, str(draw(optional[flag]))]
+        args += _flag(flag, draw(optional[flag]))
     # a search over many GPUs is bounded but slow; keep most examples quick
     if any(a.isdigit() and int(a) > 4096 for a in args) and "--tp" not in args:
         args += ["--tp", "1", "--pp", "1", "--strategy", "zero3"]
@@ -153,9 +194,41 @@ def valid_plan_flags(draw) -> list[str]:
         "--optimizer-impl": st.sampled_from(["fused", "foreach", "for-loop"]),
         "--cuda-context-mib": st.floats(0, 4096), "--fragmentation": st.floats(0, 1),
         "--schedule": st.sampled_from(["gpipe", "1f1b", "interleaved"]),
+        "--cp": st.sampled_from([1, 2, 4]), "--alloc-conf": st.sampled_from(["default", "expandable_segments"]),
+        "--optimizer": st.sampled_from(["adamw", "adamw8bit", "sgd"]), "--finetune": st.sampled_from(
+            ["full", "lora", "qlora"]), "--impl": st.sampled_from(["trainplan", "hf", "torchtitan", "megatron"]),
+        "--compile": st.just(True), "--async-tp": st.just(True), "--no-fp8-all-gather": st.just(True),
+        "--optimizer-in-backward": st.just(True), "--paged-optimizer": st.just(True),
+        "--lora-rank": st.sampled_from([4, 16, 64]), "--base-precision": st.sampled_from(["auto", "bf16", "int8"]),
+        "--train-embeddings": st.just(True), "--lora-dtype": st.sampled_from(["auto", "fp32"]),
+        "--teacher": st.sampled_from(["tiny-llama", "llama-3.2-1b"]),
     }
     for flag in draw(st.lists(st.sampled_from(sorted(optional)), max_size=7, unique=True)):
-        args += [flag, str(draw(optional[flag]))]
+        args += _flag(flag, draw(optional[flag]))
+    if draw(st.booleans()):  # Float8 and the other recipes with the new flags
+        args += ["--precision", draw(st.sampled_from(["fp32", "bf16-mixed", "amp-bf16", "bf16", "fp8-tensorwise",
+                                                     "fp8-rowwise"]))]
+    return args
+
+
+@st.composite
+def inference_flags(draw) -> list[str]:
+    """--mode inference with its own flags, valid values mostly (the numbers are checked)."""
+    args = ["plan", "--mode", "inference", "--model", draw(st.sampled_from(model_ids())),
+            "--gpu", draw(st.sampled_from(gpu_ids()))]
+    optional = {
+        "--weights": st.sampled_from(["bf16", "fp16", "fp32", "int8", "w8a8", "int4", "nf4"]),
+        "--dtype": st.sampled_from(["auto", "bf16", "fp16", "fp32"]), "--kv-cache": st.sampled_from(["auto", "int8"]),
+        "--batch": st.sampled_from([1, 4, 64]), "--prompt-len": st.sampled_from([1, 512, 4096, 2**20]),
+        "--new-tokens": st.sampled_from([1, 128, 4096]), "--prefill-chunk": st.sampled_from([0, 64, 4096]),
+        "--offload": st.sampled_from(["layers", "none"]), "--slots": st.sampled_from([1, 2, 4]),
+        "--swapped-layers": st.sampled_from([0, 3, 40]), "--kernels": st.sampled_from(["fused", "dequant"]),
+        "--memory-limit-gib": st.one_of(st.floats(0.01, 200), st.sampled_from(["nan", "inf", "0"])),
+        "--gpus": st.sampled_from([1, 2, 8]), "--tp": st.sampled_from([1, 2, 8]), "--pp": st.sampled_from([1, 2]),
+        "--precision": st.just("bf16"), "--strategy": st.just("zero3"),
+    }
+    for flag in draw(st.lists(st.sampled_from(sorted(optional)), max_size=6, unique=True)):
+        args += _flag(flag, draw(optional[flag]))
     return args
 
 
@@ -164,6 +237,90 @@ def valid_plan_flags(draw) -> list[str]:
 def test_plan_flag_mixes(args, json_mode):
     _check_plan(_invoke(args + (["--json"] if json_mode else [])), json_mode)
 
+
+def _check_inference(result, json_mode: bool) -> None:
+    data = _check_answer(result, json_mode)
+    if data is None or "candidates" in data:
+        return
+    memory = data["memory"]
+    assert all(memory[k] >= 0 for k in ("weights", "kv_cache", "activations", "swap_buffers", "overhead"))
+    assert data["fits"] == all(limit["fits"] for limit in data["limits"]) == (result.exit_code == 0)
+    assert data["time"]["decode_tokens_per_s"] > 0 and data["time"]["total_s"] > 0
+
+
+@SETTINGS
+@given(inference_flags(), st.booleans())
+def test_inference_flag_mixes(args, json_mode):
+    _check_inference(_invoke(args + (["--json"] if json_mode else [])), json_mode)
+
+
+def test_every_plan_flag_is_generated():
+    """A flag added to plan without a generator here fails this test: the suite covers the CLI."""
+    from trainplan.cli import plan_command
+
+    generated = set(LATER_FLAGS) | {"--gpus", "--nodes", "--gpus-per-node", "--tp", "--pp", "--micro-batch",
+                                    "--global-batch", "--chunks", "--seq-len", "--gpu", "--strategy", "--schedule",
+                                    "--attention", "--engine", "--optimizer-impl", "--cuda-context-mib",
+                                    "--communicator-mib", "--fragmentation", "--top", "--sort", "--model", "--json",
+                                    "--help", "-m", "-g"}
+    flags = {opt for param in plan_command.params for opt in (*param.opts, *param.secondary_opts)}
+    assert flags <= generated, sorted(flags - generated)
+
+
+# run, profile and calibrate launch processes: a handful of examples on the tiny model, each
+# flag drawn from valid and invalid values (a GPU-only command answers in one line on a CPU)
+RUN_FLAGS = {
+    "--nproc": st.sampled_from([0, 1, 2, 3, -1]), "--steps": st.sampled_from([0, 1, 3, 4]),
+    "--warmup": st.sampled_from([-1, 0, 1, 5]), "--seed": st.sampled_from([0, 7, -2]),
+    "--timeout": st.sampled_from([0.001, 60, -1, "nan"]),
+    "--data": st.sampled_from(["/no/such/tokens.bin", "/dev/null", ""]),
+    "--fail-rank": st.sampled_from([0, 1, 5]), "--fail-step": st.sampled_from([0, 1, 99]),
+    "--fail-kind": st.sampled_from(["error", "oom", "segfault"]),
+    "--simulate-world": st.sampled_from([1, 2, 4]), "--fake-tp": st.just(True), "--replay-allocator": st.just(True),
+    "--recommend": st.just(True), "--candidates": st.sampled_from([0, 1, 2]),
+    "--out": st.sampled_from(["", "/proc/version", "/no/such/dir/report.json", "OUT"]),
+    "--strategy": st.sampled_from(["ddp", "zero2", "zero3"]), "--tp": st.sampled_from([1, 2]),
+    "--gpus": st.sampled_from([1, 2, 4]), "--mode": st.sampled_from(["train", "inference"]),
+    "--compile": st.just(True), "--precision": st.sampled_from(["fp32", "bf16-mixed"]),
+}
+RUN_SWITCHES = {"--fake-tp", "--replay-allocator", "--recommend", "--compile"}
+
+
+@st.composite
+def run_flags(draw) -> list[str]:
+    command = draw(st.sampled_from(["run", "profile", "profile", "calibrate"]))
+    args = [command] if command == "calibrate" else [command, "--model", "tiny-llama", "--seq-len", "64",
+                                                     "--micro-batch", "1"]
+    usable = ({"--steps", "--out"} if command == "calibrate" else
+              set(RUN_FLAGS) - ({"--simulate-world", "--fake-tp", "--replay-allocator", "--recommend", "--candidates",
+                                 "--out", "--fail-kind"} if command == "run" else set()))
+    for flag in draw(st.lists(st.sampled_from(sorted(usable)), max_size=5, unique=True)):
+        args += [flag] if flag in RUN_SWITCHES else [flag, str(draw(RUN_FLAGS[flag]))]
+    return args
+
+
+@settings(max_examples=min(EXAMPLES, 16), deadline=None, derandomize=EXAMPLES <= 200,
+          suppress_health_check=list(HealthCheck))
+@given(run_flags(), st.booleans())
+def test_run_and_profile_flag_mixes(tmp_path_factory, args, json_mode):
+    out = tmp_path_factory.mktemp("out") / "report.json"
+    args = [str(out) if a == "OUT" else a for a in args]
+    _check_answer(_invoke(args + (["--json"] if json_mode and args[0] != "calibrate" else [])),
+                  json_mode and args[0] != "calibrate")
+
+
+def test_every_flag_of_every_command_is_generated():
+    """A flag added to any command without a generator here fails this test."""
+    from trainplan.cli import main
+
+    generated = set(LATER_FLAGS) | set(RUN_FLAGS) | {
+        "--gpus", "--nodes", "--gpus-per-node", "--tp", "--pp", "--micro-batch", "--global-batch", "--chunks",
+        "--seq-len", "--gpu", "--strategy", "--schedule", "--attention", "--engine", "--optimizer-impl",
+        "--cuda-context-mib", "--communicator-mib", "--fragmentation", "--top", "--sort", "--model", "--json",
+        "--help", "-m", "-g", "report_path"}
+    for name, command in main.commands.items():
+        flags = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        assert flags <= generated, (name, sorted(flags - generated))
 
 # ---------------------------------------------------------------- crafted files
 
@@ -198,10 +355,18 @@ HF_BASE = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, 
 @st.composite
 def hf_configs(draw) -> dict:
     base = dict(HF_BASE)
-    base["model_type"] = draw(st.sampled_from(["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "", "???"]))
+    base["model_type"] = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2",
+                                               "gpt_neox", "", "???", "mixtral", "gpt_oss", "phi", "bert",
+                                               "starcoder2", "gemma2", "deepseek_v3", "mamba"]))
     if base["model_type"] == "gpt2":
         base |= {"n_embd": 256, "n_layer": 2, "n_head": 8, "n_positions": 1024}
-    return _mutate(draw, base, sorted(base) + ["n_inner", "head_dim", "mlp_bias", "attention_bias"])
+    if draw(st.booleans()):  # an MoE's fields on any family: never planned as dense
+        key = draw(st.sampled_from(["num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size"]))
+        base[key] = draw(st.sampled_from([8, 64, 0, None]))
+    keys = sorted(base) + ["n_inner", "head_dim", "mlp_bias", "attention_bias", "use_parallel_residual", "rotary_pct",
+                           "partial_rotary_factor", "sliding_window", "layer_types", "ffn_config.moe_num_experts",
+                           "text_config.num_local_experts"]
+    return _mutate(draw, base, keys)
 
 
 def _file(tmp_path_factory, name: str, data) -> str:
@@ -216,7 +381,16 @@ def _file(tmp_path_factory, name: str, data) -> str:
 def test_hf_config_files(tmp_path_factory, config, json_mode, extra):
     path = _file(tmp_path_factory, "config.json", config)
     args = ["plan", "--model", path, *extra] + (["--json"] if json_mode else [])
-    _check_plan(_invoke(args), json_mode)
+    result = _invoke(args)
+    _check_plan(result, json_mode)
+    experts = [k for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+               if isinstance(config, dict) and config.get(k) not in (None, 0, False, [], {})]
+    nested = isinstance(config, dict) and any(isinstance(config.get(k), dict) and any(
+        v not in (None, 0, False, [], {}) for n, v in config[k].items() if "expert" in n) for k in
+        ("ffn_config", "text_config"))
+    if experts or nested or (isinstance(config, dict) and config.get("model_type") not in
+                             ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox")):
+        assert result.exit_code == 2, (config, result.output[-300:])  # refused, never planned as another model
 
 
 def _calibration_base() -> dict:

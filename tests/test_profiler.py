@@ -17,7 +17,6 @@ import trainplan
 from planner.calibration import Overheads, default_calibration, load_calibration
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
-from planner.errors import ConfigError
 from profiler.calibrate import (
     calibration_from,
     fit_compute_efficiency,

@@ -11,6 +11,8 @@ import sys
 from typing import get_args
 
 import click
+
+from trainplan.types import Finite
 from pydantic import ValidationError
 
 from planner.configs import (
@@ -127,25 +129,6 @@ def _console():
 # ---------------------------------------------------------------- plan
 
 
-class Finite(click.ParamType):
-    """A finite number in [lo, hi]: click's FloatRange lets NaN through (every comparison with
-    NaN is false) and has no notion of infinity."""
-
-    name = "number"
-
-    def __init__(self, lo: float, hi: float):
-        self.lo, self.hi = lo, hi
-
-    def convert(self, value, param, ctx):
-        import math
-
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number) or not self.lo <= number <= self.hi:
-            self.fail(f"{value!r} is not a finite number between {self.lo:,} and {self.hi:,}", param, ctx)
-        return number
 
 
 MAX_LOCAL_RANKS = 1024
@@ -269,6 +252,12 @@ def overhead_options(fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _named_file(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter("needs a file name", param_hint="'--out'")
+    return value
 
 
 def resolve_gpus(gpus, nodes, gpus_per_node, gpu_spec) -> tuple[int, int]:
@@ -598,20 +587,25 @@ def _device_gpu(gpu_name_option: str):
 @click.option("--fake-tp", is_flag=True, help="with --simulate-world and --tp: fake tensors for the tensor-parallel "
               "rank too (full-size layouts in seconds; its loss_parallel holds 2 more fp32 vocabulary shards "
               "at the end of forward than a real rank)")
+@click.option("--replay-allocator", is_flag=True, help="on a CPU: record rank 0's allocations and replay them through "
+              "PyTorch's caching allocator (planner/allocator.py), comparing the planned reserved memory and device "
+              "peak with the replay's")
 @click.option("--recommend", is_flag=True, help="run the planner's top candidates and recommend the best measured")
 @click.option("--candidates", "top_k", type=_count(64), default=3, show_default=True,
               help="how many planned candidates --recommend runs")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="write the report as JSON (atomically)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=lambda ctx, param, value: _named_file(value),
+              help="write the report as JSON (atomically)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--fail-kind", type=click.Choice(["error", "oom"]), default="error", hidden=True)
 def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_rank, fail_step, calibration_path,
-                    cuda_context_mib, communicator_mib, fragmentation, simulate_world, fake_tp, recommend, top_k, out,
-                    as_json,
+                    cuda_context_mib, communicator_mib, fragmentation, simulate_world, fake_tp, replay_allocator,
+                    recommend, top_k, out, as_json,
                     fail_kind, **options):
     """Plan a layout, run it, measure every component per rank and phase, and compare.
 
     The same flags as plan and run. --simulate-world N measures one rank of an N-GPU layout in
-    one process (memory only). --recommend runs the planner's best candidates and picks the
+    one process (memory only); with --replay-allocator the run's allocations are replayed through the
+    caching allocator, for the memory a GPU would hold. --recommend runs the planner's best candidates and picks the
     fastest that really fits."""
     from profiler.run import profile_layout
     from strategies.files import check_output
@@ -621,6 +615,11 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
     mode, inference = split_mode(options)
     gpu, on_cpu = _device_gpu(options["gpu_name"])
     cal = resolve_calibration(calibration_path, gpu, cuda_context_mib, communicator_mib, fragmentation)
+    if replay_allocator and not on_cpu:
+        raise click.UsageError("--replay-allocator replays a CPU run's allocations; on a GPU the caching allocator "
+                               "itself is measured (max_memory_reserved, NVML)")
+    if replay_allocator and (mode == "inference" or recommend):
+        raise click.UsageError("--replay-allocator profiles one training layout (not --mode inference or --recommend)")
     if mode == "inference":
         return _profile_inference(options, inference, cal, gpu, on_cpu, seed, out, as_json)
     if recommend:
@@ -634,7 +633,8 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
     config = build_run_config(options, run)
     report = profile_layout(config.model, gpu, config.train, cal, steps=config.steps, simulate_world=simulate_world,
                             timeout_s=timeout, on_cpu=on_cpu, data=data, seed=seed, fail_rank=fail_rank,
-                            fail_step=fail_step, fail_kind=fail_kind, fake_tp=fake_tp)
+                            fail_step=fail_step, fail_kind=fail_kind, fake_tp=fake_tp,
+                            replay_allocator=replay_allocator)
     _emit_report(report, out, as_json)
     if report.status != "ok":
         raise Failure(report.message, "out_of_memory" if report.status == "oom" else "run_failed",
@@ -698,9 +698,13 @@ def compare_command(report_path, as_json):
     from planner.inputs import parse_json, read_text
     from profiler.report import ProfileReport, RecommendReport
 
+    from profiler.inference import InferenceReport
+
     where = shown(report_path)
     data = parse_json(read_text(report_path, "report"), where)
-    cls = RecommendReport if isinstance(data, dict) and "reports" in data else ProfileReport
+    # which report: a recommendation holds reports, an inference profile its config and estimate
+    cls = (RecommendReport if isinstance(data, dict) and "reports" in data else
+           InferenceReport if isinstance(data, dict) and "estimate" in data and "config" in data else ProfileReport)
     try:
         report = cls.model_validate(data)
     except ValidationError as exc:
@@ -708,9 +712,10 @@ def compare_command(report_path, as_json):
     if as_json:
         click.echo(report.model_dump_json(indent=2))
         return
-    from trainplan.report import render_profile, render_recommend
+    from trainplan.report import render_inference_profile, render_profile, render_recommend
 
-    (render_profile if isinstance(report, ProfileReport) else render_recommend)(report, _console())
+    render = {ProfileReport: render_profile, RecommendReport: render_recommend, InferenceReport: render_inference_profile}
+    render[cls](report, _console())
 
 
 # ---------------------------------------------------------------- calibrate
@@ -724,7 +729,7 @@ def compare_command(report_path, as_json):
 @click.option("--steps", type=click.IntRange(min=3, max=100_000), default=6, show_default=True)
 @click.option("--precision", type=click.Choice(["bf16-mixed", "fp32", "bf16"]), default="bf16-mixed",
               show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=lambda ctx, param, value: _named_file(value),
               help="where to write the calibration [default: calibration/<gpu>.json]")
 @click.option("--json", "as_json", is_flag=True, help="print the calibration as JSON")
 def calibrate_command(model_name, seq_len, micro_batch, steps, precision, out, as_json):

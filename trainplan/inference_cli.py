@@ -8,6 +8,7 @@ import click
 from click.core import ParameterSource
 
 from planner.configs import MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN
+from trainplan.types import Finite
 from planner.inference import WEIGHTS_HELP
 
 INFERENCE_FLAGS = {
@@ -59,7 +60,7 @@ def inference_options(fn):
         click.option("--kernels", type=click.Choice(["fused", "dequant"]), default=None,
                      help="inference: weight-only matmuls by fused kernels (plan's default) or by dequantising "
                           "each weight (run's executor)"),
-        click.option("--memory-limit-gib", type=click.FloatRange(min=0.01, max=2**20), default=None,
+        click.option("--memory-limit-gib", type=Finite(0.01, 2**20), default=None,
                      help="inference: plan for (and on a GPU, emulate) a card with this much memory "
                           "(torch.cuda.set_per_process_memory_fraction)"),
         click.option("--simulate", is_flag=True, help="profile --mode inference: measure memory with fake tensors "
@@ -120,6 +121,9 @@ def _gpu_with_limit(gpu, inference: dict):
     if limit is None:
         return gpu, None
     nbytes = int(limit * 2**30)
+    if nbytes > gpu.memory_bytes:
+        raise click.UsageError(f"--memory-limit-gib {limit:g} is more than the {gpu.name}'s "
+                               f"{gpu.memory_bytes / 2**30:.2f} GiB: it emulates a smaller card")
     return gpu.model_copy(update={"memory_bytes": nbytes, "name": f"{gpu.name} limited to {limit:g} GiB"}), nbytes
 
 
@@ -137,8 +141,13 @@ def plan(options: dict, inference: dict, cal, gpus: int, per_node: int):
         est = estimate_inference(model, gpu, cfg, cal)
         if est.fits:
             return est, None
-        return est, (f"does not fit: needs {est.memory.peak / 2**30:,.2f} GiB of {est.capacity_bytes / 2**30:,.2f} GiB;"
-                     f" try {'; '.join(inference_advice(cfg))}")
+        failing = [limit for limit in est.limits if not limit.fits]
+        short = "; ".join(f"{limit.name} needs {limit.needed_bytes / 2**30:,.2f} GiB of "
+                          f"{limit.available_bytes / 2**30:,.2f} GiB" for limit in failing)
+        if any(limit.name != "GPU memory" for limit in failing):
+            return est, f"does not fit: {short} (the swapped layers' pinned copies); try fewer --gpus per node or " \
+                        "int8 / int4 / nf4 --weights"
+        return est, f"does not fit: {short}; try {'; '.join(inference_advice(cfg))}"
     base = InferenceConfig(gpus=gpus, tp=1, pp=gpus, **_fields(options, inference, "fused"))
     result = search_inference(model, gpu, base, cal, per_node)
     if result.recommended is not None:
@@ -173,4 +182,8 @@ def profile(options: dict, inference: dict, cal, gpu, on_cpu: bool, seed: int, m
         return profile_inference(model, gpu, cfg, cal, device, seed=seed, memory_limit=limit,
                                  simulate=inference["simulate"]), None
     except torch.cuda.OutOfMemoryError as exc:
+        return None, f"out of memory: {str(exc).splitlines()[0]}"
+    except RuntimeError as exc:  # a CPU allocation failure: DefaultCPUAllocator "can't allocate memory"
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
         return None, f"out of memory: {str(exc).splitlines()[0]}"

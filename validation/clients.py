@@ -119,13 +119,17 @@ def compiled() -> list[dict]:
            "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 512}
     spec = model_from_hf_dict(cfg, "clients", "llama-style 256 x 2 layers (validation/clients.py)", "llama-256x2")
     records = []
-    for precision in ("fp32", "bf16", "amp-bf16"):
+    # every checkpointing policy (issue 21: what inductor's partitioner saves under each)
+    grid = [(p, "none") for p in ("fp32", "bf16", "amp-bf16")] + [
+        (p, ac) for p in ("fp32", "bf16") for ac in ("full", "op", "selective", "layer:2")]
+    for precision, ac in grid:
         train = TrainConfig(gpus=1, precision=precision, micro_batch=4, global_batch=4, seq_len=512,
-                            optimizer_impl="for-loop", compile=True)
+                            optimizer_impl="for-loop", compile=True, activation_checkpointing=ac)
         report = profile_layout(spec, load_gpu("h100-sxm-80gb"), train, default_calibration(), timeout_s=900)
         rows = {r.quantity: r for r in report.rows}
+        label = "" if ac == "none" else f", AC {ac}"
         records.append(dict(
-            framework="compile", name=f"reference model, torch.compile, {precision}",
+            framework="compile", name=f"reference model, torch.compile, {precision}{label}",
             model=spec.model_dump(), train=train.model_dump(),
             measured=dict(activations=int(rows["activations"].measured), peak=int(rows["peak (allocated)"].measured)),
             versions=dict(torch=torch.__version__)))
