@@ -285,7 +285,7 @@ def _audit(cfg: dict, model_type: str) -> tuple[str, ...]:
             raise _BadField(f"{key}: not part of the {model_type} blocks the planner models")
     types = cfg.get("layer_types")
     if types is not None:
-        if not isinstance(types, list) or not set(types) <= {"full_attention", "sliding_attention"}:
+        if not isinstance(types, list) or not all(t in ("full_attention", "sliding_attention") for t in types):
             raise _BadField(f"layer_types {shown(json.dumps(types), 60)}: only full and sliding attention are read")
     window = _get(cfg, int, "sliding_window", default=0)
     sliding = window and (model_type != "qwen2" and model_type != "qwen3"

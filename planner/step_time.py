@@ -100,7 +100,7 @@ class Throughput(BaseModel):
     mfu_peak: str = Field(default="", description="the dtype whose dense peak MFU and HFU are measured against (the "
                           "compute dtype; bf16 for Float8, whose fp8 GEMMs can pass it)")
     mfu_bound: float = Field(default=1.0, description="the largest MFU the model allows: the compute efficiency, "
-                             "with Float8 times the fp8 / bf16 peak ratio")
+                             "times the compile speed-up when compiled and, with Float8, the fp8 / bf16 peak ratio")
 
 
 def _exposed(comm_s: float, window_s: float, contention: float) -> float:
@@ -431,6 +431,8 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         compute_efficiency=efficiency,
         calibrated=cal.calibrated,
         mfu_peak=dtype,
-        mfu_bound=efficiency * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype)
-                                if float8.float8_recipe(train.precision) and gpu.peak_tflops.fp8 else 1.0),
+        # compiled, inductor's fusions divide the compute time by compile_compute_speedup (above)
+        mfu_bound=efficiency * (k.compile_compute_speedup if train.compile else 1.0)
+        * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype)
+           if float8.float8_recipe(train.precision) and gpu.peak_tflops.fp8 else 1.0),
     )

@@ -93,7 +93,7 @@ def test_presets_lists_models_and_gpus():
     [
         (["--model", "llama-7b", "--gpus", "8"], "unknown model 'llama-7b'; did you mean"),
         (["--model", "7b", "--gpus", "0"], "Invalid value for '--gpus'"),
-        (["--model", "7b", "--gpus", "8", "--tp", "3"], "does not divide 8 GPUs"),
+        (["--model", "7b", "--gpus", "8", "--tp", "3"], "tp=3 does not divide the 8 GPUs"),
         (["--model", "7b", "--gpus", "3", "--tp", "3"], "tp=3 does not divide the 32 attention heads"),
         (["--model", "7b", "--gpus", "8", "--micro-batch", "-2"], "Invalid value for '--micro-batch'"),
         (["--model", "7b", "--gpus", "8", "--global-batch", "12", "--micro-batch", "1", "--strategy", "ddp",

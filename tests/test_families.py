@@ -65,6 +65,7 @@ LAYOUTS = [
     ("qk layernorm", {"model_type": "llama", "qk_layernorm": True, **DENSE}, "qk_layernorm"),
     ("unknown layer type", {"model_type": "qwen3", "layer_types": ["full_attention", "linear_attention"], **DENSE},
      "layer_types"),
+    ("malformed layer types", {"model_type": "llama", "layer_types": [[]], **DENSE}, "layer_types"),
 ]
 
 

@@ -2,7 +2,7 @@
 ``config.json``, calibration, GPU and report files. Every answer must be a verdict: exit 0, 1
 or 2; never ``internal error`` or a traceback; a failure is one line on stderr; with
 ``--json`` stdout is exactly one JSON object; and every JSON result is sane -- no negative
-bytes, no NaN or infinity, MFU at most the compute efficiency, a peak at least each of its
+bytes, no NaN or infinity, MFU at most its bound, a peak at least each of its
 components, a fit verdict consistent with its limits and with the exit status.
 
 CI runs ``TRAINPLAN_FUZZ_EXAMPLES`` examples per test (default 60, derandomised, a few minutes
