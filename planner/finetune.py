@@ -31,7 +31,7 @@ from functools import lru_cache
 from math import ceil
 
 from planner.configs import ModelSpec, TrainConfig
-from planner.params import ParamTensor, Unit, model_units
+from planner.params import ParamTensor, Unit, adapter_tensors, model_units
 
 NF4_BLOCK = 64  # weights per absmax (QLoRA sec. 3)
 NF4_DQ_BLOCK = 256  # absmaxes per second-level fp32 scale (double quantisation)
@@ -58,11 +58,9 @@ def quantised_bytes(shape: tuple[int, ...], base: str, param_bytes: int) -> int:
 
 
 def block_projection(tensor: ParamTensor) -> str | None:
-    """``attn.q.weight`` -> ``q``; None for anything that is not a block projection's weight."""
-    parts = tensor.name.split(".")
-    if len(tensor.shape) != 2 or len(parts) != 3 or parts[0] not in ("attn", "cross", "mlp") or parts[2] != "weight":
-        return None
-    return parts[1] if parts[1] in PROJECTIONS else None
+    """``attn.q.weight`` -> ``q``; None for anything that is not a block projection's weight
+    (the inventory's role, ``ParamTensor.block_projection``)."""
+    return tensor.block_projection
 
 
 def is_adapted(projection: str, targets) -> bool:
@@ -87,7 +85,7 @@ class UnitState:
 def _unit_state(unit: Unit, train: TrainConfig, param_bytes: int) -> UnitState:
     frozen, trainable, quantised, stored, largest = 0, [], 0, 0, 0
     for tensor in unit.tensors:
-        if train.train_embeddings and tensor.name in ("embed.weight", "pos_embed.weight", "head.weight"):
+        if train.train_embeddings and tensor.role in ("embedding", "positions", "head"):
             trainable.append(tensor)
             continue
         projection = block_projection(tensor)
@@ -99,11 +97,7 @@ def _unit_state(unit: Unit, train: TrainConfig, param_bytes: int) -> UnitState:
         if train.base != "bf16":
             quantised, stored, largest = quantised + tensor.numel, stored + nbytes, max(largest, tensor.numel)
         if is_adapted(projection, train):
-            out, inp = tensor.shape
-            r = train.lora_rank
-            prefix = tensor.name.rsplit(".", 1)[0]
-            trainable += [ParamTensor(f"{prefix}.lora_a.weight", (r, inp)),
-                          ParamTensor(f"{prefix}.lora_b.weight", (out, r))]
+            trainable += adapter_tensors(tensor, train.lora_rank)
     return UnitState(unit.kind, frozen, tuple(trainable), quantised, stored, largest)
 
 

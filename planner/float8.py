@@ -75,7 +75,7 @@ def converted_shapes(model: ModelSpec, kind: str = "decoder") -> tuple[tuple[str
         projection = block_projection(tensor)
         # column-parallel projections of a sub-layer share its input (cross-attention's k, v read
         # the encoder's output); a row-parallel one reads its own
-        sublayer = tensor.name.split(".")[0]
+        sublayer = tensor.sublayer
         source = sublayer + (".memory" if sublayer == "cross" and projection in ("k", "v") else "")
         out_features, in_features = tensor.shape
         shapes.append((source if tensor.tp_dim == 0 else f"{sublayer}.{projection}", out_features, in_features,

@@ -33,10 +33,7 @@ FLASH_BACKWARD_FACTOR = 2.5  # FlashAttention-2 backward: 5 matmuls vs 2 in forw
 
 
 def _matmul_params(tensors) -> int:
-    return sum(
-        t.numel for t in tensors
-        if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name
-    )
+    return sum(t.numel for t in tensors if t.is_matmul_weight)
 
 
 @lru_cache(maxsize=256)
@@ -135,17 +132,15 @@ def op_recomputed_params(model: ModelSpec, kind: str = "decoder") -> int:
     """Weights of the linears torchtitan's op-level policy recomputes in a layer: every second
     bias-free matmul in execution order (a biased linear runs as addmm, which it saves); see
     ``planner.activations._op_level_terms``."""
-    tensors = {t.name: t for t in layer_tensors(model, kind)}
-    names = [f"{p}.{w}" for p in (("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",))
-             for w in "qkvo"]
-    names += ["mlp.fc1", "mlp.fc2"] if model.mlp == "gelu" else ["mlp.gate", "mlp.up", "mlp.down"]
+    tensors = layer_tensors(model, kind)  # in execution order: q, k, v, o (self, then cross), the MLP's
+    biased = {(t.sublayer, t.projection) for t in tensors if t.role == "projection" and t.bias}
     counted, recomputed = 0, 0
-    for name in names:
-        if f"{name}.bias" in tensors:
+    for t in tensors:
+        if t.block_projection is None or (t.sublayer, t.projection) in biased:
             continue
         counted += 1
         if counted % 2 == 0:
-            recomputed += tensors[f"{name}.weight"].numel
+            recomputed += t.numel
     return recomputed
 
 

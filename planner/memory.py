@@ -268,17 +268,13 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
     by_object: dict[int, tuple] = {}  # repeated layers are one Unit object (planner.params.model_units)
     for u in units:
         if id(u) not in by_object:
-            by_object[id(u)] = tuple((t.shape, t.tp_dim, t.name if t.name in ("embed.weight", "head.weight",
-                                                                             "pos_embed.weight") else "rel_bias" in t.name)
-                                     for t in u.tensors)
+            by_object[id(u)] = tuple((t.shape, t.tp_dim, t.role) for t in u.tensors)
     signatures = [by_object[id(u)] for u in units]
     for u, signature in zip(units, signatures):
         if signature not in per_unit:
             local_shapes = tuple(local_tensor_shapes((u,), tp, engine.vocab_multiple))
-            matmuls = sum(
-                prod(t.local_shape(tp, engine.vocab_multiple if t.name in ("embed.weight", "head.weight") else 1))
-                for t in u.tensors
-                if len(t.shape) == 2 and t.name not in ("embed.weight", "pos_embed.weight") and "rel_bias" not in t.name)
+            matmuls = sum(prod(t.local_shape(tp, engine.vocab_multiple if t.vocab_parallel else 1))
+                          for t in u.tensors if t.is_matmul_weight)
             per_unit[signature] = (sum(prod(s) for s in local_shapes), matmuls, local_shapes)
         size, matmuls, _ = per_unit[signature]
         unit_sizes.append(size)

@@ -16,7 +16,7 @@ everything is computed per unit kind and multiplied.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from math import ceil, prod
 
@@ -27,17 +27,66 @@ from planner.configs import ModelSpec
 MEGATRON_VOCAB_MULTIPLE = 128
 
 
+# What a tensor is for, read by every module that treats tensors differently (FLOPs, Float8,
+# LoRA, quantised inference, tensor parallelism, the strategy layer's initialisation) instead of
+# its name: names are parsed here only.
+ROLES = ("embedding", "positions", "norm", "projection", "relative_bias", "head", "lora_a", "lora_b")
+SUBLAYERS = ("attn", "cross", "mlp")  # self-attention, cross-attention (encoder-decoder), the MLP
+PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2")
+NORM_PREFIXES = ("attn_norm", "cross_norm", "mlp_norm", "embed_norm", "final_norm", "encoder_final_norm")
+
+
 @dataclass(frozen=True)
 class ParamTensor:
+    """One weight tensor of the reference model: its name (relative to its unit, as
+    ``strategies/model.py`` names it), shape, how tensor parallelism splits it, and -- derived
+    from the name, here and nowhere else -- its role."""
+
     name: str
     shape: tuple[int, ...]
     tp_dim: int | None = None
     """Dimension split by tensor parallelism (0: column-parallel / vocab-parallel,
     1: row-parallel), or None when replicated on every tensor-parallel rank."""
+    group: str = "dense"
+    """Which parameters it is sharded and reduced with: ``dense`` (every data-parallel rank
+    holds a share of it); a later ``expert`` group is sharded over an expert-parallel axis."""
+    role: str = field(init=False, compare=False)
+    sublayer: str | None = field(init=False, compare=False)
+    projection: str | None = field(init=False, compare=False)
+    bias: bool = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        role, sublayer, projection, bias = describe(self.name)
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "sublayer", sublayer)
+        object.__setattr__(self, "projection", projection)
+        object.__setattr__(self, "bias", bias)
 
     @property
     def numel(self) -> int:
         return prod(self.shape)
+
+    @property
+    def block_projection(self) -> str | None:
+        """``q`` for ``attn.q.weight``: a block's linear weight (None for biases and the rest)."""
+        return self.projection if self.role == "projection" and not self.bias else None
+
+    @property
+    def is_matmul_weight(self) -> bool:
+        """A weight every token multiplies with: the blocks' projections and the head (not
+        embeddings, which are looked up, nor the relative-position table)."""
+        return len(self.shape) == 2 and self.role in ("projection", "head")
+
+    @property
+    def vocab_parallel(self) -> bool:
+        """The embedding and the head: split over the vocabulary (Megatron pads it)."""
+        return self.role in ("embedding", "head")
+
+    @property
+    def shard_dims(self) -> dict[str, int]:
+        """Which mesh axis splits which dimension: ``tp`` its ``tp_dim``; the data-parallel
+        shard group (FSDP2, ZeRO-3) always dimension 0 (``Shard(0)``)."""
+        return {"dp_shard": 0} | ({"tp": self.tp_dim} if self.tp_dim is not None else {})
 
     def local_shape(self, tp: int, vocab_multiple: int = 1) -> tuple[int, ...]:
         """Shape on the most loaded tensor-parallel rank (rank 0)."""
@@ -49,6 +98,45 @@ class ParamTensor:
         shape = list(self.shape)
         shape[self.tp_dim] = ceil(dim / tp)
         return tuple(shape)
+
+
+@lru_cache(maxsize=512)
+def describe(name: str) -> tuple[str, str | None, str | None, bool]:
+    """(role, sub-layer, projection, is a bias) of a parameter named as ``strategies/model.py``
+    names it, relative to its unit (``attn.q.weight``, ``embed.weight``) or fully qualified
+    (``layers.3.mlp.down.weight``, wrapper prefixes removed); LoRA's ``attn.q.lora_a.weight``
+    is LoRA's A of ``q`` (role ``lora_a``)."""
+    parts = name.split(".")
+    while parts and (parts[0] in ("layers", "encoder_layers") or parts[0].isdigit()):
+        parts = parts[1:]
+    leaf = parts[-1] if parts else ""
+    if len(parts) == 2 and parts[0] in NORM_PREFIXES:
+        return "norm", None, None, leaf == "bias"
+    if parts == ["embed", "weight"]:
+        return "embedding", None, None, False
+    if parts == ["pos_embed", "weight"]:
+        return "positions", None, None, False
+    if parts == ["head", "weight"]:
+        return "head", None, None, False
+    if len(parts) >= 3 and parts[0] in SUBLAYERS:
+        sublayer, inner = parts[0], parts[1]
+        if inner in ("q_norm", "k_norm"):
+            return "norm", sublayer, None, False
+        if inner == "rel_bias":
+            return "relative_bias", sublayer, None, False
+        if inner in PROJECTION_NAMES and len(parts) == 4 and parts[2] in ("lora_a", "lora_b"):
+            return parts[2], sublayer, inner, False
+        if inner in PROJECTION_NAMES and len(parts) == 3 and leaf in ("weight", "bias"):
+            return "projection", sublayer, inner, leaf == "bias"
+    raise ValueError(f"{name!r} is not a parameter of the reference model (planner/params.py)")
+
+
+def adapter_tensors(tensor: ParamTensor, rank: int) -> tuple[ParamTensor, ParamTensor]:
+    """LoRA's A (rank x in) and B (out x rank) beside a projection weight, named as
+    ``strategies/lora.py`` names them (Hu et al. 2021)."""
+    out, inp = tensor.shape
+    prefix = tensor.name.rsplit(".", 1)[0]
+    return ParamTensor(f"{prefix}.lora_a.weight", (rank, inp)), ParamTensor(f"{prefix}.lora_b.weight", (out, rank))
 
 
 def _norm(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
@@ -250,7 +338,7 @@ def local_tensor_shapes(units: tuple[Unit, ...], tp: int, vocab_multiple: int = 
     shapes = []
     for unit in units:
         for tensor in unit.tensors:
-            multiple = vocab_multiple if tensor.name in ("embed.weight", "head.weight") else 1
+            multiple = vocab_multiple if tensor.vocab_parallel else 1
             shapes.append(tensor.local_shape(tp, multiple))
     return shapes
 

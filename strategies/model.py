@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from planner.configs import ModelSpec
+from planner.params import describe
 from planner.errors import ConfigError
 from strategies.kernels.attention import core_attention
 from strategies.kernels.norm import RMSNorm
@@ -228,13 +229,13 @@ def build_model(spec: ModelSpec, device: str | torch.device = "meta", dtype: tor
 
 def _init_value(name: str, shape: torch.Size, dtype: torch.dtype, device, num_layers: int, seed: int) -> torch.Tensor:
     """The full (unsharded) initial value of a parameter: a function of its name only."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias" or name.endswith("lora_b.weight"):  # LoRA's B starts at zero (Hu et al. 2021)
+    role, sublayer, projection, bias = describe(name)  # the planner's inventory names the roles
+    if bias or role == "lora_b":  # LoRA's B starts at zero (Hu et al. 2021)
         return torch.zeros(shape, dtype=dtype, device=device)
-    if "norm" in name:
+    if role == "norm":
         return torch.ones(shape, dtype=dtype, device=device)
     std = INIT_STD
-    if name.endswith(("attn.o.weight", "mlp.down.weight", "mlp.fc2.weight")):
+    if role == "projection" and (sublayer, projection) in (("attn", "o"), ("mlp", "down"), ("mlp", "fc2")):
         std = INIT_STD / math.sqrt(2 * num_layers)  # GPT-2's residual-projection scaling
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     value = torch.empty(shape, dtype=torch.float32, device=device)

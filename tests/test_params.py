@@ -95,3 +95,26 @@ def test_gqa_and_bias_counts():
     # mlp 3*64*128, norms 128
     layer = (4096 + 64) + 2 * (1024 + 16) + 4096 + 3 * 64 * 128 + 128
     assert total_params(spec) == 6400 * 2 + 64 + layer
+
+
+def test_every_tensor_has_a_role_from_the_inventory():
+    """Issue 22: roles come from the inventory (planner/params.py), which is the one place that
+    reads parameter names; fully qualified names (strategies/model.py) describe alike."""
+    import pytest
+
+    from planner.catalog import load_model
+    from planner.params import ROLES, describe, model_units, named_shapes
+
+    for name in ("tiny-llama", "tiny-gpt2", "cpm-2", "bloom-176b", "qwen1.5-7b"):
+        spec = load_model(name)
+        for unit in model_units(spec):
+            for t in unit.tensors:
+                assert t.role in ROLES, t.name
+                assert (t.block_projection is not None) == (t.role == "projection" and not t.bias)
+        for fq in named_shapes(spec):
+            assert describe(fq)[0] in ROLES, fq
+    assert describe("layers.3.attn.q.lora_b.weight") == ("lora_b", "attn", "q", False)
+    assert describe("mlp.down.bias") == ("projection", "mlp", "down", True)
+    assert describe("cross.rel_bias.weight")[0] == "relative_bias"
+    with pytest.raises(ValueError, match="not a parameter"):
+        describe("attn.q.weight_int8")
