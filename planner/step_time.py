@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from planner import comm, float8
-from planner.calibration import Calibration, default_calibration
+from planner.calibration import Calibration, ThroughputConstants, default_calibration
 from planner.configs import (
     GPUSpec,
     ModelSpec,
@@ -40,12 +41,13 @@ from planner.configs import (
     check_layout,
     parse_checkpointing,
 )
-from planner.engines import ENGINES
+from planner.engines import ENGINES, EngineSemantics
 from planner.finetune import block_projection
 from planner.errors import ConfigError
 from planner.flops import (
     BACKWARD_MATMUL_FACTOR,
     FLASH_BACKWARD_FACTOR,
+    StageFlops,
     hardware_flops_per_step,
     layer_matmul_params,
     op_recomputed_params,
@@ -54,9 +56,9 @@ from planner.flops import (
     stage_flops,
     unit_flops,
 )
-from planner.memory import _finetune_params, _stage_params, _teacher
+from planner.memory import _finetune_params, _Frozen, _stage_params, _StageParams, _teacher
 from planner.params import layer_tensors, representative_stages
-from planner.precision import RECIPES, optimizer_state_bytes
+from planner.precision import RECIPES, Recipe, optimizer_state_bytes
 
 
 class StepBreakdown(BaseModel):
@@ -103,69 +105,187 @@ class Throughput(BaseModel):
                              "times the compile speed-up when compiled and, with Float8, the fp8 / bf16 peak ratio")
 
 
+# ---------------------------------------------------------------- the step, part by part
+#
+# estimate_step = _step_context (rates and links every stage shares)
+#   + per representative stage: _stage_compute (one micro-batch's compute and recompute)
+#                               and _stage_collectives (TP/SP, the CP ring, PP p2p on its critical path)
+#   -> the slowest micro-batch sets the pipeline and its bubble
+#   + per stage: _data_parallel_tail (exposed DP communication, offload, optimizer) -> the worst one
+#   -> _throughput assembles the step, tokens/s, MFU and HFU.
+
+
 def _exposed(comm_s: float, window_s: float, contention: float) -> float:
+    """What of ``comm_s`` seconds of communication a ``window_s`` compute window leaves exposed:
+    the part that does not fit, plus ``contention`` of the overlapped part (NCCL kernels share
+    the SMs and HBM)."""
     return max(0.0, comm_s - window_s) + contention * min(comm_s, window_s)
 
 
-def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
-                      contention: float, gathered: tuple[int, ...] | None = None) -> tuple[float, float]:
-    """(communication, exposed communication) of one micro-batch of sharded data parallelism,
-    unit by unit as FSDP (and DeepSpeed's ZeRO-3) schedules it.
+class _StepContext(NamedTuple):
+    """What every stage of one step shares: the calibration's rates, each group's link and the
+    number of passes that run a layer's tensor-parallel collectives."""
 
-    Forward: each unit's all-gather is issued while the previous unit computes (FSDP2's
-    implicit forward prefetch), so it hides behind that unit's forward; the first unit's is
-    exposed. Backward (ZeRO-3): while a unit's backward runs, the next unit's all-gather
-    (explicit backward prefetch) and the previous unit's reduce-scatter proceed; the first
-    unit's all-gather and the last reduce-scatter are exposed. ZeRO-2 keeps the parameters
-    gathered from forward to backward: no all-gather in backward. Reduce-scatters carry the
-    reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce)."""
-    dp, zero3 = train.shard_world, train.zero_stage >= 3
-    sizes, kinds = sp.unit_sizes, sp.unit_kinds
-    # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
-    gathered = gathered or tuple(n * recipe.gather_bytes for n in sizes)
-    gather_of = {n: comm.all_gather_s(n, dp, link) for n in set(gathered)}
-    scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) for n in set(sizes)}
-    work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
-    gather = [gather_of[n] for n in gathered]
-    scatter = [scatter_of[n] for n in sizes]
-    forward = [work[kind].forward / flops_rate for kind in kinds]
-    backward = [(work[kind].backward + work[kind].recompute) / flops_rate for kind in kinds]
-    # identical units repeat: each distinct (communication, compute window) pair is costed once
-    pairs = Counter((gather[u], forward[u - 1]) for u in range(1, len(sizes)))
-    exposed = gather[0] + sum(n * _exposed(c, w, contention) for (c, w), n in pairs.items())
-    last = len(sizes) - 1
-    if zero3:
-        exposed += gather[last]
-    windows = Counter(((gather[u - 1] if zero3 and u > 0 else 0.0) + (scatter[u + 1] if u < last else 0.0), backward[u])
-                      for u in range(last, -1, -1))  # backward runs the units in reverse
-    exposed += sum(n * _exposed(hidden, w, contention) for (hidden, w), n in windows.items())
-    exposed += scatter[0]
-    raw = sum(gather) * (2 if zero3 else 1) + sum(scatter)
-    return raw, exposed
+    cal: Calibration
+    k: ThroughputConstants
+    recipe: Recipe
+    engine: EngineSemantics
+    dtype: str  # the compute dtype, whose dense peak MFU is measured against
+    f8: str | None  # the Float8 recipe, if any
+    peak: float  # dense peak of the compute dtype, FLOP/s
+    efficiency: float  # the model-wide compute efficiency
+    flops_rate: float  # peak x efficiency
+    attention_rate: float  # the fused attention kernel's own rate
+    gemm_rate: float  # one large GEMM's rate (what a collective can hide behind)
+    links: comm.Placement
+    policy: str  # activation checkpointing policy
+    passes: float  # forward, backward and recompute passes over a layer's collectives
+    hidden_bytes: float  # one micro-batch's [s, b, h] activation in the compute dtype
+    p2p_bytes: float  # what a pipeline stage sends to the next per micro-batch
 
 
-def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, attention_rate: float, link: comm.Group,
-                      passes: float) -> tuple[float, float, float]:
-    """Per layer and micro-batch: the part of context parallelism's ring exchanges that the
-    attention cannot hide. PyTorch's ring attention (torch/distributed/tensor/experimental/
-    _context_parallel/_attention.py, _templated_ring_attention) sends the rank's k and v to the
-    next rank while SDPA runs on the block it holds, cp - 1 times; its backward passes k, v and
-    their gradients around the ring again (twice the bytes) beside the attention's backward
-    (FlashAttention-2: 2.5 x the forward). Each step hides behind one block of attention, the
-    rank's attention over cp blocks (Liu et al. 2023, Ring Attention, sec. 3: the overlap needs
-    block compute >= block transfer). Returns (bytes sent, seconds of transfer, seconds exposed)."""
-    if train.cp == 1:
-        return 0.0, 0.0, 0.0
-    kv_bytes = (2 * train.micro_batch * train.local_seq_len * (model.num_kv_heads // train.tp) * model.head_dim
-                * recipe.compute_bytes)
-    block_s = rank_attention_flops(model, train) / train.cp / attention_rate  # one of the cp blocks of this rank's share
-    steps = train.cp - 1
-    forwards = passes - 1  # a full recompute runs the forward ring again
-    sent = steps * kv_bytes * (forwards + 2)
-    raw = steps * (forwards * comm.p2p_s(kv_bytes, link) + comm.p2p_s(2 * kv_bytes, link))
-    exposed = steps * (forwards * max(0.0, comm.p2p_s(kv_bytes, link) - block_s)
-                       + max(0.0, comm.p2p_s(2 * kv_bytes, link) - FLASH_BACKWARD_FACTOR * block_s))
-    return sent, raw, exposed
+def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None,
+                  gpus_per_node: int | None) -> _StepContext:
+    cal = calibration or default_calibration()
+    k = cal.throughput
+    recipe = RECIPES[train.precision]
+    engine = ENGINES[train.engine]
+    dtype = recipe.compute_dtype
+    f8 = float8.float8_recipe(train.precision)
+    peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
+    efficiency = k.efficiency(gpu.name, dtype)
+    flops_rate = peak * efficiency
+    constants = comm.CommConstants(k.collective_bandwidth_efficiency, k.inter_node_bandwidth_efficiency,
+                                   k.intra_node_latency_s, k.inter_node_latency_s, k.collective_base_latency_s,
+                                   k.tree_bandwidth_efficiency)
+    links = comm.placement(gpu, train, gpus_per_node or gpu.gpus_per_node, constants)
+    s, b, t = train.local_seq_len, train.micro_batch, train.tp
+    hidden_bytes = s * b * model.hidden_size * recipe.compute_bytes
+    # full recompute repeats a layer's all-reduces; op-level recomputes what is not saved --
+    # with sequence parallelism the reduce-scatters are saved, without it the all-reduces run again
+    policy, every = parse_checkpointing(train.activation_checkpointing)
+    passes = {"full": 3, "layer": 2 + 1 / every, "op": 2 if train.sequence_parallel else 3}.get(policy, 2)
+    # pipeline p2p: Megatron's scatter/gather (and sequence parallelism) send 1/t of the tensor
+    p2p_bytes = hidden_bytes / t if (train.sequence_parallel or train.engine != "pytorch") else hidden_bytes
+    attention_rate = peak * k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
+    # the matmul kernels a collective can hide behind run at the GEMM ceiling, not the
+    # model-wide efficiency (which includes the elementwise work between them)
+    gemm_rate = peak * k.gemm(gpu.name, dtype, default=efficiency)
+    return _StepContext(cal, k, recipe, engine, dtype, f8, peak, efficiency, flops_rate, attention_rate, gemm_rate,
+                        links, policy, passes, hidden_bytes, p2p_bytes)
+
+
+def _layer_kinds(sp: _StageParams) -> tuple[tuple[str, int], ...]:
+    """(layer kind, layers of that kind on the stage)."""
+    return (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers))
+
+
+# ---------------------------------------------------------------- compute, per micro-batch and stage
+
+
+def _recomputed_share(f: StageFlops) -> float:
+    """The share of the stage's forward that its recompute runs again."""
+    return f.recompute / f.forward if f.forward else 0.0
+
+
+def _linear_recompute_share(model: ModelSpec, train: TrainConfig, kind: str, policy: str, f) -> float:
+    """The share of a layer's projections that its recompute runs again (per layer, on average)."""
+    if policy == "full":
+        return 1.0
+    if policy == "layer":
+        return _recomputed_share(f)
+    if policy == "op":
+        return op_recomputed_params(model, kind) / layer_matmul_params(model, kind)
+    return 0.0  # none; selective recomputes the attention only
+
+
+def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, recompute_share: float
+              ) -> tuple[float, float, float]:
+    """Per layer and micro-batch, what Float8 linears change: (compute seconds, recompute
+    seconds, the fp8 GEMM rate). The projections' GEMMs (forward, and the backward's two) move
+    from the bf16 to the fp8 tensor cores, each at the share of its peak one large GEMM
+    sustains (``gemm_efficiency``: measured matmul ceilings, not the whole model's efficiency,
+    whose elementwise work Float8 does not speed up); the casts stream at the optimizer's HBM
+    efficiency."""
+    fp8_peak = gpu.peak_tflops.fp8
+    if not fp8_peak:
+        raise ConfigError(f"{train.precision} needs fp8 tensor cores (SM89 or later: L4, L40S, RTX 4090, H100, H200, "
+                          f"B200, MI300X); {gpu.name} has no fp8 peak")
+    bf16_rate = gpu.peak_tflops.for_dtype("bf16") * 1e12 * k.gemm(gpu.name, "bf16")
+    fp8_rate = fp8_peak * 1e12 * k.gemm(gpu.name, "fp8")
+    layer = float8.layer(model, train, kind)
+    hbm = gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency
+    saved = layer.gemm_forward_flops * (1 / bf16_rate - 1 / fp8_rate)
+    compute = (layer.cast_forward_bytes + layer.cast_backward_bytes) / hbm - (1 + BACKWARD_MATMUL_FACTOR) * saved
+    recompute = recompute_share * (layer.cast_forward_bytes / hbm - saved)
+    return compute, recompute, fp8_rate
+
+
+class _StageCompute(NamedTuple):
+    """One micro-batch's compute on one pipeline stage (seconds), and what the later parts read."""
+
+    compute: float  # forward + backward
+    recompute: float
+    matmul_rate: dict[str, float]  # per layer kind: the GEMMs' rate that TP collectives hide behind
+    flops: StageFlops
+    params: _StageParams  # what trains and communicates (a fine-tune: the adapters)
+    frozen: _Frozen | None  # a fine-tune's frozen base
+    layers: int  # the stage's layers
+    # the compute windows that data-parallel collectives (and parameter offload's copies) overlap
+    forward_window: float
+    backward_window: float  # backward + recompute
+
+
+def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _StepContext, i: int) -> _StageCompute:
+    """Compute and recompute of one micro-batch on stage ``i``: executed FLOPs over (dense peak x
+    compute efficiency), then what fused or eager attention, a teacher, torch.compile, Float8
+    and a quantised base change."""
+    k, flops_rate = ctx.k, ctx.flops_rate
+    f = stage_flops(model, train, i)
+    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine, i)
+    layers = sp.encoder_layers + sp.decoder_layers
+    frozen = None
+    if train.finetune != "full":  # what trains and communicates is the adapters (planner/finetune.py)
+        sp, frozen = _finetune_params(model, train)
+    compute = (f.forward + f.backward) / flops_rate
+    recompute = f.recompute / flops_rate
+    if train.attention == "flash":  # fused attention runs at its own efficiency, not the matmuls'
+        attention_forward = rank_attention_flops(model, train) * layers
+        compute += (1 + FLASH_BACKWARD_FACTOR) * attention_forward * (1 / ctx.attention_rate - 1 / flops_rate)
+        # what recompute repeats of the attention: all of it (Megatron's selective), none
+        # (op-level keeps the attention kernel's output), else the recomputed share
+        share = {"selective": 1.0, "op": 0.0, "none": 0.0}.get(ctx.policy, _recomputed_share(f))
+        recompute += share * attention_forward * (1 / ctx.attention_rate - 1 / flops_rate)
+    if train.teacher:  # distillation: the teacher's forward per micro-batch (no backward)
+        compute += _teacher(model, train).forward_flops / flops_rate
+    if train.attention == "eager":
+        # the s x s scores are streamed through HBM by the elementwise ops around the matmuls
+        scores = ((model.num_heads // train.tp) * train.local_seq_len * train.local_seq_len * train.micro_batch
+                  * ctx.recipe.compute_bytes * layers)
+        streamed = k.eager_attention_passes * scores / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+        compute += streamed
+        if train.activation_checkpointing != "none":
+            recompute += streamed / 2
+    if train.compile:  # inductor fuses the elementwise work; communication is unchanged
+        compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
+    matmul_rate = {"decoder": ctx.gemm_rate, "encoder": ctx.gemm_rate}
+    if ctx.f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
+        for kind, n in _layer_kinds(sp):
+            if n:
+                share = _linear_recompute_share(model, train, kind, ctx.policy, f)
+                dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share)
+                compute, recompute = compute + n * dc, recompute + n * dr
+    if frozen is not None and frozen.quantised_bytes:
+        # a quantised base is dequantised per matmul: read the codes, write the 16-bit
+        # weight, in forward, in backward and in each recompute (bandwidth-bound)
+        dq = (frozen.quantised_bytes + frozen.quantised_numel * ctx.recipe.compute_bytes) / (
+            gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+        compute, recompute = compute + 2 * dq, recompute + _recomputed_share(f) * dq
+    return _StageCompute(compute, recompute, matmul_rate, f, sp, frozen, layers, f.forward / flops_rate,
+                         (f.backward + f.recompute) / flops_rate)
+
+
+# ---------------------------------------------------------------- per-layer collectives and their overlap windows
 
 
 def _sublayer_matmul_params(model: ModelSpec, kind: str) -> list[tuple[int, int]]:
@@ -210,202 +330,226 @@ def _tp_sequence_parallel_s(model: ModelSpec, train: TrainConfig, kind: str, rec
     return total
 
 
-def _linear_recompute_share(model: ModelSpec, train: TrainConfig, kind: str, policy: str, f) -> float:
-    """The share of a layer's projections that its recompute runs again (per layer, on average)."""
-    if policy == "full":
-        return 1.0
-    if policy == "layer":
-        return f.recompute / f.forward if f.forward else 0.0
-    if policy == "op":
-        return op_recomputed_params(model, kind) / layer_matmul_params(model, kind)
-    return 0.0  # none; selective recomputes the attention only
+def _ring_attention_s(model: ModelSpec, train: TrainConfig, recipe, attention_rate: float, link: comm.Group,
+                      passes: float) -> tuple[float, float, float]:
+    """Per layer and micro-batch: the part of context parallelism's ring exchanges that the
+    attention cannot hide. PyTorch's ring attention (torch/distributed/tensor/experimental/
+    _context_parallel/_attention.py, _templated_ring_attention) sends the rank's k and v to the
+    next rank while SDPA runs on the block it holds, cp - 1 times; its backward passes k, v and
+    their gradients around the ring again (twice the bytes) beside the attention's backward
+    (FlashAttention-2: 2.5 x the forward). Each step hides behind one block of attention, the
+    rank's attention over cp blocks (Liu et al. 2023, Ring Attention, sec. 3: the overlap needs
+    block compute >= block transfer). Returns (bytes sent, seconds of transfer, seconds exposed)."""
+    if train.cp == 1:
+        return 0.0, 0.0, 0.0
+    kv_bytes = (2 * train.micro_batch * train.local_seq_len * (model.num_kv_heads // train.tp) * model.head_dim
+                * recipe.compute_bytes)
+    block_s = rank_attention_flops(model, train) / train.cp / attention_rate  # one of the cp blocks of this rank's share
+    steps = train.cp - 1
+    forwards = passes - 1  # a full recompute runs the forward ring again
+    sent = steps * kv_bytes * (forwards + 2)
+    raw = steps * (forwards * comm.p2p_s(kv_bytes, link) + comm.p2p_s(2 * kv_bytes, link))
+    exposed = steps * (forwards * max(0.0, comm.p2p_s(kv_bytes, link) - block_s)
+                       + max(0.0, comm.p2p_s(2 * kv_bytes, link) - FLASH_BACKWARD_FACTOR * block_s))
+    return sent, raw, exposed
 
 
-def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, recompute_share: float
-              ) -> tuple[float, float, float]:
-    """Per layer and micro-batch, what Float8 linears change: (compute seconds, recompute
-    seconds, the fp8 GEMM rate). The projections' GEMMs (forward, and the backward's two) move
-    from the bf16 to the fp8 tensor cores, each at the share of its peak one large GEMM
-    sustains (``gemm_efficiency``: measured matmul ceilings, not the whole model's efficiency,
-    whose elementwise work Float8 does not speed up); the casts stream at the optimizer's HBM
-    efficiency."""
-    fp8_peak = gpu.peak_tflops.fp8
-    if not fp8_peak:
-        raise ConfigError(f"{train.precision} needs fp8 tensor cores (SM89 or later: L4, L40S, RTX 4090, H100, H200, "
-                          f"B200, MI300X); {gpu.name} has no fp8 peak")
-    bf16_rate = gpu.peak_tflops.for_dtype("bf16") * 1e12 * k.gemm(gpu.name, "bf16")
-    fp8_rate = fp8_peak * 1e12 * k.gemm(gpu.name, "fp8")
-    layer = float8.layer(model, train, kind)
-    hbm = gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency
-    saved = layer.gemm_forward_flops * (1 / bf16_rate - 1 / fp8_rate)
-    compute = (layer.cast_forward_bytes + layer.cast_backward_bytes) / hbm - (1 + BACKWARD_MATMUL_FACTOR) * saved
-    recompute = recompute_share * (layer.cast_forward_bytes / hbm - saved)
-    return compute, recompute, fp8_rate
+class _StageCollectives(NamedTuple):
+    """One micro-batch's collectives on one stage that its compute does not hide (seconds)."""
+
+    tp_s: float  # tensor parallel (with sequence parallelism: what async TP leaves exposed)
+    pp_s: float  # pipeline p2p sends
+    ring_bytes: float  # context parallel: bytes each rank sends around the ring
+    ring_raw: float  # the ring's transfers before overlap
+    ring_exposed: float  # what the attention does not hide
 
 
-def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None = None,
-                  gpus_per_node: int | None = None, check: bool = True) -> Throughput:
-    if check:
-        check_layout(model, train)
-    cal = calibration or default_calibration()
-    k = cal.throughput
-    recipe = RECIPES[train.precision]
-    engine = ENGINES[train.engine]
-    dtype = recipe.compute_dtype
-    f8 = float8.float8_recipe(train.precision)
-    peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
-    efficiency = k.efficiency(gpu.name, dtype)
-    flops_rate = peak * efficiency
-    constants = comm.CommConstants(k.collective_bandwidth_efficiency, k.inter_node_bandwidth_efficiency,
-                                   k.intra_node_latency_s, k.inter_node_latency_s, k.collective_base_latency_s,
-                                   k.tree_bandwidth_efficiency)
-    links = comm.placement(gpu, train, gpus_per_node or gpu.gpus_per_node, constants)
-    s, b, t, p, v, m = train.local_seq_len, train.micro_batch, train.tp, train.pp, train.chunks, train.num_microbatches
-    zero, dp = train.zero_stage, train.shard_world
-
-    hidden_bytes = s * b * model.hidden_size * recipe.compute_bytes
+def _stage_collectives(model: ModelSpec, train: TrainConfig, ctx: _StepContext, stage: _StageCompute
+                       ) -> _StageCollectives:
+    """Per micro-batch: tensor-parallel all-reduces on the critical path (Megatron-LM runs them
+    synchronously) or sequence parallelism's all-gathers and reduce-scatters with their async-TP
+    overlap windows; context parallelism's ring beside the attention; the pipeline's p2p sends."""
+    k, links, passes, layers = ctx.k, ctx.links, ctx.passes, stage.layers
+    t, p, v = train.tp, train.pp, train.chunks
     tp_collectives_per_layer = 2 + (1 if model.encoder_layers else 0)
-    # full recompute repeats a layer's all-reduces; op-level recomputes what is not saved --
-    # with sequence parallelism the reduce-scatters are saved, without it the all-reduces run again
-    policy, every = parse_checkpointing(train.activation_checkpointing)
-    passes = {"full": 3, "layer": 2 + 1 / every, "op": 2 if train.sequence_parallel else 3}.get(policy, 2)
-    # pipeline p2p: Megatron's scatter/gather (and sequence parallelism) send 1/t of the tensor
-    p2p_bytes = hidden_bytes / t if (train.sequence_parallel or train.engine != "pytorch") else hidden_bytes
+    if train.sequence_parallel and (train.async_tp or ctx.f8 == "tensorwise"):
+        tp_s = sum(n * _tp_sequence_parallel_s(model, train, kind, ctx.recipe, links.tp, stage.matmul_rate[kind],
+                                               passes, k.overlap_contention)
+                   for kind, n in _layer_kinds(stage.params) if n)
+    else:
+        tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(ctx.hidden_bytes, t, links.tp)
+    ring_bytes, ring_raw, ring_exposed = (layers * x for x in _ring_attention_s(
+        model, train, ctx.recipe, ctx.attention_rate, links.cp, passes))
+    pp_s = (2 * v * comm.p2p_s(ctx.p2p_bytes, links.pp)) if p > 1 else 0.0
+    return _StageCollectives(tp_s, pp_s, ring_bytes, ring_raw, ring_exposed)
 
-    stages = representative_stages(model, p, v)
-    per_stage = {}
-    ring = {}  # context parallel, per stage: (bytes, transfer s, exposed s) per micro-batch
-    frozen = None
-    attention_rate = peak * k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
-    for i in stages:
-        f = stage_flops(model, train, i)
-        sp = _stage_params(model, p, v, t, dp, zero, train.engine, i)
-        layers = sp.encoder_layers + sp.decoder_layers
-        if train.finetune != "full":  # what trains and communicates is the adapters (planner/finetune.py)
-            sp, frozen = _finetune_params(model, train)
-        compute = (f.forward + f.backward) / flops_rate
-        recompute = f.recompute / flops_rate
-        if train.attention == "flash":  # fused attention runs at its own efficiency, not the matmuls'
-            attention_forward = rank_attention_flops(model, train) * layers
-            compute += (1 + FLASH_BACKWARD_FACTOR) * attention_forward * (1 / attention_rate - 1 / flops_rate)
-            # what recompute repeats of the attention: all of it (Megatron's selective), none
-            # (op-level keeps the attention kernel's output), else the recomputed share
-            share = {"selective": 1.0, "op": 0.0, "none": 0.0}.get(
-                policy, f.recompute / f.forward if f.forward else 0.0)
-            recompute += share * attention_forward * (1 / attention_rate - 1 / flops_rate)
-        if train.teacher:  # distillation: the teacher's forward per micro-batch (no backward)
-            compute += _teacher(model, train).forward_flops / flops_rate
-        if train.attention == "eager":
-            # the s x s scores are streamed through HBM by the elementwise ops around the matmuls
-            scores = (model.num_heads // t) * s * s * b * recipe.compute_bytes * layers
-            streamed = k.eager_attention_passes * scores / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
-            compute += streamed
-            if train.activation_checkpointing != "none":
-                recompute += streamed / 2
-        if train.compile:  # inductor fuses the elementwise work; communication is unchanged
-            compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
-        # the matmul kernels a collective can hide behind run at the GEMM ceiling, not the
-        # model-wide efficiency (which includes the elementwise work between them)
-        gemm_rate = peak * k.gemm(gpu.name, dtype, default=efficiency)
-        matmul_rate = {"decoder": gemm_rate, "encoder": gemm_rate}
-        if f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
-            for kind, n in (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers)):
-                if n:
-                    share = _linear_recompute_share(model, train, kind, policy, f)
-                    dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share)
-                    compute, recompute = compute + n * dc, recompute + n * dr
-        if train.sequence_parallel and (train.async_tp or f8 == "tensorwise"):
-            tp_s = sum(n * _tp_sequence_parallel_s(model, train, kind, recipe, links.tp, matmul_rate[kind], passes,
-                                                   k.overlap_contention)
-                       for kind, n in (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers)) if n)
-        else:
-            tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(hidden_bytes, t, links.tp)
-        ring_bytes, ring_raw, ring_exposed = (layers * x for x in _ring_attention_s(
-            model, train, recipe, attention_rate, links.cp, passes))
-        pp_s = (2 * v * comm.p2p_s(p2p_bytes, links.pp)) if p > 1 else 0.0
-        if frozen is not None and frozen.quantised_bytes:
-            # a quantised base is dequantised per matmul: read the codes, write the 16-bit
-            # weight, in forward, in backward and in each recompute (bandwidth-bound)
-            dq = (frozen.quantised_bytes + frozen.quantised_numel * recipe.compute_bytes) / (
-                gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
-            recompute_share = f.recompute / f.forward if f.forward else 0.0
-            compute, recompute = compute + 2 * dq, recompute + recompute_share * dq
-        per_stage[i] = (compute, recompute, tp_s, pp_s, f, sp)
-        ring[i] = (ring_bytes, ring_raw, ring_exposed)
-    t_mb = {i: c + r + tp_s + pp_s + ring[i][2] for i, (c, r, tp_s, pp_s, _, _) in per_stage.items()}
-    slowest = max(stages, key=lambda i: t_mb[i])
-    compute, recompute, tp_s, pp_s, _, _ = per_stage[slowest]
-    ring_bytes, ring_raw, ring_exposed = ring[slowest]
-    bubble = (p - 1) / v * t_mb[slowest] if p > 1 else 0.0
 
-    tail = {}  # per stage: (dp exposed, dp raw, offload, optimizer)
-    for i in stages:
-        _, _, _, _, f, sp = per_stage[i]
-        fwd_window = f.forward / flops_rate
-        bwd_window = (f.backward + f.recompute) / flops_rate
-        grad_bytes = sp.local * recipe.grad_bytes
-        param_bytes = sp.local * recipe.param_bytes
-        reduce_bytes = sp.local * (recipe.reduce_bytes if zero >= 2 else recipe.grad_bytes)
-        link = links.dp
-        c = k.overlap_contention
-        dp_raw = dp_exposed = 0.0
-        if dp > 1:
-            if zero == 0 or (zero == 1 and train.engine == "pytorch"):
-                ar = comm.all_reduce_s(grad_bytes, dp, link)
-                last_bucket = comm.all_reduce_s(min(train.ddp_bucket_mb * 2**20, grad_bytes), dp, link)
-                dp_raw, dp_exposed = ar, _exposed(ar, bwd_window, c) + last_bucket
-                if zero == 1:  # ZeroRedundancyOptimizer broadcasts each rank's updated share
-                    ag = comm.all_gather_s(param_bytes, dp, link)
-                    dp_raw, dp_exposed = dp_raw + ag, dp_exposed + ag
-            elif zero == 1:
-                rs = comm.reduce_scatter_s(grad_bytes, dp, link)
-                ag = comm.all_gather_s(param_bytes, dp, link)
-                dp_raw, dp_exposed = rs + ag, _exposed(rs, bwd_window, c) + ag
-            elif zero == 2 and not engine.zero2_gathers_params:
-                # DeepSpeed: scatter per micro-batch, gather the updated parameters once
-                rs = comm.reduce_scatter_s(reduce_bytes, dp, link)
-                ag = comm.all_gather_s(param_bytes, dp, link)
-                dp_raw = m * rs + ag
-                dp_exposed = m * _exposed(rs, bwd_window, c) + ag
-            else:
-                # FSDP2 ZeRO-2 (gather in every forward) and ZeRO-3 (gather in forward and backward)
-                gathered = frozen.gathered if frozen else (float8.gathered_unit_bytes(
-                    model, train, sp.unit_sizes, sp.unit_kinds, recipe.gather_bytes) if f8 else None)
-                per_mb_raw, per_mb_exposed = _per_unit_overlap(model, train, sp, recipe, flops_rate, link, c, gathered)
-                dp_raw, dp_exposed = m * per_mb_raw, m * per_mb_exposed
-        n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
-        offload = 0.0
-        if train.offload != "none":
-            d2h = comm.host_transfer_s(n_state * recipe.grad_bytes, gpu, k.host_link_efficiency)
-            h2d = comm.host_transfer_s(n_state * recipe.param_bytes, gpu, k.host_link_efficiency)
-            cpu_adam = n_state / k.cpu_adam_params_per_s
-            offload = d2h + cpu_adam + h2d
-            if train.offload == "params":
-                # every all-gather first copies the parameter shard up, every gradient shard comes down
-                per_mb = comm.host_transfer_s(sp.sharded * recipe.gather_bytes * 2 + sp.sharded * recipe.grad_bytes,
-                                              gpu, k.host_link_efficiency)
-                offload += m * _exposed(per_mb, fwd_window + bwd_window, c)
-            optimizer = 0.0
-        else:
-            master_or_param = recipe.master_bytes or recipe.param_bytes
-            states = optimizer_state_bytes(train.optimizer, n_state, recipe.state_bytes)
-            touched = (n_state * (2 * master_or_param + recipe.grad_bytes + (recipe.param_bytes if recipe.has_master else 0))
-                       + 2 * states)
-            optimizer = touched / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
-            if train.paged_optimizer:  # the state pages in from host memory for the step and back out
-                offload += 2 * comm.host_transfer_s(states, gpu, k.host_link_efficiency)
-        tail[i] = (dp_exposed, dp_raw, offload, optimizer)
-    worst_tail = max(stages, key=lambda i: sum(tail[i][j] for j in (0, 2, 3)))
-    dp_exposed, dp_raw, offload, optimizer = tail[worst_tail]
+class _StageStep(NamedTuple):
+    """One stage's micro-batch: its compute and the collectives on its critical path."""
 
-    pipeline = m * t_mb[slowest] + bubble
-    step = pipeline + dp_exposed + offload + optimizer
+    compute: _StageCompute
+    comm: _StageCollectives
+
+    @property
+    def micro_batch_s(self) -> float:
+        """T_mb = compute + recompute + tensor-parallel comm + pipeline p2p (+ the ring's exposed part)."""
+        c, x = self.compute, self.comm
+        return c.compute + c.recompute + x.tp_s + x.pp_s + x.ring_exposed
+
+
+# ---------------------------------------------------------------- the data-parallel tail
+
+
+class _Overlap(NamedTuple):
+    """Communication before overlap and what its compute window leaves exposed (seconds)."""
+
+    raw: float
+    exposed: float
+
+
+def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
+                      contention: float, gathered: tuple[int, ...] | None = None) -> _Overlap:
+    """(communication, exposed communication) of one micro-batch of sharded data parallelism,
+    unit by unit as FSDP (and DeepSpeed's ZeRO-3) schedules it.
+
+    Forward: each unit's all-gather is issued while the previous unit computes (FSDP2's
+    implicit forward prefetch), so it hides behind that unit's forward; the first unit's is
+    exposed. Backward (ZeRO-3): while a unit's backward runs, the next unit's all-gather
+    (explicit backward prefetch) and the previous unit's reduce-scatter proceed; the first
+    unit's all-gather and the last reduce-scatter are exposed. ZeRO-2 keeps the parameters
+    gathered from forward to backward: no all-gather in backward. Reduce-scatters carry the
+    reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce)."""
+    dp, zero3 = train.shard_world, train.zero_stage >= 3
+    sizes, kinds = sp.unit_sizes, sp.unit_kinds
+    # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
+    gathered = gathered or tuple(n * recipe.gather_bytes for n in sizes)
+    gather_of = {n: comm.all_gather_s(n, dp, link) for n in set(gathered)}
+    scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) for n in set(sizes)}
+    work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
+    gather = [gather_of[n] for n in gathered]
+    scatter = [scatter_of[n] for n in sizes]
+    forward = [work[kind].forward / flops_rate for kind in kinds]
+    backward = [(work[kind].backward + work[kind].recompute) / flops_rate for kind in kinds]
+    # identical units repeat: each distinct (communication, compute window) pair is costed once
+    pairs = Counter((gather[u], forward[u - 1]) for u in range(1, len(sizes)))
+    exposed = gather[0] + sum(n * _exposed(c, w, contention) for (c, w), n in pairs.items())
+    last = len(sizes) - 1
+    if zero3:
+        exposed += gather[last]
+    windows = Counter(((gather[u - 1] if zero3 and u > 0 else 0.0) + (scatter[u + 1] if u < last else 0.0), backward[u])
+                      for u in range(last, -1, -1))  # backward runs the units in reverse
+    exposed += sum(n * _exposed(hidden, w, contention) for (hidden, w), n in windows.items())
+    exposed += scatter[0]
+    raw = sum(gather) * (2 if zero3 else 1) + sum(scatter)
+    return _Overlap(raw, exposed)
+
+
+def _dp_communication(model: ModelSpec, train: TrainConfig, ctx: _StepContext, stage: _StageCompute) -> _Overlap:
+    """Data-parallel and ZeRO collectives of one step (the module docstring's table), and what
+    the backward (and, for FSDP all-gathers, the forward) of their micro-batch leaves exposed."""
+    zero, dp, m = train.zero_stage, train.shard_world, train.num_microbatches
+    if dp <= 1:
+        return _Overlap(0.0, 0.0)
+    recipe, sp, bwd_window = ctx.recipe, stage.params, stage.backward_window
+    grad_bytes = sp.local * recipe.grad_bytes
+    param_bytes = sp.local * recipe.param_bytes
+    reduce_bytes = sp.local * (recipe.reduce_bytes if zero >= 2 else recipe.grad_bytes)
+    link = ctx.links.dp
+    c = ctx.k.overlap_contention
+    if zero == 0 or (zero == 1 and train.engine == "pytorch"):
+        ar = comm.all_reduce_s(grad_bytes, dp, link)
+        last_bucket = comm.all_reduce_s(min(train.ddp_bucket_mb * 2**20, grad_bytes), dp, link)
+        dp_raw, dp_exposed = ar, _exposed(ar, bwd_window, c) + last_bucket
+        if zero == 1:  # ZeroRedundancyOptimizer broadcasts each rank's updated share
+            ag = comm.all_gather_s(param_bytes, dp, link)
+            dp_raw, dp_exposed = dp_raw + ag, dp_exposed + ag
+        return _Overlap(dp_raw, dp_exposed)
+    if zero == 1:
+        rs = comm.reduce_scatter_s(grad_bytes, dp, link)
+        ag = comm.all_gather_s(param_bytes, dp, link)
+        return _Overlap(rs + ag, _exposed(rs, bwd_window, c) + ag)
+    if zero == 2 and not ctx.engine.zero2_gathers_params:
+        # DeepSpeed: scatter per micro-batch, gather the updated parameters once
+        rs = comm.reduce_scatter_s(reduce_bytes, dp, link)
+        ag = comm.all_gather_s(param_bytes, dp, link)
+        return _Overlap(m * rs + ag, m * _exposed(rs, bwd_window, c) + ag)
+    # FSDP2 ZeRO-2 (gather in every forward) and ZeRO-3 (gather in forward and backward)
+    frozen = stage.frozen
+    gathered = frozen.gathered if frozen else (float8.gathered_unit_bytes(
+        model, train, sp.unit_sizes, sp.unit_kinds, recipe.gather_bytes) if ctx.f8 else None)
+    per_mb = _per_unit_overlap(model, train, sp, recipe, ctx.flops_rate, link, c, gathered)
+    return _Overlap(m * per_mb.raw, m * per_mb.exposed)
+
+
+def _offload_and_optimizer(gpu: GPUSpec, train: TrainConfig, ctx: _StepContext, stage: _StageCompute
+                           ) -> tuple[float, float]:
+    """(offload, optimizer) seconds per step: with offload, the PCIe copies of the gradients and
+    the updated parameters and the CPU Adam update (parameter offload also copies every shard up
+    and down per micro-batch, beside its compute); else the optimizer's pass over HBM (a paged
+    optimizer's state also pages in from host memory and back out)."""
+    zero, m, recipe, k, sp = train.zero_stage, train.num_microbatches, ctx.recipe, ctx.k, stage.params
+    n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
+    offload = 0.0
+    if train.offload != "none":
+        d2h = comm.host_transfer_s(n_state * recipe.grad_bytes, gpu, k.host_link_efficiency)
+        h2d = comm.host_transfer_s(n_state * recipe.param_bytes, gpu, k.host_link_efficiency)
+        cpu_adam = n_state / k.cpu_adam_params_per_s
+        offload = d2h + cpu_adam + h2d
+        if train.offload == "params":
+            # every all-gather first copies the parameter shard up, every gradient shard comes down
+            per_mb = comm.host_transfer_s(sp.sharded * recipe.gather_bytes * 2 + sp.sharded * recipe.grad_bytes,
+                                          gpu, k.host_link_efficiency)
+            offload += m * _exposed(per_mb, stage.forward_window + stage.backward_window, k.overlap_contention)
+        return offload, 0.0
+    master_or_param = recipe.master_bytes or recipe.param_bytes
+    states = optimizer_state_bytes(train.optimizer, n_state, recipe.state_bytes)
+    touched = (n_state * (2 * master_or_param + recipe.grad_bytes + (recipe.param_bytes if recipe.has_master else 0))
+               + 2 * states)
+    optimizer = touched / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
+    if train.paged_optimizer:  # the state pages in from host memory for the step and back out
+        offload += 2 * comm.host_transfer_s(states, gpu, k.host_link_efficiency)
+    return offload, optimizer
+
+
+class _Tail(NamedTuple):
+    """One stage's data-parallel tail, seconds per step (after its pipeline drains)."""
+
+    dp_exposed: float
+    dp_raw: float  # before overlap, for reference
+    offload: float
+    optimizer: float
+
+    @property
+    def seconds(self) -> float:
+        return sum((self.dp_exposed, self.offload, self.optimizer))
+
+
+def _data_parallel_tail(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _StepContext,
+                        stage: _StageCompute) -> _Tail:
+    dp = _dp_communication(model, train, ctx, stage)
+    offload, optimizer = _offload_and_optimizer(gpu, train, ctx, stage)
+    return _Tail(dp.exposed, dp.raw, offload, optimizer)
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def _throughput(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _StepContext, slowest: _StageStep,
+                tail: _Tail) -> Throughput:
+    """step = pipeline + the worst stage's tail; pipeline = (m + (p - 1)/v) x T_mb of the slowest stage."""
+    p, v, m = train.pp, train.chunks, train.num_microbatches
+    t_mb = slowest.micro_batch_s
+    bubble = (p - 1) / v * t_mb if p > 1 else 0.0
+    pipeline = m * t_mb + bubble
+    step = pipeline + tail.dp_exposed + tail.offload + tail.optimizer
     if not math.isfinite(step) or step <= 0:
         raise ConfigError(f"the predicted step time is not a finite positive number ({step}); check the GPU's peaks "
                           f"and bandwidths and the calibration's efficiencies")
     tokens = train.global_batch * train.seq_len
     model_flops = model_flops_per_step(model, train)
     hardware_flops = hardware_flops_per_step(model, train)
+    peak, dtype, efficiency, k = ctx.peak, ctx.dtype, ctx.efficiency, ctx.k
+    compute, collectives = slowest.compute, slowest.comm
     return Throughput(
         step_time_s=step,
         tokens_per_s=tokens / step,
@@ -415,24 +559,43 @@ def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         model_tflops_per_gpu=model_flops / step / train.gpus / 1e12,
         hardware_tflops_per_gpu=hardware_flops / step / train.gpus / 1e12,
         breakdown=StepBreakdown(
-            compute_s=m * compute,
-            recompute_s=m * recompute,
-            tp_communication_s=m * tp_s,
-            cp_communication_s=m * ring_exposed,
-            pp_communication_s=m * pp_s,
-            dp_communication_exposed_s=dp_exposed,
+            compute_s=m * compute.compute,
+            recompute_s=m * compute.recompute,
+            tp_communication_s=m * collectives.tp_s,
+            cp_communication_s=m * collectives.ring_exposed,
+            pp_communication_s=m * collectives.pp_s,
+            dp_communication_exposed_s=tail.dp_exposed,
             bubble_s=bubble,
-            offload_s=offload,
-            optimizer_s=optimizer,
+            offload_s=tail.offload,
+            optimizer_s=tail.optimizer,
         ),
-        dp_communication_s=dp_raw,
-        cp_communication_s=m * ring_raw,
-        cp_ring_bytes=m * ring_bytes,
+        dp_communication_s=tail.dp_raw,
+        cp_communication_s=m * collectives.ring_raw,
+        cp_ring_bytes=m * collectives.ring_bytes,
         compute_efficiency=efficiency,
-        calibrated=cal.calibrated,
+        calibrated=ctx.cal.calibrated,
         mfu_peak=dtype,
         # compiled, inductor's fusions divide the compute time by compile_compute_speedup (above)
         mfu_bound=efficiency * (k.compile_compute_speedup if train.compile else 1.0)
-        * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype)
-           if float8.float8_recipe(train.precision) and gpu.peak_tflops.fp8 else 1.0),
+        * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype) if ctx.f8 and gpu.peak_tflops.fp8 else 1.0),
     )
+
+
+def estimate_step(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None = None,
+                  gpus_per_node: int | None = None, check: bool = True) -> Throughput:
+    """One optimizer step on the slowest pipeline stage (the module docstring's formula): each
+    representative stage's micro-batch (its compute, then the collectives on its critical path),
+    the slowest of them through the pipeline with its bubble, then the worst stage's
+    data-parallel tail (exposed DP communication, offload, optimizer)."""
+    if check:
+        check_layout(model, train)
+    ctx = _step_context(model, gpu, train, calibration, gpus_per_node)
+    stages = representative_stages(model, train.pp, train.chunks)
+    per_stage = {}
+    for i in stages:
+        compute = _stage_compute(model, gpu, train, ctx, i)
+        per_stage[i] = _StageStep(compute, _stage_collectives(model, train, ctx, compute))
+    slowest = per_stage[max(stages, key=lambda i: per_stage[i].micro_batch_s)]
+    tails = {i: _data_parallel_tail(model, gpu, train, ctx, per_stage[i].compute) for i in stages}
+    worst_tail = tails[max(stages, key=lambda i: tails[i].seconds)]
+    return _throughput(model, gpu, train, ctx, slowest, worst_tail)
