@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from math import ceil
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -559,72 +559,109 @@ def _activations(model: ModelSpec, cfg: InferenceConfig, e: int, stage: _Stage) 
     return prefill, decode
 
 
+# ---------------------------------------------------------------- estimate: the worst stage's memory
+
+
+class _WorstStage(NamedTuple):
+    """The pipeline stage whose weights, cache and forward peak are largest: it decides memory."""
+
+    index: int
+    stage: _Stage
+    prefill_activations: int
+    decode_activations: int
+
+    @property
+    def activations(self) -> int:
+        return max(self.prefill_activations, self.decode_activations)
+
+
+def _worst_stage(model: ModelSpec, cfg: InferenceConfig, e: int, stages: list[_Stage]) -> _WorstStage:
+    worst, worst_peak = None, -1
+    for i, stage in enumerate(stages):
+        prefill_act, decode_act = _activations(model, cfg, e, stage)
+        total = stage.weights + stage.kv + max(prefill_act, decode_act)
+        if total > worst_peak:
+            worst, worst_peak = _WorstStage(i, stage, prefill_act, decode_act), total
+    return worst
+
+
+class _Residency(NamedTuple):
+    """Where the worst stage's weights live: on the GPU, in offload's device slots, in host memory."""
+
+    weights: int  # resident on the GPU
+    swap_buffers: int  # the slots swapped layers pass through
+    host: int  # the swapped layers' pinned host copy
+    swapped: list[bool]  # per layer of the stage: kept in host memory
+
+
+def _residency(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, worst: _WorstStage, overheads: Overheads
+               ) -> _Residency:
+    """Layer offload: the swapped layers (``--swapped-layers``, or the fewest that fit, spread by
+    ``swapped_layers``) leave device memory for ``slots`` buffers of the largest one; without
+    offload every weight is resident."""
+    stage = worst.stage
+    swapped_flags = [False] * len(stage.layer_bytes)
+    if cfg.offload != "layers":
+        return _Residency(stage.weights, 0, 0, swapped_flags)
+    n = len(stage.layer_bytes)
+    encoders = sum(k == "encoder" for k in stage.layer_kinds)
+
+    def resident(count: int) -> tuple[int, int, int, list[int]]:
+        ids = swapped_layers(n, count, encoders)
+        swapped_bytes = sum(stage.layer_bytes[i] for i in ids)
+        buffers = cfg.slots * max(stage.layer_bytes[i] for i in ids)
+        return stage.weights - swapped_bytes, buffers, swapped_bytes, ids
+
+    count = cfg.swapped_layers
+    if not count:  # the fewest swapped layers that fit
+        count = n
+        for m in range(cfg.slots + 1, n + 1):
+            w, buffers, _, _ = resident(m)
+            allocated = w + buffers + stage.kv + worst.activations
+            if allocated + _overhead(overheads, cfg, allocated) <= gpu.memory_bytes:
+                count = m
+                break
+    if count <= cfg.slots:
+        raise LayoutError(f"layer offload needs more than {cfg.slots} layers to swap; {model.name} has {n}")
+    weights, swap_buffers, host, ids = resident(count)
+    for i in ids:
+        swapped_flags[i] = True
+    return _Residency(weights, swap_buffers, host, swapped_flags)
+
+
+def _inference_memory(model: ModelSpec, cfg: InferenceConfig, worst: _WorstStage, residency: _Residency,
+                      overheads: Overheads) -> InferenceMemory:
+    stage, activations = worst.stage, worst.activations
+    allocated = residency.weights + stage.kv + activations + residency.swap_buffers
+    overhead = _overhead(overheads, cfg, allocated)
+    peak = allocated + overhead
+    resident_all = stage.weights + stage.kv + activations
+    sixteen = cfg.model_copy(update={"weights": "bf16", "dtype": "auto"})
+    stage_units = pipeline_stages(model, cfg.pp)[worst.index].units
+    return InferenceMemory(weights=residency.weights, kv_cache=stage.kv, activations=activations,
+                           swap_buffers=residency.swap_buffers, overhead=overhead, peak=peak,
+                           prefill_activations=worst.prefill_activations,
+                           decode_activations=worst.decode_activations, host_bytes=residency.host,
+                           all_weights=stage.weights,
+                           weights_16bit=sum(unit_bytes(u, sixteen, 2, cfg.tp) for u in stage_units),
+                           peak_without_offload=resident_all + _overhead(overheads, cfg, resident_all))
+
+
+# ---------------------------------------------------------------- estimate: the time of prefill and decode
+
+
 def _peak_for(gpu: GPUSpec, dtype: str) -> float:
     return gpu.peak_tflops.for_dtype(dtype) * 1e12
 
 
-def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration,
-                       overheads: Overheads | None = None) -> InferenceEstimate:
-    check_inference(model, cfg)
-    dtype = compute_dtype_name(cfg, gpu)
-    e = DTYPE_BYTES[dtype]
-    overheads = overheads or cal.overheads
-    notes: list[str] = list(model.unmodelled)
-    # the worst stage decides memory; every stage's time adds up for one token (no micro-batching)
-    stages = [_stage(model, cfg, e, i) for i in range(cfg.pp)]
-    worst_index, worst_peak, worst = 0, -1, None
-    acts = []
-    for i, stage in enumerate(stages):
-        prefill_act, decode_act = _activations(model, cfg, e, stage)
-        acts.append((prefill_act, decode_act))
-        total = stage.weights + stage.kv + max(prefill_act, decode_act)
-        if total > worst_peak:
-            worst_index, worst_peak, worst = i, total, stage
-    prefill_act, decode_act = acts[worst_index]
-    activations = max(prefill_act, decode_act)
+class _Rates(NamedTuple):
+    hbm_efficiency: float  # decode_hbm_efficiency
+    hbm: float  # achieved HBM bandwidth, bytes/s
+    compute_efficiency: float
+    flops_rate: float  # the matmul dtype's peak x compute efficiency
 
-    offload_plan = None
-    swapped_flags = [False] * len(worst.layer_bytes)
-    weights, swap_buffers, host = worst.weights, 0, 0
-    capacity = gpu.memory_bytes
-    if cfg.offload == "layers":
-        n = len(worst.layer_bytes)
-        encoders = sum(k == "encoder" for k in worst.layer_kinds)
 
-        def resident(count: int) -> tuple[int, int, int, list[int]]:
-            ids = swapped_layers(n, count, encoders)
-            swapped_bytes = sum(worst.layer_bytes[i] for i in ids)
-            buffers = cfg.slots * max(worst.layer_bytes[i] for i in ids)
-            return worst.weights - swapped_bytes, buffers, swapped_bytes, ids
-
-        count = cfg.swapped_layers
-        if not count:  # the fewest swapped layers that fit
-            count = n
-            for m in range(cfg.slots + 1, n + 1):
-                w, buffers, _, _ = resident(m)
-                allocated = w + buffers + worst.kv + activations
-                if allocated + _overhead(overheads, cfg, allocated) <= capacity:
-                    count = m
-                    break
-        if count <= cfg.slots:
-            raise LayoutError(f"layer offload needs more than {cfg.slots} layers to swap; {model.name} has {n}")
-        weights, swap_buffers, host, ids = resident(count)
-        for i in ids:
-            swapped_flags[i] = True
-
-    allocated = weights + worst.kv + activations + swap_buffers
-    overhead = _overhead(overheads, cfg, allocated)
-    peak = allocated + overhead
-    resident_all = worst.weights + worst.kv + activations
-    sixteen = cfg.model_copy(update={"weights": "bf16", "dtype": "auto"})
-    stage_units = pipeline_stages(model, cfg.pp)[worst_index].units
-    memory = InferenceMemory(weights=weights, kv_cache=worst.kv, activations=activations, swap_buffers=swap_buffers,
-                             overhead=overhead, peak=peak, prefill_activations=prefill_act,
-                             decode_activations=decode_act, host_bytes=host, all_weights=worst.weights,
-                             weights_16bit=sum(unit_bytes(u, sixteen, 2, cfg.tp) for u in stage_units),
-                             peak_without_offload=resident_all + _overhead(overheads, cfg, resident_all))
-
-    # ------------------------------------------------------------ time
+def _rates(gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration, dtype: str) -> _Rates:
     hbm_eff = cal.throughput.decode_hbm_efficiency
     hbm = gpu.hbm_bandwidth_gb_s * 1e9 * hbm_eff
     matmul_dtype = "int8" if cfg.weights == "w8a8" else dtype
@@ -632,20 +669,33 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
         raise ConfigError(f"{gpu.name} has no int8 math: W8A8 needs int8 GEMMs; use --weights int8 (weight-only)")
     compute_eff = cal.throughput.efficiency(gpu.name, "bf16" if matmul_dtype == "int8" else matmul_dtype)
     flops_rate = _peak_for(gpu, matmul_dtype) * compute_eff
+    return _Rates(hbm_eff, hbm, compute_eff, flops_rate)
 
-    def dequant_traffic(stored: int, numel: int) -> int:
-        # weight-only kernels of the executor: read the codes, write the dequantised weight, read it
-        unfused = cfg.quantised and cfg.weights != "w8a8" and cfg.kernels == "dequant"
-        return stored + (2 * numel * e if unfused else 0)
 
+def _weight_traffic(cfg: InferenceConfig, e: int, stored: int, numel: int) -> int:
+    """HBM bytes a matmul reads for its weight: the stored bytes once (fused kernels, W8A8)."""
+    # weight-only kernels of the executor: read the codes, write the dequantised weight, read it
+    unfused = cfg.quantised and cfg.weights != "w8a8" and cfg.kernels == "dequant"
+    return stored + (2 * numel * e if unfused else 0)
+
+
+class _LayerTimes(NamedTuple):
+    prefill: list[float]  # every layer of every stage in execution order: the whole prompt, seconds
+    decode: list[tuple[float, float]]  # every decoder layer: (compute, memory) seconds of one step
+
+
+def _layer_times(model: ModelSpec, cfg: InferenceConfig, e: int, stages: list[_Stage], rates: _Rates,
+                 chunks: int) -> _LayerTimes:
+    """Roofline per layer (Williams et al. 2009): prefill's FLOPs over the compute rate or its
+    weight reads (once per chunk) over HBM, whichever is longer; a decode step's FLOPs, and its
+    weights plus the KV cache so far over HBM."""
+    flops_rate, hbm = rates.flops_rate, rates.hbm
     layer_numel = {kind: layer_matmul_params(model, kind) // cfg.tp for kind in ("encoder", "decoder")}
-    chunk = cfg.prefill_chunk or cfg.prompt_len
-    chunks = ceil(cfg.prompt_len / chunk)
     prefill_layer_s, decode_layer_s = [], []
     for stage in stages:
         for kind, nbytes in zip(stage.layer_kinds, stage.layer_bytes):
             params = layer_numel[kind]
-            traffic = dequant_traffic(nbytes, params)
+            traffic = _weight_traffic(cfg, e, nbytes, params)
             flops = 2 * params * cfg.batch * cfg.prompt_len + cfg.batch * _counted_attention(
                 model, cfg.prompt_len, kind, True) / cfg.tp
             prefill_layer_s.append(max(flops / flops_rate, chunks * traffic / hbm))
@@ -656,10 +706,30 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
                 step_flops = 2 * params * cfg.batch + 4 * cfg.batch * cfg.cache_len * model.num_heads // cfg.tp * \
                     model.head_dim * (2 if model.encoder_layers else 1)
                 decode_layer_s.append((step_flops / flops_rate, (traffic + kv_read) / hbm))
+    return _LayerTimes(prefill_layer_s, decode_layer_s)
+
+
+class _HeadTimes(NamedTuple):
+    """The output head (one position per sequence per chunk or step)."""
+
+    params: int  # this GPU's share
+    bytes: int
+    decode_s: float
+    prefill_s: float
+
+
+def _head_times(model: ModelSpec, cfg: InferenceConfig, e: int, rates: _Rates, chunks: int) -> _HeadTimes:
+    flops_rate, hbm = rates.flops_rate, rates.hbm
     head_params = head_matmul_params(model) // cfg.tp
     head_bytes = head_params * e
     head_s_decode = max(2 * head_params * cfg.batch / flops_rate, head_bytes / hbm)
     head_s_prefill = max(2 * head_params * cfg.batch * chunks / flops_rate, chunks * head_bytes / hbm)
+    return _HeadTimes(head_params, head_bytes, head_s_decode, head_s_prefill)
+
+
+def _communication(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration, e: int, chunk: int,
+                   chunks: int) -> tuple[float, float]:
+    """(decode step, prefill) seconds of tensor-parallel all-reduces and pipeline sends."""
     bandwidth = gpu.intra_node_bandwidth_gb_s * 1e9 * cal.throughput.collective_bandwidth_efficiency
 
     def all_reduce_s(nbytes: float) -> float:
@@ -671,57 +741,137 @@ def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal
     if cfg.tp > 1:  # two all-reduces of the layer's [tokens, hidden] output per layer (Megatron's f and g)
         decode_comm = model.total_layers * 2 * all_reduce_s(cfg.batch * model.hidden_size * e)
         prefill_comm = chunks * model.total_layers * 2 * all_reduce_s(cfg.batch * chunk * model.hidden_size * e)
-        notes.append("tensor parallel: two all-reduces per layer per step (latency-bound when decoding)")
     if cfg.pp > 1:  # one activation send between consecutive stages
-        notes.append("pipeline: stages run one after another for each token (no micro-batching across requests)")
         hop = cal.throughput.small_collective_base_latency_s
         decode_comm += (cfg.pp - 1) * (hop + cfg.batch * model.hidden_size * e / bandwidth)
         prefill_comm += chunks * (cfg.pp - 1) * (hop + cfg.batch * chunk * model.hidden_size * e / bandwidth)
-    decode_compute = sum(c for c, _ in decode_layer_s) + 2 * head_params * cfg.batch / flops_rate
-    decode_memory = sum(m for _, m in decode_layer_s) + head_bytes / hbm
-    decode_layers = [max(c, m) for c, m in decode_layer_s]
-    decode_step = sum(decode_layers) + head_s_decode + decode_comm
-    prefill = sum(prefill_layer_s) + head_s_prefill + prefill_comm
-    bound = "memory" if decode_memory >= decode_compute else "compute"
+    return decode_comm, prefill_comm
 
-    if cfg.offload == "layers":
-        link = gpu.host_link_bandwidth_gb_s * 1e9 * cal.throughput.host_link_efficiency
-        load_s = [b / link for b in worst.layer_bytes]
-        kinds = worst.layer_kinds
-        decoder_ids = [i for i, k in enumerate(kinds) if k == "decoder"]
-        plain_decode = decode_step
-        decode_step = offload_pass_time(decode_layers, [swapped_flags[i] for i in decoder_ids],
-                                        [load_s[i] for i in decoder_ids], cfg.slots, head_s_decode)
-        plain_prefill = prefill
-        prefill = offload_pass_time(prefill_layer_s, swapped_flags, load_s, cfg.slots, head_s_prefill, passes=1) \
-            if chunks == 1 else chunks * offload_pass_time([s / chunks for s in prefill_layer_s], swapped_flags,
-                                                            load_s, cfg.slots, head_s_prefill / chunks)
-        if decode_step - plain_decode > 0.5 * decode_step:
-            bound = "host link"
-        ids = [i for i, s in enumerate(swapped_flags) if s]
-        offload_plan = OffloadPlan(
-            resident_layers=len(swapped_flags) - len(ids), swapped_layers=len(ids), swapped=ids, slots=cfg.slots,
-            layer_load_s=max(load_s[i] for i in ids), host_link_gb_s=link / 1e9,
-            exposed_load_s_per_token=decode_step - plain_decode, exposed_load_s_prefill=max(0.0, prefill - plain_prefill))
+
+class _Phases(NamedTuple):
+    """Prefill and one decode step over every stage (seconds), and the parts offload reschedules."""
+
+    prefill_layers: list[float]
+    decode_layers: list[float]  # each decoder layer's roofline time
+    head: _HeadTimes
+    chunks: int  # prefill forwards
+    prefill: float
+    decode_step: float
+    decode_compute: float
+    decode_memory: float
+    bound: str
+
+
+def _phases(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration, e: int, stages: list[_Stage],
+            rates: _Rates) -> _Phases:
+    """Every stage's layers add up for one token (no micro-batching), plus the head and the
+    communication; decode is memory- or compute-bound by which sum is larger."""
+    chunk = cfg.prefill_chunk or cfg.prompt_len
+    chunks = ceil(cfg.prompt_len / chunk)
+    layers = _layer_times(model, cfg, e, stages, rates, chunks)
+    head = _head_times(model, cfg, e, rates, chunks)
+    decode_comm, prefill_comm = _communication(model, gpu, cfg, cal, e, chunk, chunks)
+    decode_compute = sum(c for c, _ in layers.decode) + 2 * head.params * cfg.batch / rates.flops_rate
+    decode_memory = sum(m for _, m in layers.decode) + head.bytes / rates.hbm
+    decode_layers = [max(c, m) for c, m in layers.decode]
+    decode_step = sum(decode_layers) + head.decode_s + decode_comm
+    prefill = sum(layers.prefill) + head.prefill_s + prefill_comm
+    bound = "memory" if decode_memory >= decode_compute else "compute"
+    return _Phases(layers.prefill, decode_layers, head, chunks, prefill, decode_step, decode_compute, decode_memory,
+                   bound)
+
+
+# ---------------------------------------------------------------- estimate: the offload schedule
+
+
+def _offload_schedule(gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration, stage: _Stage, residency: _Residency,
+                      phases: _Phases) -> tuple[_Phases, OffloadPlan]:
+    """Prefill and decode with the swapped layers' loads that the scheduler cannot hide
+    (``offload_pass_time``, one GPU: the stage is the model); host-link-bound when the loads
+    add more than half of a decode step."""
+    swapped_flags, chunks, head = residency.swapped, phases.chunks, phases.head
+    link = gpu.host_link_bandwidth_gb_s * 1e9 * cal.throughput.host_link_efficiency
+    load_s = [b / link for b in stage.layer_bytes]
+    kinds = stage.layer_kinds
+    decoder_ids = [i for i, k in enumerate(kinds) if k == "decoder"]
+    plain_decode = phases.decode_step
+    decode_step = offload_pass_time(phases.decode_layers, [swapped_flags[i] for i in decoder_ids],
+                                    [load_s[i] for i in decoder_ids], cfg.slots, head.decode_s)
+    plain_prefill = phases.prefill
+    prefill = offload_pass_time(phases.prefill_layers, swapped_flags, load_s, cfg.slots, head.prefill_s, passes=1) \
+        if chunks == 1 else chunks * offload_pass_time([s / chunks for s in phases.prefill_layers], swapped_flags,
+                                                        load_s, cfg.slots, head.prefill_s / chunks)
+    bound = phases.bound
+    if decode_step - plain_decode > 0.5 * decode_step:
+        bound = "host link"
+    ids = [i for i, s in enumerate(swapped_flags) if s]
+    plan = OffloadPlan(
+        resident_layers=len(swapped_flags) - len(ids), swapped_layers=len(ids), swapped=ids, slots=cfg.slots,
+        layer_load_s=max(load_s[i] for i in ids), host_link_gb_s=link / 1e9,
+        exposed_load_s_per_token=decode_step - plain_decode, exposed_load_s_prefill=max(0.0, prefill - plain_prefill))
+    return phases._replace(prefill=prefill, decode_step=decode_step, bound=bound), plan
+
+
+def _inference_time(gpu: GPUSpec, cfg: InferenceConfig, phases: _Phases, rates: _Rates) -> InferenceTime:
+    prefill, decode_step = phases.prefill, phases.decode_step
     decode_tokens = cfg.new_tokens - 1
     time = InferenceTime(
         prefill_s=prefill, time_to_first_token_s=prefill, decode_step_s=decode_step,
-        decode_tokens_per_s=cfg.batch / decode_step, decode_compute_s=decode_compute, decode_memory_s=decode_memory,
-        decode_bound=bound, total_s=prefill + decode_tokens * decode_step, hbm_efficiency=hbm_eff,
-        compute_efficiency=compute_eff)
+        decode_tokens_per_s=cfg.batch / decode_step, decode_compute_s=phases.decode_compute,
+        decode_memory_s=phases.decode_memory, decode_bound=phases.bound, total_s=prefill + decode_tokens * decode_step,
+        hbm_efficiency=rates.hbm_efficiency, compute_efficiency=rates.compute_efficiency)
+    if not all(math.isfinite(v) for v in (time.prefill_s, time.decode_step_s, time.total_s)):
+        raise ConfigError(f"{gpu.name}: its bandwidths or peak throughput are too small for finite times")
+    return time
+
+
+# ---------------------------------------------------------------- estimate: the verdict and the notes
+
+
+def _fit_verdict(gpu: GPUSpec, cfg: InferenceConfig, peak: int, host: int) -> tuple[list[Limit], list[str]]:
+    """Every capacity checked (the GPU's memory, the node's host memory) and the ones that fail."""
+    # the swapped layers' pinned host copies, one set per GPU of the node
+    limits = memory_limits(gpu, peak, host * min(gpu.gpus_per_node, cfg.gpus))
+    limits[0] = limits[0].model_copy(update={"available_bytes": gpu.memory_bytes})
+    return limits, [limit.name for limit in limits if not limit.fits]
+
+
+def _notes(model: ModelSpec, cfg: InferenceConfig) -> list[str]:
+    notes: list[str] = list(model.unmodelled)
+    if cfg.tp > 1:
+        notes.append("tensor parallel: two all-reduces per layer per step (latency-bound when decoding)")
+    if cfg.pp > 1:
+        notes.append("pipeline: stages run one after another for each token (no micro-batching across requests)")
     if cfg.quantised and cfg.weights != "w8a8":
         notes.append("weight-only matmuls dequantise each weight to the compute dtype and drop it (trainplan's "
                      "executor)" if cfg.kernels == "dequant" else "weight-only matmuls by fused kernels: the stored "
                      "bytes are read once, no dequantised copy (--kernels dequant: trainplan's executor)")
-    if not all(math.isfinite(v) for v in (time.prefill_s, time.decode_step_s, time.total_s)):
-        raise ConfigError(f"{gpu.name}: its bandwidths or peak throughput are too small for finite times")
-    # the swapped layers' pinned host copies, one set per GPU of the node
-    limits = memory_limits(gpu, peak, host * min(gpu.gpus_per_node, cfg.gpus))
-    limits[0] = limits[0].model_copy(update={"available_bytes": capacity})
-    failing = [limit.name for limit in limits if not limit.fits]
+    return notes
+
+
+def estimate_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration,
+                       overheads: Overheads | None = None) -> InferenceEstimate:
+    """Memory of the worst pipeline stage (weights as stored or swapped, KV cache, the forward's
+    activation peak, offload's slots, overhead), the time of prefill and of each decode step
+    over every stage, with layer offload's schedule, and the fit verdict against every limit."""
+    check_inference(model, cfg)
+    dtype = compute_dtype_name(cfg, gpu)
+    e = DTYPE_BYTES[dtype]
+    overheads = overheads or cal.overheads
+    # the worst stage decides memory; every stage's time adds up for one token (no micro-batching)
+    stages = [_stage(model, cfg, e, i) for i in range(cfg.pp)]
+    worst = _worst_stage(model, cfg, e, stages)
+    residency = _residency(model, gpu, cfg, worst, overheads)
+    memory = _inference_memory(model, cfg, worst, residency, overheads)
+    rates = _rates(gpu, cfg, cal, dtype)
+    phases, offload_plan = _phases(model, gpu, cfg, cal, e, stages, rates), None
+    if cfg.offload == "layers":
+        phases, offload_plan = _offload_schedule(gpu, cfg, cal, worst.stage, residency, phases)
+    time = _inference_time(gpu, cfg, phases, rates)
+    limits, failing = _fit_verdict(gpu, cfg, memory.peak, residency.host)
     return InferenceEstimate(model=model.name, gpu=gpu.name, config=cfg, compute_dtype=dtype, memory=memory,
-                             capacity_bytes=capacity, limits=limits, does_not_fit=failing, fits=not failing,
-                             time=time, offload=offload_plan, calibration=cal.label, notes=notes)
+                             capacity_bytes=gpu.memory_bytes, limits=limits, does_not_fit=failing, fits=not failing,
+                             time=time, offload=offload_plan, calibration=cal.label, notes=_notes(model, cfg))
 
 
 # ---------------------------------------------------------------- search
