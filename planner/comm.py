@@ -22,8 +22,9 @@ NCCL 2.30; ``topoGetAlgoInfo`` in src/enqueue.cc keeps the minimum). We follow i
   HDR measures 192 GB/s of all-reduce bus bandwidth across nodes (NVIDIA/nccl#812), not the
   25 GB/s of one NIC.
 
-Ranks are placed tensor-parallel fastest, then data-parallel, then pipeline (Megatron-LM's
-default order), so a group stays inside a node when it fits.
+Ranks are placed as ``planner/layout.py`` lays them out: tensor-parallel fastest, then context-,
+data-parallel, pipeline (torchtitan's mesh, Megatron-LM's default order), so a group stays
+inside a node when it fits.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from math import ceil, log2
 
 from planner.configs import GPUSpec, TrainConfig
+from planner.layout import RankLayout
 
 
 @dataclass(frozen=True)
@@ -87,15 +89,15 @@ class Placement:
 
 
 def placement(gpu: GPUSpec, train: TrainConfig, gpus_per_node: int, constants: CommConstants) -> Placement:
+    """The groups on the rank layout (``planner/layout.py``): FSDP's and DDP's data-parallel
+    group is ``dp_cp``, the data- and context-parallel axes flattened."""
     per_node = min(gpus_per_node, train.gpus)
-    return Placement(
-        tp=group(gpu, train.tp, 1, per_node, constants),
-        # torchtitan's mesh order (pp, dp, cp, tp): cp ranks sit between tp and dp, and FSDP's
-        # dp x cp group spans both (parallelisms/parallel_dims.py)
-        dp=group(gpu, train.shard_world, train.tp, per_node, constants),
-        pp=group(gpu, train.pp, train.tp * train.shard_world, per_node, constants),
-        cp=group(gpu, train.cp, train.tp, per_node, constants),
-    )
+    layout = RankLayout.of(train)
+
+    def on_axis(axis: str) -> Group:
+        return group(gpu, layout.size(axis), layout.stride(axis), per_node, constants)
+
+    return Placement(tp=on_axis("tp"), dp=on_axis("dp_cp"), pp=on_axis("pp"), cp=on_axis("cp"))
 
 
 def _ring_latency(g: Group, steps: int, network_steps: int) -> float:
