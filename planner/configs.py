@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from planner.capabilities import layout_refusal, model_refusal
 from planner.errors import ConfigError, LayoutError
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16", "fp8-tensorwise",
@@ -323,49 +324,21 @@ class TrainConfig(_Frozen):
                     "Megatron-LM shards only optimizer state (its distributed optimizer = ZeRO-1); "
                     "use --engine deepspeed or pytorch for ZeRO-2/3"
                 )
-            if self.offload != "none":
-                raise LayoutError("this planner models offload for the deepspeed and pytorch engines, not megatron")
         if self.precision == "amp-bf16" and self.engine != "pytorch":
             raise LayoutError("amp-bf16 (torch.autocast) is a PyTorch recipe: use --engine pytorch")
-        if self.precision.startswith("fp8-"):
-            self._check_float8()
         if self.async_tp and not (self.tp > 1 and self.sequence_parallel and self.compile and self.engine == "pytorch"):
             raise LayoutError("asynchronous TP pipelines the sequence-parallel collectives inside torch.compile'd "
                               "graphs: it needs --tp > 1, --sequence-parallel, --compile and --engine pytorch")
-        if self.cp > 1:
-            self._check_context_parallel()
-        self._check_finetune()
-        return self
-
-    def _check_float8(self) -> None:
-        """torchao's Float8 training as torchtitan runs it: FSDP2 with amp-bf16 states."""
-        if self.engine != "pytorch" or self.zero_stage < 2:
-            raise LayoutError(f"{self.precision} is planned as torchtitan runs torchao's Float8 linears: under FSDP2 "
-                              "(--strategy zero2 or zero3, --engine pytorch)")
-        if self.finetune != "full" or self.teacher:
-            raise LayoutError(f"{self.precision} is planned for full training (not lora, qlora or distillation)")
-        if self.offload != "none":
-            raise LayoutError(f"{self.precision} with --offload is not modelled")
-
-    def _check_context_parallel(self) -> None:
-        """What PyTorch's context parallel runs (torch.distributed.tensor.experimental.context_parallel,
-        torchtitan's --parallelism.context_parallel_degree): ring attention over SDPA's flash or
-        memory-efficient kernels, causal with round-robin load balancing (each rank holds chunks r
-        and 2cp - 1 - r of the sequence)."""
-        if self.attention != "flash":
-            raise LayoutError("context parallelism runs ring attention over SDPA's fused kernels: use --attention flash")
-        if self.seq_len % (2 * self.cp):
+        if self.cp > 1 and self.seq_len % (2 * self.cp):
+            # PyTorch's context parallel (torch.distributed.tensor.experimental.context_parallel,
+            # torchtitan's --parallelism.context_parallel_degree) balances causal attention round-robin:
+            # each rank holds chunks r and 2cp - 1 - r of the sequence
             raise LayoutError(f"context parallelism with load balancing splits each sequence into 2 x cp = "
                               f"{2 * self.cp} chunks: --seq-len {self.seq_len} is not a multiple of {2 * self.cp}")
-        if self.engine == "deepspeed":
-            raise LayoutError("DeepSpeed splits sequences with Ulysses (all-to-all), not ring attention: use --engine "
-                              "pytorch or megatron with --cp")
-        if self.finetune != "full" or self.teacher:
-            raise LayoutError("context parallelism is planned for full training (not lora, qlora or distillation)")
-        parse = parse_checkpointing(self.activation_checkpointing)[0]
-        if parse in ("selective", "op"):
-            raise LayoutError("with --cp, plan --ac none, full or layer:N (recomputing the ring attention's saved "
-                              "tensors is not modelled)")
+        self._check_finetune()
+        if reason := layout_refusal(self):  # what the planner does not model (planner/capabilities.py)
+            raise LayoutError(reason)
+        return self
 
     @property
     def shard_world(self) -> int:
@@ -393,25 +366,9 @@ class TrainConfig(_Frozen):
             if self.finetune == "qlora" and self.base_precision not in ("auto", "nf4"):
                 raise ConfigError(f"qlora is LoRA over an NF4 base; for a {self.base_precision} base use "
                                   f"--finetune lora --base-precision {self.base_precision}")
-            if self.tp > 1 or self.pp > 1:
-                raise LayoutError("fine-tuning (lora, qlora) is planned for data-parallel layouts (DDP, ZeRO-1/2/3) "
-                                  "and one GPU; tensor and pipeline parallelism are not modelled for it yet")
-            if self.engine != "pytorch":
-                raise LayoutError("fine-tuning (lora, qlora) is modelled for the pytorch engine")
-            if self.offload != "none":
-                raise LayoutError("--offload with lora/qlora is not modelled; --paged-optimizer puts the "
-                                  "optimizer state in host memory")
-            if self.precision == "amp-bf16":
-                raise LayoutError("lora/qlora with amp-bf16 is not modelled (autocast re-casts the frozen base "
-                                  "every forward); use bf16-mixed or bf16")
-            if parse_checkpointing(self.activation_checkpointing)[0] in ("op", "selective"):
-                raise LayoutError("with lora/qlora, plan --ac none, full or layer:N (op-level and selective "
-                                  "checkpointing of adapted layers are not modelled yet)")
         if self.optimizer_in_backward and self.grad_accum > 1:
             raise LayoutError("--optimizer-in-backward applies each gradient as it arrives: it cannot accumulate "
                               "gradients over micro-batches (use one micro-batch per step)")
-        if self.teacher and (self.tp > 1 or self.pp > 1 or self.engine != "pytorch"):
-            raise LayoutError("distillation (--teacher) is planned for data-parallel layouts with the pytorch engine")
         if self.paged_optimizer and self.optimizer == "sgd":
             raise ConfigError("--paged-optimizer pages AdamW state (adamw or adamw8bit)")
 
@@ -441,7 +398,8 @@ class TrainConfig(_Frozen):
 
 
 def check_layout(model: ModelSpec, train: TrainConfig) -> None:
-    """Checks what depends on both the model and the layout; raises ``LayoutError``."""
+    """Checks what depends on both the model and the layout; raises ``LayoutError``: the
+    arithmetic here, what is not modelled in ``planner.capabilities``."""
     tp = train.tp
     for what, value in (
         ("attention heads", model.num_heads),
@@ -465,12 +423,6 @@ def check_layout(model: ModelSpec, train: TrainConfig) -> None:
         raise LayoutError(
             f"Megatron-LM needs the {layers} layers divisible by pp x chunks = {train.pp * train.chunks}"
         )
-    if train.cp > 1 and model.position_embedding != "rope":
-        raise LayoutError(f"context parallelism shards RoPE's positions; {model.name}'s {model.position_embedding} "
-                          "positions are not sharded by the reference model (use --cp 1)")
-    if train.cp > 1 and model.dropout > 0:
-        raise LayoutError(f"PyTorch's ring attention runs without dropout; {model.name} has dropout {model.dropout} "
-                          "(use --cp 1)")
     if train.sequence_parallel and train.local_seq_len % tp:
         raise LayoutError(f"sequence parallelism needs seq len {train.seq_len} divisible by tp={tp}")
     if model.position_embedding == "learned" and train.seq_len > model.max_position_embeddings:
@@ -478,3 +430,5 @@ def check_layout(model: ModelSpec, train: TrainConfig) -> None:
             f"seq len {train.seq_len} exceeds the {model.max_position_embeddings} learned positions of "
             f"{model.name}; use --seq-len {model.max_position_embeddings} or less"
         )
+    if reason := model_refusal(model, train):  # what the planner does not model (planner/capabilities.py)
+        raise LayoutError(reason)

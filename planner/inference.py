@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field, model_validator
 from planner.calibration import Calibration, Overheads
 from planner.configs import MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN, GPUSpec, ModelSpec, _Frozen
 from planner.errors import ConfigError, LayoutError
-from planner.finetune import block_projection, quantised_bytes
+from planner.finetune import quantised_bytes
 from planner.flops import _counted_attention, head_matmul_params, layer_matmul_params
 from planner.memory import Limit, memory_limits
 from planner.params import ParamTensor, Unit, pipeline_stages
@@ -147,7 +147,7 @@ def int4_bytes(shape: tuple[int, int]) -> int:
 
 def stored_bytes(tensor: ParamTensor, cfg: InferenceConfig, compute_bytes: int, tp: int = 1) -> int:
     shape = tensor.local_shape(tp)
-    if cfg.quantised and block_projection(tensor) is not None:
+    if cfg.quantised and tensor.block_projection is not None:
         if cfg.weights in ("int8", "w8a8"):
             return quantised_bytes(shape, "int8", compute_bytes)
         if cfg.weights == "int4":

@@ -204,8 +204,6 @@ def _enumerate_layout(model: ModelSpec, space: SearchSpace, engine: str, tp: int
     micro_batches = space.micro_batch_values(per_replica) if per_replica else (space.micro_batch or [1])
     for zero, offload in space.strategy_values(dp * cp, engine):
         for checkpointing in space.checkpointing_values():
-            if cp > 1 and checkpointing in ("selective", "op") and space.activation_checkpointing is None:
-                continue  # not modelled with ring attention; a policy the user fixed is refused below, saying why
             for mb in micro_batches:
                 microbatches = per_replica // mb if per_replica and per_replica % mb == 0 else 0
                 for schedule, chunks in space.schedule_values(model, pp, microbatches):
@@ -217,7 +215,7 @@ def _enumerate_layout(model: ModelSpec, space: SearchSpace, engine: str, tp: int
                             sequence_parallel=sequence_parallel and tp > 1, **space.fixed,
                         )
                         check_layout(model, train)
-                    except (LayoutError, ConfigError) as exc:
+                    except (LayoutError, ConfigError) as exc:  # impossible, or not modelled (planner/capabilities.py)
                         errors.append(exc)
                         continue
                     configs.append(train)

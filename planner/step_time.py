@@ -42,7 +42,6 @@ from planner.configs import (
     parse_checkpointing,
 )
 from planner.engines import ENGINES, EngineSemantics
-from planner.finetune import block_projection
 from planner.errors import ConfigError
 from planner.flops import (
     BACKWARD_MATMUL_FACTOR,
@@ -293,8 +292,8 @@ def _sublayer_matmul_params(model: ModelSpec, kind: str) -> list[tuple[int, int]
     weights its all-gather feeds and the row-parallel weight that feeds its reduce-scatter."""
     groups: dict[str, list[int]] = {}
     for tensor in layer_tensors(model, kind):
-        if block_projection(tensor) and tensor.tp_dim in (0, 1):
-            groups.setdefault(tensor.name.split(".")[0], [0, 0])[tensor.tp_dim] += tensor.numel
+        if tensor.block_projection and tensor.tp_dim in (0, 1):
+            groups.setdefault(tensor.sublayer, [0, 0])[tensor.tp_dim] += tensor.numel
     return [tuple(pair) for pair in groups.values()]
 
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from planner.layout import RankLayout
 from planner.estimate import Estimate
 from planner.memory import HostMemory
 from planner.memory import RankMemory as PlannerRankMemory
@@ -74,11 +75,12 @@ class Row(_Checked):
     error_pct: float | None
 
 
-# TrainConfig fields added after reports were stored: issue 11 (impl, compile), issue 12 (the rest)
-_ADDED_LATER = {"impl": "trainplan", "compile": False, "finetune": "full", "lora_rank": 8,
-                "lora_targets": "q,k,v,o,gate,up,down", "base_precision": "auto", "train_embeddings": False, "lora_dtype": "auto", "teacher": "",
-                "optimizer_in_backward": False, "paged_optimizer": False, "cp": 1, "fp8_all_gather": True,
-                "async_tp": False, "alloc_conf": "default"}
+# TrainConfig fields added after reports were stored: issue 11 (impl, compile), issue 12 (the rest).
+# A stored report without one reads with the field's default (TrainConfig's; a default that ever
+# changes keeps its old value here).
+_ADDED_LATER = ("impl", "compile", "finetune", "lora_rank", "lora_targets", "base_precision", "train_embeddings",
+                "lora_dtype", "teacher", "optimizer_in_backward", "paged_optimizer", "cp", "fp8_all_gather", "async_tp",
+                "alloc_conf")
 
 
 class ProfileReport(_Checked):
@@ -103,8 +105,8 @@ class ProfileReport(_Checked):
         from planner.errors import TrainplanError
 
         # reports stored before a field existed read with its default
-        for name, default in _ADDED_LATER.items():
-            self.train.setdefault(name, default)
+        for name in _ADDED_LATER:
+            self.train.setdefault(name, TrainConfig.model_fields[name].default)
         missing = [name for name in TrainConfig.model_fields if name not in self.train]
         if missing:
             raise ValueError(f"train lacks {', '.join(missing)}")
@@ -128,15 +130,11 @@ def _error(predicted: float | None, measured: float | None) -> float | None:
     return (predicted - measured) / measured * 100
 
 
-def stage_of(rank: int, dp: int, tp: int, cp: int = 1) -> int:
-    return rank // (dp * cp * tp)  # mesh (pp, dp[, cp], tp): tensor parallel fastest
-
-
 def predicted_side(est: Estimate) -> Side:
     t = est.train
     ranks = []
     for rank in range(t.gpus):
-        stage = est.stages[stage_of(rank, t.dp, t.tp, t.cp)]
+        stage = est.stages[RankLayout.of(t).stage_of(rank)]
         resident = stage.phases["optimizer"]
         ranks.append(RankMemory(
             rank=rank, stage=stage.stage,
@@ -178,7 +176,8 @@ def _measured_rank(r: RankBytes, stage: int, pipeline: bool) -> RankMemory:
 
 def measured_side(result: RunResult, est: Estimate) -> Side:
     t = result.train
-    ranks = [_measured_rank(r, stage_of(r.rank, t.dp, t.tp, t.cp), t.pp > 1) for r in result.ranks if r is not None]
+    layout = RankLayout.of(t)
+    ranks = [_measured_rank(r, layout.stage_of(r.rank), t.pp > 1) for r in result.ranks if r is not None]
     worst = max(ranks, key=lambda r: (r.max_memory_allocated or 0, r.memory.peak))
     simulated = result.simulated_world is not None
     tokens = None if simulated else result.tokens_per_s

@@ -70,13 +70,8 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh) -> torch.Tensor:
-    if k.shape[1] != q.shape[1] and q.device.type == "cuda":
-        # CUDA's flash kernel takes one head count: repeating k, v would save and send num_heads /
-        # num_kv_heads times what the planner counts (the CPU kernel attends grouped heads itself)
-        from planner.errors import ConfigError
-
-        raise ConfigError("context parallel with grouped-query attention is not run on CUDA yet (its ring flash "
-                          "kernel needs k, v repeated to every head, which the planner does not count)")
+    # grouped-query attention: the CPU kernel attends grouped heads itself; on CUDA the layout is
+    # refused before a run starts (planner/capabilities.py)
     return _RingAttention.apply(q, k, v, mesh)
 
 

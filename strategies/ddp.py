@@ -2,13 +2,12 @@
 the whole model, gradients are all-reduced in buckets (``bucket_cap_mb``) overlapping the
 backward. ``gradient_as_bucket_view=True`` makes ``param.grad`` views into the buckets, so the
 gradients cost their bytes once, and the buckets outlive ``zero_grad`` (the planner counts
-DDP gradients as resident in every phase)."""
+DDP gradients as resident in every phase). DDP beside tensor or pipeline parallelism is refused
+before a run starts (planner/capabilities.py)."""
 
 from __future__ import annotations
 
 from torch import nn
-
-from planner.errors import ConfigError
 
 
 def apply_ddp(model: nn.Module, mesh, cfg, device_ids=None) -> nn.Module:
@@ -16,8 +15,5 @@ def apply_ddp(model: nn.Module, mesh, cfg, device_ids=None) -> nn.Module:
 
     if mesh.size() == 1:
         return model  # one data-parallel rank: nothing to all-reduce
-    if cfg.tp > 1 or cfg.pp > 1:
-        raise ConfigError("DDP (ddp, zero1) combines with neither tensor nor pipeline parallelism in PyTorch when "
-                          "dp > 1; use --strategy zero2 or zero3 (FSDP2) for dp x tp and pp x dp")
     return DistributedDataParallel(model, process_group=mesh.get_group(), device_ids=device_ids,
                                    bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=True)

@@ -149,8 +149,14 @@ def launch(config_json: str, nproc: int, timeout_s: float = 600.0, threads_per_r
            worker: str = "strategies.worker"):
     """Runs ``nproc`` ranks of the run described by ``config_json`` (a RunConfig) as ``python -m
     <worker>`` (``profiler.worker`` for a profiled run); returns the RunResult JSON text written
-    by rank 0. Raises RunFailedError. The ranks never outlive the launcher: SIGTERM or Ctrl-C
+    by rank 0. Raises RunFailedError, or ConfigError for a layout the strategy layer does not
+    execute (before any rank starts). The ranks never outlive the launcher: SIGTERM or Ctrl-C
     stops them, and a SIGKILLed launcher takes them along (``_die_with_parent``)."""
+    from strategies.nvml import device_count
+    from strategies.train import RunConfig, check_runnable
+
+    config = RunConfig.model_validate_json(config_json)
+    check_runnable(config, cuda=device_count() > 0)
     remove_stale_run_folders()
     with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix=f"{RUN_FOLDER_PREFIX}{os.getpid()}-") as tmp:
         folder = Path(tmp)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from planner.configs import ModelSpec
 from planner.params import describe
+from planner.capabilities import reference_model_refusal
 from planner.errors import ConfigError
 from strategies.kernels.attention import core_attention
 from strategies.kernels.norm import RMSNorm
@@ -133,11 +134,8 @@ class Transformer(nn.Module):
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None, max_seq_len: int = 0):
         super().__init__()
-        if spec.encoder_layers:
-            raise ConfigError(f"{spec.name} is an encoder-decoder model: trainplan plans it but does not run it")
-        if spec.position_embedding not in ("rope", "learned"):
-            raise ConfigError(f"{spec.name} uses {spec.position_embedding} positions, which the reference model "
-                              f"does not implement (rope and learned are)")
+        if reason := reference_model_refusal(spec):
+            raise ConfigError(reason)
         kw = dict(device=device, dtype=dtype)
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, **kw)

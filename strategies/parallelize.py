@@ -1,6 +1,7 @@
 """``parallelize``: one fixed, readable order (torchtitan's): pipeline split -> tensor (and
 sequence) parallel -> activation checkpointing -> compile -> FSDP2 (ZeRO-2/3, offload) ->
-materialise on the device -> DDP (DDP, ZeRO-1) -> optimizer (ZeRO-1 shards it) -> schedule."""
+materialise on the device -> DDP (DDP, ZeRO-1) -> optimizer (ZeRO-1 shards it) -> schedule.
+What it does not build is refused before a run starts (planner/capabilities.py run_refusal)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from torch import nn
 
 from planner.configs import TrainConfig
-from planner.errors import ConfigError
 from strategies.checkpointing import (
     apply_activation_checkpointing,
     set_attention_kernel,
@@ -75,23 +75,11 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     precision = precision_plan(cfg.precision, sharded)
     shards = shard_mesh(mesh, cfg.cp)
     offload = apply_offload(model, shards, cfg, device.type)
-    if cfg.offload == "params" and precision.fsdp_param_dtype is not None:
-        raise ConfigError("amp-bf16 with parameter offload is not supported; use bf16-mixed or fp32")
 
     pp_rank = mesh["pp"].get_local_rank()
     stages = stage_modules(model, pp_rank, cfg) if cfg.pp > 1 else [(0, model)]
     modules = []
     finetune = cfg.finetune != "full"
-    if finetune and sharded and cfg.lora_dtype == "fp32":
-        raise ConfigError("fp32 adapters over a 16-bit base under FSDP2 (ZeRO-2/3) are not run yet (one dtype "
-                          "per all-gather); use --lora-dtype auto, or DDP/ZeRO-1")
-    if finetune and sharded and cfg.base != "bf16":
-        raise ConfigError(f"a {cfg.base} base under FSDP2 (ZeRO-2/3) is not run yet: FSDP2 all-gathers one dtype "
-                          "per unit; use --base-precision bf16 with zero2/zero3, or DDP/ZeRO-1 with a quantised base")
-    if cfg.precision.startswith("fp8-") and (cfg.tp > 1 or cfg.pp > 1 or cfg.cp > 1):
-        raise ConfigError(f"{cfg.precision} is run under FSDP2 alone (--tp 1 --pp 1 --cp 1); Float8 with tensor, "
-                          "pipeline or context parallelism is planned by `plan` (torchao's Float8 TP all-gathers "
-                          "float8 tensors, which gloo cannot)")
     for _, module in stages:
         set_attention_kernel(module, cfg.attention)
         if cfg.precision.startswith("fp8-"):
@@ -125,10 +113,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
 def _finish(modules, stages, cfg, precision, offload, mesh, device, simulated) -> Parallelized:
     # what trains (a LoRA fine-tune: the adapters); the frozen base gets no optimizer state
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
-    if cfg.optimizer_in_backward:
-        if cfg.shard_world > 1 or cfg.tp > 1 or cfg.pp > 1 or cfg.offload != "none":
-            raise ConfigError("--optimizer-in-backward runs on one process here (a data-parallel gradient must be "
-                              "reduced before its step); use --gpus 1")
+    if cfg.optimizer_in_backward:  # one process, no offload (planner/capabilities.py)
         fp32_adapters = cfg.finetune != "full" and cfg.lora_dtype == "fp32"
 
         def build(one):

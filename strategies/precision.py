@@ -9,7 +9,8 @@
 | bf16 | bf16 | bf16 | bf16 states | bf16 |
 | fp8-tensorwise, fp8-rowwise | fp32 | fp32 | fp32 states | amp-bf16 under FSDP2; the blocks' projections are torchao ``Float8Linear`` (``apply_float8``) |
 
-Megatron's ``bf16-mixed-fp32-grads`` (fp32 main-gradient buffers) is planned, not run.
+Megatron's ``bf16-mixed-fp32-grads`` (fp32 main-gradient buffers) is planned, not run: it is
+refused before a run starts (planner/capabilities.py), as Float8 without FSDP2 is by the planner.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class PrecisionPlan:
 
 
 def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
-    """``sharded``: FSDP2 (ZeRO-2/3) owns the parameters."""
+    """``sharded``: FSDP2 (ZeRO-2/3) owns the parameters. Float8 is planned under FSDP2 only
+    (``TrainConfig`` refuses it elsewhere)."""
     if recipe == "fp32":
         return PrecisionPlan(recipe, torch.float32, False, False, None, None, None)
     if recipe in ("bf16-mixed", "fp16-mixed"):
@@ -57,13 +59,11 @@ def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
     if recipe == "amp-bf16" or recipe.startswith("fp8-"):  # Float8: amp-bf16 with torchao's linears
         if sharded:
             return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
-        if recipe != "amp-bf16":
-            raise ConfigError(f"{recipe} runs under FSDP2, as torchtitan runs it: use --strategy zero2 or zero3")
         return PrecisionPlan(recipe, torch.float32, False, False, torch.bfloat16, None, None)
     if recipe == "bf16":
         return PrecisionPlan(recipe, torch.bfloat16, False, False, None, None, None)
-    raise ConfigError(f"precision {recipe} is planned but not run by trainplan's strategy layer "
-                      f"(use bf16-mixed, fp16-mixed, amp-bf16, bf16 or fp32)")
+    raise ValueError(f"no strategy-layer recipe {recipe!r}: planner.capabilities.run_refusal refuses it before "
+                     "a run starts")
 
 
 def apply_float8(model, cfg) -> None:

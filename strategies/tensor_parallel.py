@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from planner.errors import ConfigError
 from strategies.model import Transformer
 
 
@@ -55,10 +54,8 @@ def _enable_async_tp(mesh) -> None:
     """Asynchronous TP as torchtitan enables it (torchtitan/distributed/tensor_parallel.py,
     ``maybe_enable_async_tp``): inductor's micro-pipeline TP pass rewrites each all-gather ->
     matmul and matmul -> reduce-scatter of the compiled blocks into the fused, pipelined ops of
-    ``torch.distributed._symmetric_memory``, which need the group's symmetric memory (CUDA)."""
-    if mesh.device_type != "cuda":
-        raise ConfigError("asynchronous TP runs over CUDA symmetric memory (torch.distributed._symmetric_memory); "
-                          "on this machine it is planned by `plan`, not run")
+    ``torch.distributed._symmetric_memory``, which need the group's symmetric memory (CUDA; on a
+    CPU the layout is refused before a run starts, planner/capabilities.py)."""
     import torch._inductor.config
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 
@@ -80,13 +77,7 @@ def apply_tensor_parallel(model: Transformer, mesh, cfg) -> Transformer:
         return model
     if cfg.async_tp:
         _enable_async_tp(mesh)
-    spec = model.spec
-    if spec.tied_embeddings:
-        raise ConfigError("tensor parallelism with tied embeddings is not supported by the reference model "
-                          f"({spec.name}); use an untied model such as tiny-llama")
-    if spec.position_embedding == "learned" and cfg.sequence_parallel:
-        raise ConfigError("sequence parallelism with learned position embeddings is not supported by the "
-                          "reference model")
+    # an untied model, no learned positions with sequence parallelism (planner/capabilities.py)
     sp = cfg.sequence_parallel
     top: dict[str, object] = {}
     if model.embed is not None:

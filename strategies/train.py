@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
+from planner.capabilities import run_refusal
 from planner.configs import ModelSpec, TrainConfig
 from planner.errors import ConfigError
 from strategies.context_parallel import load_balanced_shard
@@ -212,8 +213,6 @@ def train_step(par: Parallelized, source, step: int, phases=None, losses: bool =
     scaler = _optimizer_with_scaler(par.optimizer)
     total, count = 0.0, 0
     if par.pipeline is not None:
-        if scaler is not None:
-            raise ConfigError("fp16-mixed loss scaling is not supported with pipeline parallelism; use bf16-mixed")
         inputs, targets = batch(source, first, per_replica, par.device)
         # forward and backward interleave inside a pipeline schedule: one region, "backward"
         with _loss_context(par), phases.phase("backward"):
@@ -261,6 +260,16 @@ class _Traced:
         return self.fake.__exit__(*exc)
 
 
+def check_runnable(config: RunConfig, cuda: bool) -> None:
+    """The strategy layer's start-up check: a layout it does not execute is refused, with the
+    reason of planner/capabilities.py, before anything is built (``cuda``: the ranks run on CUDA
+    GPUs). ``launch`` asks it before any rank starts, ``run_rank`` again for ranks started by
+    torchrun."""
+    train, simulated = config.train, config.simulate_world is not None
+    if reason := run_refusal(config.model, train, cuda=cuda, simulated=simulated):
+        raise ConfigError(reason)
+
+
 def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
              phase_tracker=None, alloc_tracer=None) -> tuple[list[StepRecord], RankBytes]:
     """``phase_tracker``: the class that measures a profiled step per phase (see ``_NoPhases``);
@@ -268,6 +277,7 @@ def run_rank(config: RunConfig, rank: int, world: int, device: torch.device,
     mode entered around everything the rank allocates. The strategy layer runs steps, the layer
     above it measures them."""
     spec, cfg = config.model, config.train
+    check_runnable(config, cuda=device.type == "cuda")
     if cfg.gpus != world:
         raise ConfigError(f"the layout is for {cfg.gpus} GPUs but {world} ranks are running")
     if config.profile and phase_tracker is None:

@@ -166,18 +166,18 @@ def test_plan_float8_json_has_the_fp8_run():
 
 
 def test_async_tp_is_not_run_on_cpu():
-    """Refused before any rank starts (no GPU here), and in the strategy layer for a CPU mesh."""
-    from types import SimpleNamespace
-
+    """Refused before any rank starts (no GPU here), and by the strategy layer's start-up check
+    for CPU ranks."""
     from planner.errors import ConfigError
-    from strategies.tensor_parallel import _enable_async_tp
+    from strategies.train import RunConfig, check_runnable
 
     result = CliRunner().invoke(main, ["run", "--model", "tiny-llama", "--nproc", "2", "--tp", "2", "--compile",
                                        "--async-tp", "--steps", "1", "--seq-len", "64"])
     assert result.exit_code == 2
     assert "symmetric memory" in result.output and "Traceback" not in result.output
+    train = TrainConfig(gpus=2, tp=2, sequence_parallel=True, compile=True, async_tp=True, seq_len=64)
     with pytest.raises(ConfigError, match="symmetric memory"):
-        _enable_async_tp(SimpleNamespace(device_type="cpu"))
+        check_runnable(RunConfig(model=load_model("tiny-llama"), train=train), cuda=False)
 
 
 def test_committed_float8_runs_repredict():

@@ -107,16 +107,15 @@ def test_world_4_matches_single_process(name, reference):
 
 
 def test_zero1_uneven_shares_and_ddp_pipeline_limits():
-    from types import SimpleNamespace
-
     from planner.errors import ConfigError
-    from strategies.ddp import apply_ddp
+    from strategies.train import check_runnable
 
     result, train = _run(2, zero_stage=1)
     _check_bytes(result, train)
-    # a data-parallel mesh of 2 beside tp 2: refused before DDP wraps anything
+    # a data-parallel mesh of 2 beside tp 2: refused by the strategy layer's start-up check
+    refused = RunConfig(model=SPEC, train=TrainConfig(gpus=4, tp=2, zero_stage=1))
     with pytest.raises(ConfigError, match="DDP .* combines with neither tensor nor pipeline"):
-        apply_ddp(None, SimpleNamespace(size=lambda: 2), TrainConfig(gpus=4, tp=2, zero_stage=1))
+        check_runnable(refused, cuda=False)
 
 
 @pytest.mark.parametrize(("recipe", "zero"), [("bf16-mixed", 1), ("fp16-mixed", 0), ("amp-bf16", 3), ("bf16", 2),

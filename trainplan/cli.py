@@ -12,19 +12,21 @@ from typing import get_args
 
 import click
 
-from trainplan.types import Finite
+from trainplan.types import Finite, field_option
 from pydantic import ValidationError
 
 from planner.configs import (
+    CHECKPOINTING_HELP,
     MAX_GLOBAL_BATCH,
     MAX_GPUS,
     MAX_GPUS_PER_NODE,
-    MAX_LAYERS,
     MAX_MICRO_BATCH,
     MAX_SEQ_LEN,
-    LORA_TARGETS,
-    Impl,
+    STRATEGIES,
+    Offload,
+    TrainConfig,
 )
+from planner.inference import InferenceConfig
 from planner.errors import TrainplanError
 from trainplan import inference_cli
 from trainplan.inference_cli import inference_options, split_mode
@@ -155,83 +157,69 @@ def _count(hi: int) -> click.IntRange:
     return click.IntRange(min=1, max=hi)
 
 
-PRECISION_CHOICES = ["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16", "fp8-tensorwise",
-                     "fp8-rowwise"]
-DEFAULT_SEQ_LEN = 4096
+DEFAULT_SEQ_LEN = TrainConfig.model_fields["seq_len"].default
+OFFLOADS = list(dict.fromkeys((*get_args(Offload), *get_args(InferenceConfig.model_fields["offload"].annotation))))
+"""--offload's values: training's (TrainConfig) and inference's (layers)."""
+
+
+def _train(*decls, **overrides):
+    """An option for the TrainConfig field of the flag's name: choices, bounds, default and help
+    from the model (trainplan.types.field_option)."""
+    return field_option(TrainConfig, *decls, **overrides)
 
 
 def plan_options(fn):
     """Options shared by ``plan``, ``run`` and ``profile``: same names, same meaning.
     A knob left unset is open: ``plan`` searches it, ``run`` takes its default."""
+    fields = TrainConfig.model_fields
     options = [
         click.option("--model", "-m", "model_name", required=True,
                      help="preset (llama-2-7b), size alias (7b) or a Hugging Face config.json"),
-        click.option("--gpus", "-g", type=_count(MAX_GPUS), default=None,
-                     help="total GPUs (default: nodes x gpus-per-node, or 1)"),
+        _train("--gpus", "-g", default=None, help="total GPUs (default: nodes x gpus-per-node, or 1)"),
         click.option("--nodes", type=_count(MAX_GPUS), default=None, help="number of nodes"),
         click.option("--gpus-per-node", type=_count(MAX_GPUS_PER_NODE), default=None,
                      help="GPUs per node (default: the GPU preset's, usually 8)"),
         click.option("--gpu", "gpu_name", default="h100-sxm-80gb", show_default=True, help="GPU preset"),
-        click.option("--strategy", type=click.Choice(["ddp", "zero1", "zero2", "zero3"]), default=None,
+        click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
                      help="data-parallel strategy [default: search all]"),
-        click.option("--offload", type=click.Choice(["none", "optimizer", "params", "layers"]), default=None,
+        click.option("--offload", type=click.Choice(OFFLOADS), default=None,
                      help="training: offload optimizer state and gradients (and parameters) to host memory; "
                           "inference: layers (BMInf's layer swapping through --slots device buffers)"),
-        click.option("--tp", type=_count(MAX_GPUS), default=None, help="tensor-parallel size [default: search]"),
-        click.option("--pp", type=_count(MAX_GPUS), default=None, help="pipeline-parallel size [default: search]"),
-        click.option("--cp", type=_count(MAX_GPUS), default=None,
-                     help="context-parallel size: each sequence split over cp GPUs, ring attention "
-                          "[default: 1; searched from 32k-token sequences]"),
-        click.option("--sequence-parallel/--no-sequence-parallel", default=None,
-                     help="sequence parallelism with tp [default: on when tp > 1]"),
-        click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved"]), default=None,
-                     help="pipeline schedule [default: search 1f1b and interleaved]"),
-        click.option("--chunks", type=_count(MAX_LAYERS), default=None,
-                     help="model chunks per stage for the interleaved schedule"),
-        click.option("--ac", "activation_checkpointing", type=Checkpointing(), default=None,
-                     help="activation checkpointing: none, selective (Megatron's core attention), full, op "
-                          "(torchtitan's op-level), layer:N (every N-th block) [default: search]"),
-        click.option("--attention", type=click.Choice(["flash", "eager"]), default="flash", show_default=True),
-        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="bf16-mixed", show_default=True,
-                     help="fp8-tensorwise / fp8-rowwise: torchao's Float8 linears over amp-bf16 under FSDP2"),
-        click.option("--fp8-all-gather/--no-fp8-all-gather", default=True, show_default=True,
-                     help="fp8-tensorwise: FSDP all-gathers the projections' weights in fp8"),
-        click.option("--async-tp", is_flag=True, help="asynchronous tensor parallelism (needs --tp, sequence "
-                     "parallelism and --compile)"),
-        click.option("--alloc-conf", type=click.Choice(["default", "expandable_segments"]), default=None,
-                     help="PyTorch's CUDA caching allocator (PYTORCH_CUDA_ALLOC_CONF): default, or "
-                          "expandable_segments:True as torchtitan's launcher sets it [default: default]"),
-        click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "sgd"]), default="adamw",
-                     show_default=True, help="adamw8bit: block-wise 8-bit states (Dettmers et al. 2022)"),
-        click.option("--optimizer-in-backward", is_flag=True,
-                     help="apply each gradient as it arrives and free it (no gradients held between steps)"),
-        click.option("--paged-optimizer", is_flag=True, help="optimizer state paged out to host memory"),
-        click.option("--finetune", type=click.Choice(["full", "lora", "qlora"]), default="full", show_default=True,
-                     help="lora: frozen base + low-rank adapters; qlora: lora over a 4-bit NF4 base"),
-        click.option("--lora-rank", type=click.IntRange(1, 65536), default=8, show_default=True),
-        click.option("--lora-targets", default=",".join(LORA_TARGETS), show_default=True,
-                     help="adapted projections among q,k,v,o,gate,up,down"),
-        click.option("--base-precision", type=click.Choice(["auto", "bf16", "int8", "nf4"]), default="auto",
-                     show_default=True, help="the frozen base's storage (auto: nf4 for qlora, else unquantised)"),
-        click.option("--train-embeddings", is_flag=True, help="fine-tune the embedding and output head too"),
-        click.option("--teacher", default="", help="distillation: a frozen teacher model (preset or config.json) "
-                     "run in every step"),
-        click.option("--lora-dtype", type=click.Choice(["auto", "fp32"]), default="auto", show_default=True,
-                     help="the adapters' dtype (fp32: peft's default over a 16-bit base)"),
-        click.option("--optimizer-impl", type=click.Choice(["fused", "foreach", "for-loop"]), default="fused",
-                     show_default=True),
-        click.option("--seq-len", type=_count(MAX_SEQ_LEN), default=None,
-                     help="tokens per sequence [default: 4096; run: at most the model's positions]"),
-        click.option("--micro-batch", type=_count(MAX_MICRO_BATCH), default=None,
-                     help="sequences per micro-batch [default: search, 1 for a fixed layout]"),
-        click.option("--global-batch", type=_count(MAX_GLOBAL_BATCH), default=None,
-                     help="sequences per optimizer step [default: one per GPU]"),
-        click.option("--engine", type=click.Choice(["pytorch", "megatron", "deepspeed"]), default="pytorch",
-                     show_default=True, help="whose memory semantics to predict"),
-        click.option("--impl", type=click.Choice(list(get_args(Impl))), default="trainplan",
-                     show_default=True, help="whose model code runs the layers (what each saves for backward): "
-                     "trainplan's reference, Hugging Face transformers, torchtitan (on CUDA; torchtitan-cpu as it runs on a "
-                     "CPU), Megatron-Core + TE"),
+        _train("--tp", default=None, help="tensor-parallel size [default: search]"),
+        _train("--pp", default=None, help="pipeline-parallel size [default: search]"),
+        _train("--cp", default=None, help=f"{fields['cp'].description} [default: 1; searched from 32k-token "
+               "sequences]"),
+        _train("--sequence-parallel/--no-sequence-parallel", default=None,
+               help="sequence parallelism with tp [default: on when tp > 1]"),
+        _train("--schedule", default=None, help="pipeline schedule [default: search 1f1b and interleaved]"),
+        _train("--chunks", default=None),
+        _train("--ac", "activation_checkpointing", type=Checkpointing(), default=None,
+               help=f"activation checkpointing: {CHECKPOINTING_HELP} [default: search]"),
+        _train("--attention", show_default=True),
+        _train("--precision", show_default=True,
+               help="fp8-tensorwise / fp8-rowwise: torchao's Float8 linears over amp-bf16 under FSDP2"),
+        _train("--fp8-all-gather/--no-fp8-all-gather", show_default=True),
+        _train("--async-tp", help=f"{fields['async_tp'].description}; needs --tp, sequence parallelism and "
+               "--compile"),
+        _train("--alloc-conf", default=None, help=f"{fields['alloc_conf'].description} [default: default]"),
+        _train("--optimizer", show_default=True, help="adamw8bit: block-wise 8-bit states (Dettmers et al. 2022)"),
+        _train("--optimizer-in-backward"),
+        _train("--paged-optimizer"),
+        _train("--finetune", show_default=True),
+        _train("--lora-rank", show_default=True),
+        _train("--lora-targets", show_default=True),
+        _train("--base-precision", show_default=True),
+        _train("--train-embeddings"),
+        _train("--teacher"),
+        _train("--lora-dtype", show_default=True),
+        _train("--optimizer-impl", show_default=True),
+        _train("--seq-len", default=None,
+               help=f"tokens per sequence [default: {DEFAULT_SEQ_LEN}; run: at most the model's positions]"),
+        _train("--micro-batch", default=None, help="sequences per micro-batch [default: search, 1 for a fixed layout]"),
+        _train("--global-batch", type=_count(MAX_GLOBAL_BATCH), default=None,
+               help="sequences per optimizer step [default: one per GPU]"),
+        _train("--engine", show_default=True, help="whose memory semantics to predict"),
+        _train("--impl", show_default=True),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -290,7 +278,6 @@ def resolve_calibration(path, gpu, cuda_context_mib=None, communicator_mib=None,
 def build_space(options: dict):
     """Model, GPU and the search space from the shared options."""
     from planner.catalog import load_gpu, load_model
-    from planner.configs import STRATEGIES
     from planner.search import STRATEGY_CHOICES, SearchSpace
 
     model = load_model(options["model_name"])
@@ -330,22 +317,23 @@ def build_space(options: dict):
         sequence_parallel=options["sequence_parallel"],
         global_batch=options["global_batch"],
         allow_cross_node_tp=options.get("allow_cross_node_tp", False),
-        fixed=dict(attention=options["attention"], precision=options["precision"], optimizer=options["optimizer"],
-                   optimizer_impl=options["optimizer_impl"], seq_len=options["seq_len"] or DEFAULT_SEQ_LEN,
-                   engine=options["engine"], impl=options["impl"], compile=options.get("compile_", False),
-                   **finetune_fields(options)),
+        fixed=dict(seq_len=options["seq_len"] or DEFAULT_SEQ_LEN, compile=options.get("compile_", False),
+                   **given_fields(options)),
     )
     return model, gpu, space
 
 
-def finetune_fields(options: dict) -> dict:
-    """The TrainConfig fields of the fine-tuning and optimizer flags."""
-    return dict(finetune=options["finetune"], lora_rank=options["lora_rank"], lora_targets=options["lora_targets"],
-                base_precision=options["base_precision"], train_embeddings=options["train_embeddings"],
-                lora_dtype=options["lora_dtype"], teacher=options["teacher"],
-                optimizer_in_backward=options["optimizer_in_backward"], paged_optimizer=options["paged_optimizer"],
-                fp8_all_gather=options["fp8_all_gather"], async_tp=options["async_tp"],
-                alloc_conf=options["alloc_conf"] or "default")
+RESOLVED_FIELDS = frozenset({"gpus", "tp", "pp", "cp", "sequence_parallel", "schedule", "chunks",
+                             "activation_checkpointing", "micro_batch", "global_batch", "seq_len", "offload"})
+"""TrainConfig fields whose flags the search enumerates (``build_space``) or ``run`` resolves to
+a default of its own (``build_run_config``)."""
+
+
+def given_fields(options: dict) -> dict:
+    """Every other TrainConfig field with a flag of its name, as the flag gives it (unset: the
+    field's default)."""
+    return {name: options[name] for name in TrainConfig.model_fields
+            if name in options and name not in RESOLVED_FIELDS and options[name] is not None}
 
 
 @click.command("plan", cls=Command)
@@ -468,11 +456,14 @@ def visible_gpus() -> int:
     return device_count()
 
 
-def build_run_config(options: dict, run: dict):
+def build_run_config(options: dict, run: dict, simulated: bool = False):
     """One fully specified layout from the shared options: what ``plan`` leaves open, ``run``
-    takes at its default (DDP, tp = pp = 1, no checkpointing, micro-batch 1, 1F1B)."""
+    takes at its default (DDP, tp = pp = 1, no checkpointing, micro-batch 1, 1F1B). A layout
+    the strategy layer does not execute is refused here, before any rank starts, with the
+    reason of planner/capabilities.py (``simulated``: profile --simulate-world's one rank)."""
+    from planner.capabilities import run_refusal
     from planner.catalog import load_model
-    from planner.configs import STRATEGIES, TrainConfig, check_layout
+    from planner.configs import check_layout
     from strategies.train import RunConfig
 
     model = load_model(options["model_name"])
@@ -487,34 +478,18 @@ def build_run_config(options: dict, run: dict):
     fields = dict(
         gpus=gpus, tp=tp, pp=pp, cp=options["cp"] or 1, sequence_parallel=sequence_parallel,
         zero_stage=STRATEGIES[options["strategy"] or "ddp"], offload=options["offload"] or "none",
-        precision=options["precision"], optimizer=options["optimizer"], optimizer_impl=options["optimizer_impl"],
-        activation_checkpointing=options["activation_checkpointing"] or "none", attention=options["attention"],
-        micro_batch=options["micro_batch"] or 1, seq_len=seq_len, schedule=schedule,
-        chunks=options["chunks"] or (2 if schedule == "interleaved" else 1), engine="pytorch",
-        compile=run["compile_"], **finetune_fields(options),
+        activation_checkpointing=options["activation_checkpointing"] or "none", micro_batch=options["micro_batch"] or 1,
+        seq_len=seq_len, schedule=schedule, chunks=options["chunks"] or (2 if schedule == "interleaved" else 1),
+        compile=run["compile_"], **given_fields(options),
     )
     if options["global_batch"]:
         fields["global_batch"] = options["global_batch"]
     elif pp > 1:
         fields["grad_accum"] = pp  # 1F1B needs at least pp micro-batches
-    if options["engine"] != "pytorch":
-        raise click.UsageError("run executes PyTorch's engines: --engine must be pytorch")
-    if options["impl"] != "trainplan":
-        raise click.UsageError(f"run executes trainplan's reference model: --impl {options['impl']} is planned by "
-                               "`plan`; measure your own loop of that code with trainplan.track")
-    if options["paged_optimizer"]:
-        raise click.UsageError("--paged-optimizer is planned by `plan`; the strategy layer does not execute it yet")
-    if options["async_tp"] and not visible_gpus():
-        raise click.UsageError("asynchronous TP runs over CUDA symmetric memory (torch.distributed._symmetric_memory): "
-                               "on this machine it is planned by `plan`, not run")
-    if (options["cp"] or 1) > 1 and (tp > 1 or pp > 1):
-        raise click.UsageError("run executes context parallelism with data parallelism only (--tp 1 --pp 1); "
-                               "cp with tp or pp is planned by `plan`")
     train = TrainConfig(**fields)
     check_layout(model, train)
-    if train.zero_stage <= 1 and train.dp > 1 and (tp > 1 or pp > 1):
-        raise click.UsageError("DDP (ddp, zero1) combines with neither tensor nor pipeline parallelism in PyTorch "
-                               "when dp > 1; use --strategy zero2 or zero3 (FSDP2) for dp x tp and pp x dp")
+    if reason := run_refusal(model, train, cuda=visible_gpus() > 0, simulated=simulated):
+        raise click.UsageError(reason)
     if run["data"]:
         from strategies.data import check_token_file
 
@@ -630,7 +605,7 @@ def profile_command(nproc, steps, warmup, seed, data, compile_, timeout, fail_ra
                compile_=compile_, fail_rank=fail_rank, fail_step=fail_step)
     if simulate_world and options["gpus"] not in (None, simulate_world):
         raise click.UsageError(f"--simulate-world {simulate_world} != --gpus {options['gpus']}")
-    config = build_run_config(options, run)
+    config = build_run_config(options, run, simulated=simulate_world is not None)
     report = profile_layout(config.model, gpu, config.train, cal, steps=config.steps, simulate_world=simulate_world,
                             timeout_s=timeout, on_cpu=on_cpu, data=data, seed=seed, fail_rank=fail_rank,
                             fail_step=fail_step, fail_kind=fail_kind, fake_tp=fake_tp,
@@ -656,8 +631,9 @@ def _emit_report(report, out, as_json) -> None:
 
 
 def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_json):
-    """Plan, then run the top candidates the strategy layer can execute; recommend the best
-    measured one that fits."""
+    """Plan, then run the top candidates the strategy layer executes (planner/capabilities.py);
+    recommend the best measured one that fits."""
+    from planner.capabilities import run_refusal
     from planner.catalog import load_model
     from planner.search import search
     from profiler.report import RecommendReport
@@ -666,9 +642,11 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
     model, _, space = build_space(options)
     space.fixed["engine"] = "pytorch"
     result = search(model, gpu, space, cal, top=0)
-    runnable = [c for c in result.candidates if _runnable(c.train)][:top_k]
+    refusals = [run_refusal(model, c.train, cuda=not on_cpu) for c in result.candidates]
+    runnable = [c for c, refused in zip(result.candidates, refusals) if refused is None][:top_k]
     if not runnable:
-        raise click.UsageError("no planned candidate can be run here (see `trainplan plan`)")
+        best = f"the best planned one: {refusals[0]}; " if refusals else ""
+        raise click.UsageError(f"no planned candidate can be run here ({best}see `trainplan plan`)")
     reports = [profile_layout(load_model(options["model_name"]), gpu, c.train, cal, steps=run["steps"],
                               timeout_s=timeout, on_cpu=on_cpu, data=run["data"], seed=run["seed"])
                for c in runnable]
@@ -677,16 +655,6 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
     if report.recommended is None:
         raise Failure("none of the measured candidates ran without running out of memory", "out_of_memory",
                       result_printed=True)
-
-
-def _runnable(train) -> bool:
-    """What PyTorch's engines run (strategies/): DDP-based strategies only without tp/pp when
-    dp > 1; no 16-bit loss scaling with pipelines; not Megatron's fp32-grads recipe."""
-    if train.zero_stage <= 1 and train.shard_world > 1 and (train.tp > 1 or train.pp > 1):
-        return False
-    if train.cp > 1 and (train.tp > 1 or train.pp > 1):  # run executes cp with data parallelism only
-        return False
-    return train.precision != "bf16-mixed-fp32-grads" and not (train.pp > 1 and train.precision == "fp16-mixed")
 
 
 @click.command("compare", cls=Command)

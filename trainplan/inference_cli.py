@@ -7,59 +7,44 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from planner.configs import MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN
-from trainplan.types import Finite
-from planner.inference import WEIGHTS_HELP
+from planner.configs import TrainConfig
+from planner.inference import WEIGHTS_HELP, InferenceConfig
+from trainplan.types import Finite, field_option
 
-INFERENCE_FLAGS = {
-    "weights": "--weights", "dtype": "--dtype", "kv_cache": "--kv-cache", "batch": "--batch",
-    "prompt_len": "--prompt-len", "new_tokens": "--new-tokens", "prefill_chunk": "--prefill-chunk",
-    "slots": "--slots", "swapped_layers": "--swapped-layers", "kernels": "--kernels",
-    "memory_limit_gib": "--memory-limit-gib", "simulate": "--simulate",
-}
-# training knobs with no meaning for inference (tp, pp, gpus, gpu, model and offload are shared)
-TRAINING_FLAGS = {
-    "strategy": "--strategy", "sequence_parallel": "--sequence-parallel", "schedule": "--schedule",
-    "chunks": "--chunks", "activation_checkpointing": "--ac", "attention": "--attention", "precision": "--precision",
-    "optimizer": "--optimizer", "optimizer_in_backward": "--optimizer-in-backward",
-    "paged_optimizer": "--paged-optimizer", "finetune": "--finetune", "lora_rank": "--lora-rank",
-    "lora_targets": "--lora-targets", "base_precision": "--base-precision", "train_embeddings": "--train-embeddings",
-    "teacher": "--teacher", "lora_dtype": "--lora-dtype", "optimizer_impl": "--optimizer-impl",
-    "seq_len": "--seq-len", "micro_batch": "--micro-batch", "global_batch": "--global-batch", "engine": "--engine",
-    "impl": "--impl", "compile_": "--compile", "steps": "--steps", "warmup": "--warmup", "data": "--data",
-    "simulate_world": "--simulate-world", "fake_tp": "--fake-tp", "recommend": "--recommend",
-    "top_k": "--candidates", "sort": "--sort", "allow_cross_node_tp": "--allow-cross-node-tp",
-    "nodes": "--nodes", "nproc": "--nproc", "cp": "--cp", "fp8_all_gather": "--fp8-all-gather",
-    "async_tp": "--async-tp", "alloc_conf": "--alloc-conf",
-}
+SHARED_FIELDS = ("gpus", "tp", "pp", "offload")
+"""Fields of both configs that one flag sets in either mode: the layout's sizes and --offload."""
+INFERENCE_KNOBS = (*(name for name in InferenceConfig.model_fields if name not in SHARED_FIELDS),
+                   "memory_limit_gib", "simulate")
+"""The inference flags' parameter names: InferenceConfig's fields, the memory limit and --simulate."""
+TRAINING_KNOBS = (*(name for name in TrainConfig.model_fields if name not in SHARED_FIELDS),
+                  "strategy", "compile_", "steps", "warmup", "data", "simulate_world", "fake_tp", "recommend", "top_k",
+                  "sort", "allow_cross_node_tp", "nodes", "nproc")
+"""Parameters with no meaning for inference: TrainConfig's fields (those with a flag) and the
+commands' own training options (gpu, model and the shared fields apply to both)."""
+
+
+def _inference(*decls, **overrides):
+    """An option for the InferenceConfig field of the flag's name: choices, bounds, default and
+    help from the model (trainplan.types.field_option), shown as the default."""
+    return field_option(InferenceConfig, *decls, **({"show_default": True} | overrides))
 
 
 def inference_options(fn):
+    fields = InferenceConfig.model_fields
     options = [
         click.option("--mode", type=click.Choice(["train", "inference"]), default="train", show_default=True,
                      help="plan/run training, or inference (generation with a KV cache)"),
-        click.option("--weights", type=click.Choice(["bf16", "fp16", "fp32", "int8", "w8a8", "int4", "nf4"]),
-                     default="bf16", show_default=True, help=f"inference: {WEIGHTS_HELP}"),
-        click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-                     help="inference: activations and compute of quantised weights (auto: bf16 where the GPU has it, "
-                          "else the faster of fp16 and fp32)"),
-        click.option("--kv-cache", type=click.Choice(["auto", "int8"]), default="auto", show_default=True,
-                     help="inference: KV cache in the compute dtype, or int8 with per-token scales"),
-        click.option("--batch", type=click.IntRange(1, MAX_MICRO_BATCH), default=1, show_default=True,
-                     help="inference: sequences generated together"),
-        click.option("--prompt-len", type=click.IntRange(1, MAX_SEQ_LEN), default=512, show_default=True,
-                     help="inference: prompt tokens per sequence"),
-        click.option("--new-tokens", type=click.IntRange(1, MAX_SEQ_LEN), default=128, show_default=True,
-                     help="inference: tokens generated per sequence"),
-        click.option("--prefill-chunk", type=click.IntRange(0, MAX_SEQ_LEN), default=0, show_default=True,
-                     help="inference: prompt tokens per prefill forward (0: the whole prompt)"),
-        click.option("--slots", type=click.IntRange(1, MAX_LAYERS), default=2, show_default=True,
-                     help="inference with --offload layers: device buffers the swapped layers pass through"),
-        click.option("--swapped-layers", type=click.IntRange(0, MAX_LAYERS), default=0, show_default=True,
-                     help="inference with --offload layers: layers kept in host memory (0: the fewest that fit)"),
-        click.option("--kernels", type=click.Choice(["fused", "dequant"]), default=None,
-                     help="inference: weight-only matmuls by fused kernels (plan's default) or by dequantising "
-                          "each weight (run's executor)"),
+        _inference("--weights", help=f"inference: {WEIGHTS_HELP}"),
+        _inference("--dtype", help=f"inference: {fields['dtype'].description}"),
+        _inference("--kv-cache", help=f"inference: the KV cache's storage; {fields['kv_cache'].description}"),
+        _inference("--batch", help="inference: sequences generated together"),
+        _inference("--prompt-len", help="inference: prompt tokens per sequence"),
+        _inference("--new-tokens", help="inference: tokens generated per sequence"),
+        _inference("--prefill-chunk", help=f"inference: {fields['prefill_chunk'].description}"),
+        _inference("--slots", help=f"inference with --offload layers: {fields['slots'].description}"),
+        _inference("--swapped-layers", help=f"inference: {fields['swapped_layers'].description}"),
+        _inference("--kernels", default=None, show_default=None,
+                   help=f"inference: {fields['kernels'].description} [default: fused for plan, dequant for run and profile]"),
         click.option("--memory-limit-gib", type=Finite(0.01, 2**20), default=None,
                      help="inference: plan for (and on a GPU, emulate) a card with this much memory "
                           "(torch.cuda.set_per_process_memory_fraction)"),
@@ -76,19 +61,25 @@ def _given(name: str) -> bool:
     return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
+def _flags_given(names) -> list[str]:
+    """The flags among ``names`` (parameter names) given on the command line, as the user typed them."""
+    flags = {param.name: param.opts[0] for param in click.get_current_context().command.params}
+    return [flags[name] for name in names if name in flags and _given(name)]
+
+
 def split_mode(options: dict) -> tuple[str, dict]:
     """Pop the mode and the inference flags from ``options``; refuse flags of the other mode."""
     mode = options.pop("mode")
-    inference = {key: options.pop(key) for key in INFERENCE_FLAGS}
+    inference = {key: options.pop(key) for key in INFERENCE_KNOBS}
     if mode == "train":
-        given = [flag for key, flag in INFERENCE_FLAGS.items() if _given(key)]
+        given = _flags_given(INFERENCE_KNOBS)
         if given:
             raise click.UsageError(f"{', '.join(given)} apply to inference: add --mode inference")
         if options.get("offload") == "layers":
             raise click.UsageError("--offload layers is inference's layer swapping: add --mode inference "
                                    "(training offloads optimizer or params)")
     else:
-        given = [flag for key, flag in TRAINING_FLAGS.items() if _given(key)]
+        given = _flags_given(TRAINING_KNOBS)
         if given:
             raise click.UsageError(f"{', '.join(given)} apply to training, not --mode inference")
         if options.get("offload") in ("optimizer", "params"):
@@ -99,10 +90,8 @@ def split_mode(options: dict) -> tuple[str, dict]:
 
 def _fields(options: dict, inference: dict, kernels_default: str) -> dict:
     """InferenceConfig fields from the flags (the layout's gpus, tp, pp set by the caller)."""
-    keys = ("weights", "dtype", "kv_cache", "batch", "prompt_len", "new_tokens", "prefill_chunk", "slots",
-            "swapped_layers")
-    return dict({key: inference[key] for key in keys}, offload=options["offload"] or "none",
-                kernels=inference["kernels"] or kernels_default)
+    given = {name: inference[name] for name in InferenceConfig.model_fields if name in inference}
+    return given | dict(offload=options["offload"] or "none", kernels=inference["kernels"] or kernels_default)
 
 
 def _config(model, options: dict, inference: dict, kernels_default: str):
