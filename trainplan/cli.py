@@ -640,8 +640,10 @@ def _profile_recommend(options, run, gpu, cal, on_cpu, top_k, timeout, out, as_j
     from profiler.run import profile_layout
 
     model, _, space = build_space(options)
-    space.fixed["engine"] = "pytorch"
+    space.fixed |= {"engine": "pytorch", "compile": run["compile_"]}
     result = search(model, gpu, space, cal, top=0)
+    if result.recommended is None:  # the candidates are then the closest layouts, none of which fits
+        raise Failure(f"nothing fits: {result.reason}", "does_not_fit")
     refusals = [run_refusal(model, c.train, cuda=not on_cpu) for c in result.candidates]
     runnable = [c for c, refused in zip(result.candidates, refusals) if refused is None][:top_k]
     if not runnable:
