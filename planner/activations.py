@@ -28,6 +28,7 @@ from planner.configs import ModelSpec, TrainConfig
 from planner.engines import ENGINES
 from planner.finetune import is_adapted
 from planner.implementations import Implementation, implementation
+from planner.params import layer_kind
 from planner.precision import RECIPES
 
 INDEX_BYTES = 8  # int64 token ids / targets
@@ -253,7 +254,7 @@ def _linears(model: ModelSpec, x: _Dims, kind: str) -> list[tuple[str, int, bool
     tokens = x.s * x.b
     qkv_bias = model.linear_bias or model.qkv_bias
     attention = []
-    for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+    for prefix in layer_kind(model, kind).attentions:
         if x.fused_qkv:
             attention += [(f"{prefix}_qkv_out", x.ab * tokens * (x.heads + 2 * x.kv_heads) * x.d, qkv_bias),
                           (f"{prefix}_o_out", x.ab * tokens * x.h, model.linear_bias)]
@@ -295,7 +296,7 @@ def _op_level_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, int]:
                 del terms[name]
         if x.seq_div > 1 and name.endswith(("_o_out", "_down_out", "_fc2_out")):
             terms[name.replace("_out", "_reduce_scattered")] = nbytes // x.seq_div
-    for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+    for prefix in layer_kind(model, kind).attentions:
         if not x.impl.sac_saves_attention:
             continue
         terms[f"{prefix}_out"] = x.ab * tokens * x.heads * x.d
@@ -316,7 +317,7 @@ def _op_shared_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, str]:
     rope = model.position_embedding == "rope"
     kv_same = x.flash or x.kv_heads == x.heads
     shared = {"layer_input": "attn_norm_input"}
-    for prefix in ("attn", "cross") if kind == "decoder" and model.encoder_layers else ("attn",):
+    for prefix in layer_kind(model, kind).attentions:
         if not rope:
             shared[f"{prefix}_q_out"] = f"{prefix}_q"
         if not rope and kv_same:
@@ -395,11 +396,10 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
     if recompute == "op":
         return _op_level_terms(model, x, kind)
     selective = recompute == "selective"
-    terms = _attention_terms(model, x, "attn", selective)
-    dropped = list(_core_attention_keys("attn"))
-    if kind == "decoder" and model.encoder_layers:
-        terms |= _attention_terms(model, x, "cross", selective)
-        dropped += _core_attention_keys("cross")
+    terms, dropped = {}, []
+    for sublayer in layer_kind(model, kind).attentions:
+        terms |= _attention_terms(model, x, sublayer, selective)
+        dropped += _core_attention_keys(sublayer)
     terms |= _mlp_terms(model, x)
     if selective:
         terms = {k: v for k, v in terms.items() if k not in dropped}

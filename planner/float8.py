@@ -147,7 +147,7 @@ def gathered_unit_bytes(model: ModelSpec, train: TrainConfig, sizes: tuple[int, 
     everything else in the gather dtype."""
     if not fp8_all_gather(train):
         return tuple(n * gather_bytes for n in sizes)
-    fp8 = {kind: converted_numel(model, kind, train.tp) for kind in set(kinds) if kind in ("encoder", "decoder")}
+    fp8 = {kind: converted_numel(model, kind, train.tp) for kind in set(kinds) if kind not in ("embed", "head")}
     return tuple(n * gather_bytes - fp8.get(kind, 0) * (gather_bytes - 1) for n, kind in zip(sizes, kinds))
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from planner.configs import ModelSpec, TrainConfig, parse_checkpointing
-from planner.params import layer_tensors, pipeline_stages
+from planner.params import layer_kind, layer_stack, layer_tensors, pipeline_stages
 
 BACKWARD_MATMUL_FACTOR = 2.0  # dgrad + wgrad
 FLASH_BACKWARD_FACTOR = 2.5  # FlashAttention-2 backward: 5 matmuls vs 2 in forward
@@ -50,7 +50,7 @@ def head_matmul_params(model: ModelSpec) -> int:
 def attention_square_flops(model: ModelSpec, seq_len: int, kind: str = "decoder") -> int:
     """Forward FLOPs of QK^T and (softmax)V for one sequence over the full s x s square."""
     per_attention = 4 * seq_len * seq_len * model.num_heads * model.head_dim
-    return per_attention * (2 if kind == "decoder" and model.encoder_layers else 1)
+    return per_attention * len(layer_kind(model, kind).attentions)
 
 
 def rank_attention_flops(model: ModelSpec, train: TrainConfig, kind: str = "decoder") -> float:
@@ -59,8 +59,9 @@ def rank_attention_flops(model: ModelSpec, train: TrainConfig, kind: str = "deco
     (round-robin load balancing); causal flash attention skips the masked half of a decoder's
     self-attention (cross-attention is not causal)."""
     attention = attention_square_flops(model, train.seq_len, kind) / train.cp
-    if train.attention == "flash" and kind == "decoder":
-        attention = attention / 2 if not model.encoder_layers else attention * 3 / 4
+    if train.attention == "flash" and layer_kind(model, kind).causal:
+        n = len(layer_kind(model, kind).attentions)  # the self-attention's half of n attentions
+        attention = attention * (2 * n - 1) / (2 * n)
     return attention * train.micro_batch / train.tp
 
 
@@ -71,20 +72,21 @@ def _counted_attention(model: ModelSpec, seq_len: int, kind: str, causal: bool) 
     benchmark counts it (benchmarks/benchmark_flash_attention.py: flops / 2 if causal).
     Cross-attention and encoders are never masked."""
     square = attention_square_flops(model, seq_len, kind)
-    if not causal or kind != "decoder":
+    if not causal or not layer_kind(model, kind).causal:
         return square
-    return square * 3 / 4 if model.encoder_layers else square / 2  # self-attention half of (self + cross)
+    n = len(layer_kind(model, kind).attentions)
+    return square * (2 * n - 1) / (2 * n)  # the self-attention's half of (self [+ cross])
 
 
 def model_forward_flops_per_sequence(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
-    matmuls = 2 * seq_len * (
-        model.encoder_layers * layer_matmul_params(model, "encoder")
-        + model.num_layers * layer_matmul_params(model, "decoder")
-        + head_matmul_params(model)
-    )
-    attention = (model.encoder_layers * _counted_attention(model, seq_len, "encoder", causal)
-                 + model.num_layers * _counted_attention(model, seq_len, "decoder", causal))
-    return matmuls + attention
+    stack = layer_stack(model)
+    matmuls = 2 * seq_len * (sum(n * layer_matmul_params(model, kind) for kind, n in stack) + head_matmul_params(model))
+    return matmuls + _stack_attention(model, seq_len, causal)
+
+
+def _stack_attention(model: ModelSpec, seq_len: int, causal: bool) -> float:
+    """The counted attention of every block of the model (one sequence, forward)."""
+    return sum(n * _counted_attention(model, seq_len, kind, causal) for kind, n in layer_stack(model))
 
 
 def model_flops_per_token(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
@@ -103,13 +105,10 @@ def model_flops_per_step(model: ModelSpec, train: TrainConfig, causal: bool = Tr
         return 3 * model_forward_flops_per_sequence(model, train.seq_len, causal) * train.global_batch
     s = train.seq_len
     matmuls = 0.0
-    for kind, count in (("encoder", model.encoder_layers), ("decoder", model.num_layers), ("head", 1)):
-        if count:
-            frozen, adapters = finetune_matmul_params(model, train, kind)
-            matmuls += count * 2 * s * (2 * frozen + 3 * adapters)
-    attention = (model.encoder_layers * _counted_attention(model, s, "encoder", causal)
-                 + model.num_layers * _counted_attention(model, s, "decoder", causal))
-    return (matmuls + 3 * attention) * train.global_batch
+    for kind, count in (*layer_stack(model), ("head", 1)):
+        frozen, adapters = finetune_matmul_params(model, train, kind)
+        matmuls += count * 2 * s * (2 * frozen + 3 * adapters)
+    return (matmuls + 3 * _stack_attention(model, s, causal)) * train.global_batch
 
 
 @lru_cache(maxsize=1024)
@@ -159,18 +158,17 @@ def recompute_flops_per_sequence(model: ModelSpec, seq_len: int, checkpointing: 
     policy, _ = parse_checkpointing(checkpointing)
     if policy == "none":
         return 0
+    stack = layer_stack(model)
     if policy == "op":
-        return 2 * seq_len * (model.encoder_layers * op_recomputed_params(model, "encoder")
-                              + model.num_layers * op_recomputed_params(model, "decoder"))
-    attention = {kind: _counted_attention(model, seq_len, kind, causal) for kind in ("encoder", "decoder")}
+        return 2 * seq_len * sum(n * op_recomputed_params(model, kind) for kind, n in stack)
     if policy == "selective":
-        return model.encoder_layers * attention["encoder"] + model.num_layers * attention["decoder"]
-    per_layer = {kind: 2 * seq_len * layer_matmul_params(model, kind) + attention[kind]
-                 for kind in ("encoder", "decoder")}
-    layers = range(model.total_layers)
-    encoder = _checkpointed_layers(checkpointing, layers[:model.encoder_layers])
-    decoder = _checkpointed_layers(checkpointing, layers[model.encoder_layers:])
-    return encoder * per_layer["encoder"] + decoder * per_layer["decoder"]
+        return _stack_attention(model, seq_len, causal)
+    recomputed, first = 0.0, 0
+    for kind, n in stack:  # full, or layer:N per stack of its kind
+        per_layer = 2 * seq_len * layer_matmul_params(model, kind) + _counted_attention(model, seq_len, kind, causal)
+        recomputed += _checkpointed_layers(checkpointing, range(first, first + n)) * per_layer
+        first += n
+    return recomputed
 
 
 def hardware_flops_per_step(model: ModelSpec, train: TrainConfig, causal: bool = True) -> float:
@@ -197,7 +195,7 @@ def unit_flops(model: ModelSpec, train: TrainConfig, kind: str) -> StageFlops:
     collectives overlap. Units of one kind do the same work."""
     s, b, t = train.local_seq_len, train.micro_batch, train.tp
     flash = train.attention == "flash"
-    if kind in ("encoder", "decoder"):
+    if kind not in ("embed", "head"):  # a layer
         matmul_params, attention = layer_matmul_params(model, kind), rank_attention_flops(model, train, kind)
     elif kind == "head":
         matmul_params, attention = head_matmul_params(model), 0
@@ -232,9 +230,10 @@ def stage_flops(model: ModelSpec, train: TrainConfig, stage_index: int) -> Stage
     per_kind = {kind: unit_flops(model, train, kind) for kind in kinds}
     recompute = sum(n * per_kind[k].recompute for k, n in kinds.items())
     if parse_checkpointing(train.activation_checkpointing)[0] == "layer":
-        layer_kind = "encoder" if kinds.get("encoder") else "decoder"
-        layers = _checkpointed_layers(train.activation_checkpointing, stage.layer_ids)
-        recompute = layers * per_kind[layer_kind].forward if layer_kind in per_kind else 0.0
+        # every N-th layer's forward again, each at its own kind's
+        checkpointed = Counter(kind for kind, i in zip(stage.layer_kinds, stage.layer_ids)
+                               if _checkpointed_layers(train.activation_checkpointing, (i,)))
+        recompute = sum((n * per_kind[kind].forward for kind, n in checkpointed.items()), 0.0)
     return StageFlops(forward=sum(n * per_kind[k].forward for k, n in kinds.items()),
                       backward=sum(n * per_kind[k].backward for k, n in kinds.items()), recompute=recompute)
 

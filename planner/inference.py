@@ -42,7 +42,7 @@ from planner.errors import ConfigError, LayoutError
 from planner.finetune import quantised_bytes
 from planner.flops import _counted_attention, head_matmul_params, layer_matmul_params
 from planner.memory import Limit, memory_limits
-from planner.params import ParamTensor, Unit, pipeline_stages
+from planner.params import ParamTensor, Unit, layer_kind, layer_stack, pipeline_stages
 
 Weights = Literal["bf16", "fp16", "fp32", "int8", "w8a8", "int4", "nf4"]
 WEIGHTS_HELP = ("how block projections are stored: bf16, fp16, fp32 (as is), int8 (weight-only, per-row absmax), "
@@ -166,8 +166,9 @@ def unit_bytes(unit: Unit, cfg: InferenceConfig, compute_bytes: int, tp: int = 1
 def kv_cache_bytes(model: ModelSpec, cfg: InferenceConfig, compute_bytes: int, kind: str = "decoder",
                    tp: int = 1) -> int:
     """One layer's cache: self-attention over prompt + new tokens (an encoder-decoder's decoder:
-    over the new tokens, plus cross-attention k, v over the prompt); encoders keep none."""
-    if kind == "encoder":
+    over the new tokens, plus cross-attention k, v over the prompt); a block that does not
+    generate (an encoder) keeps none."""
+    if not layer_kind(model, kind).generates:
         return 0
     entries = 2 * cfg.batch * (model.num_kv_heads // tp) * cfg.cache_len  # k and v rows of head_dim
     if cfg.kv_cache == "int8":
@@ -519,6 +520,7 @@ class _Stage:
     weights: int
     layer_bytes: list[int]
     layer_kinds: list[str]
+    generates: list[bool]  # per layer: runs once per generated token (a decoder's; planner/params.py LayerKind)
     kv: int
     has_embedding: bool
     has_head: bool
@@ -526,12 +528,12 @@ class _Stage:
 
 def _stage(model: ModelSpec, cfg: InferenceConfig, e: int, index: int) -> _Stage:
     stage = pipeline_stages(model, cfg.pp)[index]
-    layer_units = [u for u in stage.units if u.kind in ("encoder", "decoder")]
+    layer_units = [u for u in stage.units if u.is_layer]
     layer_bytes = [unit_bytes(u, cfg, e, cfg.tp) for u in layer_units]
-    weights = sum(layer_bytes) + sum(unit_bytes(u, cfg, e, cfg.tp) for u in stage.units
-                                     if u.kind not in ("encoder", "decoder"))
+    weights = sum(layer_bytes) + sum(unit_bytes(u, cfg, e, cfg.tp) for u in stage.units if not u.is_layer)
     kv = sum(kv_cache_bytes(model, cfg, e, u.kind, cfg.tp) for u in layer_units)
-    return _Stage(weights, layer_bytes, [u.kind for u in layer_units], kv, stage.has_embedding, stage.has_head)
+    return _Stage(weights, layer_bytes, [u.kind for u in layer_units],
+                  [layer_kind(model, u.kind).generates for u in layer_units], kv, stage.has_embedding, stage.has_head)
 
 
 def _overhead(cal_overheads: Overheads, cfg: InferenceConfig, allocated: int) -> int:
@@ -553,7 +555,7 @@ def _activations(model: ModelSpec, cfg: InferenceConfig, e: int, stage: _Stage) 
         c = min(chunk, cfg.prompt_len - pos)
         prefill = max(prefill, forward_peak(model, cfg, e, cfg.batch, c, pos + c, layers, stage.has_embedding,
                                             stage.has_head, cfg.tp, keep_logits=True))
-    decode_layers = sum(k == "decoder" for k in kinds)
+    decode_layers = sum(stage.generates)
     decode = forward_peak(model, cfg, e, cfg.batch, 1, cfg.cache_len - 1, decode_layers, stage.has_embedding,
                           stage.has_head, cfg.tp)
     return prefill, decode
@@ -604,7 +606,7 @@ def _residency(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, worst: _Wor
     if cfg.offload != "layers":
         return _Residency(stage.weights, 0, 0, swapped_flags)
     n = len(stage.layer_bytes)
-    encoders = sum(k == "encoder" for k in stage.layer_kinds)
+    encoders = sum(not generates for generates in stage.generates)  # swapped first: they run once per prompt
 
     def resident(count: int) -> tuple[int, int, int, list[int]]:
         ids = swapped_layers(n, count, encoders)
@@ -690,7 +692,7 @@ def _layer_times(model: ModelSpec, cfg: InferenceConfig, e: int, stages: list[_S
     weight reads (once per chunk) over HBM, whichever is longer; a decode step's FLOPs, and its
     weights plus the KV cache so far over HBM."""
     flops_rate, hbm = rates.flops_rate, rates.hbm
-    layer_numel = {kind: layer_matmul_params(model, kind) // cfg.tp for kind in ("encoder", "decoder")}
+    layer_numel = {kind: layer_matmul_params(model, kind) // cfg.tp for kind, _ in layer_stack(model)}
     prefill_layer_s, decode_layer_s = [], []
     for stage in stages:
         for kind, nbytes in zip(stage.layer_kinds, stage.layer_bytes):
@@ -699,12 +701,12 @@ def _layer_times(model: ModelSpec, cfg: InferenceConfig, e: int, stages: list[_S
             flops = 2 * params * cfg.batch * cfg.prompt_len + cfg.batch * _counted_attention(
                 model, cfg.prompt_len, kind, True) / cfg.tp
             prefill_layer_s.append(max(flops / flops_rate, chunks * traffic / hbm))
-            if kind == "decoder":
+            if layer_kind(model, kind).generates:
                 kv_read = kv_cache_bytes(model, cfg, e, kind, cfg.tp) * (cfg.cache_len - 1) // cfg.cache_len
                 if cfg.kv_cache == "int8":
                     kv_read += 2 * 2 * cfg.batch * (model.num_kv_heads // cfg.tp) * cfg.cache_len * model.head_dim * e
                 step_flops = 2 * params * cfg.batch + 4 * cfg.batch * cfg.cache_len * model.num_heads // cfg.tp * \
-                    model.head_dim * (2 if model.encoder_layers else 1)
+                    model.head_dim * len(layer_kind(model, kind).attentions)
                 decode_layer_s.append((step_flops / flops_rate, (traffic + kv_read) / hbm))
     return _LayerTimes(prefill_layer_s, decode_layer_s)
 
@@ -792,8 +794,7 @@ def _offload_schedule(gpu: GPUSpec, cfg: InferenceConfig, cal: Calibration, stag
     swapped_flags, chunks, head = residency.swapped, phases.chunks, phases.head
     link = gpu.host_link_bandwidth_gb_s * 1e9 * cal.throughput.host_link_efficiency
     load_s = [b / link for b in stage.layer_bytes]
-    kinds = stage.layer_kinds
-    decoder_ids = [i for i, k in enumerate(kinds) if k == "decoder"]
+    decoder_ids = [i for i, generates in enumerate(stage.generates) if generates]
     plain_decode = phases.decode_step
     decode_step = offload_pass_time(phases.decode_layers, [swapped_flags[i] for i in decoder_ids],
                                     [load_s[i] for i in decoder_ids], cfg.slots, head.decode_s)

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from math import ceil, prod
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -50,6 +50,7 @@ from planner.implementations import implementation
 from planner.params import (
     embed_tensors,
     greedy_partition_max,
+    layer_stack,
     local_tensor_shapes,
     pipeline_stages,
     Unit,
@@ -241,12 +242,16 @@ class _StageParams:
     last_unit: int  # the unit that runs just before the loss (the head, on the last stage)
     last_to_differentiate: int  # units whose gradients are still being written then
     matmul_weights: int  # 2-D linear weights (autocast copies)
-    encoder_layers: int
-    decoder_layers: int
+    layer_kinds: tuple[str, ...]  # the kind of each layer held, in order (planner/params.py layer_kind)
+    kind_counts: tuple[tuple[str, int], ...]  # (kind, layers of it) in order of first appearance
     has_embedding: bool
     has_head: bool
     first_layer: int
     last_layer: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_kinds)
 
 
 @lru_cache(maxsize=16384)
@@ -306,6 +311,7 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
     # (if the stage has it) are not written yet.
     pending = sum(unit_sizes[:2]) if has_embedding else unit_sizes[0]
     kinds = [u.kind for u in units]
+    layer_kinds = tuple(u.kind for u in units if u.is_layer)
     return _StageParams(
         local=local,
         sharded=sharded,
@@ -325,8 +331,8 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
         matmul_weights=matmul,
-        encoder_layers=kinds.count("encoder"),
-        decoder_layers=kinds.count("decoder"),
+        layer_kinds=layer_kinds,
+        kind_counts=tuple(Counter(layer_kinds).items()),
         has_embedding=has_embedding,
         has_head=has_head,
         first_layer=layers[0],
@@ -397,18 +403,22 @@ def _finetune_params(model: ModelSpec, train: TrainConfig) -> tuple[_StageParams
     return trainable, frozen
 
 
+class _LayerActs(NamedTuple):
+    """One block of a kind, per micro-batch (bytes): what it saves under the config's policy,
+    without recompute, and under op-level checkpointing what its backward rebuilds and what
+    the rebuild releases."""
+
+    saved: int
+    no_recompute: int
+    op_recompute: int
+    op_released: int
+
+
 @dataclass(frozen=True)
 class _ActSums:
-    """Activation bytes per micro-batch: per layer by kind, with and without recompute."""
+    """Activation bytes per micro-batch: per block of each layer kind, and the rest."""
 
-    encoder_layer: int
-    decoder_layer: int
-    encoder_layer_no_recompute: int
-    decoder_layer_no_recompute: int
-    encoder_layer_op_recompute: int
-    decoder_layer_op_recompute: int
-    encoder_layer_op_released: int
-    decoder_layer_op_released: int
+    layers: dict[str, _LayerActs]  # per layer kind of the model
     op_forward_pending: int
     rebuilt_mlp_backward_freed: int
     rebuilt_mlp_backward_working: int
@@ -435,14 +445,9 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
     """Keyed by exactly the fields the activation functions read (``ActivationInputs``)."""
     loss_forward, loss_backward = act.loss_transients(model, train)
     return _ActSums(
-        encoder_layer=act.layer_bytes(model, train, "encoder"),
-        decoder_layer=act.layer_bytes(model, train, "decoder"),
-        encoder_layer_no_recompute=act.layer_bytes(model, train, "encoder", "none"),
-        decoder_layer_no_recompute=act.layer_bytes(model, train, "decoder", "none"),
-        encoder_layer_op_recompute=act.op_recomputed_bytes(model, train, "encoder"),
-        decoder_layer_op_recompute=act.op_recomputed_bytes(model, train, "decoder"),
-        encoder_layer_op_released=act.op_released_bytes(model, train, "encoder"),
-        decoder_layer_op_released=act.op_released_bytes(model, train, "decoder"),
+        layers={kind: _LayerActs(act.layer_bytes(model, train, kind), act.layer_bytes(model, train, kind, "none"),
+                                 act.op_recomputed_bytes(model, train, kind), act.op_released_bytes(model, train, kind))
+                for kind, _ in layer_stack(model)},
         op_forward_pending=act.op_forward_pending_bytes(model, train),
         rebuilt_mlp_backward_freed=act.rebuilt_mlp_backward(model, train)[0],
         rebuilt_mlp_backward_working=act.rebuilt_mlp_backward(model, train)[1],
@@ -466,6 +471,13 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
 
 
 # ---------------------------------------------------------------- the phase model
+#
+# A stage's memory is read at named moments of one step: in the forward, the loss and the
+# stage's last layer; in the backward, the loss's backward, the middle and the end of a layer's
+# backward (its first, last and second-to-last layers), the gradient reduction after it; the
+# optimizer step. Each moment adds, to the model states that persist (``_model_states``), the
+# activations alive then (``_stage_activations``) and the transient buffers of FSDP/ZeRO, the
+# loss and the pipeline (``_buffers``); a phase's memory is its largest moment.
 
 
 @dataclass
@@ -504,25 +516,41 @@ def _add(parts: dict[str, int], name: str, value: int | float) -> None:
         parts[name] = parts.get(name, 0) + int(value)
 
 
-def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int) -> _StageResult:
-    recipe = RECIPES[train.precision]
-    engine = ENGINES[train.engine]
-    zero, offload = train.zero_stage, train.offload
-    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, zero, train.engine, stage_index)
-    sums = _act_sums(model, act.ActivationInputs.of(train))
-    fsdp = train.engine == "pytorch" and zero >= 2
+class _States(NamedTuple):
+    """The model states of the stage's rank (bytes, elements where ``n_``), and how they change
+    over the step."""
 
-    # --- persistent state (bytes)
-    gather = recipe.gather_bytes
+    sp: _StageParams  # what trains (a fine-tune: the adapters)
+    trecipe: Recipe  # what the trainable parameters are stored and stepped in
+    gathered_units: tuple[int, ...]  # bytes of each unit as FSDP2 gathers it
+    dequantised: int  # a quantised base's largest projection, dequantised for its matmul
+    teacher: _Teacher | None
+    n_param: int
+    n_grad: int
+    n_state: int
+    largest_tensor: int  # of what trains, as the optimizer sees it (sharded by ZeRO-2/3)
+    params: int
+    optimizer: int
+    paged: int  # optimizer state paged out to host memory
+    grads_full: int
+    in_flight: int  # optimizer in backward: the one gradient not yet applied
+    grads_at_end: int  # at the end of backward
+    grads_persist: bool  # DDP's buckets and engines that keep gradients between steps
+    grads_in_forward: int
+
+
+def _model_states(model: ModelSpec, train: TrainConfig, sp: _StageParams) -> _States:
+    recipe, engine = RECIPES[train.precision], ENGINES[train.engine]
+    zero, offload = train.zero_stage, train.offload
     # bytes of each unit as FSDP2 gathers it (Float8 tensorwise: the projections in fp8)
-    gathered_units = float8.gathered_unit_bytes(model, train, sp.unit_sizes, sp.unit_kinds, gather)
+    gathered_units = float8.gathered_unit_bytes(model, train, sp.unit_sizes, sp.unit_kinds, recipe.gather_bytes)
     frozen_resident, dequantised = 0, 0
-    trecipe = recipe  # what the trainable parameters are stored and stepped in
+    trecipe = recipe
     if train.finetune != "full":
         if train.lora_dtype == "fp32":  # fp32 adapters: fp32 gradients and states, no master copy
             trecipe = RECIPES["fp32"]
-        # what trains is the adapters: gradients, optimizer state and sharding follow them
-        # (``tsp``); the frozen base is resident, sharded by ZeRO-3 (planner/finetune.py)
+        # what trains is the adapters: gradients, optimizer state and sharding follow them; the
+        # frozen base is resident, sharded by ZeRO-3 (planner/finetune.py)
         sp, frozen = _finetune_params(model, train)
         gathered_units = frozen.gathered
         frozen_resident = frozen.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else frozen.local
@@ -531,7 +559,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     n_param = sp.sharded if zero >= 3 or (zero == 2 and engine.zero2_gathers_params) else sp.local
     n_grad = sp.sharded if zero >= 2 else sp.local
     n_state = sp.optimizer_share if zero == 1 else (sp.sharded if zero >= 2 else sp.local)
-    largest_tensor = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor  # of what trains
+    largest_tensor = sp.largest_tensor_sharded if zero >= 2 else sp.largest_tensor
     teacher = _teacher(model, train) if train.teacher else None
     # distillation: the teacher's weights, frozen in the compute dtype, on every rank
     frozen_resident += teacher.weight_bytes if teacher else 0
@@ -557,67 +585,160 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     grads_at_end = grads_full if grads_on_gpu else 0
     # DDP's buckets (gradient_as_bucket_view) outlive zero_grad; a single process has no DDP.
     # FSDP2 (zero_grad(set_to_none=True)) has no gradients in the first micro-batch's forward;
-    # later micro-batches (accumulation, or any pipeline) run with the accumulated shards.
+    # later micro-batches (accumulation, or any pipeline) run with the accumulated shards --
+    # except under a pipeline, whose last micro-batch's backward writes them (``_buffers``).
     grads_persist = (zero <= 1 and train.shard_world > 1) or engine.grads_between_steps
     grads_in_forward = grads_at_end if grads_persist or train.num_microbatches > 1 else 0
+    if _pipeline_fsdp(train):
+        grads_in_forward = 0
+    return _States(sp, trecipe, gathered_units, dequantised, teacher, n_param, n_grad, n_state, largest_tensor,
+                   params, optimizer, paged, grads_full, in_flight, grads_at_end, grads_persist, grads_in_forward)
 
-    # --- activations (one micro-batch's worth of each part; ``inflight`` says how many)
+
+def _pipeline_fsdp(train: TrainConfig) -> bool:
+    """FSDP2 (ZeRO-2/3 on the pytorch engine) under torch.distributed.pipelining."""
+    return train.engine == "pytorch" and train.zero_stage >= 2 and train.pp > 1
+
+
+class _Saved(NamedTuple):
+    """What one of the stage's layers saves for its backward, and rebuilds in it (bytes)."""
+
+    saved: int
+    recomputed: int
+
+
+class _Activations(NamedTuple):
+    """The stage's activations at the end of its forward (``total``), its parts, and what its
+    first, last and second-to-last layers save and rebuild."""
+
+    policy: str
+    layer_factor: float  # micro-batches in flight (planner/activations.py inflight)
+    head_count: int
+    total: int
+    layers: int  # one micro-batch's layers (their outputs on an inner stage included)
+    autocast: int
+    embedding: int
+    head: int
+    rope: int
+    last: _Saved  # the stage's last layer: the first one the backward reaches
+    first: _Saved
+    second: _Saved  # the second-to-last layer ((0, 0) with one layer)
+    largest_saved: int  # the largest block's saved bytes (the allocator cache's block)
+    cache_out: int  # a Hugging Face forward's returned KV cache
+    outputs: int  # what the model's forward returns, dropped before backward
+
+
+def _stage_activations(model: ModelSpec, train: TrainConfig, stage_index: int, sp: _StageParams, sums: _ActSums,
+                       teacher: _Teacher | None) -> _Activations:
+    """One micro-batch's worth of each part; ``act.inflight`` says how many are alive. Each
+    layer counts as its kind (``sums.layers``): a stage across T5's encoder/decoder boundary
+    sums encoder and decoder blocks each at its own."""
     layer_factor, embed_count, head_count = act.inflight(train, stage_index)
     policy, every = parse_checkpointing(train.activation_checkpointing)
     # layer:N checkpoints the N-th, 2N-th, ... block fully and leaves the others alone
     checkpointed = [(i + 1) % every == 0 if policy == "layer" else policy == "full" for i in sp.layer_ids]
-    n_checkpointed = sum(checkpointed) if policy == "layer" else 0
-    layers_mb = (sp.encoder_layers * sums.encoder_layer + sp.decoder_layers * sums.decoder_layer
-                 + n_checkpointed * (sums.layer_input - sums.decoder_layer))
+    layers_mb = sum(n * sums.layers[kind].saved for kind, n in sp.kind_counts)
+    if policy == "layer":  # a checkpointed block keeps its input only
+        layers_mb += sum(sums.layer_input - sums.layers['decoder'].saved
+                         for kind, c in zip(sp.layer_kinds, checkpointed) if c)
     embed_mb = sums.embedding if sp.has_embedding else 0
     # the pipeline keeps each in-flight micro-batch's stage output (logits on the last stage)
     head_mb = (sums.head + sums.pipeline_output_last) if sp.has_head else 0
-    layers_mb_output = 0 if sp.has_head else sums.pipeline_output_inner
     # torch.autocast casts each linear weight to bf16 per forward, and linear saves the cast.
-    autocast_mb = 2 * sp.matmul_weights if train.precision == "amp-bf16" and zero <= 1 else 0
-    layers_mb += layers_mb_output
-    has_layers = sp.encoder_layers + sp.decoder_layers > 0
+    autocast_mb = 2 * sp.matmul_weights if train.precision == "amp-bf16" and train.zero_stage <= 1 else 0
+    layers_mb += 0 if sp.has_head else sums.pipeline_output_inner
     # one cast of the RoPE tables per forward of the stage (per model chunk, interleaved)
-    rope_mb = sums.rope_tables if has_layers else 0
+    rope_mb = sums.rope_tables if sp.num_layers else 0
     if teacher is not None:  # its fp32 log-probabilities, kept by the loss through backward
         head_mb += teacher.logprobs
     activations = (int(layer_factor * (layers_mb + autocast_mb)) + round(layer_factor * train.chunks) * rope_mb
                    + embed_count * embed_mb + head_count * head_mb)
-    first_kind_is_encoder = sp.encoder_layers > 0
-    per_layer = (sums.encoder_layer if first_kind_is_encoder else sums.decoder_layer) if has_layers else 0
-    no_recompute = (sums.encoder_layer_no_recompute if first_kind_is_encoder
-                    else sums.decoder_layer_no_recompute) if has_layers else 0
-    # op-level: what the backward rebuilds, less the cached tensors the rebuild releases
-    op_recompute = ((sums.encoder_layer_op_recompute - sums.encoder_layer_op_released) if first_kind_is_encoder
-                    else (sums.decoder_layer_op_recompute - sums.decoder_layer_op_released)) if has_layers else 0
 
-    def saved_and_recomputed(position: int) -> tuple[int, int]:
+    def layer(position: int) -> _Saved:
         """What the stage's layer at ``position`` saves, and recomputes in its backward."""
-        if not has_layers:
-            return 0, 0
+        if not sp.num_layers:
+            return _Saved(0, 0)
+        block = sums.layers[sp.layer_kinds[0]]
         if policy == "layer":
-            return (sums.layer_input, no_recompute - sums.layer_input) if checkpointed[position] else (per_layer, 0)
-        if policy == "op":  # its backward rebuilds what the policy did not keep
-            return per_layer, op_recompute
-        return per_layer, (no_recompute - sums.layer_input if policy == "full" else 0)
+            if checkpointed[position]:
+                return _Saved(sums.layer_input, block.no_recompute - sums.layer_input)
+            return _Saved(block.saved, 0)
+        if policy == "op":  # its backward rebuilds what the policy did not keep, less what that releases
+            return _Saved(block.saved, block.op_recompute - block.op_released)
+        return _Saved(block.saved, block.no_recompute - sums.layer_input if policy == "full" else 0)
 
-    # the stage's last layer runs first in backward; its first layer last
-    one_layer, recompute_set = saved_and_recomputed(-1)
-    first_saved, first_recompute = saved_and_recomputed(0)
-    second_saved, second_recompute = saved_and_recomputed(-2) if len(sp.layer_ids) >= 2 else (0, 0)
+    # what the model's forward returns (Hugging Face: logits, KV cache), dropped before backward
+    cache_out = sums.forward_cache_per_layer * sp.num_layers
+    return _Activations(
+        policy, layer_factor, head_count, activations, layers_mb, autocast_mb, embed_mb, head_mb, rope_mb,
+        last=layer(-1), first=layer(0), second=layer(-2) if sp.num_layers >= 2 else _Saved(0, 0),
+        largest_saved=sums.layers[sp.layer_kinds[0]].saved if sp.num_layers else 0,
+        cache_out=cache_out, outputs=cache_out + (sums.forward_logits if sp.has_head else 0))
 
-    # --- temporaries
-    # units as FSDP2 gathers them (bytes): one, the current and prefetched, the first/last
-    g = gathered_units
-    g_pair = max([a + b for a, b in zip(g, g[1:])] or g)
-    g_unshard = max([2 * g[0]] + [a + 2 * b for a, b in zip(g, g[1:])])
+
+class _Gathered(NamedTuple):
+    """Parameters FSDP/ZeRO holds gathered (bytes) at the forward's layers, the end of the
+    backward, the loss, and the loss's backward."""
+
+    forward: int
+    backward_end: int
+    at_loss: int
+    at_loss_backward: int
+
+
+def _gathered(train: TrainConfig, engine: EngineSemantics, sp: _StageParams, g: tuple[int, ...],
+              units_stay_gathered: bool) -> _Gathered:
+    pair = max([a + b for a, b in zip(g, g[1:])] or g)  # the current and the prefetched unit
+    pipeline_fsdp = _pipeline_fsdp(train)
+    if train.zero_stage >= 3 and not (train.pp > 1 and train.engine == "pytorch" and units_stay_gathered):
+        # current + prefetched unit while layers run; at the loss only the unit that ran last
+        # (the head) is still gathered -- FSDP2 frees it in its backward
+        forward = pair
+        if pipeline_fsdp and sp.has_embedding and len(g) > 2:
+            # a pipeline's steady state peaks in a micro-batch's backward among the layers: the
+            # embedding's unit is gathered only around the first layer
+            forward = max(a + b for a, b in zip(g[1:], g[2:]))
+        return _Gathered(forward, pair, g[-1], 0)
+    if (train.zero_stage == 2 and engine.zero2_gathers_params) or units_stay_gathered:
+        # ZeRO-2 as FSDP2, and units kept gathered under a pipeline: at the first layer's
+        # backward the embedding's unit and that layer's are gathered (under a pipeline: all of
+        # them, until the last micro-batch); at the loss, also the all-gather buffer of the
+        # unit that ran last, not yet released
+        everything = sum(g)
+        end = everything if pipeline_fsdp else g[0] + (g[1] if len(g) > 1 else 0)
+        return _Gathered(everything, end, everything + g[-1], everything)
+    return _Gathered(0, 0, 0, 0)
+
+
+class _Buffers(NamedTuple):
+    """The transient buffers of one micro-batch's step (bytes): FSDP/ZeRO's gathered units and
+    gradient reduction, the loss's logits, the pipeline's receive buffers."""
+
+    fsdp_units: bool  # FSDP2 ZeRO-3 without a pipeline: unit-by-unit moments (``_fsdp_layer_moments``)
+    gathered: _Gathered
+    unshard: int  # the largest unit's unshard: its all-gather buffer, its copy and the unit before
+    largest_gathered: int
+    tied_gathered: int
+    unsharded_grads: int  # a pipeline stage's unsharded gradients (FSDP2 under pipelining)
+    unsharded_before_backward: int
+    loss_forward: int
+    loss_backward: int
+    workspace: int
+    fp8_work: int
+    grad_reduce: int
+    recv_buffers: int
+
+
+def _buffers(model: ModelSpec, train: TrainConfig, stage_index: int, st: _States, acts: _Activations,
+             sums: _ActSums) -> _Buffers:
+    recipe, engine, sp, g = RECIPES[train.precision], ENGINES[train.engine], st.sp, st.gathered_units
+    fsdp = train.engine == "pytorch" and train.zero_stage >= 2
     # FSDP2 ZeRO-3 without a pipeline: units are all-gathered and reduce-scattered one at a
     # time, each with its own buffers (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)
-    fsdp_units = fsdp and zero >= 3 and train.pp == 1
+    fsdp_units = fsdp and train.zero_stage >= 3 and train.pp == 1
     # A tied head multiplies by the embedding after the embedding's unit ran: the strategy
     # layer keeps that unit gathered from its forward to its backward (strategies/fsdp.py).
-    tied_gathered = g[0] if (
-        fsdp_units and model.tied_embeddings and sp.has_embedding and sp.has_head) else 0
+    tied_gathered = g[0] if fsdp_units and model.tied_embeddings and sp.has_embedding and sp.has_head else 0
     # FSDP2 under torch.distributed.pipelining: the stage turns off resharding after backward and
     # gradient sync until its last micro-batch (torch/distributed/pipelining/stage.py,
     # backward_maybe_with_nosync: set_reshard_after_backward(False), set_requires_gradient_sync(False)).
@@ -626,251 +747,309 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
     # until the last micro-batch's backward reduce-scatters them; in the steady state of the
     # schedule every unit's are there. ZeRO-3 still reshards after each forward unless the
     # implementation keeps units gathered under a pipeline (torchtitan's policy).
-    pipeline_fsdp = fsdp and train.pp > 1
+    pipeline_fsdp = _pipeline_fsdp(train)
     units_stay_gathered = pipeline_fsdp and implementation(train.impl).keeps_units_gathered_with_pp
-    unsharded_grads = sum(sp.unit_sizes) * trecipe.reduce_bytes if pipeline_fsdp else 0
-    # with GPipe every forward runs before the first backward: none are there at the end of
-    # forward; with 1F1B the steady state's forwards and backwards run beside all of them
-    unsharded_before_backward = 0 if train.schedule == "gpipe" else unsharded_grads
-    if pipeline_fsdp:
-        grads_in_forward = 0  # the sharded gradients are written by the last micro-batch's backward
-    if zero >= 3 and not (train.pp > 1 and train.engine == "pytorch" and units_stay_gathered):
-        # current + prefetched unit while layers run; at the loss only the unit that ran last
-        # (the head) is still gathered -- FSDP2 frees it in its backward
-        gathered_fwd = gathered_bwd_end = g_pair
-        if pipeline_fsdp and sp.has_embedding and len(g) > 2:
-            # a pipeline's steady state peaks in a micro-batch's backward among the layers: the
-            # embedding's unit is gathered only around the first layer
-            gathered_fwd = max(a + b for a, b in zip(g[1:], g[2:]))
-        gathered_at_loss, gathered_at_loss_backward = g[-1], 0
-    elif (zero == 2 and engine.zero2_gathers_params) or units_stay_gathered:
-        # ZeRO-2 as FSDP2, and units kept gathered under a pipeline
-        # at the first layer's backward the embedding's unit and that layer's are gathered
-        # (under a pipeline: all of them, until the last micro-batch)
-        gathered_fwd = sum(g)
-        gathered_bwd_end = gathered_fwd if pipeline_fsdp else g[0] + (g[1] if len(g) > 1 else 0)
-        # + the all-gather buffer of the unit that ran last, not yet released at the loss
-        gathered_at_loss, gathered_at_loss_backward = gathered_fwd + g[-1], gathered_fwd
-    else:
-        gathered_fwd = gathered_bwd_end = gathered_at_loss = gathered_at_loss_backward = 0
+    unsharded_grads = sum(sp.unit_sizes) * st.trecipe.reduce_bytes if pipeline_fsdp else 0
     loss_fwd, loss_bwd = (sums.loss_forward, sums.loss_backward) if sp.has_head else (0, 0)
-    if teacher is not None and sp.has_head:
+    if st.teacher is not None and sp.has_head:
         # the KL term, exp(t) * (t - s) over [tokens, vocab] in fp32: three such tensors at once
-        loss_fwd = max(loss_fwd, 3 * teacher.logprobs + act.frozen_head_hidden_bytes(model, train))
-    workspace = sums.workspace if has_layers else 0
+        loss_fwd = max(loss_fwd, 3 * st.teacher.logprobs + act.frozen_head_hidden_bytes(model, train))
     # Float8: one projection's backward, its casts included (planner/float8.py), is a moment of
     # its own beside each moment in the middle of a layer's backward. By the other projections'
     # backward the MLP's saved tensors are freed: the down projection's input, the activation's
     # output and the up projection's output (gated), or fc2's input (GELU).
-    fp8_work = float8.backward_working_bytes(model, train, "encoder" if sp.encoder_layers else "decoder",
-                                             (2 if model.mlp == "gelu" else 3) * sums.rebuilt_mlp_backward_freed) if (
-        has_layers and float8.float8_recipe(train.precision)) else 0
-    if pipeline_fsdp:
-        # no reduce-scatter before the last micro-batch: a unit's new gradient is accumulated
-        # into its unsharded gradient (counted above), in the reduce dtype where it differs
-        grad_reduce = sp.largest_unit * gather if trecipe.reduce_bytes != gather else 0
-    elif fsdp:
-        # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
-        grad_reduce = sp.largest_unit * (gather + trecipe.reduce_bytes)
-    elif engine.reduce_bucket_elements and zero >= 1:
-        grad_reduce = min(engine.reduce_bucket_elements, sp.local) * trecipe.grad_bytes
-    elif not engine.grads_between_steps:
-        # autograd's gradient of one tensor before DDP copies it into its bucket view
-        grad_reduce = sp.largest_tensor * trecipe.grad_bytes
-    else:
-        grad_reduce = 0
+    fp8_work = float8.backward_working_bytes(model, train, sp.layer_kinds[0], (2 if model.mlp == "gelu" else 3)
+                                             * sums.rebuilt_mlp_backward_freed) if (
+        sp.num_layers and float8.float8_recipe(train.precision)) else 0
     recv_buffers = 0
     if sums.pipeline_recv_buffer:
         chunk_indices = [stage_index + c * train.pp for c in range(train.chunks)]
         last_chunk = train.pp * train.chunks - 1
         directions = sum((i != 0) + (i != last_chunk) for i in chunk_indices)
         recv_buffers = directions * train.num_microbatches * sums.pipeline_recv_buffer
+    return _Buffers(
+        fsdp_units=fsdp_units,
+        gathered=_gathered(train, engine, sp, g, units_stay_gathered),
+        unshard=max([2 * g[0]] + [a + 2 * b for a, b in zip(g, g[1:])]),
+        largest_gathered=max(g),
+        tied_gathered=tied_gathered,
+        unsharded_grads=unsharded_grads,
+        # with GPipe every forward runs before the first backward: none are there at the end of
+        # forward; with 1F1B the steady state's forwards and backwards run beside all of them
+        unsharded_before_backward=0 if train.schedule == "gpipe" else unsharded_grads,
+        loss_forward=loss_fwd, loss_backward=loss_bwd,
+        workspace=sums.workspace if sp.num_layers else 0,
+        fp8_work=fp8_work,
+        grad_reduce=_gradient_reduction(train, engine, sp, st.trecipe, recipe.gather_bytes),
+        recv_buffers=recv_buffers)
 
-    # Moments of the forward pass: the loss (all activations, the fp32 logits) and the last
-    # layer (the head's activations not yet written, the gathered units). Under FSDP2 ZeRO-3
-    # the last layer has two: its unshard (its input saved, three units' worth of parameters)
-    # and, with full recompute, the peak of its own forward, whose intermediate tensors live
-    # until the layer returns although none is saved.
-    # what the model's forward returns (Hugging Face: logits, KV cache), dropped before backward
-    cache_out = sums.forward_cache_per_layer * (sp.encoder_layers + sp.decoder_layers)
-    outputs = cache_out + (sums.forward_logits if sp.has_head else 0)
-    last_layer_forward = [(activations - head_mb + cache_out, gathered_fwd, 0)]
-    if fsdp_units:
-        unshard_acts = activations - head_mb - one_layer + (sums.layer_input if has_layers else 0)
-        last_layer_forward = [(unshard_acts + cache_out, g_unshard, 0)]
-        if recompute_set:  # the last layer is checkpointed (fully, or op by op)
-            pending = sums.op_forward_pending if policy == "op" else 0
-            last_layer_forward.append((activations - head_mb + cache_out + sums.layer_forward_working - pending,
-                                       gathered_fwd, 0))
-    forward_moments: list[tuple[_Mem, dict[str, int]]] = []
-    for acts, gathered, loss in ((activations + outputs, gathered_at_loss, loss_fwd), *last_layer_forward):
+
+def _gradient_reduction(train: TrainConfig, engine: EngineSemantics, sp: _StageParams, trecipe: Recipe,
+                        gather: int) -> int:
+    """The buffers of one unit's (or bucket's) gradient reduction after its backward."""
+    if _pipeline_fsdp(train):
+        # no reduce-scatter before the last micro-batch: a unit's new gradient is accumulated
+        # into its unsharded gradient (``_Buffers.unsharded_grads``), in the reduce dtype where it differs
+        return sp.largest_unit * gather if trecipe.reduce_bytes != gather else 0
+    if train.engine == "pytorch" and train.zero_stage >= 2:
+        # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
+        return sp.largest_unit * (gather + trecipe.reduce_bytes)
+    if engine.reduce_bucket_elements and train.zero_stage >= 1:
+        return min(engine.reduce_bucket_elements, sp.local) * trecipe.grad_bytes
+    if not engine.grads_between_steps:
+        # autograd's gradient of one tensor before DDP copies it into its bucket view
+        return sp.largest_tensor * trecipe.grad_bytes
+    return 0
+
+
+def _forward_peak(train: TrainConfig, st: _States, acts: _Activations, buf: _Buffers,
+                  sums: _ActSums) -> tuple[_Mem, dict[str, int]]:
+    """Moments of the forward pass: the loss (all activations, the fp32 logits) and the last
+    layer (the head's activations not yet written, the gathered units). Under FSDP2 ZeRO-3 the
+    last layer has two: its unshard (its input saved, three units' worth of parameters) and,
+    with full recompute, the peak of its own forward, whose intermediate tensors live until the
+    layer returns although none is saved."""
+    total, head, cache_out = acts.total, acts.head, acts.cache_out
+    last_layer = [(total - head + cache_out, buf.gathered.forward, 0)]
+    if buf.fsdp_units:
+        unshard_acts = total - head - acts.last.saved + (sums.layer_input if st.sp.num_layers else 0)
+        last_layer = [(unshard_acts + cache_out, buf.unshard, 0)]
+        if acts.last.recomputed:  # the last layer is checkpointed (fully, or op by op)
+            pending = sums.op_forward_pending if acts.policy == "op" else 0
+            last_layer.append((total - head + cache_out + sums.layer_forward_working - pending, buf.gathered.forward, 0))
+    moments: list[tuple[_Mem, dict[str, int]]] = []
+    for saved, gathered, loss in ((total + acts.outputs, buf.gathered.at_loss, buf.loss_forward), *last_layer):
         tmp: dict[str, int] = {}
-        _add(tmp, "gathered_params", gathered + tied_gathered)
-        _add(tmp, "unsharded_gradients", unsharded_before_backward)
+        _add(tmp, "gathered_params", gathered + buf.tied_gathered)
+        _add(tmp, "unsharded_gradients", buf.unsharded_before_backward)
         _add(tmp, "loss_logits_fp32", loss)
-        _add(tmp, "pipeline_recv_buffers", recv_buffers)
-        _add(tmp, "dequantised_weight", dequantised if not loss else 0)
-        forward_moments.append((_Mem(params, grads_in_forward, optimizer, max(int(acts), 0), sum(tmp.values())), tmp))
-    if teacher is not None:
+        _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
+        _add(tmp, "dequantised_weight", st.dequantised if not loss else 0)
+        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, max(int(saved), 0), sum(tmp.values())),
+                        tmp))
+    if st.teacher is not None:
         # the teacher's forward, before the student's: its log-softmax over the fp32 logits
         tmp = {}
-        _add(tmp, "teacher_forward", teacher.forward_peak)
-        forward_moments.append((_Mem(params, grads_in_forward, optimizer, 0, sum(tmp.values())), tmp))
-    forward, forward_tmp = max(forward_moments, key=lambda m: m[0].total)
+        _add(tmp, "teacher_forward", st.teacher.forward_peak)
+        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, 0, sum(tmp.values())), tmp))
+    return max(moments, key=lambda m: m[0].total)
 
-    # Moments of the backward pass: the loss's backward (last stage); the first layer's
-    # backward (head freed; activation gradients and, with full recompute, one recomputed
-    # layer); right after it, that layer's gradient reduction (its activations freed); and the
-    # stage's last layer (this micro-batch's activations freed, gradients written).
-    moments: list[tuple[_Mem, dict[str, int]]] = []
-    if sp.has_head:
-        tmp = {}
-        _add(tmp, "gathered_params", gathered_at_loss_backward + tied_gathered)
-        _add(tmp, "unsharded_gradients", unsharded_before_backward)
-        _add(tmp, "loss_gradients_fp32", loss_bwd)
-        _add(tmp, "pipeline_recv_buffers", recv_buffers)
-        moments.append((_Mem(params, grads_in_forward, optimizer, activations, sum(tmp.values())), tmp))
-    if grads_persist or not sp.local:
-        grads_before_first_layer = grads_at_end
-    else:
-        grads_before_first_layer = grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
-    end_acts = activations - layers_mb - autocast_mb - embed_mb - head_mb - rope_mb + first_saved
-    layer_moments = [
-        (activations - head_mb, grads_in_forward, gathered_fwd, workspace, 0, recompute_set),
-        (activations - head_mb - one_layer, grads_in_forward, gathered_fwd, 0, grad_reduce, 0),
-        (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, grad_reduce, first_recompute),
+
+class _Moment(NamedTuple):
+    """One moment in a layer's backward (bytes)."""
+
+    activations: int
+    grads: int
+    gathered: int
+    work: int  # activation gradients and the backward's workspace
+    reduce: int  # gradient reduction buffers
+    recompute: int  # what the layer's backward rebuilt
+    fp8: int = 0  # a Float8 projection's backward
+
+
+class _LayerMoments(NamedTuple):
+    moments: list[_Moment]
+    mid_layer: list[_Moment]  # those in the middle of a layer's backward, before its MLP's backward ran
+
+
+def _layer_moments(model: ModelSpec, train: TrainConfig, st: _States, acts: _Activations, buf: _Buffers,
+                   sums: _ActSums, end_acts: int, grads_before_first_layer: int) -> _LayerMoments:
+    """The last layer's backward (head freed; activation gradients and, with recompute, the
+    rebuilt layer); right after it, that layer's gradient reduction (its activations freed);
+    and the stage's first layer's backward (this micro-batch's activations freed, gradients
+    written)."""
+    sp, g, total, head = st.sp, buf.gathered, acts.total, acts.head
+    moments = [
+        _Moment(total - head, st.grads_in_forward, g.forward, buf.workspace, 0, acts.last.recomputed),
+        _Moment(total - head - acts.last.saved, st.grads_in_forward, g.forward, 0, buf.grad_reduce, 0),
+        _Moment(end_acts, grads_before_first_layer, g.backward_end, buf.workspace, buf.grad_reduce,
+                acts.first.recomputed),
     ]
-    # the moments in the middle of a layer's backward, before its MLP's backward ran
-    mid_layer = [layer_moments[0], layer_moments[2]]
-    if has_layers and not fsdp_units:
+    mid_layer = [moments[0], moments[2]]
+    if sp.num_layers:
         # a rebuilt block (checkpointed fully, or op by op) peaks in its MLP's elementwise
         # backward (``act.rebuilt_mlp_backward``): the down projection's input freed and its
         # weight gradient written; in the last layer, after the head's gradients
         freed, working = sums.rebuilt_mlp_backward_freed, sums.rebuilt_mlp_backward_working
-        per_param = grads_at_end // sp.local if sp.local and not grads_persist else 0
+        per_param = st.grads_at_end // sp.local if sp.local and not st.grads_persist else 0
         down_grad = per_param * model.hidden_size * (model.ffn_hidden_size // train.tp)
         head_grads = per_param * sp.last_unit if sp.has_head else 0
-        if recompute_set:
-            layer_moments[0] = (activations - head_mb - freed, grads_in_forward + head_grads + down_grad,
-                                gathered_fwd, working, 0, recompute_set)
-        if first_recompute:
-            layer_moments[2] = (end_acts - freed, grads_before_first_layer + down_grad, gathered_bwd_end, working,
-                                grad_reduce, first_recompute)
-    if fsdp_units:
-        # Measured with FSDPMemTracker (torch 2.13, llama-2-13b ZeRO-3 on 16, full recompute):
-        # while a layer's backward runs, the previous unit's reduce-scatter input waits (one
-        # unit in the reduce dtype) beside this unit's all-gather buffer and unsharded copy; at
-        # the layer's post-backward its parameters are resharded, and its unsharded gradients
-        # and their reduce-scatter input sit beside the next unit's prefetched all-gather.
-        # A layer's backward has two peaks: in its middle (its saved or recomputed activations
-        # and the activation gradients) and at its end, its first norm's backward (the layer's
-        # activations freed but for the norm's input; all its weight gradients unsharded).
-        pending = sp.largest_unit * trecipe.reduce_bytes
-        unit_grads = sp.largest_unit * gather
-        end_work = sums.layer_backward_end if has_layers else 0
-        workspace = sums.layer_backward_extra if has_layers else 0
-        first_input_only = (sums.layer_input if has_layers else 0) - first_saved
-        # the units whose backward ran already hold their sharded gradients: the head's during
-        # the last layer's backward, the head's and the last layer's after it
-        def grads_after(units: int) -> int:
-            if grads_persist or not sp.local:
-                return grads_in_forward
-            return min(grads_at_end, grads_in_forward + grads_at_end * min(units, sp.local) // sp.local)
-        grads_in_last_layer = grads_after(sp.last_unit if sp.has_head else 0)
-        grads_after_last_layer = grads_after(sp.last_two_units)
-        mid_layer = [(activations - head_mb, grads_in_last_layer, gathered_fwd, workspace, 0, recompute_set),
-                     (end_acts, grads_before_first_layer, gathered_bwd_end, workspace, pending, first_recompute)]
-        layer_moments = [
-            mid_layer[0],
-            (activations - head_mb - one_layer, grads_in_forward, max(g), 0, grad_reduce, 0),
-            mid_layer[1],
-            (end_acts + first_input_only, grads_before_first_layer, gathered_bwd_end, end_work, pending + unit_grads,
-             0),
-        ]
-        if sp.encoder_layers + sp.decoder_layers >= 2:
-            # the second-to-last layer (its own policy under layer:N), the last layer's freed
-            second = activations - head_mb - one_layer
-            mid_layer.append((second, grads_after_last_layer, gathered_fwd, workspace, pending, second_recompute))
-            layer_moments += [
-                mid_layer[-1],
-                (second - second_saved + sums.layer_input, grads_after_last_layer, gathered_fwd, end_work,
-                 pending + unit_grads, 0),
-            ]
-    if fp8_work:  # a Float8 projection's backward, in the middle of a layer's backward
-        layer_moments += [(acts, grads, gathered, 0, reduce, recompute, fp8_work)
-                          for acts, grads, gathered, _, reduce, recompute in mid_layer]
-    after_first_backward = activations - (activations - head_mb) // max(round(layer_factor), 1)
-    if unsharded_grads and not unsharded_before_backward:
+        if acts.last.recomputed:
+            moments[0] = _Moment(total - head - freed, st.grads_in_forward + head_grads + down_grad, g.forward,
+                                 working, 0, acts.last.recomputed)
+        if acts.first.recomputed:
+            moments[2] = _Moment(end_acts - freed, grads_before_first_layer + down_grad, g.backward_end, working,
+                                 buf.grad_reduce, acts.first.recomputed)
+    return _LayerMoments(moments, mid_layer)
+
+
+def _fsdp_layer_moments(train: TrainConfig, st: _States, acts: _Activations, buf: _Buffers, sums: _ActSums,
+                        end_acts: int, grads_before_first_layer: int) -> _LayerMoments:
+    """FSDP2 ZeRO-3 without a pipeline, unit by unit. Measured with FSDPMemTracker (torch 2.13,
+    llama-2-13b ZeRO-3 on 16, full recompute): while a layer's backward runs, the previous
+    unit's reduce-scatter input waits (one unit in the reduce dtype) beside this unit's
+    all-gather buffer and unsharded copy; at the layer's post-backward its parameters are
+    resharded, and its unsharded gradients and their reduce-scatter input sit beside the next
+    unit's prefetched all-gather. A layer's backward has two peaks: in its middle (its saved or
+    recomputed activations and the activation gradients) and at its end, its first norm's
+    backward (the layer's activations freed but for the norm's input; all its weight gradients
+    unsharded)."""
+    sp, g, total, head = st.sp, buf.gathered, acts.total, acts.head
+    pending = sp.largest_unit * st.trecipe.reduce_bytes
+    unit_grads = sp.largest_unit * RECIPES[train.precision].gather_bytes
+    has_layers = sp.num_layers > 0
+    end_work = sums.layer_backward_end if has_layers else 0
+    workspace = sums.layer_backward_extra if has_layers else 0
+    layer_input = sums.layer_input if has_layers else 0
+
+    def grads_after(units: int) -> int:
+        """The units whose backward ran already hold their sharded gradients: the head's during
+        the last layer's backward, the head's and the last layer's after it."""
+        if st.grads_persist or not sp.local:
+            return st.grads_in_forward
+        return min(st.grads_at_end, st.grads_in_forward + st.grads_at_end * min(units, sp.local) // sp.local)
+
+    in_last_layer = grads_after(sp.last_unit if sp.has_head else 0)
+    after_last_layer = grads_after(sp.last_two_units)
+    mid_layer = [_Moment(total - head, in_last_layer, g.forward, workspace, 0, acts.last.recomputed),
+                 _Moment(end_acts, grads_before_first_layer, g.backward_end, workspace, pending, acts.first.recomputed)]
+    moments = [
+        mid_layer[0],
+        _Moment(total - head - acts.last.saved, st.grads_in_forward, buf.largest_gathered, 0, buf.grad_reduce, 0),
+        mid_layer[1],
+        _Moment(end_acts + layer_input - acts.first.saved, grads_before_first_layer, g.backward_end, end_work,
+                pending + unit_grads, 0),
+    ]
+    if sp.num_layers >= 2:
+        # the second-to-last layer (its own policy under layer:N), the last layer's freed
+        second = total - head - acts.last.saved
+        mid_layer.append(_Moment(second, after_last_layer, g.forward, workspace, pending, acts.second.recomputed))
+        moments += [mid_layer[-1],
+                    _Moment(second - acts.second.saved + sums.layer_input, after_last_layer, g.forward, end_work,
+                            pending + unit_grads, 0)]
+    return _LayerMoments(moments, mid_layer)
+
+
+def _backward_peak(model: ModelSpec, train: TrainConfig, st: _States, acts: _Activations, buf: _Buffers,
+                   sums: _ActSums) -> tuple[_Mem, dict[str, int]]:
+    """Moments of the backward pass: the loss's backward (last stage), then the layers'
+    (``_layer_moments``, or unit by unit ``_fsdp_layer_moments``), a Float8 projection's
+    backward, and under GPipe the moment after the first micro-batch's backward."""
+    sp = st.sp
+    moments: list[tuple[_Mem, dict[str, int]]] = []
+    if sp.has_head:
+        tmp: dict[str, int] = {}
+        _add(tmp, "gathered_params", buf.gathered.at_loss_backward + buf.tied_gathered)
+        _add(tmp, "unsharded_gradients", buf.unsharded_before_backward)
+        _add(tmp, "loss_gradients_fp32", buf.loss_backward)
+        _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
+        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, acts.total, sum(tmp.values())), tmp))
+    if st.grads_persist or not sp.local:
+        grads_before_first_layer = st.grads_at_end
+    else:
+        grads_before_first_layer = st.grads_at_end * (sp.local - sp.last_to_differentiate) // sp.local
+    end_acts = (acts.total - acts.layers - acts.autocast - acts.embedding - acts.head - acts.rope
+                + acts.first.saved)
+    layer_moments = (_fsdp_layer_moments if buf.fsdp_units else partial(_layer_moments, model))(
+        train, st, acts, buf, sums, end_acts, grads_before_first_layer)
+    layer = layer_moments.moments
+    if buf.fp8_work:  # a Float8 projection's backward, in the middle of a layer's backward
+        layer += [m._replace(work=0, fp8=buf.fp8_work) for m in layer_moments.mid_layer]
+    after_first_backward = acts.total - (acts.total - acts.head) // max(round(acts.layer_factor), 1)
+    if buf.unsharded_grads and not buf.unsharded_before_backward:
         # GPipe: after the first micro-batch's backward every unit's unsharded gradients exist,
         # beside the other micro-batches' activations
-        layer_moments.append((after_first_backward, grads_in_forward, gathered_fwd, workspace, 0, recompute_set))
-    for acts, grads, gathered, work, reduce, recompute, *projection in layer_moments:
+        layer.append(_Moment(after_first_backward, st.grads_in_forward, buf.gathered.forward, buf.workspace, 0,
+                             acts.last.recomputed))
+    for m in layer:
         tmp = {}
-        _add(tmp, "gathered_params", gathered + tied_gathered)
-        _add(tmp, "unsharded_gradients", unsharded_grads if (unsharded_before_backward or acts <= after_first_backward)
-             else 0)
-        _add(tmp, "activation_gradients", work)
-        _add(tmp, "float8_projection_backward", sum(projection))
-        _add(tmp, "gradient_reduction", reduce)
-        _add(tmp, "pipeline_recv_buffers", recv_buffers)
-        _add(tmp, "dequantised_weight", dequantised)
-        _add(tmp, "gradient_in_flight", in_flight)
-        moments.append((_Mem(params, grads, optimizer, max(int(acts), 0) + recompute, sum(tmp.values())), tmp))
-    backward, backward_tmp = max(moments, key=lambda m: m[0].total)
+        _add(tmp, "gathered_params", m.gathered + buf.tied_gathered)
+        _add(tmp, "unsharded_gradients", buf.unsharded_grads if (
+            buf.unsharded_before_backward or m.activations <= after_first_backward) else 0)
+        _add(tmp, "activation_gradients", m.work)
+        _add(tmp, "float8_projection_backward", m.fp8)
+        _add(tmp, "gradient_reduction", m.reduce)
+        _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
+        _add(tmp, "dequantised_weight", st.dequantised)
+        _add(tmp, "gradient_in_flight", st.in_flight)
+        moments.append((_Mem(st.params, m.grads, st.optimizer, max(int(m.activations), 0) + m.recompute,
+                             sum(tmp.values())), tmp))
+    return max(moments, key=lambda m: m[0].total)
 
-    optimizer_tmp: dict[str, int] = {}
-    _add(optimizer_tmp, "pipeline_recv_buffers", recv_buffers)
-    if offload == "none":
+
+def _optimizer_peak(train: TrainConfig, st: _States, buf: _Buffers) -> tuple[_Mem, dict[str, int]]:
+    """The optimizer step: its scratch per implementation; with PyTorch optimizer offload the
+    GPU gradients live until zero_grad, through the CPU step."""
+    engine, trecipe = ENGINES[train.engine], st.trecipe
+    tmp: dict[str, int] = {}
+    _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
+    if train.offload == "none":
         if train.optimizer == "adamw8bit":
             # its own loop dequantises m and v a chunk at a time (strategies/kernels/adam8bit.py)
-            _add(optimizer_tmp, "adam8bit_chunk_scratch",
-                 ADAM8BIT_SCRATCH_PER_ELEMENT * min(largest_tensor, ADAM8BIT_CHUNK) + ADAM8BIT_SCRATCH_FIXED)
+            _add(tmp, "adam8bit_chunk_scratch",
+                 ADAM8BIT_SCRATCH_PER_ELEMENT * min(st.largest_tensor, ADAM8BIT_CHUNK) + ADAM8BIT_SCRATCH_FIXED)
         elif train.optimizer_impl == "foreach":
-            _add(optimizer_tmp, "optimizer_foreach_scratch", n_state * trecipe.state_bytes)
+            _add(tmp, "optimizer_foreach_scratch", st.n_state * trecipe.state_bytes)
         elif train.optimizer_impl == "for-loop":
-            _add(optimizer_tmp, "optimizer_tensor_scratch", 2 * largest_tensor * trecipe.state_bytes)
+            _add(tmp, "optimizer_tensor_scratch", 2 * st.largest_tensor * trecipe.state_bytes)
         if trecipe.has_master and trecipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
-            _add(optimizer_tmp, "fp32_grad_copy", n_state * 4)
-    # With PyTorch optimizer offload the GPU gradients live until zero_grad, through the CPU step.
-    step = _Mem(params, grads_at_end, optimizer, 0, sum(optimizer_tmp.values()))
+            _add(tmp, "fp32_grad_copy", st.n_state * 4)
+    return _Mem(st.params, st.grads_at_end, st.optimizer, 0, sum(tmp.values())), tmp
 
-    phases = {"forward": forward, "backward": backward, "optimizer": step}
-    peak_phase = max(PHASES, key=lambda name: phases[name].total)
-    # --- what the device holds beyond the allocated bytes: the CUDA context, NCCL's
-    # communicators and the caching allocator's cache (planner/allocator.py). The allocator
-    # never gives memory back, so its cache at the step's peak stays through every phase.
-    cache_inputs = None
+
+def _allocator_cache(model: ModelSpec, train: TrainConfig, overheads: Overheads, st: _States, acts: _Activations,
+                     sums: _ActSums, peak: _Mem) -> tuple[CacheInputs, int, int]:
+    """(what the caching allocator's cache depends on, its bytes, the fixed overhead: the CUDA
+    context and NCCL's communicators) -- what the device holds beyond the allocated bytes
+    (planner/allocator.py). The allocator never gives memory back, so its cache at the step's
+    peak stays through every phase."""
+    sp, g = st.sp, st.gathered_units
+    fsdp = train.engine == "pytorch" and train.zero_stage >= 2
+    side_pools = 0
     if fsdp:  # FSDP2's all-gather and reduce-scatter streams keep pools of their own
         all_gather_pool = sum(sorted(g, reverse=True)[:3])
-        reduce_scatter_pool = 0 if offload == "params" else (
-            grads_full + sp.largest_unit * trecipe.grad_bytes // max(train.shard_world, 1))
-        side_pools = all_gather_pool + max(0, reduce_scatter_pool - phases[peak_phase].grads)
-    else:
-        side_pools = 0
+        reduce_scatter_pool = 0 if train.offload == "params" else (
+            st.grads_full + sp.largest_unit * st.trecipe.grad_bytes // max(train.shard_world, 1))
+        side_pools = all_gather_pool + max(0, reduce_scatter_pool - peak.grads)
     cache_inputs = CacheInputs(
-        checkpointed=policy in ("full", "op", "layer"),
-        layer_saved=per_layer,
+        checkpointed=acts.policy in ("full", "op", "layer"),
+        layer_saved=acts.largest_saved,
         logits=sums.loss_forward,
         fsdp_unit=max(g) if fsdp else 0,
         # trainplan's vocabulary-parallel embedding (DTensor) computes a replicated, full-vocabulary
         # gradient before keeping its shard (strategies/tensor_parallel.py)
-        tp_embedding_gradient=(model.vocab_size * model.hidden_size * trecipe.grad_bytes
+        tp_embedding_gradient=(model.vocab_size * model.hidden_size * st.trecipe.grad_bytes
                                if train.tp > 1 and not fsdp and sp.has_embedding else 0),
         side_pools=side_pools)
     fixed_overhead = overheads.cuda_context_bytes + communicator_count(train) * overheads.communicator_bytes
     if overheads.fragmentation is not None:  # a flat fraction (a calibration file's, or --fragmentation)
-        cache = int(overheads.fragmentation * phases[peak_phase].total)
+        cache = int(overheads.fragmentation * peak.total)
     else:
         rule = overheads.cache_expandable if train.alloc_conf == "expandable_segments" else overheads.cache
         cache = rule.cache_bytes(cache_inputs)
+    return cache_inputs, cache, fixed_overhead
+
+
+def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int) -> _StageResult:
+    """The memory of pipeline stage ``stage_index``'s most loaded rank in each phase of a step."""
+    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine,
+                       stage_index)
+    sums = _act_sums(model, act.ActivationInputs.of(train))
+    st = _model_states(model, train, sp)
+    acts = _stage_activations(model, train, stage_index, st.sp, sums, st.teacher)
+    buf = _buffers(model, train, stage_index, st, acts, sums)
+    (forward, forward_tmp), (backward, backward_tmp) = (_forward_peak(train, st, acts, buf, sums),
+                                                        _backward_peak(model, train, st, acts, buf, sums))
+    step, optimizer_tmp = _optimizer_peak(train, st, buf)
+    phases = {"forward": forward, "backward": backward, "optimizer": step}
+    peak_phase = max(PHASES, key=lambda name: phases[name].total)
+    cache_inputs, cache, fixed_overhead = _allocator_cache(model, train, overheads, st, acts, sums, phases[peak_phase])
     for mem in phases.values():
         mem.overhead = fixed_overhead + cache
-
-    host = _host_bytes(train, trecipe, n_param, n_grad, n_state)
-    host = (host[0], host[1], host[2] + paged)
+    host = _host_bytes(train, st.trecipe, st.n_param, st.n_grad, st.n_state)
+    saved = acts.total + acts.outputs - (acts.head_count * sums.loss_outside_forward if st.sp.has_head else 0)
     return _StageResult(phases, {"forward": forward_tmp, "backward": backward_tmp, "optimizer": optimizer_tmp},
-                        peak_phase, sp, layer_factor, host,
-                        activations + outputs - (head_count * sums.loss_outside_forward if sp.has_head else 0),
+                        peak_phase, st.sp, acts.layer_factor, (host[0], host[1], host[2] + st.paged), saved,
                         cache_inputs, cache)
 
 

@@ -184,14 +184,66 @@ def _mlp(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
     )
 
 
+# ---------------------------------------------------------------- layer kinds
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """A kind of transformer block, as data: a model is a sequence of layer kinds
+    (``layer_stack``), and every module that treats blocks differently reads these properties
+    instead of branching on an encoder-decoder flag. Today: ``decoder`` (a decoder-only model's
+    block, or T5's decoder block with cross-attention) and ``encoder`` (T5's encoder block)."""
+
+    name: str
+    attentions: tuple[str, ...]
+    """Its attention sub-layers in forward order: self-attention ``attn``, then ``cross``
+    (attending to the encoder's output: Vaswani et al. 2017, T5's decoder)."""
+    causal: bool
+    """Its self-attention is masked (a decoder's); cross-attention and encoders never are."""
+    generates: bool
+    """Runs once per generated token over a KV cache when serving (an encoder runs once per prompt)."""
+
+    @property
+    def unmasked_attention(self) -> float:
+        """The share of its attention square a causal kernel computes: half of the
+        self-attention's (FlashAttention skips the masked blocks), all of cross-attention's."""
+        n = len(self.attentions)
+        return (2 * n - 1) / (2 * n) if self.causal else 1.0
+
+
+@lru_cache(maxsize=256)
+def layer_kind(spec: ModelSpec, name: str) -> LayerKind:
+    """The kind ``name`` of ``spec``'s blocks."""
+    if name == "encoder":
+        return LayerKind("encoder", ("attn",), causal=False, generates=False)
+    if name == "decoder":
+        cross = ("cross",) if spec.encoder_layers else ()
+        return LayerKind("decoder", ("attn", *cross), causal=True, generates=True)
+    raise ValueError(f"no layer kind {name!r}")
+
+
+def layer_stack(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
+    """The model's blocks as (kind, count) runs in forward (and pipeline) order."""
+    return tuple((kind, n) for kind, n in (("encoder", spec.encoder_layers), ("decoder", spec.num_layers)) if n)
+
+
+def layer_kind_at(spec: ModelSpec, index: int) -> str:
+    """The kind of the model's ``index``-th block (over all stacks, in pipeline order)."""
+    for kind, n in layer_stack(spec):
+        if index < n:
+            return kind
+        index -= n
+    raise IndexError(index)
+
+
 def layer_tensors(spec: ModelSpec, kind: str, first: bool = False) -> tuple[ParamTensor, ...]:
-    """Tensors of one layer. ``kind`` is ``"decoder"`` or ``"encoder"``; a decoder layer of an
-    encoder-decoder model also has cross-attention. ``first``: the first layer of its stack,
-    which holds the T5 relative position bias."""
+    """Tensors of one layer of ``kind`` (``layer_kind``): a norm and an attention per attention
+    sub-layer, then the MLP. ``first``: the first layer of its stack, which holds the T5
+    relative position bias."""
     relative = spec.position_embedding == "relative" and first
-    tensors = _norm(spec, "attn_norm") + _attention(spec, "attn", relative)
-    if kind == "decoder" and spec.encoder_layers:
-        tensors += _norm(spec, "cross_norm") + _attention(spec, "cross", False)
+    tensors = []
+    for sublayer in layer_kind(spec, kind).attentions:
+        tensors += _norm(spec, f"{sublayer}_norm") + _attention(spec, sublayer, relative and sublayer == "attn")
     tensors += _norm(spec, "mlp_norm") + _mlp(spec, "mlp")
     return tuple(tensors)
 
@@ -222,8 +274,12 @@ def head_tensors(spec: ModelSpec, tied_copy: bool = False) -> tuple[ParamTensor,
 class Unit:
     """A pipeline / FSDP unit: the embedding, one layer, or the head."""
 
-    kind: str  # "embed" | "encoder" | "decoder" | "head"
+    kind: str  # "embed" | a layer kind (``layer_kind``: "encoder", "decoder") | "head"
     tensors: tuple[ParamTensor, ...]
+
+    @property
+    def is_layer(self) -> bool:
+        return self.kind not in ("embed", "head")
 
     @property
     def numel(self) -> int:
@@ -238,11 +294,10 @@ def model_units(spec: ModelSpec) -> list[Unit]:
 @lru_cache(maxsize=256)
 def _model_units(spec: ModelSpec) -> tuple[Unit, ...]:
     units = [Unit("embed", embed_tensors(spec))]
-    for kind, count in (("encoder", spec.encoder_layers), ("decoder", spec.num_layers)):
-        if count:
-            # layers after the first are alike: one Unit object stands for each of them
-            first, rest = Unit(kind, layer_tensors(spec, kind, first=True)), Unit(kind, layer_tensors(spec, kind))
-            units += [first] + [rest] * (count - 1)
+    for kind, count in layer_stack(spec):
+        # layers after the first are alike: one Unit object stands for each of them
+        first, rest = Unit(kind, layer_tensors(spec, kind, first=True)), Unit(kind, layer_tensors(spec, kind))
+        units += [first] + [rest] * (count - 1)
     units.append(Unit("head", head_tensors(spec)))
     return tuple(units)
 
@@ -290,6 +345,11 @@ class StageUnits:
     @property
     def has_head(self) -> bool:
         return any(u.kind == "head" for u in self.units)
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """The kind of each layer held, in order."""
+        return tuple(u.kind for u in self.units if u.is_layer)
 
 
 def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:

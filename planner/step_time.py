@@ -174,11 +174,6 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                         links, policy, passes, hidden_bytes, p2p_bytes)
 
 
-def _layer_kinds(sp: _StageParams) -> tuple[tuple[str, int], ...]:
-    """(layer kind, layers of that kind on the stage)."""
-    return (("encoder", sp.encoder_layers), ("decoder", sp.decoder_layers))
-
-
 # ---------------------------------------------------------------- compute, per micro-batch and stage
 
 
@@ -242,7 +237,7 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
     k, flops_rate = ctx.k, ctx.flops_rate
     f = stage_flops(model, train, i)
     sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine, i)
-    layers = sp.encoder_layers + sp.decoder_layers
+    layers, kinds = sp.num_layers, sp.kind_counts
     frozen = None
     if train.finetune != "full":  # what trains and communicates is the adapters (planner/finetune.py)
         sp, frozen = _finetune_params(model, train)
@@ -267,9 +262,9 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
             recompute += streamed / 2
     if train.compile:  # inductor fuses the elementwise work; communication is unchanged
         compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
-    matmul_rate = {"decoder": ctx.gemm_rate, "encoder": ctx.gemm_rate}
+    matmul_rate = dict.fromkeys((kind for kind, _ in kinds), ctx.gemm_rate)
     if ctx.f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
-        for kind, n in _layer_kinds(sp):
+        for kind, n in sp.kind_counts:
             if n:
                 share = _linear_recompute_share(model, train, kind, ctx.policy, f)
                 dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share)
@@ -370,13 +365,14 @@ def _stage_collectives(model: ModelSpec, train: TrainConfig, ctx: _StepContext, 
     overlap windows; context parallelism's ring beside the attention; the pipeline's p2p sends."""
     k, links, passes, layers = ctx.k, ctx.links, ctx.passes, stage.layers
     t, p, v = train.tp, train.pp, train.chunks
-    tp_collectives_per_layer = 2 + (1 if model.encoder_layers else 0)
+    # Megatron's blocks all-reduce once after each attention sub-layer and once after the MLP
+    collectives = layers * (2 + (1 if model.encoder_layers else 0))
     if train.sequence_parallel and (train.async_tp or ctx.f8 == "tensorwise"):
         tp_s = sum(n * _tp_sequence_parallel_s(model, train, kind, ctx.recipe, links.tp, stage.matmul_rate[kind],
                                                passes, k.overlap_contention)
-                   for kind, n in _layer_kinds(stage.params) if n)
+                   for kind, n in stage.params.kind_counts if n)
     else:
-        tp_s = layers * passes * tp_collectives_per_layer * comm.all_reduce_s(ctx.hidden_bytes, t, links.tp)
+        tp_s = collectives * passes * comm.all_reduce_s(ctx.hidden_bytes, t, links.tp)
     ring_bytes, ring_raw, ring_exposed = (layers * x for x in _ring_attention_s(
         model, train, ctx.recipe, ctx.attention_rate, links.cp, passes))
     pp_s = (2 * v * comm.p2p_s(ctx.p2p_bytes, links.pp)) if p > 1 else 0.0

@@ -94,8 +94,8 @@ def test_estimate_is_the_same_alone_after_others_and_inside_a_search(layout, oth
 def test_cached_activation_sums_are_the_functions_on_the_full_config(layout):
     model, train = layout
     sums = _act_sums(model, act.ActivationInputs.of(train))
-    assert sums.decoder_layer == act.layer_bytes(model, train, "decoder")
-    assert sums.decoder_layer_no_recompute == act.layer_bytes(model, train, "decoder", "none")
+    assert sums.layers["decoder"].saved == act.layer_bytes(model, train, "decoder")
+    assert sums.layers["decoder"].no_recompute == act.layer_bytes(model, train, "decoder", "none")
     assert sums.head == sum(act.head_terms(model, train).values())
     assert sums.embedding == sum(act.embedding_terms(model, train).values())
     assert (sums.loss_forward, sums.loss_backward) == act.loss_transients(model, train)

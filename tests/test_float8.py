@@ -60,7 +60,7 @@ def test_fp8_all_gather_moves_projections_at_one_byte():
     unsharded) at 1 B per element, its norms at bf16; embedding and head units unchanged. Rowwise,
     or with --no-fp8-all-gather, everything is gathered in bf16."""
     train = _train()
-    sizes, kinds = (1000, 218_112_000 + 8192, 525_336_576), ("embedding", "decoder", "head")
+    sizes, kinds = (1000, 218_112_000 + 8192, 525_336_576), ("embed", "decoder", "head")
     gathered = float8.gathered_unit_bytes(MODEL, train, sizes, kinds, 2)
     converted = float8.converted_numel(MODEL, "decoder", 1)
     assert gathered == (2000, converted + 2 * (sizes[1] - converted), 2 * sizes[2])
