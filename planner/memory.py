@@ -639,7 +639,7 @@ def _stage_activations(model: ModelSpec, train: TrainConfig, stage_index: int, s
     checkpointed = [(i + 1) % every == 0 if policy == "layer" else policy == "full" for i in sp.layer_ids]
     layers_mb = sum(n * sums.layers[kind].saved for kind, n in sp.kind_counts)
     if policy == "layer":  # a checkpointed block keeps its input only
-        layers_mb += sum(sums.layer_input - sums.layers['decoder'].saved
+        layers_mb += sum(sums.layer_input - sums.layers[kind].saved
                          for kind, c in zip(sp.layer_kinds, checkpointed) if c)
     embed_mb = sums.embedding if sp.has_embedding else 0
     # the pipeline keeps each in-flight micro-batch's stage output (logits on the last stage)
@@ -658,7 +658,7 @@ def _stage_activations(model: ModelSpec, train: TrainConfig, stage_index: int, s
         """What the stage's layer at ``position`` saves, and recomputes in its backward."""
         if not sp.num_layers:
             return _Saved(0, 0)
-        block = sums.layers[sp.layer_kinds[0]]
+        block = sums.layers[sp.layer_kinds[position]]
         if policy == "layer":
             if checkpointed[position]:
                 return _Saved(sums.layer_input, block.no_recompute - sums.layer_input)
@@ -672,7 +672,7 @@ def _stage_activations(model: ModelSpec, train: TrainConfig, stage_index: int, s
     return _Activations(
         policy, layer_factor, head_count, activations, layers_mb, autocast_mb, embed_mb, head_mb, rope_mb,
         last=layer(-1), first=layer(0), second=layer(-2) if sp.num_layers >= 2 else _Saved(0, 0),
-        largest_saved=sums.layers[sp.layer_kinds[0]].saved if sp.num_layers else 0,
+        largest_saved=max((sums.layers[kind].saved for kind, _ in sp.kind_counts), default=0),
         cache_out=cache_out, outputs=cache_out + (sums.forward_logits if sp.has_head else 0))
 
 
@@ -758,9 +758,9 @@ def _buffers(model: ModelSpec, train: TrainConfig, stage_index: int, st: _States
     # its own beside each moment in the middle of a layer's backward. By the other projections'
     # backward the MLP's saved tensors are freed: the down projection's input, the activation's
     # output and the up projection's output (gated), or fc2's input (GELU).
-    fp8_work = float8.backward_working_bytes(model, train, sp.layer_kinds[0], (2 if model.mlp == "gelu" else 3)
-                                             * sums.rebuilt_mlp_backward_freed) if (
-        sp.num_layers and float8.float8_recipe(train.precision)) else 0
+    fp8_work = max((float8.backward_working_bytes(model, train, kind, (2 if model.mlp == "gelu" else 3)
+                                                  * sums.rebuilt_mlp_backward_freed) for kind, _ in sp.kind_counts),
+                   default=0) if float8.float8_recipe(train.precision) else 0
     recv_buffers = 0
     if sums.pipeline_recv_buffer:
         chunk_indices = [stage_index + c * train.pp for c in range(train.chunks)]

@@ -56,7 +56,7 @@ from planner.flops import (
     unit_flops,
 )
 from planner.memory import _finetune_params, _Frozen, _stage_params, _StageParams, _teacher
-from planner.params import layer_tensors, representative_stages
+from planner.params import layer_kind, layer_tensors, representative_stages
 from planner.precision import RECIPES, Recipe, optimizer_state_bytes
 
 
@@ -238,13 +238,15 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
     f = stage_flops(model, train, i)
     sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine, i)
     layers, kinds = sp.num_layers, sp.kind_counts
+    # attention sub-layers (self, and cross in T5's decoder) of the stage's blocks
+    attentions = sum(n * len(layer_kind(model, kind).attentions) for kind, n in kinds)
     frozen = None
     if train.finetune != "full":  # what trains and communicates is the adapters (planner/finetune.py)
         sp, frozen = _finetune_params(model, train)
     compute = (f.forward + f.backward) / flops_rate
     recompute = f.recompute / flops_rate
     if train.attention == "flash":  # fused attention runs at its own efficiency, not the matmuls'
-        attention_forward = rank_attention_flops(model, train) * layers
+        attention_forward = sum(n * rank_attention_flops(model, train, kind) for kind, n in kinds)
         compute += (1 + FLASH_BACKWARD_FACTOR) * attention_forward * (1 / ctx.attention_rate - 1 / flops_rate)
         # what recompute repeats of the attention: all of it (Megatron's selective), none
         # (op-level keeps the attention kernel's output), else the recomputed share
@@ -255,7 +257,7 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
     if train.attention == "eager":
         # the s x s scores are streamed through HBM by the elementwise ops around the matmuls
         scores = ((model.num_heads // train.tp) * train.local_seq_len * train.local_seq_len * train.micro_batch
-                  * ctx.recipe.compute_bytes * layers)
+                  * ctx.recipe.compute_bytes * attentions)
         streamed = k.eager_attention_passes * scores / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)
         compute += streamed
         if train.activation_checkpointing != "none":
@@ -366,7 +368,7 @@ def _stage_collectives(model: ModelSpec, train: TrainConfig, ctx: _StepContext, 
     k, links, passes, layers = ctx.k, ctx.links, ctx.passes, stage.layers
     t, p, v = train.tp, train.pp, train.chunks
     # Megatron's blocks all-reduce once after each attention sub-layer and once after the MLP
-    collectives = layers * (2 + (1 if model.encoder_layers else 0))
+    collectives = sum(n * (len(layer_kind(model, kind).attentions) + 1) for kind, n in stage.params.kind_counts)
     if train.sequence_parallel and (train.async_tp or ctx.f8 == "tensorwise"):
         tp_s = sum(n * _tp_sequence_parallel_s(model, train, kind, ctx.recipe, links.tp, stage.matmul_rate[kind],
                                                passes, k.overlap_contention)

@@ -94,6 +94,12 @@ LAYOUTS: dict[str, list[str]] = {
                 "4", "--seq-len", "1024"],
     "bloom-176b": ["--model", "bloom-176b", "--gpus", "64", "--tp", "8", "--pp", "8", "--strategy", "zero1",
                    "--micro-batch", "1", "--seq-len", "2048", "--global-batch", "128"],
+    "cpm-2 pp3 across the encoder/decoder boundary": ["--model", "cpm-2", "--gpus", "6", "--tp", "2", "--pp", "3",
+                                                      "--strategy", "zero1", "--ac", "layer:2", "--micro-batch", "1",
+                                                      "--global-batch", "12", "--attention", "eager", "--seq-len",
+                                                      "1024"],
+    "cpm-2 zero3 full recompute": ["--model", "cpm-2", "--gpus", "8", "--strategy", "zero3", "--tp", "1", "--pp", "1",
+                                   "--ac", "full", "--micro-batch", "2"],
     "cpm-2 pipeline": ["--model", "cpm-2", "--gpus", "8", "--tp", "1", "--pp", "4", "--strategy", "zero1",
                        "--micro-batch", "1", "--seq-len", "1024", "--global-batch", "32"],
     # inference
