@@ -22,6 +22,7 @@ All functions return bytes for one micro-batch on one tensor-parallel rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from math import ceil
 
 from planner.configs import ModelSpec, TrainConfig
@@ -65,9 +66,12 @@ class ActivationInputs:
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
         """``seq_len`` is the rank's share of each sequence (all of it without context parallelism)."""
-        values = {f.name: getattr(train, f.name) for f in fields(cls)}
+        values = {name: getattr(train, name) for name in _INPUT_FIELDS}
         values["seq_len"] = train.local_seq_len
         return cls(**values)
+
+
+_INPUT_FIELDS = tuple(f.name for f in fields(ActivationInputs))
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,9 @@ class _Dims:
     frozen_norms: bool  # a LoRA fine-tune: the norms' weights get no gradient
 
 
+@lru_cache(maxsize=4096)
 def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
+    """Cached: the memory model asks it some twenty times per ``ActivationInputs``."""
     impl = implementation(train.impl)
     tp, sp = train.tp, train.sequence_parallel
     engine = ENGINES[train.engine]

@@ -21,7 +21,6 @@ the compute efficiency.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -78,6 +77,7 @@ def _counted_attention(model: ModelSpec, seq_len: int, kind: str, causal: bool) 
     return square * (2 * n - 1) / (2 * n)  # the self-attention's half of (self [+ cross])
 
 
+@lru_cache(maxsize=4096)
 def model_forward_flops_per_sequence(model: ModelSpec, seq_len: int, causal: bool = True) -> float:
     stack = layer_stack(model)
     matmuls = 2 * seq_len * (sum(n * layer_matmul_params(model, kind) for kind, n in stack) + head_matmul_params(model))
@@ -150,6 +150,7 @@ def _checkpointed_layers(checkpointing: str, layer_ids) -> int:
     return len(layer_ids) if policy == "full" else 0
 
 
+@lru_cache(maxsize=4096)
 def recompute_flops_per_sequence(model: ModelSpec, seq_len: int, checkpointing: str, causal: bool = True) -> float:
     """Extra forward work in backward: full recompute repeats the layers' forward (not the
     head's); selective recompute repeats the core attention (the s x s products); op-level
@@ -226,13 +227,16 @@ def unit_flops(model: ModelSpec, train: TrainConfig, kind: str) -> StageFlops:
 
 def stage_flops(model: ModelSpec, train: TrainConfig, stage_index: int) -> StageFlops:
     stage = pipeline_stages(model, train.pp, train.chunks)[stage_index]
-    kinds = Counter(unit.kind for unit in stage.units)
+    kinds = stage.unit_counts
     per_kind = {kind: unit_flops(model, train, kind) for kind in kinds}
     recompute = sum(n * per_kind[k].recompute for k, n in kinds.items())
-    if parse_checkpointing(train.activation_checkpointing)[0] == "layer":
+    policy, every = parse_checkpointing(train.activation_checkpointing)
+    if policy == "layer":
         # every N-th layer's forward again, each at its own kind's
-        checkpointed = Counter(kind for kind, i in zip(stage.layer_kinds, stage.layer_ids)
-                               if _checkpointed_layers(train.activation_checkpointing, (i,)))
+        checkpointed: dict[str, int] = {}
+        for kind, i in zip(stage.layer_kinds, stage.layer_ids):
+            if (i + 1) % every == 0:
+                checkpointed[kind] = checkpointed.get(kind, 0) + 1
         recompute = sum((n * per_kind[kind].forward for kind, n in checkpointed.items()), 0.0)
     return StageFlops(forward=sum(n * per_kind[k].forward for k, n in kinds.items()),
                       backward=sum(n * per_kind[k].backward for k, n in kinds.items()), recompute=recompute)

@@ -248,10 +248,7 @@ class _StageParams:
     has_head: bool
     first_layer: int
     last_layer: int
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_kinds)
+    num_layers: int  # len(layer_kinds)
 
 
 @lru_cache(maxsize=16384)
@@ -332,6 +329,7 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         last_to_differentiate=pending,
         matmul_weights=matmul,
         layer_kinds=layer_kinds,
+        num_layers=len(layer_kinds),
         kind_counts=tuple(Counter(layer_kinds).items()),
         has_embedding=has_embedding,
         has_head=has_head,

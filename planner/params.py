@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from functools import lru_cache
+from collections import Counter
+from functools import cached_property, lru_cache
 from math import ceil, prod
 
 from planner.configs import ModelSpec
@@ -211,14 +212,18 @@ class LayerKind:
         return (2 * n - 1) / (2 * n) if self.causal else 1.0
 
 
-@lru_cache(maxsize=256)
+_ENCODER = LayerKind("encoder", ("attn",), causal=False, generates=False)
+_DECODER = LayerKind("decoder", ("attn",), causal=True, generates=True)
+_CROSS_DECODER = LayerKind("decoder", ("attn", "cross"), causal=True, generates=True)
+
+
 def layer_kind(spec: ModelSpec, name: str) -> LayerKind:
-    """The kind ``name`` of ``spec``'s blocks."""
-    if name == "encoder":
-        return LayerKind("encoder", ("attn",), causal=False, generates=False)
+    """The kind ``name`` of ``spec``'s blocks (constants: the search asks this per layer and
+    candidate, where hashing a ModelSpec would cost more than the answer)."""
     if name == "decoder":
-        cross = ("cross",) if spec.encoder_layers else ()
-        return LayerKind("decoder", ("attn", *cross), causal=True, generates=True)
+        return _CROSS_DECODER if spec.encoder_layers else _DECODER
+    if name == "encoder":
+        return _ENCODER
     raise ValueError(f"no layer kind {name!r}")
 
 
@@ -346,10 +351,15 @@ class StageUnits:
     def has_head(self) -> bool:
         return any(u.kind == "head" for u in self.units)
 
-    @property
+    @cached_property
     def layer_kinds(self) -> tuple[str, ...]:
         """The kind of each layer held, in order."""
         return tuple(u.kind for u in self.units if u.is_layer)
+
+    @cached_property
+    def unit_counts(self) -> dict[str, int]:
+        """Units held per kind (embed, each layer kind, head)."""
+        return dict(Counter(u.kind for u in self.units))
 
 
 def split_layers(num_layers: int, parts: int) -> list[tuple[int, int]]:
