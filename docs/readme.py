@@ -459,7 +459,23 @@ def float8_published() -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_accuracy() -> str:
+    """validation/step_accuracy.json (committed; tests/test_step_accuracy.py keeps it current)."""
+    sys.path.insert(0, str(ROOT / "validation"))
+    import step_accuracy as sa
+
+    res = json.loads(sa.RESULT.read_text())
+    rows = [r for r in res["rows"] if r["error"] is not None]
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    return sa.table(res) + (
+        f"\nNothing is fitted on these runs yet: both halves measure the same model as it stands; the fit half is "
+        f"for the per-operation time model of issue 23, the check half for judging it. The worst run is "
+        f"{worst['label']} ({worst['error']:+.0%}); validation/step_accuracy.json lists every run with its "
+        f"source's figure, how it was converted to tokens/s, and why a run is not expressed.\n")
+
+
 SECTIONS = {
+    "step-accuracy": step_accuracy,
     "long-context": long_context,
     "float8": float8_published,
     "inference-seed": inference_seed,
