@@ -1,0 +1,109 @@
+"""Fits planner/gemm.py's constants to published per-shape GEMM measurements, half of them,
+and reports the other half (issue 23: hold out before fitting).
+
+    python validation/gemm_fit.py          # fit, print both halves' errors
+    python validation/gemm_fit.py --write  # also write presets/gemm.json
+
+Data: validation/gemm_published.json's H100 bf16 rows from XLA's GEMM timing table (375
+shapes, one method: tensorflow/tensorflow third_party/xla/xla/service/gpu/model/
+matmul_interpolator_data.h, key sm_90). Split, declared here before fitting: the shapes sorted
+by (batch, m, n, k), even positions fit, odd positions check. The GPU is taken as the H100 SXM
+(989.4 dense bf16 TFLOP/s, 3,350 GB/s): the table's best figure, 810 TFLOP/s, is above the
+PCIe card's peak. Its SM count (132) is the SXM5's (NVIDIA H100 Tensor Core GPU Architecture
+whitepaper, Table 3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from planner.gemm import GEMM_PRESETS, GemmModel  # noqa: E402
+
+DATA = ROOT / "validation" / "gemm_published.json"
+PEAK, HBM, SMS = 989.4e12, 3350e9, 132
+
+
+def rows() -> list[dict]:
+    data = json.loads(DATA.read_text())
+    found = [m for m in data["measurements"] if m["gpu"].startswith("H100 (XLA sm_90") and m["dtype"] == "bf16"]
+    return sorted(found, key=lambda m: (m["batch"], m["m"], m["n"], m["k"]))
+
+
+def split() -> tuple[list[dict], list[dict]]:
+    ordered = rows()
+    return ordered[0::2], ordered[1::2]
+
+
+def errors(model: GemmModel, measured: list[dict]) -> list[float]:
+    """Predicted over measured TFLOP/s, minus one, per shape."""
+    out = []
+    for r in measured:
+        seconds = model.seconds(r["m"], r["n"], r["k"], PEAK, HBM, 2, r["batch"])
+        out.append(2 * r["batch"] * r["m"] * r["n"] * r["k"] / seconds / 1e12 / r["tflops"] - 1)
+    return out
+
+
+def fit(measured: list[dict]) -> GemmModel:
+    """Grid search minimising the median |log error| (a shape 10x off counts as much as 10x)."""
+    best, best_cost = None, math.inf
+    for (tm, tn), ceiling, launch_us, hbm in itertools.product(
+            [(128, 128), (128, 256), (256, 128)], [0.70 + 0.01 * i for i in range(26)],
+            [2, 3, 4, 5, 6, 8, 10, 12, 15], [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]):
+        model = GemmModel(SMS, tm, tn, round(ceiling, 2), launch_us * 1e-6, hbm)
+        cost = statistics.median(abs(math.log1p(e)) for e in errors(model, measured))
+        if cost < best_cost:
+            best, best_cost = model, cost
+    return best
+
+
+def summary(errs: list[float]) -> dict:
+    return {"shapes": len(errs), "median_abs_error": round(statistics.median(abs(e) for e in errs), 4),
+            "within_10pct": sum(abs(e) <= 0.10 for e in errs), "within_25pct": sum(abs(e) <= 0.25 for e in errs),
+            "worst_abs_error": round(max(abs(e) for e in errs), 4)}
+
+
+def other_sources() -> list[dict]:
+    """H100 SXM bf16 GEMMs measured by other methods (mamf-finder, torch.mm, our own
+    benchmarks/int8_gemm.py): a check on data from outside the fitted table."""
+    data = json.loads(DATA.read_text())
+    return [m for m in data["measurements"] if m["gpu"].startswith("H100 SXM") and m["dtype"] == "bf16"]
+
+
+def flat_errors(efficiency: float, measured: list[dict]) -> list[float]:
+    """What one efficiency for every GEMM (the step-time model's gemm constant) gives."""
+    return [PEAK * efficiency / 1e12 / r["tflops"] - 1 for r in measured]
+
+
+def main() -> int:
+    fit_rows, check_rows = split()
+    model = fit(fit_rows)
+    # the best single efficiency on the fit half, for comparison
+    flat = min((0.30 + 0.01 * i for i in range(60)),
+               key=lambda e: statistics.median(abs(math.log1p(x)) for x in flat_errors(e, fit_rows)))
+    result = {"fit": summary(errors(model, fit_rows)), "check": summary(errors(model, check_rows)),
+              "one_efficiency": {"efficiency": round(flat, 2), "check": summary(flat_errors(flat, check_rows))},
+              "other_sources": summary(errors(model, other_sources()))}
+    print(f"{model}\nfit: {result['fit']}\ncheck: {result['check']}\none efficiency {flat:.2f}, check: "
+          f"{result['one_efficiency']['check']}\nother H100 SXM sources: {result['other_sources']}")
+    if "--write" in sys.argv:
+        from strategies.files import write_atomic
+
+        entry = {name: getattr(model, name) for name in GemmModel.__dataclass_fields__}
+        entry |= {"source": "validation/gemm_fit.py on XLA's sm_90 bf16 GEMM table (half the shapes)",
+                  "fit": result["fit"], "check": result["check"], "one_efficiency": result["one_efficiency"],
+                  "other_sources": result["other_sources"]}
+        write_atomic(Path(str(GEMM_PRESETS)), json.dumps({"description": "planner/gemm.py's constants per GPU preset and dtype",
+                                               "models": {"h100-sxm-80gb/bf16": entry}}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
