@@ -282,7 +282,7 @@ class _Screened:
     peak: int
     host_per_node: int
     fits: bool
-    throughput: Throughput
+    throughput: Throughput | None  # only for a candidate that fits: nothing ranks the others by speed
 
 
 def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
@@ -292,8 +292,11 @@ def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Cal
         peak, host_per_rank = screen_memory(model, train, cal.overheads)
         host = host_per_rank * min(gpus_per_node, train.gpus)
         fits = all(limit.fits for limit in memory_limits(gpu, peak, host))
-        screened.append(_Screened(train, peak, host, fits,
-                                  estimate_step(model, gpu, train, cal, gpus_per_node, check=False)))
+        # the first candidate's step is estimated even if it does not fit: what the GPU cannot run at
+        # all (fp8 without fp8 tensor cores) is refused, whatever fits
+        throughput = estimate_step(model, gpu, train, cal, gpus_per_node, check=False) if (
+            fits or not screened) else None
+        screened.append(_Screened(train, peak, host, fits, throughput))
     return screened
 
 
@@ -306,11 +309,12 @@ def _sort_key(sort: str):
 
 
 def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Calibration | None = None,
-           top: int = 10, sort: str = "throughput") -> PlanResult:
+           top: int = 10, sort: str = "throughput", configs: list[TrainConfig] | None = None) -> PlanResult:
+    """``configs``: ``enumerate_configs(model, space)`` when the caller has it already."""
     if sort not in SORT_KEYS:
         raise ConfigError(f"unknown sort key {sort!r}; use one of {', '.join(SORT_KEYS)}")
     cal = calibration or default_calibration()
-    screened = _screen(model, gpu, enumerate_configs(model, space), cal, space.gpus_per_node)
+    screened = _screen(model, gpu, configs or enumerate_configs(model, space), cal, space.gpus_per_node)
     fitting = sorted((c for c in screened if c.fits), key=_sort_key(sort))
     build_cache: dict[int, Estimate] = {}
 

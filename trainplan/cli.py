@@ -378,7 +378,7 @@ def plan_command(calibration_path, cuda_context_mib, communicator_mib, fragmenta
                               f"{limit.available_bytes / 2**30:,.2f} GiB" for limit in result.limits if not limit.fits)
             raise Failure(f"does not fit: {short}", "does_not_fit", result_printed=True)
         return
-    plan_result = search(model, gpu, space, cal, top=top, sort=sort)
+    plan_result = search(model, gpu, space, cal, top=top, sort=sort, configs=configs)
     if as_json:
         click.echo(plan_result.model_dump_json(indent=2))
     else:
