@@ -58,10 +58,19 @@ def rank_attention_flops(model: ModelSpec, train: TrainConfig, kind: str = "deco
     (round-robin load balancing); causal flash attention skips the masked half of a decoder's
     self-attention (cross-attention is not causal)."""
     attention = attention_square_flops(model, train.seq_len, kind) / train.cp
-    if train.attention == "flash" and layer_kind(model, kind).causal:
-        n = len(layer_kind(model, kind).attentions)  # the self-attention's half of n attentions
-        attention = attention * (2 * n - 1) / (2 * n)
+    if train.attention == "flash":
+        attention = _unmasked(model, kind, attention)
     return attention * train.micro_batch / train.tp
+
+
+def _unmasked(model: ModelSpec, kind: str, attention: float) -> float:
+    """``attention`` (over all of a block's attention sub-layers) less the masked half of a causal
+    block's self-attention (``LayerKind.unmasked_attention``); cross-attention is not causal."""
+    block = layer_kind(model, kind)
+    if not block.causal:
+        return attention
+    n = len(block.attentions)
+    return attention * (2 * n - 1) / (2 * n)
 
 
 def _counted_attention(model: ModelSpec, seq_len: int, kind: str, causal: bool) -> float:
@@ -71,10 +80,7 @@ def _counted_attention(model: ModelSpec, seq_len: int, kind: str, causal: bool) 
     benchmark counts it (benchmarks/benchmark_flash_attention.py: flops / 2 if causal).
     Cross-attention and encoders are never masked."""
     square = attention_square_flops(model, seq_len, kind)
-    if not causal or not layer_kind(model, kind).causal:
-        return square
-    n = len(layer_kind(model, kind).attentions)
-    return square * (2 * n - 1) / (2 * n)  # the self-attention's half of (self [+ cross])
+    return _unmasked(model, kind, square) if causal else square
 
 
 @lru_cache(maxsize=4096)

@@ -593,9 +593,14 @@ def _model_states(model: ModelSpec, train: TrainConfig, sp: _StageParams) -> _St
                    params, optimizer, paged, grads_full, in_flight, grads_at_end, grads_persist, grads_in_forward)
 
 
+def _fsdp2(train: TrainConfig) -> bool:
+    """ZeRO-2/3 on the pytorch engine: FSDP2 owns the parameters."""
+    return train.engine == "pytorch" and train.zero_stage >= 2
+
+
 def _pipeline_fsdp(train: TrainConfig) -> bool:
-    """FSDP2 (ZeRO-2/3 on the pytorch engine) under torch.distributed.pipelining."""
-    return train.engine == "pytorch" and train.zero_stage >= 2 and train.pp > 1
+    """FSDP2 under torch.distributed.pipelining."""
+    return _fsdp2(train) and train.pp > 1
 
 
 class _Saved(NamedTuple):
@@ -730,7 +735,7 @@ class _Buffers(NamedTuple):
 def _buffers(model: ModelSpec, train: TrainConfig, stage_index: int, st: _States, acts: _Activations,
              sums: _ActSums) -> _Buffers:
     recipe, engine, sp, g = RECIPES[train.precision], ENGINES[train.engine], st.sp, st.gathered_units
-    fsdp = train.engine == "pytorch" and train.zero_stage >= 2
+    fsdp = _fsdp2(train)
     # FSDP2 ZeRO-3 without a pipeline: units are all-gathered and reduce-scattered one at a
     # time, each with its own buffers (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)
     fsdp_units = fsdp and train.zero_stage >= 3 and train.pp == 1
@@ -789,7 +794,7 @@ def _gradient_reduction(train: TrainConfig, engine: EngineSemantics, sp: _StageP
         # no reduce-scatter before the last micro-batch: a unit's new gradient is accumulated
         # into its unsharded gradient (``_Buffers.unsharded_grads``), in the reduce dtype where it differs
         return sp.largest_unit * gather if trecipe.reduce_bytes != gather else 0
-    if train.engine == "pytorch" and train.zero_stage >= 2:
+    if _fsdp2(train):
         # a unit's unsharded gradient (compute dtype) and the reduce-scatter input (reduce dtype)
         return sp.largest_unit * (gather + trecipe.reduce_bytes)
     if engine.reduce_bucket_elements and train.zero_stage >= 1:
@@ -1002,7 +1007,7 @@ def _allocator_cache(model: ModelSpec, train: TrainConfig, overheads: Overheads,
     (planner/allocator.py). The allocator never gives memory back, so its cache at the step's
     peak stays through every phase."""
     sp, g = st.sp, st.gathered_units
-    fsdp = train.engine == "pytorch" and train.zero_stage >= 2
+    fsdp = _fsdp2(train)
     side_pools = 0
     if fsdp:  # FSDP2's all-gather and reduce-scatter streams keep pools of their own
         all_gather_pool = sum(sorted(g, reverse=True)[:3])
