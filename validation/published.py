@@ -59,10 +59,17 @@ def gpt(hidden: int, heads: int, layers: int) -> ModelSpec:
                      max_position_embeddings=2048, linear_bias=True)
 
 
+def eq3_flops_per_token(layers: int, hidden: int, seq_len: int, vocab: int) -> float:
+    """Narayanan et al. 2021, Eq. 3 over the B s tokens of a step: 96 l h^2 (1 + s/6h + V/16lh)
+    (forward, backward and full recomputation)."""
+    h = hidden
+    return 96 * layers * h * h * (1 + seq_len / (6 * h) + vocab / (16 * layers * h))
+
+
 def eq3_tflops_per_gpu(model: ModelSpec, train: TrainConfig, seconds: float) -> float:
-    """Narayanan et al. 2021, Eq. 3: 96 B s l h^2 (1 + s/6h + V/16lh) FLOPs per step."""
-    b, s, layers, h, v = train.global_batch, train.seq_len, model.num_layers, model.hidden_size, 51200
-    flops = 96 * b * s * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h))
+    """Eq. 3's FLOPs of a step (GPT with V = 51,200) over its time, per GPU."""
+    flops = train.global_batch * train.seq_len * eq3_flops_per_token(model.num_layers, model.hidden_size,
+                                                                     train.seq_len, 51200)
     return flops / seconds / train.gpus / 1e12
 
 

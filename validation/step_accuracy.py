@@ -37,6 +37,7 @@ from planner.errors import TrainplanError  # noqa: E402
 from planner.flops import model_flops_per_token  # noqa: E402
 from planner.params import total_params  # noqa: E402
 from planner.step_time import estimate_step  # noqa: E402
+from validation.published import eq3_flops_per_token  # noqa: E402
 
 RUNS = ROOT / "validation" / "published_steps.json"
 RESULT = ROOT / "validation" / "step_accuracy.json"
@@ -78,9 +79,6 @@ def _spec(run: dict) -> ModelSpec:
                      max_position_embeddings=max(run["seq_len"], 2048), linear_bias=True)
 
 
-_PRECISION = {"pytorch": "bf16-mixed", "megatron": "bf16-mixed", "deepspeed": "bf16-mixed"}
-
-
 def _precision(run: dict, engine: str) -> str:
     text = str(run.get("precision") or (run.get("inferred") or {}).get("precision") or "").lower()
     if not text:
@@ -97,7 +95,7 @@ def _precision(run: dict, engine: str) -> str:
         return "fp16-mixed"
     if "amp_bf16" in text and engine == "pytorch":
         return "bf16-mixed"  # FSDP's mixed-precision policy: bf16 compute, fp32 masters
-    return _PRECISION[engine]
+    return "bf16-mixed"
 
 
 _ENGINE = {"torchtitan": "pytorch", "llm-foundry": "pytorch", "megatron-lm": "megatron", "megatron-core": "megatron",
@@ -143,15 +141,13 @@ def _published_tokens(run: dict, model: ModelSpec, gpu_peak_tflops: float) -> tu
     if not tflops:
         raise TrainplanError("no throughput published")
     definition = str(run.get("tflops_definition") or "").lower()
-    s, layers, h, v = run["seq_len"], model.num_layers, model.hidden_size, model.vocab_size
     if "eq. 3" in definition or "counts recomputation" in definition:
         if "8*n" in definition:  # BLOOM's log: 8 N per token
-            per_token = 8 * total_params(model)
-        else:  # Narayanan et al. 2021, Eq. 3 over B s tokens
-            per_token = 96 * layers * h * h * (1 + s / (6 * h) + v / (16 * layers * h)) / 1
+            return tflops * 1e12 / (8 * total_params(model)), f"{basis}, 8N"
+        per_token = eq3_flops_per_token(model.num_layers, model.hidden_size, run["seq_len"], model.vocab_size)
         return tflops * 1e12 / per_token, f"{basis}, Megatron Eq. 3"
     # model FLOPs: 6N plus attention over the full s x s square (PaLM's convention)
-    return tflops * 1e12 / model_flops_per_token(model, s, causal=False), f"{basis}, 6N + 12 L h s"
+    return tflops * 1e12 / model_flops_per_token(model, run["seq_len"], causal=False), f"{basis}, 6N + 12 L h s"
 
 
 def compare(run: dict, half: str) -> Compared:
