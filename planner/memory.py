@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from math import ceil, prod
 from typing import Annotated, NamedTuple
 
@@ -243,12 +243,19 @@ class _StageParams:
     last_to_differentiate: int  # units whose gradients are still being written then
     matmul_weights: int  # 2-D linear weights (autocast copies)
     layer_kinds: tuple[str, ...]  # the kind of each layer held, in order (planner/params.py layer_kind)
-    kind_counts: tuple[tuple[str, int], ...]  # (kind, layers of it) in order of first appearance
     has_embedding: bool
     has_head: bool
     first_layer: int
     last_layer: int
-    num_layers: int  # len(layer_kinds)
+
+    @cached_property
+    def num_layers(self) -> int:
+        return len(self.layer_kinds)
+
+    @cached_property
+    def kind_counts(self) -> tuple[tuple[str, int], ...]:
+        """(kind, layers of it) in order of first appearance."""
+        return tuple(Counter(self.layer_kinds).items())
 
 
 @lru_cache(maxsize=16384)
@@ -329,8 +336,6 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         last_to_differentiate=pending,
         matmul_weights=matmul,
         layer_kinds=layer_kinds,
-        num_layers=len(layer_kinds),
-        kind_counts=tuple(Counter(layer_kinds).items()),
         has_embedding=has_embedding,
         has_head=has_head,
         first_layer=layers[0],
