@@ -464,14 +464,25 @@ def step_accuracy() -> str:
     sys.path.insert(0, str(ROOT / "validation"))
     import step_accuracy as sa
 
+    from planner.calibration import default_calibration
+    from planner.catalog import load_gpu
+
     res = json.loads(sa.RESULT.read_text())
-    rows = [r for r in res["rows"] if r["error"] is not None]
-    worst = max(rows, key=lambda r: abs(r["error"]))
+    checked = [r for r in res["rows"] if r["error"] is not None and r["half"] == "check"]
+    worst = sorted(checked, key=lambda r: -abs(r["error"]))[:3]
+    k = default_calibration().throughput
+    derate = load_gpu("h100-sxm-96gb-500w").compute_derate
     return sa.table(res) + (
-        f"\nNothing is fitted on these runs yet: both halves measure the same model as it stands; the fit half is "
-        f"for the per-operation time model of issue 23, the check half for judging it. The worst run is "
-        f"{worst['label']} ({worst['error']:+.0%}); validation/step_accuracy.json lists every run with its "
-        f"source's figure, how it was converted to tokens/s, and why a run is not expressed.\n")
+        f"\nFour constants are fitted on the fit half only (`python validation/step_fit.py`): a GEMM sustains "
+        f"{k.gemm_sustained:.0%} of its benchmarked rate in a training step, the memory-bound ops stream at "
+        f"{k.elementwise_hbm_efficiency:.0%} of HBM bandwidth, an ALiBi model's attention runs at "
+        f"{k.alibi_attention_factor:.0%} of FlashAttention's rate, and the 500 W H100 boards of torchtitan's tables "
+        f"sustain {derate:.0%} of the datasheet's tensor-core rate. The fit reads the fit half only; the check half's "
+        f"errors were printed while the model was built (which ops to model, MPT's ALiBi kernel, pre-FlashAttention "
+        f"runs), so its structure was not chosen blind to them. "
+        f"Its worst runs: " + "; ".join(f"{r['label']} ({r['error']:+.0%})" for r in worst) + ". "
+        "validation/step_accuracy.json lists every run with its source's figure, how it was converted to "
+        "tokens/s, and why a run is not expressed.\n")
 
 
 SECTIONS = {

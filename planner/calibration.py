@@ -89,6 +89,22 @@ class ThroughputConstants(BaseModel):
     attention_efficiency: float = Field(
         default=0.35, gt=0, le=1, description="fraction of the dense 16-bit peak that fused (flash) attention "
         "sustains: FlashAttention-2 reaches 35% on an H100 (Shah et al. 2024, FlashAttention-3, abstract)")
+    alibi_attention_factor: float = Field(
+        default=1.0, gt=0, le=1, description="share of the fused attention's rate an ALiBi model's attention "
+        "sustains (MPT: llm-foundry's attention kernels add the per-head linear bias to every score); fitted by "
+        "validation/step_fit.py on the fit half of the published llm-foundry runs")
+    attention_half_seq: float = Field(
+        default=90.0, ge=0, le=1e6, description="sequence length at which fused attention reaches half its plateau "
+        "(attention_efficiency), in the per-operation model (planner/op_time.py, flash_efficiency): 90 fits "
+        "FlashAttention-2's forward on an H100 SXM5, head dim 128 (Shah et al. 2024, FlashAttention-3, Figure 5)")
+    gemm_sustained: float = Field(
+        default=1.0, gt=0, le=1, description="share of its benchmarked rate (planner/gemm.py, fitted on isolated "
+        "GEMMs) a GEMM sustains inside a training step, in the per-operation model: clocks under sustained power, "
+        "caches shared with the ops around it, communication kernels on the same SMs")
+    elementwise_hbm_efficiency: float = Field(
+        default=0.7, gt=0, le=1, description="achieved / peak HBM bandwidth of the memory-bound ops between the "
+        "GEMMs (norms, rotary, activations, residual adds, the loss) in the per-operation model "
+        "(planner/op_time.py)")
     attention_efficiency_by_gpu: dict[str, Efficiency] = Field(
         default_factory=dict, description="per GPU name, overriding attention_efficiency")
     gemm_efficiency: dict[str, Efficiency] = Field(

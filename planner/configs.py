@@ -182,6 +182,9 @@ class GPUSpec(_Frozen):
     gpus_per_node: int = Field(default=8, gt=0, le=MAX_GPUS_PER_NODE)
     host_memory_per_node_bytes: int = Field(default=2**40, gt=0, le=MAX_HOST_BYTES,
                                             description="CPU memory per node (offload)")
+    compute_derate: float = Field(default=1.0, gt=0, le=1, description="share of the datasheet's tensor-core "
+                                  "rate this board sustains at its power limit (a power-capped deployment clocks "
+                                  "lower); MFU stays measured against the datasheet peak")
     interconnect: str = ""
     chip: str = Field(default="", description="the GPU die (GH100, GA100, AD102, ...): a GPU without a "
                       "calibration of its own uses one measured on the same chip")

@@ -48,11 +48,28 @@ class GemmModel:
         return 2 * batch * m * n * k / seconds / peak_flops
 
 
+def _model(entry: dict) -> GemmModel:
+    return GemmModel(**{name: entry[name] for name in GemmModel.__dataclass_fields__})
+
+
 @lru_cache(maxsize=64)
 def gemm_model(gpu_id: str, dtype: str = "bf16") -> GemmModel | None:
     """The fitted model of a GPU preset and dtype, or None where none is fitted yet."""
-    presets = json.loads(GEMM_PRESETS.read_text())
-    entry = presets["models"].get(f"{gpu_id}/{dtype}")
-    if entry is None:
-        return None
-    return GemmModel(**{name: entry[name] for name in GemmModel.__dataclass_fields__})
+    entry = json.loads(GEMM_PRESETS.read_text())["models"].get(f"{gpu_id}/{dtype}")
+    return None if entry is None else _model(entry)
+
+
+# fp16 runs on the same tensor cores at the same dense peak as bf16 (every GPU in gemm.json)
+_SAME_PEAK = {"fp16": "bf16"}
+
+
+@lru_cache(maxsize=64)
+def gemm_model_for(gpu_name: str, dtype: str) -> GemmModel | None:
+    """The model for a GPU by its name (``GPUSpec.name``): each entry of gemm.json lists the
+    GPUs with its SM count and tensor cores (an H200 is an H100's GH100 die with faster HBM,
+    which the model takes from the GPU's spec); None where none applies."""
+    dtype = _SAME_PEAK.get(dtype, dtype)
+    for key, entry in json.loads(GEMM_PRESETS.read_text())["models"].items():
+        if key.endswith(f"/{dtype}") and gpu_name in entry.get("gpus", ()):
+            return _model(entry)
+    return None

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from planner import comm, float8
+from planner import comm, float8, op_time
 from planner.calibration import Calibration, ThroughputConstants, default_calibration
 from planner.configs import (
     GPUSpec,
@@ -141,6 +141,7 @@ class _StepContext(NamedTuple):
     passes: float  # forward, backward and recompute passes over a layer's collectives
     hidden_bytes: float  # one micro-batch's [s, b, h] activation in the compute dtype
     p2p_bytes: float  # what a pipeline stage sends to the next per micro-batch
+    per_op: bool  # the efficiency comes from the per-operation model (which models compile's fusions)
 
 
 def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibration: Calibration | None,
@@ -152,7 +153,20 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     dtype = recipe.compute_dtype
     f8 = float8.float8_recipe(train.precision)
     peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
-    efficiency = k.efficiency(gpu.name, dtype)
+    attention_plateau = k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
+    if model.position_embedding == "alibi":  # a bias added to every score inside the kernel
+        attention_plateau *= k.alibi_attention_factor
+    ops = None if _measured_efficiency(cal, gpu.name, dtype) else op_time.op_times(
+        model, gpu, train, dtype, recipe.compute_bytes, k.elementwise_hbm_efficiency, k.gemm_sustained)
+    # a power-capped board sustains compute_derate of the datasheet's tensor-core rate
+    derate = gpu.compute_derate
+    if ops is not None:  # GEMMs by shape, elementwise ops by bytes (planner/op_time.py)
+        efficiency = ops.efficiency(peak)
+        attention_rate = peak * derate * op_time.flash_efficiency(attention_plateau, train.local_seq_len,
+                                                                  k.attention_half_seq)
+    else:  # one efficiency for the whole model: measured by calibrate, or the documented default
+        efficiency = k.efficiency(gpu.name, dtype) * derate
+        attention_rate = peak * derate * attention_plateau
     flops_rate = peak * efficiency
     constants = comm.CommConstants(k.collective_bandwidth_efficiency, k.inter_node_bandwidth_efficiency,
                                    k.intra_node_latency_s, k.inter_node_latency_s, k.collective_base_latency_s,
@@ -166,12 +180,22 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     passes = {"full": 3, "layer": 2 + 1 / every, "op": 2 if train.sequence_parallel else 3}.get(policy, 2)
     # pipeline p2p: Megatron's scatter/gather (and sequence parallelism) send 1/t of the tensor
     p2p_bytes = hidden_bytes / t if (train.sequence_parallel or train.engine != "pytorch") else hidden_bytes
-    attention_rate = peak * k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
     # the matmul kernels a collective can hide behind run at the GEMM ceiling, not the
     # model-wide efficiency (which includes the elementwise work between them)
-    gemm_rate = peak * k.gemm(gpu.name, dtype, default=efficiency)
+    gemm_rate = peak * derate * k.gemm(gpu.name, dtype, default=efficiency)
     return _StepContext(cal, k, recipe, engine, dtype, f8, peak, efficiency, flops_rate, attention_rate, gemm_rate,
-                        links, policy, passes, hidden_bytes, p2p_bytes)
+                        links, policy, passes, hidden_bytes, p2p_bytes, ops is not None)
+
+
+def _measured_efficiency(cal: Calibration, gpu_name: str, dtype: str) -> bool:
+    """Whether the calibration carries a compute efficiency measured for this GPU and dtype
+    (``trainplan calibrate`` lists it; an older calibrated file without the list counts as
+    measured throughout): a measurement of the user's own stack wins over the per-operation
+    model, which the documented defaults use."""
+    if not cal.calibrated:
+        return False
+    listed = cal.calibrated_constants
+    return not listed or "compute_efficiency" in listed or f"compute_efficiency[{gpu_name}][{dtype}]" in listed
 
 
 # ---------------------------------------------------------------- compute, per micro-batch and stage
@@ -193,8 +217,8 @@ def _linear_recompute_share(model: ModelSpec, train: TrainConfig, kind: str, pol
     return 0.0  # none; selective recomputes the attention only
 
 
-def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, recompute_share: float
-              ) -> tuple[float, float, float]:
+def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, recompute_share: float,
+              sustained: float) -> tuple[float, float, float]:
     """Per layer and micro-batch, what Float8 linears change: (compute seconds, recompute
     seconds, the fp8 GEMM rate). The projections' GEMMs (forward, and the backward's two) move
     from the bf16 to the fp8 tensor cores, each at the share of its peak one large GEMM
@@ -205,8 +229,8 @@ def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, 
     if not fp8_peak:
         raise ConfigError(f"{train.precision} needs fp8 tensor cores (SM89 or later: L4, L40S, RTX 4090, H100, H200, "
                           f"B200, MI300X); {gpu.name} has no fp8 peak")
-    bf16_rate = gpu.peak_tflops.for_dtype("bf16") * 1e12 * k.gemm(gpu.name, "bf16")
-    fp8_rate = fp8_peak * 1e12 * k.gemm(gpu.name, "fp8")
+    bf16_rate = gpu.peak_tflops.for_dtype("bf16") * 1e12 * k.gemm(gpu.name, "bf16") * sustained
+    fp8_rate = fp8_peak * 1e12 * k.gemm(gpu.name, "fp8") * sustained
     layer = float8.layer(model, train, kind)
     hbm = gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency
     saved = layer.gemm_forward_flops * (1 / bf16_rate - 1 / fp8_rate)
@@ -262,14 +286,15 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
         compute += streamed
         if train.activation_checkpointing != "none":
             recompute += streamed / 2
-    if train.compile:  # inductor fuses the elementwise work; communication is unchanged
+    if train.compile and not ctx.per_op:  # inductor fuses the elementwise work; communication is unchanged
         compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
     matmul_rate = dict.fromkeys((kind for kind, _ in kinds), ctx.gemm_rate)
     if ctx.f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
         for kind, n in sp.kind_counts:
             if n:
                 share = _linear_recompute_share(model, train, kind, ctx.policy, f)
-                dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share)
+                sustained = gpu.compute_derate * (k.gemm_sustained if ctx.per_op else 1.0)
+                dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share, sustained)
                 compute, recompute = compute + n * dc, recompute + n * dr
     if frozen is not None and frozen.quantised_bytes:
         # a quantised base is dequantised per matmul: read the codes, write the 16-bit
@@ -573,7 +598,7 @@ def _throughput(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _StepCo
         calibrated=ctx.cal.calibrated,
         mfu_peak=dtype,
         # compiled, inductor's fusions divide the compute time by compile_compute_speedup (above)
-        mfu_bound=efficiency * (k.compile_compute_speedup if train.compile else 1.0)
+        mfu_bound=efficiency * (k.compile_compute_speedup if train.compile and not ctx.per_op else 1.0)
         * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype) if ctx.f8 and gpu.peak_tflops.fp8 else 1.0),
     )
 

@@ -131,10 +131,11 @@ def test_ring_attention_on_cpu_matches_one_process_and_the_plan():
 def test_long_context_throughput_against_torchtitan():
     """torchtitan's published context-parallel runs (validation/published.py, TORCHTITAN_CP;
     Float8 tensorwise linears, as published): tokens/s per GPU falls from 32k to 262k tokens as
-    attention's quadratic share grows. The planner's fall is shallower: relative to the 32k row
-    it predicts 1.06x, 1.55x and 1.72x the published 64k, 128k and 256k throughput (their ring
-    attention runs below the planner's flash attention efficiency). Pinned here so that the gap
-    is known and cannot silently widen."""
+    attention's quadratic share grows. The planner's fall is shallower beyond 64k: relative to the
+    32k row it predicts 0.96x, 1.30x and 1.37x the published 64k, 128k and 256k throughput (their
+    ring attention runs below the planner's FlashAttention curve; before the per-operation model,
+    issue 23: 1.06x, 1.55x, 1.72x). Pinned here so that the gap is known and cannot silently
+    widen."""
     import sys
     from pathlib import Path
 
@@ -145,9 +146,9 @@ def test_long_context_throughput_against_torchtitan():
     published = {cp: tps for _, cp, _, tps in TORCHTITAN_CP}
     for cp in (2, 4, 8):
         over = (predicted[cp] / predicted[1]) / (published[cp] / published[1])
-        assert 1.0 <= over <= 1.9, (cp, over)
-    # the 32k row itself: 4,632 planned against 3,890 published (+19%)
-    assert predicted[1] == pytest.approx(published[1], rel=0.2)
+        assert 0.9 <= over <= 1.5, (cp, over)
+    # the 32k row itself: 3,516 planned against 3,890 published (-10%)
+    assert predicted[1] == pytest.approx(published[1], rel=0.15)
 
 
 def test_committed_context_parallel_runs_repredict():

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "validation"))
 
 import gemm_fit  # noqa: E402
 
-from planner.gemm import GEMM_PRESETS, GemmModel, gemm_model  # noqa: E402
+from planner.gemm import GEMM_PRESETS, GemmModel, gemm_model, gemm_model_for  # noqa: E402
 
 H100 = gemm_model("h100-sxm-80gb", "bf16")
 
@@ -57,5 +57,18 @@ def test_small_gemms_are_bound_by_memory_and_launch():
     assert H100.efficiency(8192, 8192, 8192, 989.4e12, 3.35e12) == pytest.approx(0.78, abs=0.02)
 
 
-def test_no_model_for_an_unfitted_gpu():
-    assert gemm_model("a100-80gb", "bf16") is None
+def test_models_by_gpu_name():
+    """An entry applies to the GPUs it lists by name: every GH100 board with 132 SMs takes the
+    H100 fit (fp16 as bf16: the same tensor cores and peak); the A100 its own (108 SMs, MAMF
+    ceiling), checked on the A100 mamf-finder rows; a GPU with none falls back to the
+    calibration's one efficiency (None here)."""
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H100 96GB HBM3"):
+        assert gemm_model_for(name, "bf16") == H100 == gemm_model_for(name, "fp16")
+    a100 = gemm_model_for("NVIDIA A100-SXM4-80GB", "bf16")
+    assert a100.sms == 108 and a100.ceiling == pytest.approx(271.2 / 312, abs=1e-3)
+    entry = json.loads(GEMM_PRESETS.read_text())["models"]["a100-80gb/bf16"]
+    assert entry["check"] == gemm_fit.summary(gemm_fit.a100_errors(a100))
+    assert entry["check"]["median_abs_error"] <= 0.05
+    assert gemm_model_for("NVIDIA H100 PCIe", "bf16") is None  # 114 SMs: not fitted
+    assert gemm_model_for("NVIDIA L4", "bf16") is None
+    assert gemm_model_for("NVIDIA H100 80GB HBM3", "fp32") is None

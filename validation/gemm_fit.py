@@ -82,6 +82,31 @@ def flat_errors(efficiency: float, measured: list[dict]) -> list[float]:
     return [PEAK * efficiency / 1e12 / r["tflops"] - 1 for r in measured]
 
 
+H100_SXM_DIE = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 96GB HBM3", "NVIDIA H100 96GB HBM3 (500 W power limit)",
+                "NVIDIA H100 NVL", "NVIDIA H200",
+                "NVIDIA GH200 480GB", "NVIDIA GH200 120GB", "NVIDIA GH200 144G HBM3e"]
+A100_SXM = ["NVIDIA A100-SXM4-40GB", "NVIDIA A100-SXM4-80GB"]
+
+
+def a100_model(h100: GemmModel) -> GemmModel:
+    """The A100 (SXM4: 108 SMs, A100 whitepaper Table 1) is not fitted, for want of a
+    per-shape table: its ceiling is Bekman's MAMF, 271.2 of 312 dense bf16 TFLOP/s
+    (ml-engineering, compute/accelerator/README.md), the rest the H100 fit's constants."""
+    return GemmModel(108, h100.tile_m, h100.tile_n, round(271.2 / 312, 3), h100.launch_s, h100.hbm_efficiency)
+
+
+def a100_rows() -> list[dict]:
+    """A100 bf16 GEMMs measured with mamf-finder (SXM and PCIe, ml-engineering): the check of
+    the derived A100 model."""
+    data = json.loads(DATA.read_text())
+    return [m for m in data["measurements"] if m["gpu"] in ("A100 SXM", "A100 PCIe") and m["dtype"] == "bf16"]
+
+
+def a100_errors(model: GemmModel) -> list[float]:
+    return [2 * r["m"] * r["n"] * r["k"] / model.seconds(r["m"], r["n"], r["k"], 312e12, 1935e9) / 1e12
+            / r["tflops"] - 1 for r in a100_rows()]
+
+
 def main() -> int:
     fit_rows, check_rows = split()
     model = fit(fit_rows)
@@ -92,7 +117,8 @@ def main() -> int:
               "one_efficiency": {"efficiency": round(flat, 2), "check": summary(flat_errors(flat, check_rows))},
               "other_sources": summary(errors(model, other_sources()))}
     print(f"{model}\nfit: {result['fit']}\ncheck: {result['check']}\none efficiency {flat:.2f}, check: "
-          f"{result['one_efficiency']['check']}\nother H100 SXM sources: {result['other_sources']}")
+          f"{result['one_efficiency']['check']}\nother H100 SXM sources: {result['other_sources']}\n"
+          f"A100 (derived, mamf-finder rows): {summary(a100_errors(a100_model(model)))}")
     if "--write" in sys.argv:
         from strategies.files import write_atomic
 
@@ -100,8 +126,16 @@ def main() -> int:
         entry |= {"source": "validation/gemm_fit.py on XLA's sm_90 bf16 GEMM table (half the shapes)",
                   "fit": result["fit"], "check": result["check"], "one_efficiency": result["one_efficiency"],
                   "other_sources": result["other_sources"]}
-        write_atomic(Path(str(GEMM_PRESETS)), json.dumps({"description": "planner/gemm.py's constants per GPU preset and dtype",
-                                               "models": {"h100-sxm-80gb/bf16": entry}}, indent=1) + "\n")
+        entry["gpus"] = H100_SXM_DIE
+        a100 = a100_model(model)
+        a100_entry = {name: getattr(a100, name) for name in GemmModel.__dataclass_fields__}
+        a100_entry |= {"source": "108 SMs (A100 whitepaper); ceiling: MAMF 271.2 of 312 TFLOP/s (ml-engineering); "
+                                 "tiles, launch and HBM efficiency: the H100 fit's (not fitted on A100 data)",
+                       "check": summary(a100_errors(a100)), "gpus": A100_SXM}
+        presets = {"description": "planner/gemm.py's constants per GPU preset and dtype; gpus: the GPU names "
+                                  "(GPUSpec.name) each model applies to",
+                   "models": {"h100-sxm-80gb/bf16": entry, "a100-80gb/bf16": a100_entry}}
+        write_atomic(Path(str(GEMM_PRESETS)), json.dumps(presets, indent=1) + "\n")
     return 0
 
 

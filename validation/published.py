@@ -207,7 +207,7 @@ def predict_torchtitan_cp(cp: int, seq_len: int) -> float:
     """tokens/s per GPU the planner predicts for a row of TORCHTITAN_CP: torchtitan's model code,
     fp32 parameters with bf16 compute, compiled blocks, Float8 tensorwise linears (what the
     published runs used)."""
-    gpu = load_gpu("h100-sxm-96gb")
+    gpu = load_gpu("h100-sxm-96gb-500w")
     train = TrainConfig(gpus=8, cp=cp, seq_len=seq_len, zero_stage=3, activation_checkpointing="full", micro_batch=1,
                         precision="fp8-tensorwise", compile=True, impl="torchtitan")
     return estimate_step(load_model("llama-3-8b"), gpu, train, calibration_for_gpu(gpu)).tokens_per_s_per_gpu
@@ -247,7 +247,7 @@ FLOAT8_RUNS = [
 def predict_float8(run: Float8Run, precision: str):
     """The planner's Throughput of a FLOAT8_RUNS layout in ``precision`` (amp-bf16 or the run's
     Float8 recipe): torchtitan's Llama 3 8B code, FSDP2, compiled, seq 8192, on the H100 96 GB."""
-    gpu = load_gpu("h100-sxm-96gb")
+    gpu = load_gpu("h100-sxm-96gb-500w")
     train = TrainConfig(gpus=run.gpus, zero_stage=3, micro_batch=run.micro_batch, seq_len=8192, precision=precision,
                         activation_checkpointing=run.checkpointing, compile=True, impl="torchtitan")
     return estimate_step(load_model("llama-3-8b"), gpu, train, calibration_for_gpu(gpu), 8)
@@ -270,7 +270,7 @@ ASYNC_TP = [  # (model, GPUs, local batch, AC, precision, vanilla TP tokens/s pe
 def predict_async_tp(model: str, gpus: int, micro_batch: int, checkpointing: str, precision: str, async_tp: bool):
     """The planner's Throughput of an ASYNC_TP row: FSDP over gpus / 8, TP 8 with sequence
     parallelism inside each node."""
-    gpu = load_gpu("h100-sxm-96gb")
+    gpu = load_gpu("h100-sxm-96gb-500w")
     train = TrainConfig(gpus=gpus, tp=8, sequence_parallel=True, zero_stage=3, micro_batch=micro_batch, seq_len=8192,
                         precision=precision, activation_checkpointing=checkpointing, compile=True, impl="torchtitan",
                         async_tp=async_tp)
@@ -334,7 +334,7 @@ def predict_reserved(run: MemoryRun) -> int:
     had them, on the 96 GB H100 they ran on."""
     from planner.memory import estimate_memory
 
-    gpu = load_gpu("h100-sxm-96gb")
+    gpu = load_gpu("h100-sxm-96gb-500w")
     overheads = calibration_for_gpu(gpu).overheads
     train = TrainConfig(**dict(run.fields), alloc_conf="expandable_segments")
     worst = max(estimate_memory(load_model(run.model), gpu, train, overheads, search_micro_batch=False).stages,

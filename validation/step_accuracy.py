@@ -16,8 +16,7 @@ Model dimensions come from the catalog where the run names a preset, else from t
 published dimensions with its family's block: Llama-style (SwiGLU, RMSNorm, RoPE), GPT-style
 (GELU MLP, LayerNorm, learned positions: Megatron's GPT, GPT-3, MT-NLG, GPT-NeoX, Nemotron's
 non-gated squared-ReLU MLP has the same FLOPs and bytes per token) or MPT (GELU, LayerNorm,
-ALiBi planned as RoPE: the same matmuls; ALiBi's bias add is elementwise work the FLOP counts
-leave out either way).
+ALiBi: the bias is added inside the attention kernel, at ``alibi_attention_factor`` of its rate).
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def _spec(run: dict) -> ModelSpec:
     if "llama" in lowered:
         return ModelSpec(**common, mlp="swiglu", norm="rmsnorm", position_embedding="rope")
     if lowered.startswith("mpt"):
-        return ModelSpec(**common, mlp="gelu", norm="layernorm", position_embedding="rope")
+        return ModelSpec(**common, mlp="gelu", norm="layernorm", position_embedding="alibi")
     return ModelSpec(**common, mlp="gelu", norm="layernorm", position_embedding="learned",
                      max_position_embeddings=max(run["seq_len"], 2048), linear_bias=True)
 
@@ -97,6 +96,12 @@ def _precision(run: dict, engine: str) -> str:
         return "bf16-mixed"  # FSDP's mixed-precision policy: bf16 compute, fp32 masters
     return "bf16-mixed"
 
+
+# runs made before FlashAttention (Dao et al., May 2022) reached Megatron-LM and DeepSpeed: their
+# attention materialised the s x s scores (Megatron's fused scale-mask-softmax), which the planner
+# models as --attention eager
+_PRE_FLASH_SOURCES = ("Narayanan et al. 2021", "Korthikanti et al. 2022", "Smith et al. 2022", "Black et al. 2022",
+                      "bigscience-workshop/bigscience")
 
 _ENGINE = {"torchtitan": "pytorch", "llm-foundry": "pytorch", "megatron-lm": "megatron", "megatron-core": "megatron",
            "nemo": "megatron", "deepspeed": "deepspeed"}
@@ -121,7 +126,8 @@ def _train(run: dict) -> TrainConfig:
     fields = dict(gpus=run["gpus"], tp=run["tp"], pp=run["pp"], cp=run.get("cp") or 1, zero_stage=zero,
                   precision=_precision(run, engine), engine=engine, seq_len=run["seq_len"], micro_batch=micro,
                   activation_checkpointing=ac, compile=bool(run.get("compile")) and engine == "pytorch",
-                  sequence_parallel=run["tp"] > 1)
+                  sequence_parallel=run["tp"] > 1,
+                  attention="eager" if run["source"].startswith(_PRE_FLASH_SOURCES) else "flash")
     if run.get("global_batch"):
         fields["global_batch"] = run["global_batch"]
     vpp = run.get("vpp") or 1
@@ -150,7 +156,9 @@ def _published_tokens(run: dict, model: ModelSpec, gpu_peak_tflops: float) -> tu
     return tflops * 1e12 / model_flops_per_token(model, run["seq_len"], causal=False), f"{basis}, 6N + 12 L h s"
 
 
-def compare(run: dict, half: str) -> Compared:
+def compare(run: dict, half: str, calibration=None, gpu=None) -> Compared:
+    """One run against the planner (``calibration`` and ``gpu``: what validation/step_fit.py
+    tries; by default the shipped constants and the run's GPU preset)."""
     label = f"{run['model']}, {run['gpus']} {run['gpu']}, {run['stack']}"
     try:
         model = _spec(run)
@@ -160,21 +168,22 @@ def compare(run: dict, half: str) -> Compared:
     try:
         if not run.get("gpu_preset"):
             raise TrainplanError(f"no GPU preset for {run['gpu']}")
-        gpu = load_gpu(run["gpu_preset"])
+        gpu = gpu or load_gpu(run["gpu_preset"])
         published, basis = _published_tokens(run, model, gpu.peak_tflops.for_dtype("bf16"))
         train = _train(run)
         check_layout(model, train)
-        step = estimate_step(model, gpu, train, gpus_per_node=run.get("gpus_per_node") or gpu.gpus_per_node)
+        step = estimate_step(model, gpu, train, calibration,
+                             gpus_per_node=run.get("gpus_per_node") or gpu.gpus_per_node)
         return Compared(run["id"], half, label, params_b, published, basis, step.tokens_per_s_per_gpu, None)
     except (TrainplanError, ValueError) as exc:
         reason = str(exc).splitlines()[0]
         return Compared(run["id"], half, label, params_b, None, "", None, reason)
 
 
-def compare_all() -> list[Compared]:
+def compare_all(calibration=None, halves: tuple[str, ...] = ("fit", "check")) -> list[Compared]:
     data = json.loads(RUNS.read_text())
     runs = {r["id"]: r for r in data["runs"]}
-    return [compare(runs[i], half) for half in ("fit", "check") for i in data[half]]
+    return [compare(runs[i], half, calibration) for half in halves for i in data[half]]
 
 
 def summary(rows: list[Compared], half: str) -> dict:
