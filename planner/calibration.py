@@ -101,6 +101,10 @@ class ThroughputConstants(BaseModel):
         default=1.0, gt=0, le=1, description="share of its benchmarked rate (planner/gemm.py, fitted on isolated "
         "GEMMs) a GEMM sustains inside a training step, in the per-operation model: clocks under sustained power, "
         "caches shared with the ops around it, communication kernels on the same SMs")
+    compute_time_scale_by_gpu: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per GPU name and dtype: the measured compute time of `trainplan "
+        "calibrate`'s run over what the per-operation model predicts for it (a machine factor: clocks, power "
+        "limit, library versions); 1 where not measured")
     elementwise_hbm_efficiency: float = Field(
         default=0.7, gt=0, le=1, description="achieved / peak HBM bandwidth of the memory-bound ops between the "
         "GEMMs (norms, rotary, activations, residual adds, the loss) in the per-operation model "
@@ -239,12 +243,18 @@ def _throughput(defaults: dict, raw: dict, where: str) -> dict:
     kept = {key: value for key, value in given.items() if key in measured and key != "compute_efficiency_by_gpu"}
     if "compute_efficiency" in kept:
         kept["compute_efficiency"] = {**defaults["compute_efficiency"], **per_dtype}
-    for entry in measured:  # "compute_efficiency[<GPU name>][<dtype>]"
-        if isinstance(entry, str) and entry.startswith("compute_efficiency[") and entry.count("][") == 1:
-            name, dtype = entry[len("compute_efficiency["):-1].split("][")[:2]
-            if dtype in file_by_gpu.get(name, {}):
-                by_gpu.setdefault(name, {})[dtype] = file_by_gpu[name][dtype]
-    return {**defaults, **kept, "compute_efficiency_by_gpu": by_gpu}
+    scales: dict[str, dict[str, float]] = {}
+    file_scales = given.get("compute_time_scale_by_gpu", {})
+    if not isinstance(file_scales, dict) or not all(isinstance(v, dict) for v in file_scales.values()):
+        raise ConfigFileError(f"{where}: compute_time_scale_by_gpu must map GPU names to objects of scales")
+    for entry in measured:  # "compute_efficiency[<GPU name>][<dtype>]", "compute_time_scale[...][...]"
+        for key, source, target in (("compute_efficiency", file_by_gpu, by_gpu),
+                                    ("compute_time_scale", file_scales, scales)):
+            if isinstance(entry, str) and entry.startswith(f"{key}[") and entry.count("][") == 1:
+                name, dtype = entry[len(key) + 1:-1].split("][")[:2]
+                if dtype in source.get(name, {}):
+                    target.setdefault(name, {})[dtype] = source[name][dtype]
+    return {**defaults, **kept, "compute_efficiency_by_gpu": by_gpu, "compute_time_scale_by_gpu": scales}
 
 
 def calibration_for_gpu(gpu: GPUSpec) -> Calibration:
@@ -266,7 +276,11 @@ def calibration_for_gpu(gpu: GPUSpec) -> Calibration:
     cal = load_calibration(same_chip)
     by_gpu = dict(cal.throughput.compute_efficiency_by_gpu)
     by_gpu[gpu.name] = by_gpu.get(cal.device or "", by_gpu.get(gpu.name, {}))
+    scales = dict(cal.throughput.compute_time_scale_by_gpu)
+    if cal.device in scales:
+        scales[gpu.name] = scales[cal.device]
     return cal.model_copy(update={
-        "throughput": cal.throughput.model_copy(update={"compute_efficiency_by_gpu": by_gpu}),
+        "throughput": cal.throughput.model_copy(update={"compute_efficiency_by_gpu": by_gpu,
+                                                        "compute_time_scale_by_gpu": scales}),
         "used_for": f"measured on {cal.device}, the same {gpu.chip} chip as {gpu.name}",
     })

@@ -21,18 +21,20 @@ One micro-batch through one layer on one tensor-parallel rank runs
   the sequence length as FlashAttention-2's measured curve does (``flash_efficiency``).
 
 The elementwise element counts per token (one element = one compute-dtype value; an fp32
-intermediate counts 2) of one forward, by implementation:
+intermediate counts 2) of one forward, by the variant the implementation runs
+(``planner/implementations.py``, ``--impl``), and all fused where the stack fuses them
+(torch.compile's inductor; Megatron-LM and Transformer Engine: megatron/core/fusions/):
 
-| op | eager PyTorch | fused (torch.compile, Transformer Engine, Megatron's fused kernels) |
+| op | unfused variant | fused |
 |---|---|---|
-| RMSNorm | 18 h: cast up (1 + 2), square (2 + 2), mean (2), scale (2 + 2), cast down (2 + 1), weight (1 + 1) | 2 h |
+| RMSNorm | composite (Hugging Face, or torch's on a CPU): 18 h -- cast up (1 + 2), square (2 + 2), mean (2), scale (2 + 2), cast down (2 + 1), weight (1 + 1); a fused kernel (trainplan's reference, torchtitan's ``nn.RMSNorm`` on CUDA): 2 h | 2 h |
 | LayerNorm | 2 h: one ATen kernel | 2 h |
 | residual add | 3 h (two reads, one write) | 3 h |
-| rotary embedding | 10 per q and k element: complex product in fp32 (torchtitan ``apply_rotary_emb``) | 2 |
-| attention output | 2 q: transpose back to [s, h] and copy; GQA's ``repeat_kv`` copies k and v to q's width: 2 (kv + q) | 0 |
+| rotary embedding | 10 per q and k element: q cos (1 + 1), rotate-half (1 + 1, 0.5 + 0.5), q sin (1 + 1), add (2 + 1); torchtitan's complex product in fp32 moves the same | 2 |
+| attention output | 2 q: transpose back to [s, h] and copy | 0 |
 | SwiGLU | 5 f: silu (1 + 1), product (2 + 1) | 3 f |
-| GELU | 2 f | 2 f |
-| cross-entropy | 7 V: cast the logits up (1 + 2), log-softmax (2 + 2); backward 7 V | 2 V; backward 2 V |
+| GELU | 2 f; written as Python arithmetic (``gelu_new``): 20 f, eight ops | 2 f |
+| cross-entropy | 7 V: cast the logits up (1 + 2), log-softmax (2 + 2); backward 7 V | 2 V; backward 2 V (Megatron's fused vocab-parallel loss) |
 
 (h the hidden size, q and kv the rank's query and key/value widths, f its MLP width, V its
 vocabulary share.) With sequence parallelism the norms and residual adds run on the rank's
@@ -46,39 +48,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.gemm import GemmModel, gemm_model_for
+from planner.implementations import implementation
 from planner.params import layer_kind, layer_stack, layer_tensors
 
 BACKWARD_ELEMENTWISE_FACTOR = 2.0  # the backward of an elementwise op moves twice its forward's bytes
 
-# forward elements per token per element of the op's width (the table above)
-_EAGER = {"rmsnorm": 18, "layernorm": 2, "residual": 3, "rope": 10, "swiglu": 5, "gelu": 2, "geglu": 5,
-          "loss": 7}
-_FUSED = {"rmsnorm": 2, "layernorm": 2, "residual": 3, "rope": 2, "swiglu": 3, "gelu": 2, "geglu": 3, "loss": 2}
+BACKWARD_LOSS_FACTOR = 1.0  # the loss's backward moves as much as its forward (the table's last row)
 
 
 def fused_elementwise(train: TrainConfig) -> bool:
-    """Whether the memory-bound ops run fused: torch.compile (inductor), Megatron-LM's and
-    Transformer Engine's fused kernels (fused RMSNorm/LayerNorm, bias-SwiGLU/GELU, rotary,
-    bias-dropout-add: megatron/core/fusions/), DeepSpeed's Megatron-DeepSpeed likewise."""
-    return train.compile or train.engine in ("megatron", "deepspeed")
+    """Whether the memory-bound ops of the blocks run fused: torch.compile (inductor), Megatron-LM's
+    and Transformer Engine's fused kernels (fused RMSNorm/LayerNorm, bias-SwiGLU/GELU, rotary,
+    bias-dropout-add: megatron/core/fusions/), Megatron-DeepSpeed likewise."""
+    return train.compile or train.engine in ("megatron", "deepspeed") or train.impl == "megatron"
 
 
-def fuses_projections(train: TrainConfig) -> bool:
-    """Megatron-LM (and Megatron-DeepSpeed) run q, k, v as one GEMM and gate, up as another."""
-    return train.engine in ("megatron", "deepspeed")
+def fuses_projections(train: TrainConfig) -> tuple[bool, bool]:
+    """(q, k, v as one GEMM; gate and up as one GEMM): Megatron-LM and Megatron-DeepSpeed fuse both
+    (megatron/core/transformer/attention.py ``linear_qkv``; mlp.py ``linear_fc1`` with
+    ``gated_linear_unit``); otherwise as the implementation runs them (torchtitan 0.3.0's
+    ``FusedQKVLinear``)."""
+    megatron = train.engine in ("megatron", "deepspeed")
+    impl = implementation(train.impl)
+    return megatron or impl.fused_qkv, megatron or impl.fused_glu
 
 
 def _local_gemms(model: ModelSpec, train: TrainConfig, kind: str) -> tuple[tuple[int, int], ...]:
     """A layer's forward GEMMs on the rank's shard, as (in, out) widths."""
     t = train.tp
+    qkv, glu = fuses_projections(train)
+    fused = {"q": "qkv", "k": "qkv", "v": "qkv"} if qkv else {}
+    fused |= {"gate": "fc1", "up": "fc1"} if glu else {}
     shapes: dict[str, tuple[int, int]] = {}
     for tensor in layer_tensors(model, kind):
         if not tensor.block_projection:
             continue
         out, inp = tensor.local_shape(t)
         name = f"{tensor.sublayer}.{tensor.block_projection}"
-        if fuses_projections(train):  # one GEMM per fused group, widths added
-            group = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "fc1", "up": "fc1"}.get(tensor.block_projection)
+        if tensor.block_projection in fused:  # one GEMM per fused group, widths added
+            group = fused[tensor.block_projection]
             if group:
                 name = f"{tensor.sublayer}.{group}"
                 inp0, out0 = shapes.get(name, (inp, 0))
@@ -99,22 +107,31 @@ def gemm_seconds(gemm: GemmModel, tokens: int, widths: tuple[tuple[int, int], ..
     return forward, backward
 
 
+def _per_token(model: ModelSpec, train: TrainConfig) -> dict[str, float]:
+    """Forward elements per token per element of each op's width (the module docstring's table)."""
+    if fused_elementwise(train):
+        return {"rmsnorm": 2, "layernorm": 2, "residual": 3, "rope": 2, "attention_out": 0, "swiglu": 3,
+                "geglu": 3, "gelu": 2, "loss": 2 if train.engine in ("megatron", "deepspeed") else 7}
+    impl = implementation(train.impl)
+    composite_gelu = model.activation in impl.composite_activations
+    return {"rmsnorm": 2 if impl.rmsnorm == "fused" else 18, "layernorm": 2, "residual": 3, "rope": 10,
+            "attention_out": 2, "swiglu": 3 if impl.fused_glu else 5, "geglu": 3 if impl.fused_glu else 5,
+            "gelu": 20 if composite_gelu else 2, "loss": 7}
+
+
 def layer_elementwise_elements(model: ModelSpec, train: TrainConfig, kind: str) -> float:
     """Forward elements one token moves through a layer's elementwise ops on one rank."""
-    table = _FUSED if fused_elementwise(train) else _EAGER
+    table = _per_token(model, train)
     t = train.tp
-    sublayers = len(layer_kind(model, kind).attentions) + 1
+    attentions = len(layer_kind(model, kind).attentions)
     h = model.hidden_size / (t if train.sequence_parallel else 1)  # norms and residuals
     q = model.num_heads * model.head_dim / t
     kv = model.num_kv_heads * model.head_dim / t
     f = model.ffn_hidden_size / t
-    elements = sublayers * (table[model.norm] + table["residual"]) * h
-    elements += table[model.mlp] * f
-    attentions = len(layer_kind(model, kind).attentions)
+    elements = (attentions + 1) * (table[model.norm] + table["residual"]) * h + table[model.mlp] * f
+    elements += attentions * table["attention_out"] * q
     if model.position_embedding == "rope":
         elements += attentions * table["rope"] * (q + kv)
-    if not fused_elementwise(train):
-        elements += attentions * 2 * q + (attentions * 2 * (kv + q) if model.num_kv_heads < model.num_heads else 0)
     return elements
 
 
@@ -137,6 +154,25 @@ def op_times(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, dtype: str, ite
              elementwise_hbm_efficiency: float, gemm_sustained: float = 1.0) -> OpTimes | None:
     """The model's GEMM and elementwise time per micro-batch on one rank, or None where no GEMM
     model is fitted for the GPU and dtype."""
+    # a search asks for the same few answers many times: cached on what they depend on (hashing
+    # the whole TrainConfig would cost more than the answer)
+    key = (model, gpu, train.tp, train.local_seq_len, train.micro_batch, train.sequence_parallel, train.compile,
+           train.impl, train.engine, dtype, itemsize, elementwise_hbm_efficiency, gemm_sustained)
+    cached = _CACHE.get(key)
+    if cached is None:
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        cached = _CACHE[key] = (_op_times(model, gpu, train, dtype, itemsize, elementwise_hbm_efficiency,
+                                          gemm_sustained),)
+    return cached[0]
+
+
+_CACHE: dict[tuple, tuple[OpTimes | None]] = {}
+op_times.cache_clear = _CACHE.clear  # type: ignore[attr-defined]  # planner.clear_caches empties it
+
+
+def _op_times(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, dtype: str, itemsize: int,
+              elementwise_hbm_efficiency: float, gemm_sustained: float) -> OpTimes | None:
     gemm = gemm_model_for(gpu.name, dtype)
     if gemm is None:
         return None
@@ -154,18 +190,18 @@ def op_times(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, dtype: str, ite
     forward, backward = gemm_seconds(gemm, tokens, ((model.hidden_size, vocab),), peak, hbm, itemsize)
     gemm_s += forward + backward
     flops += 6 * tokens * model.hidden_size * vocab
-    table = _FUSED if fused_elementwise(train) else _EAGER
-    elementwise += tokens * table["loss"] * vocab
-    elementwise_s = ((1 + BACKWARD_ELEMENTWISE_FACTOR) * elementwise * itemsize
+    loss = tokens * _per_token(model, train)["loss"] * vocab
+    elementwise_s = (((1 + BACKWARD_ELEMENTWISE_FACTOR) * elementwise + (1 + BACKWARD_LOSS_FACTOR) * loss) * itemsize
                      / (hbm * elementwise_hbm_efficiency))
     return OpTimes(gemm_s / (gemm_sustained * gpu.compute_derate), elementwise_s, flops)
 
 
 def flash_efficiency(plateau: float, seq_len: int, half_seq: float) -> float:
     """FlashAttention's share of the peak at ``seq_len`` query and key positions per block:
-    ``plateau x s / (s + half_seq)``. FlashAttention-2 on an H100 SXM5, head dim 128, forward:
-    309, 350, 362, 368, 370, 370 TFLOP/s at 512 to 16k (Shah et al. 2024, FlashAttention-3,
-    Figure 5): a plateau of 37.4% and ``half_seq`` 90 fit it within 2%."""
+    ``plateau x s / (s + half_seq)``. The shape is FlashAttention-2's forward on an H100 SXM5,
+    head dim 128: 309, 350, 362, 368, 370, 370 TFLOP/s at 512 to 16k (Shah et al. 2024,
+    FlashAttention-3, Figure 5), which ``half_seq`` 90 follows within 5% relative to the 16k
+    rate; the plateau is the calibration's attention efficiency."""
     return plateau * seq_len / (seq_len + half_seq)
 
 

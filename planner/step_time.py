@@ -156,15 +156,17 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     attention_plateau = k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
     if model.position_embedding == "alibi":  # a bias added to every score inside the kernel
         attention_plateau *= k.alibi_attention_factor
-    ops = None if _measured_efficiency(cal, gpu.name, dtype) else op_time.op_times(
-        model, gpu, train, dtype, recipe.compute_bytes, k.elementwise_hbm_efficiency, k.gemm_sustained)
+    ops = op_time.op_times(model, gpu, train, dtype, recipe.compute_bytes, k.elementwise_hbm_efficiency,
+                           k.gemm_sustained)
     # a power-capped board sustains compute_derate of the datasheet's tensor-core rate
     derate = gpu.compute_derate
     if ops is not None:  # GEMMs by shape, elementwise ops by bytes (planner/op_time.py)
-        efficiency = ops.efficiency(peak)
+        # times a machine factor where `trainplan calibrate` measured one on this GPU
+        scale = k.compute_time_scale_by_gpu.get(gpu.name, {}).get(dtype, 1.0)
+        efficiency = ops.efficiency(peak) / scale
         attention_rate = peak * derate * op_time.flash_efficiency(attention_plateau, train.local_seq_len,
-                                                                  k.attention_half_seq)
-    else:  # one efficiency for the whole model: measured by calibrate, or the documented default
+                                                                  k.attention_half_seq) / scale
+    else:  # no GEMM model for this GPU: one efficiency for the whole model (calibrated or default)
         efficiency = k.efficiency(gpu.name, dtype) * derate
         attention_rate = peak * derate * attention_plateau
     flops_rate = peak * efficiency
@@ -186,16 +188,6 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     return _StepContext(cal, k, recipe, engine, dtype, f8, peak, efficiency, flops_rate, attention_rate, gemm_rate,
                         links, policy, passes, hidden_bytes, p2p_bytes, ops is not None)
 
-
-def _measured_efficiency(cal: Calibration, gpu_name: str, dtype: str) -> bool:
-    """Whether the calibration carries a compute efficiency measured for this GPU and dtype
-    (``trainplan calibrate`` lists it; an older calibrated file without the list counts as
-    measured throughout): a measurement of the user's own stack wins over the per-operation
-    model, which the documented defaults use."""
-    if not cal.calibrated:
-        return False
-    listed = cal.calibrated_constants
-    return not listed or "compute_efficiency" in listed or f"compute_efficiency[{gpu_name}][{dtype}]" in listed
 
 
 # ---------------------------------------------------------------- compute, per micro-batch and stage

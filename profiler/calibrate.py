@@ -14,6 +14,9 @@ Measured (one GPU, one process):
   once the predicted optimizer step is taken out, divided by the dense peak -- less the flash
   attention, which the planner times at its own ``attention_efficiency`` (so that the
   calibrated step is predicted as measured);
+- **compute time scale**: the same forward + backward time over the per-operation model's
+  prediction for it (``planner/op_time.py``), where a GEMM model covers the GPU: the factor the
+  planner applies to every compute time on it;
 - **optimizer HBM efficiency**: bytes a fused AdamW step touches over its time and the HBM
   bandwidth.
 
@@ -129,6 +132,20 @@ def measure(model: ModelSpec, gpu: GPUSpec, seq_len: int = 2048, micro_batch: in
     }
 
 
+def compute_time_scale(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, forward_backward_s: float,
+                       base: Calibration) -> float | None:
+    """The measured forward + backward time over what the per-operation model (planner/op_time.py)
+    predicts for the same single-GPU step with the shipped constants: the machine factor the
+    planner applies to every compute time on this GPU (None where no GEMM model covers it)."""
+    from planner.gemm import gemm_model_for
+    from planner.step_time import estimate_step
+
+    if gemm_model_for(gpu.name, RECIPES[train.precision].compute_dtype) is None:
+        return None
+    step = estimate_step(model, gpu, train, base, check=False)
+    return forward_backward_s / (step.breakdown.compute_s + step.breakdown.recompute_s)
+
+
 def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibration:
     """Fit the constants to the raw figures and return the calibration object."""
     base = default_calibration()
@@ -147,8 +164,14 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
     hbm = min(1.0, touched / (measured["optimizer_step_s"] * gpu.hbm_bandwidth_gb_s * 1e9))
     by_gpu = dict(base.throughput.compute_efficiency_by_gpu)
     by_gpu[gpu.name] = {**by_gpu.get(gpu.name, {}), dtype: round(efficiency, 4)}
-    throughput = base.throughput.model_copy(update={"compute_efficiency_by_gpu": by_gpu,
-                                                    "optimizer_hbm_efficiency": round(hbm, 4)})
+    update = {"compute_efficiency_by_gpu": by_gpu, "optimizer_hbm_efficiency": round(hbm, 4)}
+    measured_names = [f"compute_efficiency[{gpu.name}][{dtype}]"]
+    scale = compute_time_scale(model, gpu, train, measured["forward_backward_s"], base)
+    if scale is not None:
+        update["compute_time_scale_by_gpu"] = {**base.throughput.compute_time_scale_by_gpu,
+                                               gpu.name: {dtype: round(scale, 4)}}
+        measured_names.append(f"compute_time_scale[{gpu.name}][{dtype}]")
+    throughput = base.throughput.model_copy(update=update)
     overheads = base.overheads.model_copy(update={
         "cuda_context_bytes": measured["cuda_context_bytes"],
         "communicator_bytes": measured["communicator_bytes"],
@@ -162,8 +185,7 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
                f"{measured['micro_batch']}, {measured['precision']} on {measured['gpu']}",
         environment={k: str(measured[k]) for k in ("gpu", "driver", "torch", "cuda")},
         date=measured["date"], overheads=overheads, throughput=throughput,
-        calibrated_constants=["cuda_context_bytes", "communicator_bytes",
-                              f"compute_efficiency[{gpu.name}][{dtype}]", "optimizer_hbm_efficiency"],
+        calibrated_constants=["cuda_context_bytes", "communicator_bytes", *measured_names, "optimizer_hbm_efficiency"],
         measurements=measured,
     )
 

@@ -43,7 +43,7 @@ def test_zero3_rows_of_narayanan_table_2_are_not_reproduced():
     published multi-node FSDP runs in tests/test_comm.py confirm -- hides those all-gathers
     behind a 175B layer's compute at every size. We do not reproduce the 2021 rows and say so in
     the README; this test pins what we predict instead: 1.2-1.5x the published 144 TFLOP/s at
-    384 GPUs (196: the per-operation model of issue 23 runs the 175B's GEMMs at 73% of the A100's
+    384 GPUs (188: the per-operation model of issue 23 runs the 175B's GEMMs at 71% of the A100's
     peak, where Megatron-LM's runs in the same paper come within 16% and DeepSpeed's 2021 ZeRO-3 did
     not reach), and communication hidden (throughput within 15% from 384 to 1536 GPUs)."""
     ours = {gpus: predict_narayanan_zero3(gpus, micro_batch) for gpus, micro_batch, _ in NARAYANAN_ZERO3}

@@ -103,6 +103,11 @@ def _precision(run: dict, engine: str) -> str:
 _PRE_FLASH_SOURCES = ("Narayanan et al. 2021", "Korthikanti et al. 2022", "Smith et al. 2022", "Black et al. 2022",
                       "bigscience-workshop/bigscience")
 
+# whose model code runs the layers (planner/implementations.py): torchtitan's own, Megatron-Core's
+# Transformer Engine layers; the others (llm-foundry's MPT, nanotron, ...) run fused norms as the
+# reference model does
+_IMPL = {"torchtitan": "torchtitan", "megatron-core": "megatron", "nemo": "megatron"}
+
 _ENGINE = {"torchtitan": "pytorch", "llm-foundry": "pytorch", "megatron-lm": "megatron", "megatron-core": "megatron",
            "nemo": "megatron", "deepspeed": "deepspeed"}
 
@@ -127,7 +132,8 @@ def _train(run: dict) -> TrainConfig:
                   precision=_precision(run, engine), engine=engine, seq_len=run["seq_len"], micro_batch=micro,
                   activation_checkpointing=ac, compile=bool(run.get("compile")) and engine == "pytorch",
                   sequence_parallel=run["tp"] > 1,
-                  attention="eager" if run["source"].startswith(_PRE_FLASH_SOURCES) else "flash")
+                  attention="eager" if run["source"].startswith(_PRE_FLASH_SOURCES) else "flash",
+                  impl=_IMPL.get(run["stack"], "trainplan"))
     if run.get("global_batch"):
         fields["global_batch"] = run["global_batch"]
     vpp = run.get("vpp") or 1
