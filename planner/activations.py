@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from math import ceil
 
+from planner import te_fp8
 from planner.configs import ModelSpec, TrainConfig
 from planner.engines import ENGINES
 from planner.finetune import is_adapted
@@ -96,6 +97,7 @@ class _Dims:
     fused_qkv: bool  # one projection makes q, k and v (the model's or the implementation's)
     compiled: bool  # torch.compile'd blocks (TrainConfig.compile)
     frozen_norms: bool  # a LoRA fine-tune: the norms' weights get no gradient
+    te: str  # Transformer Engine's FP8 recipe (planner/te_fp8.py): its linears keep FP8 inputs
 
 
 @lru_cache(maxsize=4096)
@@ -128,6 +130,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         fused_qkv=model.fused_qkv or impl.fused_qkv,
         compiled=train.compile,
         frozen_norms=train.finetune != "full",
+        te=te_fp8.te_recipe(train.precision),
     )
 
 
@@ -165,7 +168,8 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
     terms = _norm_terms(model, x, prefix) | {
         # one input for q, k and v -- three autocast copies under torch.autocast
         # (one for a fused qkv projection)
-        f"{prefix}_qkv_input": (3 if x.cast_copies and not x.fused_qkv and not x.compiled else 1) * x.ab * tokens * x.h // x.linear_input_div,
+        f"{prefix}_qkv_input": _te_input(x, tokens * x.h) if x.te else
+        (3 if x.cast_copies and not x.fused_qkv and not x.compiled else 1) * x.ab * tokens * x.h // x.linear_input_div,
         f"{prefix}_q": x.ab * tokens * x.heads * x.d,
         f"{prefix}_k": x.ab * tokens * kv_heads * x.d,
         f"{prefix}_v": x.ab * tokens * kv_heads * x.d,
@@ -193,6 +197,10 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
             terms[f"{prefix}_q"] = x.ab * tokens * (x.heads + 2 * x.kv_heads) * x.d
         if not x.impl.kv_cache_in_training:
             terms[f"{prefix}_k"] = terms[f"{prefix}_v"] = 0
+    if x.te == "delayed":
+        # the output projection quantises the attention output and keeps that FP8 copy beside the
+        # kernel's bf16 one (the other recipes keep the original: planner/te_fp8.py)
+        terms[f"{prefix}_out_fp8"] = int(te_fp8.saved_input_bytes(x.te) * tokens * x.heads * x.d)
     if x.flash:
         terms[f"{prefix}_logsumexp"] = FP32 * tokens * x.heads
     else:
@@ -226,7 +234,8 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     gated = model.mlp != "gelu"
     terms = _norm_terms(model, x, "mlp") | {
         # (torch.compile casts once for both)
-        "mlp_input": (2 if x.cast_copies and gated and not x.compiled else 1) * x.ab * tokens * x.h // x.linear_input_div,
+        "mlp_input": _te_input(x, tokens * x.h) if x.te else
+        (2 if x.cast_copies and gated and not x.compiled else 1) * x.ab * tokens * x.h // x.linear_input_div,
     }
     if model.mlp == "gelu":
         terms |= {"mlp_act_input": ffn_tensor, "mlp_down_input": ffn_tensor}
@@ -248,9 +257,20 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
             # and their product, not silu(gate) (CompiledFunctionBackward.saved_tensors of the
             # reference block, torch 2.13 CPU inductor).
             del terms["mlp_act_out"]
+    if x.te:  # fc2 keeps its input in FP8 (transformer_engine/pytorch/module/linear.py:600-616)
+        terms["mlp_down_input"] = int(te_fp8.saved_input_bytes(x.te) * tokens * x.ffn)
     if x.dropout:
         terms["mlp_dropout_mask"] = tokens * x.h // x.seq_div
     return terms
+
+
+def _te_input(x: _Dims, elements: int) -> int:
+    """A LayerNormLinear's normalised input as Transformer Engine keeps it: FP8, 1 B per element
+    (and block scales); with sequence parallelism the per-tensor recipes keep the rank's rowwise
+    shard and gather it again in backward, the block-scaled ones the gathered columnwise copy
+    (planner/te_fp8.py)."""
+    shard = x.linear_input_div if te_fp8.per_tensor(x.te) else 1
+    return int(te_fp8.saved_input_bytes(x.te) * elements // shard)
 
 
 def _linears(model: ModelSpec, x: _Dims, kind: str) -> list[tuple[str, int, bool]]:

@@ -67,6 +67,16 @@ def _lora(train) -> bool:
     return train.finetune != "full"
 
 
+def _torchao_float8(train) -> bool:
+    """torchao's Float8 linears (planner/float8.py)."""
+    return train.precision in ("fp8-tensorwise", "fp8-rowwise")
+
+
+def _te_fp8(train) -> bool:
+    """Transformer Engine's FP8 recipes (planner/te_fp8.py)."""
+    return train.precision in ("fp8-delayed", "fp8-current", "fp8-blockwise", "mxfp8")
+
+
 # ---------------------------------------------------------------- plan: the layout alone
 
 LAYOUT_RULES: tuple[Rule, ...] = (
@@ -76,12 +86,16 @@ LAYOUT_RULES: tuple[Rule, ...] = (
          "this planner models offload for the deepspeed and pytorch engines, not megatron"),
     # planner/float8.py models torchtitan's Float8 recipe: torchao's Float8Linear under FSDP2
     # with amp-bf16 states (torchtitan/components/quantization/float8.py)
-    Rule(lambda t: t.precision.startswith("fp8-") and (t.engine != "pytorch" or t.zero_stage < 2),
+    Rule(lambda t: _torchao_float8(t) and (t.engine != "pytorch" or t.zero_stage < 2),
          "{train.precision} is planned as torchtitan runs torchao's Float8 linears: under FSDP2 (--strategy zero2 "
          "or zero3, --engine pytorch)"),
-    Rule(lambda t: t.precision.startswith("fp8-") and (_lora(t) or bool(t.teacher)),
+    # planner/te_fp8.py models Transformer Engine's recipes as Megatron-Core runs them
+    Rule(lambda t: _te_fp8(t) and t.engine != "megatron",
+         "{train.precision} is Transformer Engine's FP8 recipe as Megatron-Core runs it: plan it with --engine megatron "
+         "(torchao's Float8 under FSDP2 is --precision fp8-tensorwise or fp8-rowwise)"),
+    Rule(lambda t: (_torchao_float8(t) or _te_fp8(t)) and (_lora(t) or bool(t.teacher)),
          "{train.precision} is planned for full training (not lora, qlora or distillation)"),
-    Rule(lambda t: t.precision.startswith("fp8-") and t.offload != "none",
+    Rule(lambda t: (_torchao_float8(t) or _te_fp8(t)) and t.offload != "none",
          "{train.precision} with --offload is not modelled"),
     # PyTorch's context parallel dispatches only SDPA's fused kernels to the ring
     # (torch.distributed.tensor.experimental._attention: flash, efficient, cudnn)
@@ -193,7 +207,7 @@ RUN_RULES: tuple[Rule, ...] = (
          "--strategy zero2 or zero3 (FSDP2) for dp x tp and pp x dp"),
     # measured: torchao's Float8ColwiseParallel all-gathers float8 tensors, which gloo cannot;
     # pipelines and cp with Float8 are not built by strategies/parallelize.py
-    Rule(lambda m, t, on: t.precision.startswith("fp8-") and (t.tp > 1 or t.pp > 1 or t.cp > 1),
+    Rule(lambda m, t, on: _torchao_float8(t) and (t.tp > 1 or t.pp > 1 or t.cp > 1),
          "{train.precision} is run under FSDP2 alone (--tp 1 --pp 1 --cp 1); Float8 with tensor, pipeline or "
          "context parallelism is planned by `plan` (torchao's Float8 TP all-gathers float8 tensors, which gloo "
          "cannot)"),

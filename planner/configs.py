@@ -16,7 +16,7 @@ from planner.capabilities import layout_refusal, model_refusal
 from planner.errors import ConfigError, LayoutError
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16", "fp8-tensorwise",
-                    "fp8-rowwise"]
+                    "fp8-rowwise", "fp8-delayed", "fp8-current", "fp8-blockwise", "mxfp8"]
 Offload = Literal["none", "optimizer", "params"]
 Optimizer = Literal["adamw", "adamw8bit", "sgd"]
 OptimizerImpl = Literal["fused", "foreach", "for-loop"]

@@ -33,7 +33,7 @@ from typing import Annotated, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from planner import activations as act
-from planner import finetune, float8
+from planner import finetune, float8, te_fp8
 from planner.allocator import CacheInputs
 from planner.calibration import Overheads, default_overheads
 from planner.configs import (
@@ -567,6 +567,8 @@ def _model_states(model: ModelSpec, train: TrainConfig, sp: _StageParams) -> _St
     # distillation: the teacher's weights, frozen in the compute dtype, on every rank
     frozen_resident += teacher.weight_bytes if teacher else 0
     params = 0 if offload == "params" else n_param * trecipe.param_bytes + frozen_resident
+    if te_fp8.te_recipe(train.precision):  # Transformer Engine's FP8 weight copies, cached for the step
+        params += int(sum(n * te_fp8.weight_cache_bytes(model, train, kind) for kind, n in sp.kind_counts))
     optimizer = 0 if offload != "none" else _optimizer_bytes(trecipe, train.optimizer, engine, n_state)
     if train.optimizer == "adamw8bit" and offload == "none":
         # one absmax per block of 256 of each tensor (not of the rank's total)

@@ -9,6 +9,7 @@
 | amp-bf16 | 4 | 4 | - | 4 + 4 | 2 | torch.autocast; FSDP2 MixedPrecisionPolicy(param_dtype=bf16) |
 | bf16 | 2 | 2 | - | 2 + 2 | 2 | pure bf16, optimizer state included |
 | fp8-tensorwise, fp8-rowwise | 4 | 4 | - | 4 + 4 | 2 (fp8 GEMMs) | amp-bf16 under FSDP2 with torchao's Float8Linear (planner/float8.py) |
+| fp8-delayed, fp8-current, fp8-blockwise, mxfp8 | 2 (+ cached FP8 copies) | 4 | 4 | 4 + 4 | 2 (fp8 GEMMs) | Megatron-Core with Transformer Engine's recipes (planner/te_fp8.py) |
 
 ``gather_bytes`` is the dtype FSDP/ZeRO-3 all-gathers parameters in (bf16 under FSDP2's
 MixedPrecisionPolicy even though the shard is fp32); ``reduce_bytes`` the dtype gradients are
@@ -46,6 +47,12 @@ RECIPES: dict[str, Recipe] = {
     # torchao Float8 training: amp-bf16's states; the projections' GEMMs in fp8 (planner/float8.py)
     "fp8-tensorwise": Recipe(4, 4, 0, 4, 2, "bf16", 2, 4),
     "fp8-rowwise": Recipe(4, 4, 0, 4, 2, "bf16", 2, 4),
+    # Transformer Engine's FP8 under Megatron-Core: bf16-mixed-fp32-grads' states; the
+    # projections' GEMMs in fp8 and their cached FP8 weights (planner/te_fp8.py)
+    "fp8-delayed": Recipe(2, 4, 4, 4, 2, "bf16", 2, 4),
+    "fp8-current": Recipe(2, 4, 4, 4, 2, "bf16", 2, 4),
+    "fp8-blockwise": Recipe(2, 4, 4, 4, 2, "bf16", 2, 4),
+    "mxfp8": Recipe(2, 4, 4, 4, 2, "bf16", 2, 4),
 }
 
 OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "sgd": 1}

@@ -26,13 +26,14 @@ Per micro-batch or per step, by strategy:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from planner import comm, float8, op_time
+from planner import comm, float8, op_time, te_fp8
 from planner.calibration import Calibration, ThroughputConstants, default_calibration
 from planner.configs import (
     GPUSpec,
@@ -56,6 +57,7 @@ from planner.flops import (
     unit_flops,
 )
 from planner.memory import _finetune_params, _Frozen, _stage_params, _StageParams, _teacher
+from planner.implementations import implementation
 from planner.params import layer_kind, layer_tensors, representative_stages
 from planner.precision import RECIPES, Recipe, optimizer_state_bytes
 
@@ -100,8 +102,9 @@ class Throughput(BaseModel):
     calibrated: bool
     mfu_peak: str = Field(default="", description="the dtype whose dense peak MFU and HFU are measured against (the "
                           "compute dtype; bf16 for Float8, whose fp8 GEMMs can pass it)")
-    mfu_bound: float = Field(default=1.0, description="the largest MFU the model allows: the compute efficiency, "
-                             "times the compile speed-up when compiled and, with Float8, the fp8 / bf16 peak ratio")
+    mfu_bound: float = Field(default=1.0, description="the largest MFU the model allows: the faster of the compute "
+                             "efficiency and the attention kernel's, times the compile speed-up when compiled (one "
+                             "efficiency) and, with Float8, the fp8 / bf16 peak ratio")
 
 
 # ---------------------------------------------------------------- the step, part by part
@@ -130,7 +133,8 @@ class _StepContext(NamedTuple):
     recipe: Recipe
     engine: EngineSemantics
     dtype: str  # the compute dtype, whose dense peak MFU is measured against
-    f8: str | None  # the Float8 recipe, if any
+    f8: str | None  # torchao's Float8 recipe, if any
+    te: str  # Transformer Engine's FP8 recipe, if any
     peak: float  # dense peak of the compute dtype, FLOP/s
     efficiency: float  # the model-wide compute efficiency
     flops_rate: float  # peak x efficiency
@@ -152,8 +156,13 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     engine = ENGINES[train.engine]
     dtype = recipe.compute_dtype
     f8 = float8.float8_recipe(train.precision)
+    te = te_fp8.te_recipe(train.precision)
+    if te:
+        te_fp8.check_gpu(train.precision, gpu)
     peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
     attention_plateau = k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
+    if train.impl == "megatron":  # Transformer Engine's fused attention (cuDNN's kernels on Hopper)
+        attention_plateau = k.te_attention_efficiency_by_gpu.get(gpu.name, attention_plateau)
     if model.position_embedding == "alibi":  # a bias added to every score inside the kernel
         attention_plateau *= k.alibi_attention_factor
     ops = op_time.op_times(model, gpu, train, dtype, recipe.compute_bytes, k.elementwise_hbm_efficiency,
@@ -170,6 +179,9 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         efficiency = k.efficiency(gpu.name, dtype) * derate
         attention_rate = peak * derate * attention_plateau
     flops_rate = peak * efficiency
+    if not (math.isfinite(flops_rate) and flops_rate > 0 and attention_rate > 0):
+        raise ConfigError(f"the predicted step time is not a finite positive number (compute rate {flops_rate} "
+                          f"FLOP/s); check the GPU's peaks and bandwidths and the calibration's efficiencies")
     constants = comm.CommConstants(k.collective_bandwidth_efficiency, k.inter_node_bandwidth_efficiency,
                                    k.intra_node_latency_s, k.inter_node_latency_s, k.collective_base_latency_s,
                                    k.tree_bandwidth_efficiency)
@@ -185,7 +197,7 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
     # the matmul kernels a collective can hide behind run at the GEMM ceiling, not the
     # model-wide efficiency (which includes the elementwise work between them)
     gemm_rate = peak * derate * k.gemm(gpu.name, dtype, default=efficiency)
-    return _StepContext(cal, k, recipe, engine, dtype, f8, peak, efficiency, flops_rate, attention_rate, gemm_rate,
+    return _StepContext(cal, k, recipe, engine, dtype, f8, te, peak, efficiency, flops_rate, attention_rate, gemm_rate,
                         links, policy, passes, hidden_bytes, p2p_bytes, ops is not None)
 
 
@@ -210,7 +222,7 @@ def _linear_recompute_share(model: ModelSpec, train: TrainConfig, kind: str, pol
 
 
 def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, recompute_share: float,
-              sustained: float) -> tuple[float, float, float]:
+              sustained: float, per_op: bool = False) -> tuple[float, float, float]:
     """Per layer and micro-batch, what Float8 linears change: (compute seconds, recompute
     seconds, the fp8 GEMM rate). The projections' GEMMs (forward, and the backward's two) move
     from the bf16 to the fp8 tensor cores, each at the share of its peak one large GEMM
@@ -223,8 +235,10 @@ def _float8_s(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, k, kind: str, 
                           f"B200, MI300X); {gpu.name} has no fp8 peak")
     bf16_rate = gpu.peak_tflops.for_dtype("bf16") * 1e12 * k.gemm(gpu.name, "bf16") * sustained
     fp8_rate = fp8_peak * 1e12 * k.gemm(gpu.name, "fp8") * sustained
-    layer = float8.layer(model, train, kind)
-    hbm = gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency
+    # torchao's Float8Linear (planner/float8.py) or Transformer Engine's recipes (planner/te_fp8.py)
+    layer = te_fp8.layer_casts(model, train, kind) if te_fp8.te_recipe(train.precision) else float8.layer(
+        model, train, kind)
+    hbm = gpu.hbm_bandwidth_gb_s * 1e9 * (k.elementwise_hbm_efficiency if per_op else k.optimizer_hbm_efficiency)
     saved = layer.gemm_forward_flops * (1 / bf16_rate - 1 / fp8_rate)
     compute = (layer.cast_forward_bytes + layer.cast_backward_bytes) / hbm - (1 + BACKWARD_MATMUL_FACTOR) * saved
     recompute = recompute_share * (layer.cast_forward_bytes / hbm - saved)
@@ -281,12 +295,12 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
     if train.compile and not ctx.per_op:  # inductor fuses the elementwise work; communication is unchanged
         compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
     matmul_rate = dict.fromkeys((kind for kind, _ in kinds), ctx.gemm_rate)
-    if ctx.f8:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
+    if ctx.f8 or ctx.te:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
         for kind, n in sp.kind_counts:
             if n:
                 share = _linear_recompute_share(model, train, kind, ctx.policy, f)
                 sustained = gpu.compute_derate * (k.gemm_sustained if ctx.per_op else 1.0)
-                dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share, sustained)
+                dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share, sustained, ctx.per_op)
                 compute, recompute = compute + n * dc, recompute + n * dr
     if frozen is not None and frozen.quantised_bytes:
         # a quantised base is dequantised per matmul: read the codes, write the 16-bit
@@ -422,7 +436,8 @@ class _Overlap(NamedTuple):
 
 
 def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
-                      contention: float, gathered: tuple[int, ...] | None = None) -> _Overlap:
+                      contention: float, gathered: tuple[int, ...] | None = None, gathers: int = 2,
+                      scatters: bool = True) -> _Overlap:
     """(communication, exposed communication) of one micro-batch of sharded data parallelism,
     unit by unit as FSDP (and DeepSpeed's ZeRO-3) schedules it.
 
@@ -432,16 +447,20 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     (explicit backward prefetch) and the previous unit's reduce-scatter proceed; the first
     unit's all-gather and the last reduce-scatter are exposed. ZeRO-2 keeps the parameters
     gathered from forward to backward: no all-gather in backward. Reduce-scatters carry the
-    reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce)."""
-    dp, zero3 = train.shard_world, train.zero_stage >= 3
+    reduce dtype (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce).
+
+    ``gathers``: all-gathers this micro-batch runs -- 2 (forward and, ZeRO-3, backward), 1
+    (forward only), 0 (the units are gathered already); ``scatters``: whether it reduce-scatters
+    (a pipeline stage does on its last micro-batch only)."""
+    dp, zero3 = train.shard_world, train.zero_stage >= 3 and gathers == 2
     sizes, kinds = sp.unit_sizes, sp.unit_kinds
     # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
     gathered = gathered or tuple(n * recipe.gather_bytes for n in sizes)
     gather_of = {n: comm.all_gather_s(n, dp, link) for n in set(gathered)}
     scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) for n in set(sizes)}
     work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
-    gather = [gather_of[n] for n in gathered]
-    scatter = [scatter_of[n] for n in sizes]
+    gather = [gather_of[n] if gathers else 0.0 for n in gathered]
+    scatter = [scatter_of[n] if scatters else 0.0 for n in sizes]
     forward = [work[kind].forward / flops_rate for kind in kinds]
     backward = [(work[kind].backward + work[kind].recompute) / flops_rate for kind in kinds]
     # identical units repeat: each distinct (communication, compute window) pair is costed once
@@ -491,8 +510,24 @@ def _dp_communication(model: ModelSpec, train: TrainConfig, ctx: _StepContext, s
     frozen = stage.frozen
     gathered = frozen.gathered if frozen else (float8.gathered_unit_bytes(
         model, train, sp.unit_sizes, sp.unit_kinds, recipe.gather_bytes) if ctx.f8 else None)
-    per_mb = _per_unit_overlap(model, train, sp, recipe, ctx.flops_rate, link, c, gathered)
-    return _Overlap(m * per_mb.raw, m * per_mb.exposed)
+    if train.pp == 1:
+        per_mb = _per_unit_overlap(model, train, sp, recipe, ctx.flops_rate, link, c, gathered)
+        return _Overlap(m * per_mb.raw, m * per_mb.exposed)
+    # FSDP2 under torch.distributed.pipelining: the stage syncs gradients on its last micro-batch
+    # only and does not reshard after backward (torch/distributed/pipelining/stage.py,
+    # backward_maybe_with_nosync: set_requires_gradient_sync, set_reshard_after_backward), so
+    # one reduce-scatter per step; units kept gathered (ZeRO-2, or the implementation's policy:
+    # torchtitan) are all-gathered once, in the first micro-batch's forward; ZeRO-3 that
+    # reshards after forward gathers again per micro-batch (counted as without a pipeline).
+    kept = train.zero_stage == 2 or implementation(train.impl).keeps_units_gathered_with_pp
+    run = functools.partial(_per_unit_overlap, model, train, sp, recipe, ctx.flops_rate, link, c, gathered)
+    if kept:
+        if m == 1:
+            return run(gathers=1, scatters=True)
+        first, last = run(gathers=1, scatters=False), run(gathers=0, scatters=True)
+        return _Overlap(first.raw + last.raw, first.exposed + last.exposed)
+    others, last = run(gathers=2, scatters=False), run(gathers=2, scatters=True)
+    return _Overlap((m - 1) * others.raw + last.raw, (m - 1) * others.exposed + last.exposed)
 
 
 def _offload_and_optimizer(gpu: GPUSpec, train: TrainConfig, ctx: _StepContext, stage: _StageCompute
@@ -589,9 +624,12 @@ def _throughput(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _StepCo
         compute_efficiency=efficiency,
         calibrated=ctx.cal.calibrated,
         mfu_peak=dtype,
-        # compiled, inductor's fusions divide the compute time by compile_compute_speedup (above)
-        mfu_bound=efficiency * (k.compile_compute_speedup if train.compile and not ctx.per_op else 1.0)
-        * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype) if ctx.f8 and gpu.peak_tflops.fp8 else 1.0),
+        # the fastest rate any FLOP runs at: the model-wide efficiency or the attention kernel's
+        # (compiled, inductor's fusions divide the compute time by compile_compute_speedup, above)
+        mfu_bound=max(efficiency, ctx.attention_rate / peak)
+        * (k.compile_compute_speedup if train.compile and not ctx.per_op else 1.0)
+        * (gpu.peak_tflops.fp8 / gpu.peak_tflops.for_dtype(dtype) if (ctx.f8 or ctx.te) and gpu.peak_tflops.fp8
+           else 1.0),
     )
 
 

@@ -82,7 +82,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     finetune = cfg.finetune != "full"
     for _, module in stages:
         set_attention_kernel(module, cfg.attention)
-        if cfg.precision.startswith("fp8-"):
+        if cfg.precision in ("fp8-tensorwise", "fp8-rowwise"):
             apply_float8(module, cfg)
         if finetune:
             apply_lora(module, cfg)

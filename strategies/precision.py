@@ -56,7 +56,7 @@ def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
     if recipe in ("bf16-mixed", "fp16-mixed"):
         dtype = torch.bfloat16 if recipe == "bf16-mixed" else torch.float16
         return PrecisionPlan(recipe, dtype, True, recipe == "fp16-mixed", None, None, None)
-    if recipe == "amp-bf16" or recipe.startswith("fp8-"):  # Float8: amp-bf16 with torchao's linears
+    if recipe == "amp-bf16" or recipe in ("fp8-tensorwise", "fp8-rowwise"):  # Float8: amp-bf16 with torchao's linears
         if sharded:
             return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
         return PrecisionPlan(recipe, torch.float32, False, False, torch.bfloat16, None, None)

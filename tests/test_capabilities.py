@@ -161,7 +161,7 @@ def _recording_launch(launched: list):
 
 
 @pytest.mark.parametrize("name, top_k, skips", [("4-gpus", 64, True), ("4-gpus-fp8-tensorwise", 64, True),
-                                                ("2-gpus-fp16-mixed", 64, True), ("2-gpus-qlora", 64, False)])
+                                                ("2-gpus-fp16-mixed", 64, True), ("2-gpus-qlora", 64, True)])
 def test_profile_recommend_runs_only_accepted_candidates(name, top_k, skips, spaces, monkeypatch):
     """``trainplan profile --recommend`` hands the launcher exactly the first ``--candidates``
     planned candidates that ``run_refusal`` accepts, best first, skipping refused ones ranked
@@ -317,18 +317,19 @@ def _spec(**update) -> ModelSpec:
 LAYOUT_EXAMPLES = {
     0: ("not megatron", dict(engine="megatron", zero_stage=1, offload="optimizer")),
     1: ("under FSDP2", dict(precision="fp8-tensorwise", zero_stage=1)),
-    2: ("for full training (not lora", dict(precision="fp8-rowwise", zero_stage=2, finetune="lora")),
-    3: ("with --offload is not modelled", dict(precision="fp8-tensorwise", zero_stage=2, offload="optimizer")),
-    4: ("use --attention flash", dict(cp=2, attention="eager")),
-    5: ("Ulysses", dict(cp=2, engine="deepspeed", zero_stage=2)),
-    6: ("context parallelism is planned for full training", dict(cp=2, finetune="lora")),
-    7: ("with --cp, plan --ac none", dict(cp=2, activation_checkpointing="op")),
-    8: ("tensor and pipeline parallelism are not modelled", dict(tp=2, finetune="lora")),
-    9: ("modelled for the pytorch engine", dict(finetune="lora", engine="deepspeed")),
-    10: ("--offload with lora/qlora", dict(finetune="lora", zero_stage=2, offload="optimizer")),
-    11: ("amp-bf16 is not modelled", dict(finetune="qlora", precision="amp-bf16")),
-    12: ("op-level and selective", dict(finetune="lora", activation_checkpointing="selective")),
-    13: ("distillation", dict(teacher="tiny-llama", pp=2, grad_accum=2)),
+    2: ("plan it with --engine megatron", dict(precision="fp8-current", zero_stage=2)),
+    3: ("for full training (not lora", dict(precision="fp8-rowwise", zero_stage=2, finetune="lora")),
+    4: ("with --offload is not modelled", dict(precision="fp8-tensorwise", zero_stage=2, offload="optimizer")),
+    5: ("use --attention flash", dict(cp=2, attention="eager")),
+    6: ("Ulysses", dict(cp=2, engine="deepspeed", zero_stage=2)),
+    7: ("context parallelism is planned for full training", dict(cp=2, finetune="lora")),
+    8: ("with --cp, plan --ac none", dict(cp=2, activation_checkpointing="op")),
+    9: ("tensor and pipeline parallelism are not modelled", dict(tp=2, finetune="lora")),
+    10: ("modelled for the pytorch engine", dict(finetune="lora", engine="deepspeed")),
+    11: ("--offload with lora/qlora", dict(finetune="lora", zero_stage=2, offload="optimizer")),
+    12: ("amp-bf16 is not modelled", dict(finetune="qlora", precision="amp-bf16")),
+    13: ("op-level and selective", dict(finetune="lora", activation_checkpointing="selective")),
+    14: ("distillation", dict(teacher="tiny-llama", pp=2, grad_accum=2)),
 }
 # index: (text, model, TrainConfig fields)
 MODEL_EXAMPLES = {

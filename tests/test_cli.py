@@ -265,11 +265,18 @@ def test_malformed_gpu_file_names_the_field(tmp_path):
 
 def test_gpu_without_its_own_calibration_uses_its_chips():
     """An H200 (GH100, like the H100 SXM) has no calibration file: it takes the H100's measured
-    one, with the H100's measured compute efficiency, and the report says so."""
+    one, with the H100's measured compute-time factor (the per-operation model then times the
+    H200's own HBM), and the report says so."""
+    from planner.calibration import calibration_for_gpu
+    from planner.catalog import load_gpu
+
     h200 = _one_json_object(_plan(*FIXED_7B, "--strategy", "zero3", "--gpu", "h200", "--json").stdout)
     h100 = _one_json_object(_plan(*FIXED_7B, "--strategy", "zero3", "--gpu", "h100", "--json").stdout)
     assert h200["calibration"].startswith("h100-sxm-80gb (measured on NVIDIA H100 80GB HBM3, the same GH100 chip")
-    assert h200["throughput"]["compute_efficiency"] == h100["throughput"]["compute_efficiency"] == 0.3919
+    scales = calibration_for_gpu(load_gpu("h200")).throughput.compute_time_scale_by_gpu
+    assert scales["NVIDIA H200"] == scales["NVIDIA H100 80GB HBM3"]
+    # the same GEMMs; the H200's faster HBM shortens the memory-bound ops
+    assert h200["throughput"]["compute_efficiency"] > h100["throughput"]["compute_efficiency"]
     assert h200["overheads"] == h100["overheads"]
     a100 = _one_json_object(_plan(*FIXED_7B, "--strategy", "zero3", "--gpu", "a100", "--json").stdout)
     assert a100["calibration"] == "default"

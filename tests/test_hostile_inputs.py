@@ -240,8 +240,10 @@ def test_an_infinite_step_time_is_an_error_not_null():
     from planner.step_time import estimate_step
 
     cal = default_calibration()
+    # the one efficiency (GPUs without a GEMM model) and the per-operation model's GEMM rate
     tiny = cal.throughput.model_construct(**{**dict(cal.throughput), "compute_efficiency": {
-        dtype: 1e-320 for dtype in ("fp32", "tf32", "bf16", "fp16")}, "compute_efficiency_by_gpu": {}})
+        dtype: 1e-320 for dtype in ("fp32", "tf32", "bf16", "fp16")}, "compute_efficiency_by_gpu": {},
+        "gemm_sustained": 1e-320})
     with pytest.raises(ConfigError, match="not a finite positive number"):
         estimate_step(load_model("7b"), load_gpu("h100"), TrainConfig(gpus=1),
                       cal.model_copy(update={"throughput": tiny}))

@@ -82,14 +82,23 @@ def _precision(run: dict, engine: str) -> str:
     text = str(run.get("precision") or (run.get("inferred") or {}).get("precision") or "").lower()
     if not text:
         raise TrainplanError("precision not published")
-    if "fp4" in text or "mxfp8" in text:
+    if "fp4" in text:
         raise TrainplanError(f"precision {run['precision']!r} is not modelled")
     if "float8" in text or "fp8" in text:
-        # torchtitan's Float8 is torchao's (planned); Megatron, NeMo and llm-foundry's amp_fp8 run
-        # Transformer Engine's recipes, which the planner does not model yet
-        if run["stack"] != "torchtitan":
-            raise TrainplanError(f"Transformer Engine FP8 ({run['precision']!r}) is not modelled yet (issue 23)")
-        return "fp8-rowwise" if "rowwise" in text else "fp8-tensorwise"
+        # torchtitan's Float8 is torchao's; Megatron and NeMo run Transformer Engine's recipes
+        # (planner/te_fp8.py); llm-foundry's amp_fp8 runs Transformer Engine under FSDP
+        if run["stack"] == "torchtitan":
+            return "fp8-rowwise" if "rowwise" in text else "fp8-tensorwise"
+        if engine != "megatron":
+            raise TrainplanError(f"Transformer Engine FP8 under {run['stack']}'s FSDP ({run['precision']!r}) is not "
+                                 f"modelled")
+        if "mx" in text:
+            return "mxfp8"
+        if "block" in text:
+            return "fp8-blockwise"
+        if "current" in text or "-cs" in text:
+            return "fp8-current"
+        return "fp8-delayed"  # a recipe not named: Megatron's default --fp8-recipe (transformer_config.py:594-600)
     if text.startswith("fp16"):
         return "fp16-mixed"
     if "amp_bf16" in text and engine == "pytorch":
@@ -117,7 +126,7 @@ def _train(run: dict) -> TrainConfig:
     if engine is None:
         framework = str(run.get("framework") or "").lower()
         engine = "megatron" if "megatron" in framework else "deepspeed" if "deepspeed" in framework else "pytorch"
-    zero = run.get("zero")
+    zero = run.get("zero") if run.get("zero") is not None else (run.get("inferred") or {}).get("zero")
     if engine == "megatron":
         zero = 1 if zero else 0
     elif zero is None:
