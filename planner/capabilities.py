@@ -97,6 +97,12 @@ LAYOUT_RULES: tuple[Rule, ...] = (
          "{train.precision} is planned for full training (not lora, qlora or distillation)"),
     Rule(lambda t: (_torchao_float8(t) or _te_fp8(t)) and t.offload != "none",
          "{train.precision} with --offload is not modelled"),
+    # hybrid sharding is FSDP2's HSDP (fully_shard over a 2-D dp_replicate x dp_shard mesh, as
+    # torchtitan builds it: torchtitan/distributed/parallel_dims.py)
+    Rule(lambda t: t.dp_shard > 0 and (t.engine != "pytorch" or t.zero_stage < 2),
+         "--dp-shard (hybrid sharding, HSDP) is FSDP2's: plan it with --engine pytorch and --strategy zero2 or zero3"),
+    Rule(lambda t: t.dp_shard > 0 and (_lora(t) or bool(t.teacher) or t.offload != "none"),
+         "--dp-shard (hybrid sharding) is planned for full training without offload"),
     # PyTorch's context parallel dispatches only SDPA's fused kernels to the ring
     # (torch.distributed.tensor.experimental._attention: flash, efficient, cudnn)
     Rule(lambda t: t.cp > 1 and t.attention != "flash",
@@ -173,6 +179,8 @@ def _biased_frozen(m, t) -> bool:
 RUN_RULES: tuple[Rule, ...] = (
     # strategies/ builds PyTorch's own engines (DDP, ZeroRedundancyOptimizer, FSDP2, DTensor)
     Rule(lambda m, t, on: t.engine != "pytorch", "run executes PyTorch's engines: --engine must be pytorch"),
+    Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard) is planned by `plan`; the strategy layer "
+         "does not build HSDP's 2-D mesh yet"),
     # strategies/model.py is trainplan's reference model; an implementation's saved tensors
     # (planner/implementations.py) are not what it saves
     Rule(lambda m, t, on: t.impl != "trainplan",

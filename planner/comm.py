@@ -83,9 +83,10 @@ class Placement:
     """Which group each parallelism's collectives run in."""
 
     tp: Group
-    dp: Group
+    dp: Group  # the shard group with hybrid sharding
     pp: Group
     cp: Group
+    replicate: Group | None = None  # HSDP: the ranks that hold the same shard
 
 
 def placement(gpu: GPUSpec, train: TrainConfig, gpus_per_node: int, constants: CommConstants) -> Placement:
@@ -97,7 +98,14 @@ def placement(gpu: GPUSpec, train: TrainConfig, gpus_per_node: int, constants: C
     def on_axis(axis: str) -> Group:
         return group(gpu, layout.size(axis), layout.stride(axis), per_node, constants)
 
-    return Placement(tp=on_axis("tp"), dp=on_axis("dp_cp"), pp=on_axis("pp"), cp=on_axis("cp"))
+    if not train.dp_shard:
+        return Placement(tp=on_axis("tp"), dp=on_axis("dp_cp"), pp=on_axis("pp"), cp=on_axis("cp"))
+    # HSDP: dp splits into (dp_replicate, dp_shard), slowest first (torchtitan's mesh order), so a
+    # shard group is dp_shard x cp adjacent blocks of tp ranks and its replicas sit
+    # dp_shard x cp x tp ranks apart
+    shard = group(gpu, train.dp_shard * train.cp, train.tp, per_node, constants)
+    replicate = group(gpu, train.dp_replicate, train.dp_shard * train.cp * train.tp, per_node, constants)
+    return Placement(tp=on_axis("tp"), dp=shard, pp=on_axis("pp"), cp=on_axis("cp"), replicate=replicate)
 
 
 def _ring_latency(g: Group, steps: int, network_steps: int) -> float:

@@ -210,6 +210,12 @@ class TrainConfig(_Frozen):
     pp: int = Field(default=1, gt=0, le=MAX_GPUS)
     cp: int = Field(default=1, gt=0, le=MAX_GPUS, description="context parallel: each sequence split over cp ranks "
                     "(ring attention); FSDP/ZeRO shard over dp x cp")
+    dp_shard: int = Field(default=0, ge=0, le=MAX_GPUS, description="hybrid sharding (HSDP, FSDP2's dp_shard): the "
+                          "data-parallel ranks each shard group spans; the dp / dp_shard groups replicate it and "
+                          "all-reduce its gradients. 0: every data-parallel rank shards (FSDP)")
+    dp_replicate: int = Field(default=0, ge=0, le=MAX_GPUS, description="hybrid sharding (HSDP): replicas of each "
+                              "shard group (torchtitan's data_parallel_replicate_degree); dp = dp_replicate x dp_shard. "
+                              "0: derived from --dp-shard, or no hybrid sharding")
     sequence_parallel: bool = False
     zero_stage: int = Field(default=0, ge=0, le=3)
     offload: Offload = "none"
@@ -274,6 +280,16 @@ class TrainConfig(_Frozen):
                     )
                 data["dp"] = gpus // (tp * pp * cp)
         dp, mb = data.get("dp", 0), data.get("micro_batch", 1)
+        shard, replicate = data.get("dp_shard", 0), data.get("dp_replicate", 0)
+        if isinstance(dp, int) and dp > 0 and all(isinstance(v, int) and v >= 0 for v in (shard, replicate)):
+            # hybrid sharding: one of dp_shard, dp_replicate gives the other (dp = their product)
+            if shard and not replicate and dp % shard == 0:
+                data["dp_replicate"] = dp // shard
+            elif replicate and not shard:
+                if dp % replicate:
+                    raise LayoutError(f"--dp-replicate {replicate} does not divide dp = {dp}: the shard groups must "
+                                      f"be equal (dp = dp_replicate x dp_shard)")
+                data["dp_shard"] = dp // replicate
         gb, ga = data.get("global_batch", 0), data.get("grad_accum", 0)
         if isinstance(dp, int) and isinstance(mb, int) and dp > 0 and mb > 0:
             if not gb and isinstance(ga, int):
@@ -309,6 +325,11 @@ class TrainConfig(_Frozen):
                 f"global batch {self.global_batch} != micro-batch {self.micro_batch} x dp {self.dp} "
                 f"x gradient accumulation {self.grad_accum}"
             )
+        if self.dp_shard and self.dp % self.dp_shard:
+            raise LayoutError(f"--dp-shard {self.dp_shard} does not divide dp = {self.dp}: the replicas must be "
+                              f"equal (dp = dp_shard x dp_replicate)")
+        if self.dp_shard * self.dp_replicate not in (0, self.dp):
+            raise LayoutError(f"dp_replicate x dp_shard = {self.dp_replicate} x {self.dp_shard} != dp = {self.dp}")
         if self.sequence_parallel and self.tp == 1:
             raise LayoutError("sequence parallelism splits activations over the tensor-parallel group: it needs tp > 1")
         if self.schedule == "interleaved" and self.pp == 1:
@@ -347,8 +368,10 @@ class TrainConfig(_Frozen):
     def shard_world(self) -> int:
         """Ranks that shard parameters, gradients and optimizer state and average gradients: the
         data-parallel ranks times the context-parallel ones (FSDP over the flattened dp x cp mesh,
-        as torchtitan builds it; Megatron's distributed optimizer likewise spans DP x CP)."""
-        return self.dp * self.cp
+        as torchtitan builds it; Megatron's distributed optimizer likewise spans DP x CP); with
+        hybrid sharding the shard group only (dp_shard x cp)."""
+        return (self.dp_shard or self.dp) * self.cp
+
 
     @property
     def local_seq_len(self) -> int:

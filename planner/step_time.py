@@ -437,7 +437,7 @@ class _Overlap(NamedTuple):
 
 def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
                       contention: float, gathered: tuple[int, ...] | None = None, gathers: int = 2,
-                      scatters: bool = True) -> _Overlap:
+                      scatters: bool = True, replicate: comm.Group | None = None) -> _Overlap:
     """(communication, exposed communication) of one micro-batch of sharded data parallelism,
     unit by unit as FSDP (and DeepSpeed's ZeRO-3) schedules it.
 
@@ -451,13 +451,18 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
 
     ``gathers``: all-gathers this micro-batch runs -- 2 (forward and, ZeRO-3, backward), 1
     (forward only), 0 (the units are gathered already); ``scatters``: whether it reduce-scatters
-    (a pipeline stage does on its last micro-batch only)."""
+    (a pipeline stage does on its last micro-batch only); ``replicate``: HSDP's replica group,
+    over which each reduced shard is all-reduced."""
     dp, zero3 = train.shard_world, train.zero_stage >= 3 and gathers == 2
     sizes, kinds = sp.unit_sizes, sp.unit_kinds
     # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
     gathered = gathered or tuple(n * recipe.gather_bytes for n in sizes)
     gather_of = {n: comm.all_gather_s(n, dp, link) for n in set(gathered)}
-    scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) for n in set(sizes)}
+    # HSDP: each reduce-scattered shard is all-reduced across its replicas right after, on the
+    # same stream (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce:
+    # all_reduce over the replicate group)
+    scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) + (comm.all_reduce_s(
+        n * recipe.reduce_bytes / dp, train.dp_replicate, replicate) if replicate else 0.0) for n in set(sizes)}
     work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
     gather = [gather_of[n] if gathers else 0.0 for n in gathered]
     scatter = [scatter_of[n] if scatters else 0.0 for n in sizes]
@@ -511,7 +516,8 @@ def _dp_communication(model: ModelSpec, train: TrainConfig, ctx: _StepContext, s
     gathered = frozen.gathered if frozen else (float8.gathered_unit_bytes(
         model, train, sp.unit_sizes, sp.unit_kinds, recipe.gather_bytes) if ctx.f8 else None)
     if train.pp == 1:
-        per_mb = _per_unit_overlap(model, train, sp, recipe, ctx.flops_rate, link, c, gathered)
+        per_mb = _per_unit_overlap(model, train, sp, recipe, ctx.flops_rate, link, c, gathered,
+                                   replicate=ctx.links.replicate)
         return _Overlap(m * per_mb.raw, m * per_mb.exposed)
     # FSDP2 under torch.distributed.pipelining: the stage syncs gradients on its last micro-batch
     # only and does not reshard after backward (torch/distributed/pipelining/stage.py,
@@ -520,7 +526,8 @@ def _dp_communication(model: ModelSpec, train: TrainConfig, ctx: _StepContext, s
     # torchtitan) are all-gathered once, in the first micro-batch's forward; ZeRO-3 that
     # reshards after forward gathers again per micro-batch (counted as without a pipeline).
     kept = train.zero_stage == 2 or implementation(train.impl).keeps_units_gathered_with_pp
-    run = functools.partial(_per_unit_overlap, model, train, sp, recipe, ctx.flops_rate, link, c, gathered)
+    run = functools.partial(_per_unit_overlap, model, train, sp, recipe, ctx.flops_rate, link, c, gathered,
+                            replicate=ctx.links.replicate)
     if kept:
         if m == 1:
             return run(gathers=1, scatters=True)

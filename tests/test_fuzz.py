@@ -112,6 +112,7 @@ SWITCHES = {"--async-tp", "--optimizer-in-backward", "--paged-optimizer", "--tra
             "--no-fp8-all-gather", "--json", "--simulate"}
 LATER_FLAGS = {
     "--cp": NUMBERS, "--sequence-parallel": st.just(True), "--no-sequence-parallel": st.just(True),
+    "--dp-shard": NUMBERS, "--dp-replicate": NUMBERS,
     "--fp8-all-gather": st.just(True), "--no-fp8-all-gather": st.just(True), "--async-tp": st.just(True),
     "--alloc-conf": st.sampled_from(["default", "expandable_segments", "cuda"]),
     "--optimizer": st.sampled_from(["adamw", "adamw8bit", "sgd", "lion"]),
@@ -189,12 +190,13 @@ def valid_plan_flags(draw) -> list[str]:
                                                                                                "full"]),
         "--attention": st.sampled_from(["flash", "eager"]),
         "--precision": st.sampled_from(["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16",
-                                        "bf16"]),
+                                        "bf16", "fp8-delayed", "fp8-current", "fp8-blockwise", "mxfp8"]),
         "--engine": st.sampled_from(["pytorch", "megatron", "deepspeed"]),
         "--optimizer-impl": st.sampled_from(["fused", "foreach", "for-loop"]),
         "--cuda-context-mib": st.floats(0, 4096), "--fragmentation": st.floats(0, 1),
         "--schedule": st.sampled_from(["gpipe", "1f1b", "interleaved"]),
         "--cp": st.sampled_from([1, 2, 4]), "--alloc-conf": st.sampled_from(["default", "expandable_segments"]),
+        "--dp-shard": st.sampled_from([0, 2, 4]), "--dp-replicate": st.sampled_from([0, 2]),
         "--optimizer": st.sampled_from(["adamw", "adamw8bit", "sgd"]), "--finetune": st.sampled_from(
             ["full", "lora", "qlora"]), "--impl": st.sampled_from(["trainplan", "hf", "torchtitan", "megatron"]),
         "--compile": st.just(True), "--async-tp": st.just(True), "--no-fp8-all-gather": st.just(True),

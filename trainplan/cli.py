@@ -189,6 +189,8 @@ def plan_options(fn):
         _train("--pp", default=None, help="pipeline-parallel size [default: search]"),
         _train("--cp", default=None, help=f"{fields['cp'].description} [default: 1; searched from 32k-token "
                "sequences]"),
+        _train("--dp-shard", default=None, help=f"{fields['dp_shard'].description} [default: 0]"),
+        _train("--dp-replicate", default=None, help=f"{fields['dp_replicate'].description} [default: 0]"),
         _train("--sequence-parallel/--no-sequence-parallel", default=None,
                help="sequence parallelism with tp [default: on when tp > 1]"),
         _train("--schedule", default=None, help="pipeline schedule [default: search 1f1b and interleaved]"),
