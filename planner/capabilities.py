@@ -93,6 +93,15 @@ LAYOUT_RULES: tuple[Rule, ...] = (
     Rule(lambda t: _te_fp8(t) and t.engine != "megatron",
          "{train.precision} is Transformer Engine's FP8 recipe as Megatron-Core runs it: plan it with --engine megatron "
          "(torchao's Float8 under FSDP2 is --precision fp8-tensorwise or fp8-rowwise)"),
+    Rule(lambda t: t.fp8_param_gather and (not _te_fp8(t) or t.precision == "mxfp8"),
+         "--fp8-param-gather is Megatron's FP8 primary weights under a per-tensor or blockwise Transformer Engine "
+         "recipe (fp8-delayed, fp8-current, fp8-blockwise; MXFP8 parameters are gathered in bf16)"),
+    # Megatron's precision-aware optimizer (megatron/core/optimizer/optimizer_config.py:433-467): Adam
+    # under the distributed optimizer
+    Rule(lambda t: (t.exp_avg_dtype, t.exp_avg_sq_dtype) != ("fp32", "fp32")
+         and (t.engine != "megatron" or t.optimizer != "adamw" or t.offload != "none"),
+         "--exp-avg-dtype / --exp-avg-sq-dtype are Megatron's precision-aware optimizer: plan them with "
+         "--engine megatron, --optimizer adamw and no offload"),
     Rule(lambda t: (_torchao_float8(t) or _te_fp8(t)) and (_lora(t) or bool(t.teacher)),
          "{train.precision} is planned for full training (not lora, qlora or distillation)"),
     Rule(lambda t: (_torchao_float8(t) or _te_fp8(t)) and t.offload != "none",
@@ -179,8 +188,6 @@ def _biased_frozen(m, t) -> bool:
 RUN_RULES: tuple[Rule, ...] = (
     # strategies/ builds PyTorch's own engines (DDP, ZeroRedundancyOptimizer, FSDP2, DTensor)
     Rule(lambda m, t, on: t.engine != "pytorch", "run executes PyTorch's engines: --engine must be pytorch"),
-    Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard) is planned by `plan`; the strategy layer "
-         "does not build HSDP's 2-D mesh yet"),
     # strategies/model.py is trainplan's reference model; an implementation's saved tensors
     # (planner/implementations.py) are not what it saves
     Rule(lambda m, t, on: t.impl != "trainplan",
@@ -264,6 +271,8 @@ RUN_RULES: tuple[Rule, ...] = (
     # pipeline schedule runs inside its step
     Rule(lambda m, t, on: t.pp > 1 and t.precision == "fp16-mixed",
          "fp16-mixed loss scaling is not supported with pipeline parallelism; use bf16-mixed"),
+    Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard) is planned by `plan`; the strategy layer "
+         "does not build HSDP's 2-D mesh yet"),
 )
 """What ``run`` does not execute among what ``plan`` models, on a model the reference model builds."""
 

@@ -20,6 +20,7 @@ Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads",
 Offload = Literal["none", "optimizer", "params"]
 Optimizer = Literal["adamw", "adamw8bit", "sgd"]
 OptimizerImpl = Literal["fused", "foreach", "for-loop"]
+MomentDtype = Literal["fp32", "bf16", "fp16", "fp8"]
 Attention = Literal["flash", "eager"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 Engine = Literal["pytorch", "megatron", "deepspeed"]
@@ -222,6 +223,13 @@ class TrainConfig(_Frozen):
     precision: Precision = "bf16-mixed"
     optimizer: Optimizer = "adamw"
     optimizer_impl: OptimizerImpl = "fused"
+    exp_avg_dtype: MomentDtype = Field(default="fp32", description="Adam's first moment under Megatron's "
+                                       "precision-aware optimizer (--use-precision-aware-optimizer --exp-avg-dtype)")
+    exp_avg_sq_dtype: MomentDtype = Field(default="fp32", description="Adam's second moment likewise "
+                                          "(--exp-avg-sq-dtype)")
+    fp8_param_gather: bool = Field(default=False, description="Megatron's --fp8-param-gather with a Transformer "
+                                   "Engine recipe: the projections' weights are FP8 primary parameters, all-gathered "
+                                   "in FP8, with no separate FP8 weight cache (an fp32 master stays)")
     activation_checkpointing: str = Field(default="none", max_length=16, description=CHECKPOINTING_HELP)
     attention: Attention = "flash"
     micro_batch: int = Field(default=1, gt=0, le=MAX_MICRO_BATCH)

@@ -208,10 +208,12 @@ def model_states(num_params: int, dp: int, zero_stage: int, precision: str = "bf
     )
 
 
-def _optimizer_bytes(recipe: Recipe, optimizer: str, engine: EngineSemantics, numel: int) -> int:
+def _optimizer_bytes(recipe: Recipe, optimizer: str, engine: EngineSemantics, numel: int,
+                     moments: tuple[str, str] = ("fp32", "fp32")) -> int:
     """Optimizer-owned bytes for ``numel`` parameters: fp32 masters, the states (8-bit AdamW:
-    one byte each plus block scales), Megatron's fp32 main gradients."""
-    total = recipe.master_bytes * numel + optimizer_state_bytes(optimizer, numel, recipe.state_bytes)
+    one byte each plus block scales; the precision-aware optimizer's moment dtypes), Megatron's
+    fp32 main gradients."""
+    total = recipe.master_bytes * numel + optimizer_state_bytes(optimizer, numel, recipe.state_bytes, moments)
     if engine.fp32_main_grads_in_optimizer and recipe.has_master and recipe.grad_bytes < 4:
         total += 4 * numel
     return total
@@ -567,9 +569,12 @@ def _model_states(model: ModelSpec, train: TrainConfig, sp: _StageParams) -> _St
     # distillation: the teacher's weights, frozen in the compute dtype, on every rank
     frozen_resident += teacher.weight_bytes if teacher else 0
     params = 0 if offload == "params" else n_param * trecipe.param_bytes + frozen_resident
-    if te_fp8.te_recipe(train.precision):  # Transformer Engine's FP8 weight copies, cached for the step
+    if te_fp8.te_recipe(train.precision) and not train.fp8_param_gather:
+        # Transformer Engine's FP8 weight copies, cached for the step (with FP8 primary weights the
+        # parameter is the FP8 copy: 1 B and its persistent 1 B transpose on Hopper, as bf16's 2 B)
         params += int(sum(n * te_fp8.weight_cache_bytes(model, train, kind) for kind, n in sp.kind_counts))
-    optimizer = 0 if offload != "none" else _optimizer_bytes(trecipe, train.optimizer, engine, n_state)
+    optimizer = 0 if offload != "none" else _optimizer_bytes(trecipe, train.optimizer, engine, n_state,
+                                                             (train.exp_avg_dtype, train.exp_avg_sq_dtype))
     if train.optimizer == "adamw8bit" and offload == "none":
         # one absmax per block of 256 of each tensor (not of the rank's total)
         blocks = sp.blocks_sharded if zero >= 2 else sp.blocks_local if zero == 0 else -(

@@ -70,8 +70,19 @@ ADAM8BIT_SCRATCH_PER_ELEMENT = 25
 ADAM8BIT_SCRATCH_FIXED = 2048
 
 
-def optimizer_state_bytes(optimizer: str, numel: int, state_bytes: int) -> int:
-    """Bytes of the optimizer's state tensors for ``numel`` parameters (no master copy)."""
+# Megatron's precision-aware optimizer keeps Adam's moments in these dtypes (megatron/training/
+# arguments.py:3675-3684, --exp-avg-dtype / --exp-avg-sq-dtype; fp8 is a per-tensor-scaled
+# Float8Tensor: transformer_engine/pytorch/optimizers/fused_adam.py:84-93, 204-304)
+MOMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def optimizer_state_bytes(optimizer: str, numel: int, state_bytes: int,
+                          moments: tuple[str, str] = ("fp32", "fp32")) -> int:
+    """Bytes of the optimizer's state tensors for ``numel`` parameters (no master copy);
+    ``moments``: Adam's first and second moment dtypes where the precision-aware optimizer sets
+    them (else the recipe's ``state_bytes`` each)."""
     if optimizer == "adamw8bit":
         return OPTIMIZER_STATES[optimizer] * (numel + 4 * -(-numel // ADAM8BIT_BLOCK))
+    if optimizer == "adamw" and moments != ("fp32", "fp32"):
+        return numel * sum(MOMENT_BYTES[m] for m in moments)
     return OPTIMIZER_STATES[optimizer] * numel * state_bytes

@@ -504,6 +504,8 @@ def _dp_communication(model: ModelSpec, train: TrainConfig, ctx: _StepContext, s
         return _Overlap(dp_raw, dp_exposed)
     if zero == 1:
         rs = comm.reduce_scatter_s(grad_bytes, dp, link)
+        if train.fp8_param_gather:  # Megatron gathers the FP8 primary weights at 1 B per element
+            param_bytes -= stage.layers * te_fp8.weight_numel(model, train, "decoder") * (recipe.param_bytes - 1)
         ag = comm.all_gather_s(param_bytes, dp, link)
         return _Overlap(rs + ag, _exposed(rs, bwd_window, c) + ag)
     if zero == 2 and not ctx.engine.zero2_gathers_params:
@@ -558,7 +560,8 @@ def _offload_and_optimizer(gpu: GPUSpec, train: TrainConfig, ctx: _StepContext, 
             offload += m * _exposed(per_mb, stage.forward_window + stage.backward_window, k.overlap_contention)
         return offload, 0.0
     master_or_param = recipe.master_bytes or recipe.param_bytes
-    states = optimizer_state_bytes(train.optimizer, n_state, recipe.state_bytes)
+    states = optimizer_state_bytes(train.optimizer, n_state, recipe.state_bytes,
+                                   (train.exp_avg_dtype, train.exp_avg_sq_dtype))
     touched = (n_state * (2 * master_or_param + recipe.grad_bytes + (recipe.param_bytes if recipe.has_master else 0))
                + 2 * states)
     optimizer = touched / (gpu.hbm_bandwidth_gb_s * 1e9 * k.optimizer_hbm_efficiency)

@@ -39,8 +39,18 @@ nothing here could be measured: Transformer Engine needs CUDA):
   are emulated by TE on Hopper (docs/.../fp8_blockwise_scaling.rst:69-70); DeepSeek's own
   DeepGEMM reaches the tensorwise ceiling there (validation/gemm_published.json): planned at it.
 
-Not modelled: ``--fp8-param-gather`` (FP8 primary weights), the precision-aware optimizer's
-bf16 / fp8 moments, FP8 attention (``--fp8-dot-product-attention``), NVFP4.
+- **FP8 primary weights** (``--fp8-param-gather``: megatron/training/arguments.py:2016-2018): the
+  projections' parameters are FP8 in a uint8 buffer, all-gathered by the distributed optimizer at
+  1 B per element (megatron/core/distributed/param_and_grad_buffer.py:921-924, 1279-1291), with a
+  persistent transpose on Hopper (transformer_engine/pytorch/tensor/utils.py:1404-1436): 2 B per
+  element like bf16, and no separate cache; the fp32 master stays (distrib_optimizer.py:428-445).
+  Not with MXFP8, which Megatron gathers in bf16 and re-quantises (param_and_grad_buffer.py:
+  1160-1179): refused.
+- **Precision-aware optimizer** (``--exp-avg-dtype``, ``--exp-avg-sq-dtype``: fp32, bf16, fp16,
+  fp8; planner/precision.py ``MOMENT_BYTES``).
+
+Not modelled: the precision-aware optimizer's ``--main-params-dtype`` / ``--main-grads-dtype`` and
+its int16 master remainders, FP8 attention (``--fp8-dot-product-attention``), NVFP4.
 """
 
 from __future__ import annotations
@@ -84,10 +94,14 @@ def _projections(model: ModelSpec, kind: str) -> list:
     return [t for t in layer_tensors(model, kind) if t.block_projection]
 
 
+def weight_numel(model: ModelSpec, train: TrainConfig, kind: str) -> float:
+    """One layer's TE linear weights on a tensor-parallel rank."""
+    return sum(t.numel for t in _projections(model, kind)) / train.tp
+
+
 def weight_cache_bytes(model: ModelSpec, train: TrainConfig, kind: str) -> float:
     """One layer's cached FP8 weights on a tensor-parallel rank."""
-    numel = sum(t.numel for t in _projections(model, kind)) / train.tp
-    return numel * WEIGHT_CACHE_BYTES[te_recipe(train.precision)]
+    return weight_numel(model, train, kind) * WEIGHT_CACHE_BYTES[te_recipe(train.precision)]
 
 
 @dataclass(frozen=True)

@@ -318,18 +318,22 @@ LAYOUT_EXAMPLES = {
     0: ("not megatron", dict(engine="megatron", zero_stage=1, offload="optimizer")),
     1: ("under FSDP2", dict(precision="fp8-tensorwise", zero_stage=1)),
     2: ("plan it with --engine megatron", dict(precision="fp8-current", zero_stage=2)),
-    3: ("for full training (not lora", dict(precision="fp8-rowwise", zero_stage=2, finetune="lora")),
-    4: ("with --offload is not modelled", dict(precision="fp8-tensorwise", zero_stage=2, offload="optimizer")),
-    5: ("use --attention flash", dict(cp=2, attention="eager")),
-    6: ("Ulysses", dict(cp=2, engine="deepspeed", zero_stage=2)),
-    7: ("context parallelism is planned for full training", dict(cp=2, finetune="lora")),
-    8: ("with --cp, plan --ac none", dict(cp=2, activation_checkpointing="op")),
-    9: ("tensor and pipeline parallelism are not modelled", dict(tp=2, finetune="lora")),
-    10: ("modelled for the pytorch engine", dict(finetune="lora", engine="deepspeed")),
-    11: ("--offload with lora/qlora", dict(finetune="lora", zero_stage=2, offload="optimizer")),
-    12: ("amp-bf16 is not modelled", dict(finetune="qlora", precision="amp-bf16")),
-    13: ("op-level and selective", dict(finetune="lora", activation_checkpointing="selective")),
-    14: ("distillation", dict(teacher="tiny-llama", pp=2, grad_accum=2)),
+    3: ("FP8 primary weights", dict(precision="mxfp8", engine="megatron", zero_stage=1, fp8_param_gather=True)),
+    4: ("precision-aware optimizer", dict(exp_avg_dtype="bf16", zero_stage=2)),
+    5: ("for full training (not lora", dict(precision="fp8-rowwise", zero_stage=2, finetune="lora")),
+    6: ("with --offload is not modelled", dict(precision="fp8-tensorwise", zero_stage=2, offload="optimizer")),
+    7: ("HSDP", dict(dp_shard=1, zero_stage=1)),
+    8: ("hybrid sharding) is planned for full training", dict(dp_shard=1, zero_stage=3, finetune="lora")),
+    9: ("use --attention flash", dict(cp=2, attention="eager")),
+    10: ("Ulysses", dict(cp=2, engine="deepspeed", zero_stage=2)),
+    11: ("context parallelism is planned for full training", dict(cp=2, finetune="lora")),
+    12: ("with --cp, plan --ac none", dict(cp=2, activation_checkpointing="op")),
+    13: ("tensor and pipeline parallelism are not modelled", dict(tp=2, finetune="lora")),
+    14: ("modelled for the pytorch engine", dict(finetune="lora", engine="deepspeed")),
+    15: ("--offload with lora/qlora", dict(finetune="lora", zero_stage=2, offload="optimizer")),
+    16: ("amp-bf16 is not modelled", dict(finetune="qlora", precision="amp-bf16")),
+    17: ("op-level and selective", dict(finetune="lora", activation_checkpointing="selective")),
+    18: ("distillation", dict(teacher="tiny-llama", pp=2, grad_accum=2)),
 }
 # index: (text, model, TrainConfig fields)
 MODEL_EXAMPLES = {
@@ -368,6 +372,7 @@ RUN_EXAMPLES = {
     17: ("a simulated rank of pipeline x tensor", TINY, dict(gpus=4, tp=2, pp=2, grad_accum=2), SIMULATED),
     18: ("1F1B needs at least pp = 2 micro-batches per step, got 1", TINY, dict(pp=2, schedule="1f1b"), CPU),
     19: ("fp16-mixed loss scaling", TINY, dict(pp=2, grad_accum=2, precision="fp16-mixed"), CPU),
+    20: ("HSDP's 2-D mesh", TINY, dict(gpus=4, zero_stage=3, dp_shard=2), CPU),
 }
 
 

@@ -97,3 +97,34 @@ def test_plan_json_for_every_recipe(precision):
     answer = json.loads(result.output)
     assert answer["recommended"]["train"]["precision"] == precision
     assert answer["recommended"]["throughput"]["mfu_bound"] > 0
+
+
+def test_fp8_primary_weights_replace_the_cache():
+    """--fp8-param-gather: the projections' parameters are FP8 (1 B) with a persistent Hopper
+    transpose (1 B): as many bytes as the bf16 parameter, and no separate cached copy
+    (transformer_engine/pytorch/tensor/utils.py:1404-1436; megatron param_and_grad_buffer.py:921-924)."""
+    bf16 = estimate_memory(LLAMA_8B, H100, _train("bf16-mixed-fp32-grads"), search_micro_batch=False).memory
+    primary = estimate_memory(LLAMA_8B, H100, _train("fp8-current", fp8_param_gather=True),
+                              search_micro_batch=False).memory
+    assert primary.params == bf16.params and primary.optimizer == bf16.optimizer
+    with pytest.raises(ConfigError, match="gathered in bf16"):
+        _train("mxfp8", fp8_param_gather=True)
+
+
+def test_precision_aware_optimizer_moments():
+    """--exp-avg-dtype / --exp-avg-sq-dtype bf16: Adam's moments take 2 + 2 bytes per parameter of
+    the rank's optimizer share instead of 4 + 4 (megatron/training/arguments.py:3675-3684); the fp32
+    master stays."""
+    train = _train("bf16-mixed-fp32-grads")
+    fp32 = estimate_memory(LLAMA_8B, H100, train, search_micro_batch=False).memory
+    bf16 = estimate_memory(LLAMA_8B, H100, train.model_copy(update={"exp_avg_dtype": "bf16",
+                                                                    "exp_avg_sq_dtype": "bf16"}),
+                           search_micro_batch=False).memory
+    fp8 = estimate_memory(LLAMA_8B, H100, train.model_copy(update={"exp_avg_dtype": "fp8",
+                                                                   "exp_avg_sq_dtype": "bf16"}),
+                          search_micro_batch=False).memory
+    saved = fp32.optimizer - bf16.optimizer
+    assert saved > 0 and saved % 4 == 0
+    assert fp32.optimizer - fp8.optimizer == saved * 5 // 4  # (4 + 4) - (1 + 2) = 5 of bf16's 4
+    with pytest.raises(ConfigError, match="precision-aware optimizer"):
+        TrainConfig(gpus=8, zero_stage=3, exp_avg_dtype="bf16")
