@@ -53,8 +53,7 @@ def test_published_figures_convert_with_the_sources_convention():
 
 
 @pytest.mark.parametrize(("predicate", "reason"), [
-    (lambda r: r["stack"] == "nemo" and "FP8" in str(r.get("precision")) and r.get("catalog_model"),
-     "Transformer Engine FP8"),
+    (lambda r: r["stack"] == "llm-foundry" and "fp8" in str(r.get("precision")), "Transformer Engine FP8 under"),
     (lambda r: r["gpu"] == "GB200", "no GPU preset"),
 ])
 def test_what_the_planner_does_not_model_is_listed_not_approximated(predicate, reason):
