@@ -69,6 +69,12 @@ def test_models_by_gpu_name():
     entry = json.loads(GEMM_PRESETS.read_text())["models"]["a100-80gb/bf16"]
     assert entry["check"] == gemm_fit.summary(gemm_fit.a100_errors(a100))
     assert entry["check"]["median_abs_error"] <= 0.05
+    b200 = gemm_model_for("NVIDIA B200", "bf16")
+    entry = json.loads(GEMM_PRESETS.read_text())["models"]["b200/bf16"]
+    b_fit, b_check = gemm_fit.b200_split()
+    assert b200 == gemm_fit.fit(b_fit, gemm_fit.B200_SMS, gemm_fit.B200_PEAK, gemm_fit.B200_HBM)
+    assert entry["check"] == gemm_fit.summary(gemm_fit.errors(b200, b_check, gemm_fit.B200_PEAK, gemm_fit.B200_HBM))
+    assert entry["check"]["median_abs_error"] <= 0.10  # XLA's sm_100 shapes only reach 4096
     assert gemm_model_for("NVIDIA H100 PCIe", "bf16") is None  # 114 SMs: not fitted
     assert gemm_model_for("NVIDIA L4", "bf16") is None
     assert gemm_model_for("NVIDIA H100 80GB HBM3", "fp32") is None

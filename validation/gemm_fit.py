@@ -42,23 +42,23 @@ def split() -> tuple[list[dict], list[dict]]:
     return ordered[0::2], ordered[1::2]
 
 
-def errors(model: GemmModel, measured: list[dict]) -> list[float]:
+def errors(model: GemmModel, measured: list[dict], peak: float = PEAK, hbm: float = HBM) -> list[float]:
     """Predicted over measured TFLOP/s, minus one, per shape."""
     out = []
     for r in measured:
-        seconds = model.seconds(r["m"], r["n"], r["k"], PEAK, HBM, 2, r["batch"])
+        seconds = model.seconds(r["m"], r["n"], r["k"], peak, hbm, 2, r["batch"])
         out.append(2 * r["batch"] * r["m"] * r["n"] * r["k"] / seconds / 1e12 / r["tflops"] - 1)
     return out
 
 
-def fit(measured: list[dict]) -> GemmModel:
+def fit(measured: list[dict], sms: int = SMS, peak: float = PEAK, hbm_bytes_s: float = HBM) -> GemmModel:
     """Grid search minimising the median |log error| (a shape 10x off counts as much as 10x)."""
     best, best_cost = None, math.inf
     for (tm, tn), ceiling, launch_us, hbm in itertools.product(
-            [(128, 128), (128, 256), (256, 128)], [0.70 + 0.01 * i for i in range(26)],
+            [(128, 128), (128, 256), (256, 128)], [0.60 + 0.01 * i for i in range(36)],
             [2, 3, 4, 5, 6, 8, 10, 12, 15], [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]):
-        model = GemmModel(SMS, tm, tn, round(ceiling, 2), launch_us * 1e-6, hbm)
-        cost = statistics.median(abs(math.log1p(e)) for e in errors(model, measured))
+        model = GemmModel(sms, tm, tn, round(ceiling, 2), launch_us * 1e-6, hbm)
+        cost = statistics.median(abs(math.log1p(e)) for e in errors(model, measured, peak, hbm_bytes_s))
         if cost < best_cost:
             best, best_cost = model, cost
     return best
@@ -107,6 +107,26 @@ def a100_errors(model: GemmModel) -> list[float]:
             / r["tflops"] - 1 for r in a100_rows()]
 
 
+B200_PEAK, B200_HBM, B200_SMS = 2250e12, 7700e9, 148
+
+
+def b200_split() -> tuple[list[dict], list[dict]]:
+    """XLA's sm_100 bf16 table (48 shapes transcribed, validation/gemm_published.json), split as the
+    H100's: sorted by (batch, m, n, k), even positions fit, odd check. The B200 (presets/gpus/
+    b200.json: 2,250 dense bf16 TFLOP/s, 7.7 TB/s) with 148 SMs (NVIDIA Blackwell architecture
+    technical brief: 148 SMs over its two dies)."""
+    data = json.loads(DATA.read_text())
+    ordered = sorted((m for m in data["measurements"] if m["gpu"].startswith("B200-class (XLA sm_100")
+                      and m["dtype"] == "bf16"), key=lambda m: (m["batch"], m["m"], m["n"], m["k"]))
+    return ordered[0::2], ordered[1::2]
+
+
+def b200_other_rows() -> list[dict]:
+    """The B200 SXM's mamf-finder row (ml-engineering), outside XLA's table."""
+    data = json.loads(DATA.read_text())
+    return [m for m in data["measurements"] if m["gpu"] == "B200 SXM" and m["dtype"] == "bf16"]
+
+
 def main() -> int:
     fit_rows, check_rows = split()
     model = fit(fit_rows)
@@ -132,9 +152,17 @@ def main() -> int:
         a100_entry |= {"source": "108 SMs (A100 whitepaper); ceiling: MAMF 271.2 of 312 TFLOP/s (ml-engineering); "
                                  "tiles, launch and HBM efficiency: the H100 fit's (not fitted on A100 data)",
                        "check": summary(a100_errors(a100)), "gpus": A100_SXM}
+        b_fit, b_check = b200_split()
+        b200 = fit(b_fit, B200_SMS, B200_PEAK, B200_HBM)
+        b200_entry = {name: getattr(b200, name) for name in GemmModel.__dataclass_fields__}
+        b200_entry |= {"source": "validation/gemm_fit.py on XLA's sm_100 bf16 GEMM table (half the 48 shapes)",
+                       "fit": summary(errors(b200, b_fit, B200_PEAK, B200_HBM)),
+                       "check": summary(errors(b200, b_check, B200_PEAK, B200_HBM)),
+                       "other_sources": summary(errors(b200, b200_other_rows(), B200_PEAK, B200_HBM)),
+                       "gpus": ["NVIDIA B200"]}
         presets = {"description": "planner/gemm.py's constants per GPU preset and dtype; gpus: the GPU names "
                                   "(GPUSpec.name) each model applies to",
-                   "models": {"h100-sxm-80gb/bf16": entry, "a100-80gb/bf16": a100_entry}}
+                   "models": {"h100-sxm-80gb/bf16": entry, "a100-80gb/bf16": a100_entry, "b200/bf16": b200_entry}}
         write_atomic(Path(str(GEMM_PRESETS)), json.dumps(presets, indent=1) + "\n")
     return 0
 

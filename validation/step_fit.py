@@ -131,7 +131,6 @@ def _gpu_ids() -> list[str]:
 
 def main() -> int:
     result = fit()
-    print(json.dumps(result, indent=1))
     if "--write" in sys.argv:
         from strategies.files import write_atomic
 
@@ -144,6 +143,7 @@ def main() -> int:
         gpu["spec"]["compute_derate"] = result["compute_derate"]
         write_atomic(GPU_PRESET, json.dumps(gpu, indent=2) + "\n")
         refresh_machine_factors()
+    print(json.dumps(result, indent=1))
     return 0
 
 
