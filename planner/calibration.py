@@ -93,12 +93,6 @@ class ThroughputConstants(BaseModel):
         default=1.0, gt=0, le=1, description="share of the fused attention's rate an ALiBi model's attention "
         "sustains (MPT: llm-foundry's attention kernels add the per-head linear bias to every score); fitted by "
         "validation/step_fit.py on the fit half of the published llm-foundry runs")
-    te_attention_efficiency_by_gpu: dict[str, Efficiency] = Field(
-        default_factory=dict, description="per GPU name: the plateau of Transformer Engine's fused attention "
-        "(cuDNN's, which TE's DotProductAttention runs on Hopper), used for --impl megatron in place of "
-        "attention_efficiency. H100 SXM5, head dim 128: cuDNN reaches 595-617 TFLOP/s forward and 516-518 "
-        "backward at 2k-16k (Shah et al. 2024, FlashAttention-3, Figure 5), 54% of the dense peak over a "
-        "forward and its 2.5x backward (FlashAttention-2 in the same figures: 34%)")
     attention_half_seq: float = Field(
         default=90.0, ge=0, le=1e6, description="sequence length at which fused attention reaches half its plateau "
         "(attention_efficiency), in the per-operation model (planner/op_time.py, flash_efficiency): 90 fits "

@@ -279,25 +279,53 @@ class PlanResult(BaseModel):
 @dataclass
 class _Screened:
     train: TrainConfig
-    peak: int
+    peak: int | None  # None: not computed (a smaller micro-batch of the same layout did not fit)
     host_per_node: int
     fits: bool
     throughput: Throughput | None  # only for a candidate that fits: nothing ranks the others by speed
 
 
+def _without_micro_batch(train: TrainConfig) -> tuple:
+    """A candidate's layout apart from its micro-batch (and the accumulation that follows from it)."""
+    return tuple(v for k, v in train if k not in ("micro_batch", "grad_accum"))
+
+
 def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
             gpus_per_node: int) -> list[_Screened]:
-    screened = []
+    """Memory (and, where it fits, step time) of every candidate. Under 1F1B and the interleaved
+    schedule (and without a pipeline) a layout's peak grows with its micro-batch -- min(pp, m)
+    micro-batches are in flight, so fewer, larger ones hold no less -- and its host memory does
+    not change: once a micro-batch does not fit, the larger ones of the same layout (enumerated
+    after it) are not computed, they do not fit either (tests/test_search.py checks it against
+    computing them all). GPipe holds all m micro-batches at once, a constant total whose
+    per-micro-batch buffers shrink as they grow fewer: its peak can fall with the micro-batch,
+    so every GPipe candidate is computed."""
+    screened: list[_Screened] = []
+    too_big: dict[tuple, int] = {}  # layout -> the smallest micro-batch seen not to fit
     for train in configs:
+        key = _without_micro_batch(train)
+        if train.micro_batch > too_big.get(key, train.micro_batch):
+            screened.append(_Screened(train, None, 0, False, None))
+            continue
         peak, host_per_rank = screen_memory(model, train, cal.overheads)
         host = host_per_rank * min(gpus_per_node, train.gpus)
         fits = all(limit.fits for limit in memory_limits(gpu, peak, host))
+        if not fits and train.schedule != "gpipe":
+            too_big[key] = min(too_big.get(key, train.micro_batch), train.micro_batch)
         # the first candidate's step is estimated even if it does not fit: what the GPU cannot run at
         # all (fp8 without fp8 tensor cores) is refused, whatever fits
         throughput = estimate_step(model, gpu, train, cal, gpus_per_node, check=False) if (
             fits or not screened) else None
         screened.append(_Screened(train, peak, host, fits, throughput))
     return screened
+
+
+def _measure_skipped(model: ModelSpec, screened: list[_Screened], cal: Calibration, gpus_per_node: int) -> None:
+    """Compute the peaks ``_screen`` skipped (when nothing fits, the closest layouts are shown)."""
+    for c in screened:
+        if c.peak is None:
+            peak, host_per_rank = screen_memory(model, c.train, cal.overheads)
+            c.peak, c.host_per_node = peak, host_per_rank * min(gpus_per_node, c.train.gpus)
 
 
 def _sort_key(sort: str):
@@ -329,6 +357,8 @@ def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Cali
     strategies = _strategy_summaries(screened, gpu, build, by_speed[0] if by_speed else None)
     advice: list[str] = []
     if recommended is None:
+        _measure_skipped(model, screened, cal, space.gpus_per_node)
+
         def overcommit(c: _Screened) -> float:
             return max(c.peak / gpu.memory_bytes, c.host_per_node / gpu.host_memory_per_node_bytes)
 
@@ -376,8 +406,8 @@ def _strategy_summaries(screened: list[_Screened], gpu: GPUSpec, build, best: _S
             top = min(fits, key=_sort_key("throughput"))
             note = _compare(top, best) if best is not None and top is not best else "recommended"
             summaries.append(StrategySummary(strategy=label, best=build(top), fits=True, note=note))
-        else:
-            smallest = min(group, key=lambda c: c.peak)
+        else:  # the skipped candidates' peaks are above their layout's smaller micro-batch's
+            smallest = min((c for c in group if c.peak is not None), key=lambda c: c.peak)
             if smallest.peak <= gpu.memory_bytes:
                 note = (f"does not fit the host: {smallest.host_per_node / GIB:,.0f} GiB of offloaded state per node > "
                         f"{gpu.host_memory_per_node_bytes / GIB:,.0f} GiB")

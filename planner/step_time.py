@@ -161,8 +161,6 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         te_fp8.check_gpu(train.precision, gpu)
     peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
     attention_plateau = k.attention_efficiency_by_gpu.get(gpu.name, k.attention_efficiency)
-    if train.impl == "megatron":  # Transformer Engine's fused attention (cuDNN's kernels on Hopper)
-        attention_plateau = k.te_attention_efficiency_by_gpu.get(gpu.name, attention_plateau)
     if model.position_embedding == "alibi":  # a bias added to every score inside the kernel
         attention_plateau *= k.alibi_attention_factor
     ops = op_time.op_times(model, gpu, train, dtype, recipe.compute_bytes, k.elementwise_hbm_efficiency,

@@ -110,3 +110,22 @@ def test_pytorch_pipelines_with_fewer_micro_batches_than_stages_use_gpipe():
     configs = enumerate_configs(load_model("tiny-llama"), SearchSpace(gpus=2, pp=[2], tp=[1], global_batch=1,
                                                                       fixed=dict(engine="pytorch")))
     assert configs and all(c.schedule == "gpipe" for c in configs if c.num_microbatches < c.pp)
+
+
+@pytest.mark.parametrize("model, gpu, gpus, global_batch", [("70b", "a100-80gb", 64, None), ("8b", "h100", 64, 512),
+                                                            ("405b", "h100", 1024, 1024), ("7b", "h100", 8, 64)])
+def test_skipping_larger_micro_batches_loses_no_fitting_candidate(model, gpu, gpus, global_batch):
+    """The screen skips a layout's larger micro-batches once one does not fit (not under GPipe):
+    computing every candidate gives the same verdicts, and each skipped one is above the memory."""
+    from planner.calibration import default_calibration
+    from planner.memory import memory_limits, screen_memory
+    from planner.search import _screen, enumerate_configs
+
+    m, g, cal = load_model(model), load_gpu(gpu), default_calibration()
+    configs = enumerate_configs(m, SearchSpace(gpus=gpus, global_batch=global_batch))
+    screened = _screen(m, g, configs, cal, 8)
+    skipped = [c for c in screened if c.peak is None]
+    assert skipped
+    for c in skipped:
+        peak, host = screen_memory(m, c.train, cal.overheads)
+        assert not all(limit.fits for limit in memory_limits(g, peak, host * min(8, c.train.gpus)))
