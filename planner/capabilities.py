@@ -109,9 +109,10 @@ LAYOUT_RULES: tuple[Rule, ...] = (
     # hybrid sharding is FSDP2's HSDP (fully_shard over a 2-D dp_replicate x dp_shard mesh, as
     # torchtitan builds it: torchtitan/distributed/parallel_dims.py)
     Rule(lambda t: t.dp_shard > 0 and (t.engine != "pytorch" or t.zero_stage < 2),
-         "--dp-shard (hybrid sharding, HSDP) is FSDP2's: plan it with --engine pytorch and --strategy zero2 or zero3"),
+         "--dp-shard / --dp-replicate (hybrid sharding, HSDP) is FSDP2's: plan it with --engine pytorch and "
+         "--strategy zero2 or zero3"),
     Rule(lambda t: t.dp_shard > 0 and (_lora(t) or bool(t.teacher) or t.offload != "none"),
-         "--dp-shard (hybrid sharding) is planned for full training without offload"),
+         "--dp-shard / --dp-replicate (hybrid sharding) is planned for full training without offload"),
     # PyTorch's context parallel dispatches only SDPA's fused kernels to the ring
     # (torch.distributed.tensor.experimental._attention: flash, efficient, cudnn)
     Rule(lambda t: t.cp > 1 and t.attention != "flash",
@@ -271,8 +272,8 @@ RUN_RULES: tuple[Rule, ...] = (
     # pipeline schedule runs inside its step
     Rule(lambda m, t, on: t.pp > 1 and t.precision == "fp16-mixed",
          "fp16-mixed loss scaling is not supported with pipeline parallelism; use bf16-mixed"),
-    Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard) is planned by `plan`; the strategy layer "
-         "does not build HSDP's 2-D mesh yet"),
+    Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard / --dp-replicate) is planned by `plan`; "
+         "the strategy layer does not build HSDP's 2-D mesh yet"),
 )
 """What ``run`` does not execute among what ``plan`` models, on a model the reference model builds."""
 
