@@ -46,6 +46,7 @@ only (``validation/step_fit.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import log2
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.gemm import GemmModel, gemm_model_for
 from planner.implementations import implementation
@@ -196,13 +197,31 @@ def _op_times(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, dtype: str, it
     return OpTimes(gemm_s / (gemm_sustained * gpu.compute_derate), elementwise_s, flops)
 
 
-def flash_efficiency(plateau: float, seq_len: int, half_seq: float) -> float:
+# FlashAttention-2's forward plateau (16k tokens) by head dim relative to head dim 128, on an
+# H100 SXM5: 324, 370, 298 TFLOP/s at head dims 64, 128, 256 (Shah et al. 2024,
+# FlashAttention-3, Figure 5); between them, linear in log2(head dim), constant outside
+HEAD_DIM_FACTOR = ((64, 324 / 370), (128, 1.0), (256, 298 / 370))
+
+
+def head_dim_factor(head_dim: int) -> float:
+    """FlashAttention-2's rate at ``head_dim`` over its rate at 128 (``HEAD_DIM_FACTOR``)."""
+    points = HEAD_DIM_FACTOR
+    if head_dim <= points[0][0]:
+        return points[0][1]
+    for (d0, f0), (d1, f1) in zip(points, points[1:]):
+        if head_dim <= d1:
+            return f0 + (f1 - f0) * (log2(head_dim) - log2(d0)) / (log2(d1) - log2(d0))
+    return points[-1][1]
+
+
+def flash_efficiency(plateau: float, seq_len: int, half_seq: float, head_dim: int = 128) -> float:
     """FlashAttention's share of the peak at ``seq_len`` query and key positions per block:
-    ``plateau x s / (s + half_seq)``. The shape is FlashAttention-2's forward on an H100 SXM5,
-    head dim 128: 309, 350, 362, 368, 370, 370 TFLOP/s at 512 to 16k (Shah et al. 2024,
-    FlashAttention-3, Figure 5), which ``half_seq`` 90 follows within 5% relative to the 16k
-    rate; the plateau is the calibration's attention efficiency."""
-    return plateau * seq_len / (seq_len + half_seq)
+    ``plateau x s / (s + half_seq)``, times ``head_dim_factor``. The shape is FlashAttention-2's
+    forward on an H100 SXM5, head dim 128: 309, 350, 362, 368, 370, 370 TFLOP/s at 512 to 16k
+    (Shah et al. 2024, FlashAttention-3, Figure 5), which ``half_seq`` 90 follows within 5%
+    relative to the 16k rate; the plateau is the calibration's attention efficiency (head dim
+    128)."""
+    return plateau * seq_len / (seq_len + half_seq) * head_dim_factor(head_dim)
 
 
 __all__ = ["OpTimes", "flash_efficiency", "fused_elementwise", "layer_elementwise_elements", "op_times"]

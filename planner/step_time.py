@@ -172,7 +172,7 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
         scale = k.compute_time_scale_by_gpu.get(gpu.name, {}).get(dtype, 1.0)
         efficiency = ops.efficiency(peak) / scale
         attention_rate = peak * derate * op_time.flash_efficiency(attention_plateau, train.local_seq_len,
-                                                                  k.attention_half_seq) / scale
+                                                                  k.attention_half_seq, model.head_dim) / scale
     else:  # no GEMM model for this GPU: one efficiency for the whole model (calibrated or default)
         efficiency = k.efficiency(gpu.name, dtype) * derate
         attention_rate = peak * derate * attention_plateau

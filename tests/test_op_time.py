@@ -84,6 +84,18 @@ def test_flash_attention_curve_against_flashattention3_figure():
     assert ours(1 << 20) == pytest.approx(k.attention_efficiency, rel=1e-3)
 
 
+def test_flash_attention_by_head_dim():
+    """FlashAttention-2's forward plateau on an H100 SXM5: 324, 370, 298 TFLOP/s at head dims 64,
+    128, 256 (FlashAttention-3, Figure 5); 96 lies between 64 and 128, and the ends hold."""
+    assert op_time.head_dim_factor(128) == 1.0
+    assert op_time.head_dim_factor(64) == pytest.approx(324 / 370)
+    assert op_time.head_dim_factor(256) == pytest.approx(298 / 370)
+    assert 324 / 370 < op_time.head_dim_factor(96) < 1.0
+    assert op_time.head_dim_factor(32) == op_time.head_dim_factor(64)
+    assert op_time.flash_efficiency(0.35, 8192, 90, 64) == pytest.approx(
+        op_time.flash_efficiency(0.35, 8192, 90) * 324 / 370)
+
+
 def test_calibrated_machine_factor_reproduces_the_calibration_run():
     """The shipped H100 calibration (llama-3.2-1b, seq 2048, micro-batch 4, bf16-mixed, measured
     2026-11-23) stores measured / per-operation-model compute time; with it, the planner's
