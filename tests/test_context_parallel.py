@@ -147,7 +147,7 @@ def test_long_context_throughput_against_torchtitan():
     for cp in (2, 4, 8):
         over = (predicted[cp] / predicted[1]) / (published[cp] / published[1])
         assert 0.9 <= over <= 1.5, (cp, over)
-    # the 32k row itself: 3,942 planned against 3,890 published (+1%)
+    # the 32k row itself: 3,983 planned against 3,890 published (+2%)
     assert predicted[1] == pytest.approx(published[1], rel=0.15)
 
 

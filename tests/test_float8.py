@@ -95,7 +95,7 @@ def test_float8_speed_up_against_published_runs():
     model of issue 23, which times the bf16 GEMMs by shape on the 500 W boards those runs used).
     Rowwise: 1.20x against 1.10x published: torchao's rowwise-scaled fp8 GEMM runs below the
     tensorwise cuBLAS ceiling the planner applies to both (no per-shape fp8 rowwise table yet),
-    so its absolute throughput is +14%. Tensorwise absolute Float8 throughput within 15% of every
+    so its absolute throughput is +15%. Tensorwise absolute Float8 throughput within 15% of every
     published figure. Pinned so the gaps cannot silently widen."""
     from published import FLOAT8_RUNS, predict_float8
 
