@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from planner.precision import FLOAT8_RECIPES, TE_RECIPES
+
 # ``model`` is a planner.configs.ModelSpec and ``train`` a TrainConfig throughout; they are not
 # imported: TrainConfig's validator asks this module (no import cycle, tests/test_layering.py).
 
@@ -69,12 +71,12 @@ def _lora(train) -> bool:
 
 def _torchao_float8(train) -> bool:
     """torchao's Float8 linears (planner/float8.py)."""
-    return train.precision in ("fp8-tensorwise", "fp8-rowwise")
+    return train.precision in FLOAT8_RECIPES
 
 
 def _te_fp8(train) -> bool:
     """Transformer Engine's FP8 recipes (planner/te_fp8.py)."""
-    return train.precision in ("fp8-delayed", "fp8-current", "fp8-blockwise", "mxfp8")
+    return train.precision in TE_RECIPES
 
 
 # ---------------------------------------------------------------- plan: the layout alone

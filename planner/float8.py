@@ -42,8 +42,8 @@ from functools import lru_cache
 from planner.configs import ModelSpec, TrainConfig
 from planner.finetune import block_projection
 from planner.params import ParamTensor, layer_tensors
+from planner.precision import FLOAT8_RECIPES
 
-FLOAT8_RECIPES = {"fp8-tensorwise": "tensorwise", "fp8-rowwise": "rowwise"}
 SCALED_MM_MULTIPLE = 16
 # bytes moved per element of a 16-bit tensor cast to float8 (module docstring)
 CAST_BYTES_COMPILED_TWO_PASS = 5

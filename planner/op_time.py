@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import log2
+
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.gemm import GemmModel, gemm_model_for
 from planner.implementations import implementation
@@ -57,11 +58,17 @@ BACKWARD_ELEMENTWISE_FACTOR = 2.0  # the backward of an elementwise op moves twi
 BACKWARD_LOSS_FACTOR = 1.0  # the loss's backward moves as much as its forward (the table's last row)
 
 
+def _megatron_kernels(train: TrainConfig) -> bool:
+    """Megatron-LM's (or Megatron-DeepSpeed's) layers: fused kernels, fused projections, and
+    the fused vocab-parallel cross-entropy."""
+    return train.engine in ("megatron", "deepspeed")
+
+
 def fused_elementwise(train: TrainConfig) -> bool:
     """Whether the memory-bound ops of the blocks run fused: torch.compile (inductor), Megatron-LM's
     and Transformer Engine's fused kernels (fused RMSNorm/LayerNorm, bias-SwiGLU/GELU, rotary,
     bias-dropout-add: megatron/core/fusions/), Megatron-DeepSpeed likewise."""
-    return train.compile or train.engine in ("megatron", "deepspeed") or train.impl == "megatron"
+    return train.compile or _megatron_kernels(train) or train.impl == "megatron"
 
 
 def fuses_projections(train: TrainConfig) -> tuple[bool, bool]:
@@ -69,7 +76,7 @@ def fuses_projections(train: TrainConfig) -> tuple[bool, bool]:
     (megatron/core/transformer/attention.py ``linear_qkv``; mlp.py ``linear_fc1`` with
     ``gated_linear_unit``); otherwise as the implementation runs them (torchtitan 0.3.0's
     ``FusedQKVLinear``)."""
-    megatron = train.engine in ("megatron", "deepspeed")
+    megatron = _megatron_kernels(train)
     impl = implementation(train.impl)
     return megatron or impl.fused_qkv, megatron or impl.fused_glu
 
@@ -87,13 +94,11 @@ def _local_gemms(model: ModelSpec, train: TrainConfig, kind: str) -> tuple[tuple
         out, inp = tensor.local_shape(t)
         name = f"{tensor.sublayer}.{tensor.block_projection}"
         if tensor.block_projection in fused:  # one GEMM per fused group, widths added
-            group = fused[tensor.block_projection]
-            if group:
-                name = f"{tensor.sublayer}.{group}"
-                inp0, out0 = shapes.get(name, (inp, 0))
-                shapes[name] = (inp0, out0 + out)
-                continue
-        shapes[name] = (inp, out)
+            name = f"{tensor.sublayer}.{fused[tensor.block_projection]}"
+            inp0, out0 = shapes.get(name, (inp, 0))
+            shapes[name] = (inp0, out0 + out)
+        else:
+            shapes[name] = (inp, out)
     return tuple(shapes.values())
 
 
@@ -112,7 +117,7 @@ def _per_token(model: ModelSpec, train: TrainConfig) -> dict[str, float]:
     """Forward elements per token per element of each op's width (the module docstring's table)."""
     if fused_elementwise(train):
         return {"rmsnorm": 2, "layernorm": 2, "residual": 3, "rope": 2, "attention_out": 0, "swiglu": 3,
-                "geglu": 3, "gelu": 2, "loss": 2 if train.engine in ("megatron", "deepspeed") else 7}
+                "geglu": 3, "gelu": 2, "loss": 2 if _megatron_kernels(train) else 7}
     impl = implementation(train.impl)
     composite_gelu = model.activation in impl.composite_activations
     return {"rmsnorm": 2 if impl.rmsnorm == "fused" else 18, "layernorm": 2, "residual": 3, "rope": 10,

@@ -55,6 +55,12 @@ RECIPES: dict[str, Recipe] = {
     "mxfp8": Recipe(2, 4, 4, 4, 2, "bf16", 2, 4),
 }
 
+# Which precisions run fp8 GEMMs, by whose recipe (the name each recipe goes by there):
+# torchao's Float8Linear under FSDP2 (planner/float8.py) and Transformer Engine's recipes under
+# Megatron-Core (planner/te_fp8.py)
+FLOAT8_RECIPES = {"fp8-tensorwise": "tensorwise", "fp8-rowwise": "rowwise"}
+TE_RECIPES = {"fp8-delayed": "delayed", "fp8-current": "current", "fp8-blockwise": "blockwise", "mxfp8": "mxfp8"}
+
 OPTIMIZER_STATES = {"adamw": 2, "adamw8bit": 2, "sgd": 1}
 """State tensors per parameter: Adam's m and v; SGD's momentum buffer."""
 

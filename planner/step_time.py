@@ -199,7 +199,6 @@ def _step_context(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, calibratio
                         links, policy, passes, hidden_bytes, p2p_bytes, ops is not None)
 
 
-
 # ---------------------------------------------------------------- compute, per micro-batch and stage
 
 
@@ -294,10 +293,10 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
         compute, recompute = compute / k.compile_compute_speedup, recompute / k.compile_compute_speedup
     matmul_rate = dict.fromkeys((kind for kind, _ in kinds), ctx.gemm_rate)
     if ctx.f8 or ctx.te:  # the projections' GEMMs on the fp8 tensor cores, plus their casts
+        sustained = gpu.compute_derate * (k.gemm_sustained if ctx.per_op else 1.0)
         for kind, n in sp.kind_counts:
             if n:
                 share = _linear_recompute_share(model, train, kind, ctx.policy, f)
-                sustained = gpu.compute_derate * (k.gemm_sustained if ctx.per_op else 1.0)
                 dc, dr, matmul_rate[kind] = _float8_s(model, gpu, train, k, kind, share, sustained, ctx.per_op)
                 compute, recompute = compute + n * dc, recompute + n * dr
     if frozen is not None and frozen.quantised_bytes:

@@ -60,8 +60,8 @@ from dataclasses import dataclass
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.errors import ConfigError
 from planner.params import layer_tensors
+from planner.precision import TE_RECIPES
 
-TE_RECIPES = {"fp8-delayed": "delayed", "fp8-current": "current", "fp8-blockwise": "blockwise", "mxfp8": "mxfp8"}
 BLOCK_SCALE_BYTES = 1 / 32  # MXFP8: one E8M0 byte per 32 elements; blockwise 1x128: one fp32 per 128
 WEIGHT_CACHE_BYTES = {"delayed": 2.0, "current": 2.0, "blockwise": 2.0 + 2 * 4 / (128 * 128),
                       "mxfp8": 2.0 + 2 * BLOCK_SCALE_BYTES}
@@ -118,8 +118,8 @@ def layer_casts(model: ModelSpec, train: TrainConfig, kind: str) -> LayerCasts:
     recipe = te_recipe(train.precision)
     tokens = train.micro_batch * train.local_seq_len
     t = train.tp
-    projections = _projections(model, kind)
-    flops = 2 * tokens * sum(p.numel for p in projections) / t
+    weights = weight_numel(model, train, kind)
+    flops = 2 * tokens * weights
     amax = 2 if recipe == "current" else 0  # current scaling reads the input once more
     # inputs no norm writes in fp8: the attention output (o) and the MLP's down projection
     q = model.num_heads * model.head_dim / t
@@ -127,11 +127,11 @@ def layer_casts(model: ModelSpec, train: TrainConfig, kind: str) -> LayerCasts:
     unfused_inputs = tokens * (q + f)
     forward = unfused_inputs * (2 + 2 + amax)
     # every GEMM's output gradient, both orientations: columns of q/k/v, o, gate/up, down
-    outputs = tokens * sum(p.shape[0] for p in projections) / t
+    outputs = tokens * sum(p.shape[0] for p in _projections(model, kind)) / t
     backward = outputs * (2 + 2 + amax)
     # the cached weights, re-cast on the step's first micro-batch
-    weights = sum(p.numel for p in projections) / t * (2 + 2 + amax) / max(train.num_microbatches, 1)
-    return LayerCasts(flops, forward + weights, backward)
+    weight_casts = weights * (2 + 2 + amax) / max(train.num_microbatches, 1)
+    return LayerCasts(flops, forward + weight_casts, backward)
 
 
 __all__ = ["TE_RECIPES", "LayerCasts", "check_gpu", "layer_casts", "saved_input_bytes", "te_recipe",

@@ -132,6 +132,13 @@ def measure(model: ModelSpec, gpu: GPUSpec, seq_len: int = 2048, micro_batch: in
     }
 
 
+def measured_layout(measured: dict) -> tuple[ModelSpec, TrainConfig]:
+    """The model and one-GPU layout a calibration's raw measurements were taken on."""
+    return load_model(measured["model"]), TrainConfig(gpus=1, seq_len=measured["seq_len"],
+                                                      micro_batch=measured["micro_batch"],
+                                                      precision=measured["precision"])
+
+
 def compute_time_scale(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, forward_backward_s: float,
                        base: Calibration) -> float | None:
     """The measured forward + backward time over what the per-operation model (planner/op_time.py)
@@ -151,9 +158,7 @@ def calibration_from(measured: dict, gpu: GPUSpec, preset_id: str) -> Calibratio
     base = default_calibration()
     dtype = RECIPES[measured["precision"]].compute_dtype
     peak = gpu.peak_tflops.for_dtype(dtype) * 1e12
-    model = load_model(measured["model"])
-    train = TrainConfig(gpus=1, seq_len=measured["seq_len"], micro_batch=measured["micro_batch"],
-                        precision=measured["precision"])
+    model, train = measured_layout(measured)
     attention = (1 + FLASH_BACKWARD_FACTOR) * (rank_attention_flops(model, train) * model.num_layers
                                                + rank_attention_flops(model, train, "encoder") * model.encoder_layers)
     attention_rate = peak * base.throughput.attention_efficiency_by_gpu.get(gpu.name,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from planner.configs import TrainConfig
+from planner.precision import FLOAT8_RECIPES
 from strategies.checkpointing import (
     apply_activation_checkpointing,
     set_attention_kernel,
@@ -82,7 +83,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     finetune = cfg.finetune != "full"
     for _, module in stages:
         set_attention_kernel(module, cfg.attention)
-        if cfg.precision in ("fp8-tensorwise", "fp8-rowwise"):
+        if cfg.precision in FLOAT8_RECIPES:
             apply_float8(module, cfg)
         if finetune:
             apply_lora(module, cfg)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from planner.errors import ConfigError
+from planner.precision import FLOAT8_RECIPES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,7 +57,7 @@ def precision_plan(recipe: str, sharded: bool) -> PrecisionPlan:
     if recipe in ("bf16-mixed", "fp16-mixed"):
         dtype = torch.bfloat16 if recipe == "bf16-mixed" else torch.float16
         return PrecisionPlan(recipe, dtype, True, recipe == "fp16-mixed", None, None, None)
-    if recipe == "amp-bf16" or recipe in ("fp8-tensorwise", "fp8-rowwise"):  # Float8: amp-bf16 with torchao's linears
+    if recipe == "amp-bf16" or recipe in FLOAT8_RECIPES:  # Float8: amp-bf16 with torchao's linears
         if sharded:
             return PrecisionPlan(recipe, torch.float32, False, False, None, torch.bfloat16, torch.float32)
         return PrecisionPlan(recipe, torch.float32, False, False, torch.bfloat16, None, None)

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from planner.estimate import Estimate
 from planner.memory import COMPONENTS, PHASES
+from planner.precision import FLOAT8_RECIPES, TE_RECIPES
 from planner.search import PlanResult, layout_label, strategy_label
 
 GIB = 2**30
@@ -239,11 +240,11 @@ def render_estimate(est: Estimate, console: Console) -> None:
                       f"sequence; ring attention sends {th.cp_ring_bytes / 2**30:,.2f} GiB of k, v (and their "
                       f"gradients) per step, {th.cp_communication_s:.3f} s of transfers, "
                       f"{b.cp_communication_s:.3f} s not hidden behind attention[/]")
-    if t.precision in ("fp8-tensorwise", "fp8-rowwise"):
+    if t.precision in FLOAT8_RECIPES:
         console.print(f"  [dim]Float8 ({t.precision}): the blocks' projections run fp8 GEMMs"
                       f"{' and are all-gathered in fp8' if t.fp8_all_gather and t.precision == 'fp8-tensorwise' else ''}; "
                       f"MFU and HFU are against the bf16 peak[/]")
-    if t.precision in ("fp8-delayed", "fp8-current", "fp8-blockwise", "mxfp8"):
+    if t.precision in TE_RECIPES:
         console.print(f"  [dim]Transformer Engine FP8 ({t.precision}): the blocks' projections run fp8 GEMMs and keep "
                       f"their FP8 weights cached for the step and their inputs in FP8 for backward; MFU and HFU are "
                       f"against the bf16 peak[/]")

@@ -101,9 +101,8 @@ def refresh_machine_factors() -> None:
     """The shipped calibrations' measured compute-time factors are measured / modelled: with
     new constants, the same measurement gives a new factor (profiler/calibrate.py)."""
     from planner import clear_caches
-    from planner.catalog import load_model
-    from planner.configs import TrainConfig
-    from profiler.calibrate import compute_time_scale
+    from planner.catalog import gpu_preset_for_device
+    from profiler.calibrate import compute_time_scale, measured_layout
     from strategies.files import write_atomic
 
     clear_caches()  # default_calibration() reads the file just written
@@ -113,20 +112,12 @@ def refresh_machine_factors() -> None:
         measured = raw.get("measurements")
         if not scales or not measured:
             continue
-        gpu = next(g for g in (load_gpu(i) for i in _gpu_ids()) if g.name == raw["device"])
-        train = TrainConfig(gpus=1, seq_len=measured["seq_len"], micro_batch=measured["micro_batch"],
-                            precision=measured["precision"])
-        scale = compute_time_scale(load_model(measured["model"]), gpu, train, measured["forward_backward_s"],
-                                   default_calibration())
+        model, train = measured_layout(measured)
+        scale = compute_time_scale(model, load_gpu(gpu_preset_for_device(raw["device"])), train,
+                                   measured["forward_backward_s"], default_calibration())
         dtype = next(iter(scales[raw["device"]]))
         scales[raw["device"]][dtype] = round(scale, 4)
         write_atomic(path, json.dumps(raw, indent=2) + "\n")
-
-
-def _gpu_ids() -> list[str]:
-    from planner.catalog import gpu_ids
-
-    return gpu_ids()
 
 
 def main() -> int:
