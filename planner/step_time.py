@@ -432,6 +432,20 @@ class _Overlap(NamedTuple):
     exposed: float
 
 
+@functools.lru_cache(maxsize=4096)
+def _unit_transitions(gathered: tuple[int, ...], sizes: tuple[int, ...], kinds: tuple[str, ...]
+                      ) -> tuple[tuple, tuple]:
+    """A stage's units as ``_per_unit_overlap`` walks them, run-length: forward, (bytes unit u
+    all-gathers, kind of unit u - 1 whose forward hides it) for u = 1..; backward, from the last
+    unit down, (bytes of unit u - 1's all-gather, elements of unit u + 1's reduce-scatter -- None
+    past either end --, kind of unit u) -- each with its count, in the order of its first unit."""
+    last = len(sizes) - 1
+    forward = Counter((gathered[u], kinds[u - 1]) for u in range(1, len(sizes)))
+    backward = Counter((gathered[u - 1] if u > 0 else None, sizes[u + 1] if u < last else None, kinds[u])
+                       for u in range(last, -1, -1))
+    return tuple(forward.items()), tuple(backward.items())
+
+
 def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
                       contention: float, gathered: tuple[int, ...] | None = None, gathers: int = 2,
                       scatters: bool = True, replicate: comm.Group | None = None) -> _Overlap:
@@ -463,16 +477,23 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
     gather = [gather_of[n] if gathers else 0.0 for n in gathered]
     scatter = [scatter_of[n] if scatters else 0.0 for n in sizes]
-    forward = [work[kind].forward / flops_rate for kind in kinds]
-    backward = [(work[kind].backward + work[kind].recompute) / flops_rate for kind in kinds]
-    # identical units repeat: each distinct (communication, compute window) pair is costed once
-    pairs = Counter((gather[u], forward[u - 1]) for u in range(1, len(sizes)))
+    forward = {kind: w.forward / flops_rate for kind, w in work.items()}
+    backward = {kind: (w.backward + w.recompute) / flops_rate for kind, w in work.items()}
+    # identical units repeat: each distinct (communication, compute window) pair is costed once,
+    # in the order of its first unit (``_unit_transitions``)
+    forward_steps, backward_steps = _unit_transitions(gathered, sizes, kinds)
+    pairs: Counter = Counter()
+    for (n, kind), count in forward_steps:
+        pairs[(gather_of[n] if gathers else 0.0, forward[kind])] += count
     exposed = gather[0] + sum(n * _exposed(c, w, contention) for (c, w), n in pairs.items())
     last = len(sizes) - 1
     if zero3:
         exposed += gather[last]
-    windows = Counter(((gather[u - 1] if zero3 and u > 0 else 0.0) + (scatter[u + 1] if u < last else 0.0), backward[u])
-                      for u in range(last, -1, -1))  # backward runs the units in reverse
+    windows: Counter = Counter()
+    for (before, after, kind), count in backward_steps:  # backward runs the units in reverse
+        hidden = ((gather_of[before] if gathers else 0.0) if zero3 and before is not None else 0.0) + (
+            (scatter_of[after] if scatters else 0.0) if after is not None else 0.0)
+        windows[(hidden, backward[kind])] += count
     exposed += sum(n * _exposed(hidden, w, contention) for (hidden, w), n in windows.items())
     exposed += scatter[0]
     raw = sum(gather) * (2 if zero3 else 1) + sum(scatter)

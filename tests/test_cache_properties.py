@@ -100,6 +100,14 @@ def test_cached_activation_sums_are_the_functions_on_the_full_config(layout):
     assert sums.embedding == sum(act.embedding_terms(model, train).values())
     assert (sums.loss_forward, sums.loss_backward) == act.loss_transients(model, train)
     assert sums.workspace == act.layer_backward_workspace(model, train)
+    # ActivationInputs keeps zero_stage and pp only as the distinctions these functions read
+    assert sums.pipeline_output_inner == act.pipeline_output_bytes(model, train, last_stage=False)
+    assert sums.pipeline_output_last == act.pipeline_output_bytes(model, train, last_stage=True)
+    assert sums.pipeline_recv_buffer == act.pipeline_recv_buffer_bytes(model, train)
+    assert sums.layer_forward_working == act.layer_forward_working(model, train)
+    assert sums.layer_backward_end == act.layer_backward_end_workspace(model, train)
+    assert sums.op_forward_pending == act.op_forward_pending_bytes(model, train)
+    assert sums.rope_tables == act.rope_table_bytes(model, train)
 
 
 def test_amp_bf16_under_fsdp2_saves_what_bf16_mixed_saves():

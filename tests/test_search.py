@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from planner.calibration import default_calibration
 from planner.catalog import load_gpu, load_model
 from planner.configs import TrainConfig
-from planner.errors import LayoutError
+from planner.errors import ConfigError, LayoutError
 from planner.memory import estimate_memory, peak_bytes
 from planner.search import SearchSpace, enumerate_configs, search
 from planner.step_time import estimate_step
@@ -129,3 +129,40 @@ def test_skipping_larger_micro_batches_loses_no_fitting_candidate(model, gpu, gp
     for c in skipped:
         peak, host = screen_memory(m, c.train, cal.overheads)
         assert not all(limit.fits for limit in memory_limits(g, peak, host * min(8, c.train.gpus)))
+
+
+def _screened(model, gpu, configs, cal):
+    from planner.search import _screen
+
+    return [(c.train, c.peak, c.host_per_node, c.fits, c.throughput) for c in _screen(model, gpu, configs, cal, 8)]
+
+
+def test_the_forked_screen_answers_as_one_process(monkeypatch):
+    """A large search splits its screen by tensor x pipeline x context layout between the process
+    and a forked child: every candidate's peak, host bytes, verdict and step time are the same,
+    in the same order, as on one core -- and when the child fails, the parent computes its half."""
+    from planner import search as S
+
+    m, g, cal = load_model("70b"), load_gpu("a100-80gb"), default_calibration()
+    configs = enumerate_configs(m, SearchSpace(gpus=64))
+    monkeypatch.setenv("TRAINPLAN_SEARCH_WORKERS", "1")
+    one = _screened(m, g, configs, cal)
+    assert S._screen_workers(10**6) == 1
+    monkeypatch.setenv("TRAINPLAN_SEARCH_WORKERS", "2")
+    assert S._screen_workers(1) == 2
+    assert _screened(m, g, configs, cal) == one
+
+    def child_fails(conn, *args):
+        conn.send(None)
+        conn.close()
+
+    monkeypatch.setattr(S, "_screen_child", child_fails)
+    assert _screened(m, g, configs, cal) == one
+
+
+def test_the_forked_screen_raises_what_one_process_raises(monkeypatch):
+    """The first candidate's step is estimated in the parent: fp8 on an A100 is refused the same."""
+    monkeypatch.setenv("TRAINPLAN_SEARCH_WORKERS", "2")
+    space = SearchSpace(gpus=16, fixed=dict(precision="fp8-tensorwise", compile=True))
+    with pytest.raises(ConfigError, match="fp8 tensor cores"):
+        search(load_model("8b"), load_gpu("a100-80gb"), space)
