@@ -176,11 +176,12 @@ def model_from_hf_dict(cfg: dict, where: str, source: str, default_name: str = "
         model_type = _get(cfg, str, "model_type", default="").lower()
         name = _get(cfg, str, "_name_or_path", default="") or default_name or model_type or "custom"
         name = "".join(c for c in name if c.isprintable()) or "custom"  # no escape sequences in reports
-        experts = _expert_field(cfg)
-        if experts:
-            raise _BadField(f"{experts} makes it a mixture of experts, which trainplan does not model yet")
         if model_type in _UNSUPPORTED:
             raise _BadField(f"model_type {model_type!r} is {_UNSUPPORTED[model_type]}, which trainplan does not model")
+        experts = _expert_field(cfg) if model_type not in _MOE_FAMILIES else ""
+        if experts:
+            raise _BadField(f"{experts} makes it a mixture of experts, which trainplan reads only for "
+                            f"{', '.join(sorted(_MOE_FAMILIES))}")
         if model_type not in _FAMILIES:
             known = ", ".join(sorted(_FAMILIES))
             raise _BadField(f"model_type {shown(model_type, 40) if model_type else '(none)'} is not a family trainplan "
@@ -192,6 +193,10 @@ def model_from_hf_dict(cfg: dict, where: str, source: str, default_name: str = "
             fields = _neox_fields(cfg)
         else:
             fields = _llama_fields(cfg, model_type)
+        if model_type in _MOE_FAMILIES:
+            moe_fields, notes = _moe_fields(cfg, model_type)
+            fields |= moe_fields
+            unmodelled += notes
     except _BadField as exc:
         raise ConfigFileError(f"{where}: {exc}") from None
     try:
@@ -205,11 +210,10 @@ def model_from_hf_dict(cfg: dict, where: str, source: str, default_name: str = "
 
 
 # Architectures whose blocks trainplan's layer model does not describe (experts, state spaces).
-_UNSUPPORTED = {"mixtral": "a mixture of experts", "qwen2_moe": "a mixture of experts",
-                "qwen3_moe": "a mixture of experts", "deepseek_v2": "a mixture of experts",
-                "deepseek_v3": "a mixture of experts", "gpt_oss": "a mixture of experts",
-                "olmoe": "a mixture of experts", "phimoe": "a mixture of experts", "granitemoe": "a mixture of experts",
-                "dbrx": "a mixture of experts", "llama4": "a mixture of experts", "llama4_text": "a mixture of experts",
+_UNSUPPORTED = {"olmoe": "a mixture of experts not read yet", "phimoe": "a mixture of experts not read yet",
+                "granitemoe": "a mixture of experts not read yet", "dbrx": "a mixture of experts not read yet",
+                "llama4": "a mixture of experts with chunked and no-rope attention layers",
+                "llama4_text": "a mixture of experts with chunked and no-rope attention layers",
                 "mamba": "a state-space model", "mamba2": "a state-space model", "jamba": "a hybrid state-space model",
                 "falcon_mamba": "a state-space model", "zamba": "a hybrid state-space model",
                 "bert": "an encoder-only model", "roberta": "an encoder-only model", "t5": "an encoder-decoder",
@@ -219,7 +223,8 @@ _UNSUPPORTED = {"mixtral": "a mixture of experts", "qwen2_moe": "a mixture of ex
 # The families read, as transformers' modeling code builds them (modeling_<type>.py): every field
 # that changes a tensor's shape, the KV heads, the MLP's form or what is saved is read below, or
 # refused or noted in ``_audit``.
-_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox"}
+_MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"}
+_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox"} | _MOE_FAMILIES
 
 # Fields that count experts, wherever a config puts them (Mixtral/gpt-oss/Phi-3.5-MoE/Granite-MoE/
 # Llama 4: num_local_experts; Qwen2/3-MoE, OLMoE: num_experts; DeepSeek: n_routed_experts;
@@ -277,7 +282,7 @@ def _audit(cfg: dict, model_type: str) -> tuple[str, ...]:
     if _get(cfg, float, "partial_rotary_factor", default=1.0) != 1.0:
         raise _BadField("partial_rotary_factor < 1: partial rotary embeddings are not modelled")
     if _get(cfg, bool, "attention_bias", default=False) and not _get(cfg, bool, "mlp_bias", default=False):
-        if model_type not in ("qwen2",):
+        if model_type not in ("qwen2", "qwen2_moe", "gpt_oss"):
             raise _BadField("attention_bias without mlp_bias (a bias on o_proj, none in the MLP) is not modelled")
     for key in ("qk_layernorm", "use_qk_norm", "post_feedforward_layernorm", "use_post_norm",
                 "attn_logit_softcapping", "final_logit_softcapping", "cross_attention_layers", "use_bidirectional"):
@@ -317,12 +322,69 @@ def _llama_fields(cfg: dict, model_type: str) -> dict:
         tied_embeddings=_get(cfg, bool, "tie_word_embeddings", default=model_type.startswith("gemma")),
         # Qwen2 hard-codes bias on q, k, v (its config has no key for it); Llama says attention_bias.
         qkv_bias=_get(cfg, bool, "attention_bias", default=False) or model_type in ("qwen2", "qwen2_moe"),
-        linear_bias=_get(cfg, bool, "mlp_bias", default=False) and _get(cfg, bool, "attention_bias", default=False),
+        # gpt-oss: attention_bias puts a bias on q, k, v and o, and its experts always have biases
+        linear_bias=(_get(cfg, bool, "mlp_bias", default=False) or model_type == "gpt_oss")
+        and _get(cfg, bool, "attention_bias", default=False),
         dropout=float(_get(cfg, float, "attention_dropout", default=0.0)),
         fused_qkv=model_type == "phi3",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         activation=act[:32],
     )
+
+
+def _moe_fields(cfg: dict, model_type: str) -> tuple[dict, tuple[str, ...]]:
+    """The experts (and DeepSeek's latent attention) of the MoE families, as transformers 5.25
+    builds them (modeling_<type>.py): which layers are MoE, the routed and shared experts, the
+    router. Returns (fields, notes)."""
+    layers = _get(cfg, int, "num_hidden_layers", required=True)
+    fields: dict = {"experts_per_token": _get(cfg, int, "num_experts_per_tok", "experts_per_token", required=True)}
+    notes: tuple[str, ...] = ()
+    if model_type in ("mixtral", "gpt_oss"):
+        # every layer is MoE; each expert is intermediate_size wide (MixtralExperts, GptOssExperts)
+        fields |= dict(num_experts=_get(cfg, int, "num_local_experts", required=True),
+                       moe_ffn_hidden_size=_get(cfg, int, "intermediate_size", required=True))
+        if model_type == "gpt_oss":  # GptOssTopKRouter is a biased linear; GptOssAttention has sinks
+            fields |= dict(router_bias=True, attention_sinks=True)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        # layer i is MoE unless in mlp_only_layers, and only if (i + 1) % decoder_sparse_step == 0
+        step = _get(cfg, int, "decoder_sparse_step", default=1)
+        only = cfg.get("mlp_only_layers") or []
+        if step < 1 or not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                               for i in only):
+            raise _BadField("decoder_sparse_step must be a positive integer and mlp_only_layers a list of layers")
+        fields |= dict(num_experts=_get(cfg, int, "num_experts", required=True),
+                       moe_ffn_hidden_size=_get(cfg, int, "moe_intermediate_size", required=True),
+                       dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step))
+        shared = _get(cfg, int, "shared_expert_intermediate_size", default=0) if model_type == "qwen2_moe" else 0
+        if shared:  # Qwen2MoeSparseMoeBlock: shared_expert and its sigmoid shared_expert_gate
+            fields |= dict(shared_expert_ffn_hidden_size=shared, shared_expert_gate=True)
+    else:  # deepseek_v2, deepseek_v3: layers from first_k_dense_replace on are MoE
+        freq = _get(cfg, int, "moe_layer_freq", default=1)
+        if freq != 1:
+            raise _BadField(f"moe_layer_freq {freq}: transformers' DeepSeek makes every layer from "
+                            f"first_k_dense_replace on MoE, DeepSeek's own code every {freq}-th: not modelled")
+        if _get(cfg, bool, "attention_bias", default=False):
+            raise _BadField("attention_bias: DeepSeek's latent attention with biases is not modelled")
+        moe = _get(cfg, int, "moe_intermediate_size", required=True)
+        nope = _get(cfg, int, "qk_nope_head_dim", required=True)
+        rope = _get(cfg, int, "qk_rope_head_dim", required=True)
+        fields |= dict(num_experts=_get(cfg, int, "n_routed_experts", required=True), moe_ffn_hidden_size=moe,
+                       shared_expert_ffn_hidden_size=_get(cfg, int, "n_shared_experts", default=0) * moe,
+                       dense_layers=tuple(range(min(_get(cfg, int, "first_k_dense_replace", default=0), layers))),
+                       q_lora_rank=_get(cfg, int, "q_lora_rank", default=0),
+                       kv_lora_rank=_get(cfg, int, "kv_lora_rank", required=True),
+                       qk_rope_head_dim=rope, head_dim=nope + rope,
+                       v_head_dim=_get(cfg, int, "v_head_dim", required=True))
+        mtp = _get(cfg, int, "num_nextn_predict_layers", default=0)
+        if mtp:
+            notes += (f"num_nextn_predict_layers {mtp}: the multi-token-prediction layers are not built by "
+                      f"transformers and not planned",)
+    if not fields.get("num_experts"):
+        raise _BadField(f"{model_type} without experts (num_experts 0) is not modelled: use its dense family")
+    if not 1 <= fields["experts_per_token"] <= fields["num_experts"]:
+        raise _BadField(f"num_experts_per_tok {fields['experts_per_token']} must be 1 to the number of experts "
+                        f"({fields['num_experts']})")
+    return fields, notes
 
 
 def _gpt2_fields(cfg: dict) -> dict:

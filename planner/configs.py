@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from planner.capabilities import layout_refusal, model_refusal
+from planner.capabilities import architecture_refusal, layout_refusal, model_refusal
 from planner.errors import ConfigError, LayoutError
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-mixed-fp32-grads", "amp-bf16", "bf16", "fp8-tensorwise",
@@ -48,6 +48,7 @@ MAX_HIDDEN = 2**20
 MAX_HEADS = 2**16
 MAX_FFN = 2**22
 MAX_VOCAB = 2**24
+MAX_EXPERTS = 2**16
 MAX_POSITIONS = 2**24
 MAX_SEQ_LEN = 2**24
 MAX_MICRO_BATCH = 2**16
@@ -108,6 +109,30 @@ class ModelSpec(_Frozen):
                                         "empty: the fused one the mlp type implies")
     encoder_layers: int = Field(default=0, ge=0, le=MAX_LAYERS, description="T5-style encoder layers (0: decoder-only)")
     relative_attention_buckets: int = Field(default=32, gt=0, le=2**16)
+    # Mixture of experts (all zero: a dense model). An MoE layer replaces the MLP by a router and
+    # ``num_experts`` routed experts (each a gated MLP of ``moe_ffn_hidden_size``), of which each token
+    # uses ``experts_per_token``, plus shared experts every token uses (Shazeer et al. 2017; Mixtral,
+    # Qwen-MoE, DeepSeekMoE, gpt-oss as transformers builds them).
+    num_experts: int = Field(default=0, ge=0, le=MAX_EXPERTS, description="routed experts per MoE layer (0: dense)")
+    experts_per_token: int = Field(default=0, ge=0, le=MAX_EXPERTS, description="top-k: routed experts per token")
+    moe_ffn_hidden_size: int = Field(default=0, ge=0, le=MAX_FFN, description="each routed expert's intermediate size")
+    shared_expert_ffn_hidden_size: int = Field(
+        default=0, ge=0, le=MAX_FFN, description="the shared experts' intermediate size together (DeepSeek: "
+        "n_shared_experts x moe_intermediate_size; Qwen2-MoE: shared_expert_intermediate_size); 0: none")
+    shared_expert_gate: bool = Field(default=False, description="a sigmoid gate (hidden -> 1) scales the shared "
+                                                                "expert's output (Qwen2-MoE)")
+    router_bias: bool = Field(default=False, description="the router's linear has a bias (gpt-oss)")
+    dense_layers: tuple[int, ...] = Field(default=(), max_length=MAX_LAYERS, description="decoder layers of an MoE "
+                                          "model whose MLP is dense (ffn_hidden_size): DeepSeek's first_k_dense_replace, "
+                                          "Qwen-MoE's mlp_only_layers and decoder_sparse_step")
+    # Multi-head latent attention (DeepSeek-V2/V3, arXiv 2405.04434): queries (optionally through a
+    # q_lora_rank bottleneck) and a kv_lora_rank latent from which keys and values are expanded;
+    # ``head_dim`` is the query/key head dim (qk_nope_head_dim + qk_rope_head_dim).
+    q_lora_rank: int = Field(default=0, ge=0, le=MAX_HIDDEN, description="MLA query bottleneck (0: none)")
+    kv_lora_rank: int = Field(default=0, ge=0, le=MAX_HIDDEN, description="MLA key/value latent (0: not MLA)")
+    qk_rope_head_dim: int = Field(default=0, ge=0, le=MAX_HIDDEN, description="MLA: the rotary part of head_dim")
+    v_head_dim: int = Field(default=0, ge=0, le=MAX_HIDDEN, description="MLA: the value head dim")
+    attention_sinks: bool = Field(default=False, description="a learned sink logit per head (gpt-oss)")
     source: str = ""
     unmodelled: tuple[str, ...] = Field(default=(), max_length=16, description="config fields that change memory "
                                         "but are not modelled yet (a sliding window): named in every report's notes")
@@ -138,7 +163,44 @@ class ModelSpec(_Frozen):
             raise ConfigError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
+        if self.num_experts:
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise ConfigError(f"experts_per_token (top-k) {self.experts_per_token} must be 1 to num_experts "
+                                  f"{self.num_experts}")
+            if not self.moe_ffn_hidden_size:
+                raise ConfigError("an MoE model needs moe_ffn_hidden_size (each expert's intermediate size)")
+            if list(self.dense_layers) != sorted(set(self.dense_layers)) or any(
+                    not 0 <= i < self.num_layers for i in self.dense_layers):
+                raise ConfigError(f"dense_layers must be distinct, ascending layer indices below num_layers "
+                                  f"{self.num_layers}")
+            if len(self.dense_layers) == self.num_layers:
+                raise ConfigError("every layer is dense: give num_experts 0 for a dense model")
+        elif (self.experts_per_token or self.moe_ffn_hidden_size or self.shared_expert_ffn_hidden_size
+              or self.shared_expert_gate or self.router_bias or self.dense_layers):
+            raise ConfigError("experts_per_token, moe_ffn_hidden_size, shared experts, router_bias and dense_layers "
+                              "describe an MoE: give num_experts too")
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
+            raise ConfigError("shared_expert_gate needs a shared expert (shared_expert_ffn_hidden_size)")
+        if self.kv_lora_rank:
+            if not 0 < self.qk_rope_head_dim < self.head_dim or not self.v_head_dim:
+                raise ConfigError(f"multi-head latent attention needs 0 < qk_rope_head_dim < head_dim {self.head_dim} "
+                                  f"and v_head_dim")
+            if self.num_kv_heads != self.num_heads:
+                raise ConfigError("multi-head latent attention expands keys and values per head: num_kv_heads must "
+                                  "equal num_heads")
+        elif self.q_lora_rank or self.qk_rope_head_dim or self.v_head_dim:
+            raise ConfigError("q_lora_rank, qk_rope_head_dim and v_head_dim describe multi-head latent attention: "
+                              "give kv_lora_rank too")
         return self
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2/V3)."""
+        return self.kv_lora_rank > 0
 
     @property
     def total_layers(self) -> int:
@@ -434,6 +496,8 @@ class TrainConfig(_Frozen):
 def check_layout(model: ModelSpec, train: TrainConfig) -> None:
     """Checks what depends on both the model and the layout; raises ``LayoutError``: the
     arithmetic here, what is not modelled in ``planner.capabilities``."""
+    if reason := architecture_refusal(model):  # first: nothing else about the layout matters
+        raise LayoutError(reason)
     tp = train.tp
     for what, value in (
         ("attention heads", model.num_heads),

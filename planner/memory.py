@@ -48,6 +48,7 @@ from planner.errors import ConfigError
 from planner.flops import model_forward_flops_per_sequence
 from planner.implementations import implementation
 from planner.params import (
+    active_params,
     embed_tensors,
     greedy_partition_max,
     layer_stack,
@@ -137,6 +138,8 @@ class StageMemory(RankMemory):
 class ModelSummary(_Result):
     name: str
     num_params: int
+    active_params: int = Field(description="parameters one token's forward uses (planner/params.py active_params): "
+                                           "num_params for a dense model")
 
 
 class Limit(_Result):
@@ -1186,7 +1189,7 @@ def estimate_memory(model: ModelSpec, gpu: GPUSpec, train: TrainConfig,
     limits = memory_limits(gpu, worst.peak, host.per_node)
     max_mb = largest_micro_batch(model, gpu, train, overheads, gpus_per_node) if search_micro_batch else 0
     return MemoryEstimate(
-        model=ModelSummary(name=model.name, num_params=total_params(model)),
+        model=ModelSummary(name=model.name, num_params=total_params(model), active_params=active_params(model)),
         gpu=gpu.name,
         gpu_memory_bytes=gpu.memory_bytes,
         train=train,

@@ -31,9 +31,12 @@ MEGATRON_VOCAB_MULTIPLE = 128
 # What a tensor is for, read by every module that treats tensors differently (FLOPs, Float8,
 # LoRA, quantised inference, tensor parallelism, the strategy layer's initialisation) instead of
 # its name: names are parsed here only.
-ROLES = ("embedding", "positions", "norm", "projection", "relative_bias", "head", "lora_a", "lora_b")
+ROLES = ("embedding", "positions", "norm", "projection", "relative_bias", "head", "lora_a", "lora_b", "sinks",
+         "router", "expert", "shared_expert")
 SUBLAYERS = ("attn", "cross", "mlp")  # self-attention, cross-attention (encoder-decoder), the MLP
-PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2")
+# q_a, q_b, kv_a, kv_b: multi-head latent attention's down- and up-projections (DeepSeek-V2/V3)
+PROJECTION_NAMES = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2", "q_a", "q_b", "kv_a", "kv_b")
+EXPERT_GROUPS = ("experts", "shared")  # an MoE layer's routed experts (role ``expert``) and shared ones
 NORM_PREFIXES = ("attn_norm", "cross_norm", "mlp_norm", "embed_norm", "final_norm", "encoder_final_norm")
 
 
@@ -50,7 +53,7 @@ class ParamTensor:
     1: row-parallel), or None when replicated on every tensor-parallel rank."""
     group: str = "dense"
     """Which parameters it is sharded and reduced with: ``dense`` (every data-parallel rank
-    holds a share of it); a later ``expert`` group is sharded over an expert-parallel axis."""
+    holds a share of it) or ``expert`` (a routed expert's: sharded over an expert-parallel axis)."""
     role: str = field(init=False, compare=False)
     sublayer: str | None = field(init=False, compare=False)
     projection: str | None = field(init=False, compare=False)
@@ -119,9 +122,16 @@ def describe(name: str) -> tuple[str, str | None, str | None, bool]:
         return "positions", None, None, False
     if parts == ["head", "weight"]:
         return "head", None, None, False
+    if parts[:1] == ["attn"] and parts[1:] == ["sinks"]:
+        return "sinks", "attn", None, False
+    if len(parts) == 3 and parts[0] == "mlp" and parts[1] in ("router", "shared_gate") and leaf in ("weight", "bias"):
+        return "router", "mlp", None, leaf == "bias"
+    if (len(parts) == 4 and parts[0] == "mlp" and parts[1] in EXPERT_GROUPS and parts[2] in PROJECTION_NAMES
+            and leaf in ("weight", "bias")):
+        return ("expert" if parts[1] == "experts" else "shared_expert"), "mlp", parts[2], leaf == "bias"
     if len(parts) >= 3 and parts[0] in SUBLAYERS:
         sublayer, inner = parts[0], parts[1]
-        if inner in ("q_norm", "k_norm"):
+        if inner in ("q_norm", "k_norm", "q_a_norm", "kv_a_norm"):
             return "norm", sublayer, None, False
         if inner == "rel_bias":
             return "relative_bias", sublayer, None, False
@@ -157,16 +167,40 @@ def _linear(name: str, out_features: int, in_features: int, tp_dim: int | None, 
     return tensors
 
 
+def _latent_attention(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
+    """Multi-head latent attention (DeepSeek-V2 arXiv 2405.04434, Sec. 2.1; transformers'
+    DeepseekV3Attention): queries through a q_lora_rank bottleneck (or one projection, V2-Lite),
+    one down-projection to the kv_lora_rank latent plus the shared rotary key, an up-projection of
+    the latent to every head's key (no-rope part) and value."""
+    h, heads, qk, rope = spec.hidden_size, spec.num_heads, spec.head_dim, spec.qk_rope_head_dim
+    tensors = []
+    if spec.q_lora_rank:
+        tensors += (_linear(f"{prefix}.q_a", spec.q_lora_rank, h, None, False)
+                    + [ParamTensor(f"{prefix}.q_a_norm.weight", (spec.q_lora_rank,))]
+                    + _linear(f"{prefix}.q_b", heads * qk, spec.q_lora_rank, 0, False))
+    else:
+        tensors += _linear(f"{prefix}.q", heads * qk, h, 0, False)
+    tensors += (_linear(f"{prefix}.kv_a", spec.kv_lora_rank + rope, h, None, False)
+                + [ParamTensor(f"{prefix}.kv_a_norm.weight", (spec.kv_lora_rank,))]
+                + _linear(f"{prefix}.kv_b", heads * (qk - rope + spec.v_head_dim), spec.kv_lora_rank, 0, False)
+                + _linear(f"{prefix}.o", h, heads * spec.v_head_dim, 1, spec.linear_bias))
+    return tensors
+
+
 def _attention(spec: ModelSpec, prefix: str, relative_bias: bool) -> list[ParamTensor]:
     h, d = spec.hidden_size, spec.head_dim
     q_out, kv_out = spec.num_heads * d, spec.num_kv_heads * d
     qkv_bias = spec.linear_bias or spec.qkv_bias
+    if spec.mla:
+        return _latent_attention(spec, prefix)
     tensors = (
         _linear(f"{prefix}.q", q_out, h, 0, qkv_bias)
         + _linear(f"{prefix}.k", kv_out, h, 0, qkv_bias)
         + _linear(f"{prefix}.v", kv_out, h, 0, qkv_bias)
         + _linear(f"{prefix}.o", h, q_out, 1, spec.linear_bias)
     )
+    if spec.attention_sinks:  # one learned logit per head, in every head's softmax (gpt-oss)
+        tensors.append(ParamTensor(f"{prefix}.sinks", (spec.num_heads,)))
     if relative_bias:
         tensors.append(ParamTensor(f"{prefix}.rel_bias.weight", (spec.relative_attention_buckets, spec.num_heads), 1))
     if spec.qk_norm:  # one weight of head_dim each, shared by the heads (Qwen3's q_norm, k_norm)
@@ -174,8 +208,8 @@ def _attention(spec: ModelSpec, prefix: str, relative_bias: bool) -> list[ParamT
     return tensors
 
 
-def _mlp(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
-    h, f, bias = spec.hidden_size, spec.ffn_hidden_size, spec.linear_bias
+def _mlp(spec: ModelSpec, prefix: str, ffn: int = 0) -> list[ParamTensor]:
+    h, f, bias = spec.hidden_size, ffn or spec.ffn_hidden_size, spec.linear_bias
     if spec.mlp == "gelu":
         return _linear(f"{prefix}.fc1", f, h, 0, bias) + _linear(f"{prefix}.fc2", h, f, 1, bias)
     return (
@@ -183,6 +217,26 @@ def _mlp(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
         + _linear(f"{prefix}.up", f, h, 0, bias)
         + _linear(f"{prefix}.down", h, f, 1, bias)
     )
+
+
+def _moe(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
+    """An MoE layer's MLP: the router (hidden -> experts), the routed experts stacked on a
+    leading experts dimension (as torchtitan's GroupedExperts and transformers' fused experts
+    hold them: gate and up (E, f, h), down (E, h, f); gpt-oss's biases (E, f) and (E, h)), then
+    the shared experts as one gated MLP and Qwen2-MoE's shared-expert gate. Routed experts are
+    their own sharding group (``expert``); nothing is split by tensor parallelism yet."""
+    h, e, f, bias = spec.hidden_size, spec.num_experts, spec.moe_ffn_hidden_size, spec.linear_bias
+    tensors = _linear(f"{prefix}.router", e, h, None, spec.router_bias)
+    for name, shape in (("gate", (e, f, h)), ("up", (e, f, h)), ("down", (e, h, f))):
+        tensors.append(ParamTensor(f"{prefix}.experts.{name}.weight", shape, None, "expert"))
+        if bias:
+            tensors.append(ParamTensor(f"{prefix}.experts.{name}.bias", shape[:2], None, "expert"))
+    if spec.shared_expert_ffn_hidden_size:
+        shared = _mlp(spec, f"{prefix}.shared", spec.shared_expert_ffn_hidden_size)
+        tensors += [ParamTensor(t.name, t.shape, None) for t in shared]
+        if spec.shared_expert_gate:
+            tensors += _linear(f"{prefix}.shared_gate", 1, h, None, False)
+    return tensors
 
 
 # ---------------------------------------------------------------- layer kinds
@@ -203,6 +257,8 @@ class LayerKind:
     """Its self-attention is masked (a decoder's); cross-attention and encoders never are."""
     generates: bool
     """Runs once per generated token over a KV cache when serving (an encoder runs once per prompt)."""
+    experts: bool = False
+    """Its MLP is a mixture of experts (``_moe``): a router, routed and shared experts."""
 
     @property
     def unmasked_attention(self) -> float:
@@ -215,21 +271,41 @@ class LayerKind:
 _ENCODER = LayerKind("encoder", ("attn",), causal=False, generates=False)
 _DECODER = LayerKind("decoder", ("attn",), causal=True, generates=True)
 _CROSS_DECODER = LayerKind("decoder", ("attn", "cross"), causal=True, generates=True)
+_MOE = LayerKind("moe", ("attn",), causal=True, generates=True, experts=True)
 
 
 def layer_kind(spec: ModelSpec, name: str) -> LayerKind:
     """The kind ``name`` of ``spec``'s blocks (constants: the search asks this per layer and
-    candidate, where hashing a ModelSpec would cost more than the answer)."""
+    candidate, where hashing a ModelSpec would cost more than the answer). An MoE model's
+    decoder layers are ``moe`` and, where the config keeps them dense, ``decoder``."""
     if name == "decoder":
         return _CROSS_DECODER if spec.encoder_layers else _DECODER
     if name == "encoder":
         return _ENCODER
+    if name == "moe":
+        return _MOE
     raise ValueError(f"no layer kind {name!r}")
 
 
 def layer_stack(spec: ModelSpec) -> tuple[tuple[str, int], ...]:
-    """The model's blocks as (kind, count) runs in forward (and pipeline) order."""
+    """The model's blocks as (kind, count) runs in forward (and pipeline) order; an MoE model's
+    dense and MoE layers interleave as its config says (a kind may have several runs)."""
+    if spec.num_experts:
+        return _moe_stack(spec.num_layers, spec.dense_layers)
     return tuple((kind, n) for kind, n in (("encoder", spec.encoder_layers), ("decoder", spec.num_layers)) if n)
+
+
+@lru_cache(maxsize=256)
+def _moe_stack(num_layers: int, dense_layers: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+    dense = set(dense_layers)
+    runs: list[list] = []
+    for i in range(num_layers):
+        kind = "decoder" if i in dense else "moe"
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] += 1
+        else:
+            runs.append([kind, 1])
+    return tuple((kind, n) for kind, n in runs)
 
 
 def layer_kind_at(spec: ModelSpec, index: int) -> str:
@@ -249,7 +325,7 @@ def layer_tensors(spec: ModelSpec, kind: str, first: bool = False) -> tuple[Para
     tensors = []
     for sublayer in layer_kind(spec, kind).attentions:
         tensors += _norm(spec, f"{sublayer}_norm") + _attention(spec, sublayer, relative and sublayer == "attn")
-    tensors += _norm(spec, "mlp_norm") + _mlp(spec, "mlp")
+    tensors += _norm(spec, "mlp_norm") + (_moe(spec, "mlp") if layer_kind(spec, kind).experts else _mlp(spec, "mlp"))
     return tuple(tensors)
 
 
@@ -299,9 +375,14 @@ def model_units(spec: ModelSpec) -> list[Unit]:
 @lru_cache(maxsize=256)
 def _model_units(spec: ModelSpec) -> tuple[Unit, ...]:
     units = [Unit("embed", embed_tensors(spec))]
+    made: dict[str, tuple[Unit, Unit]] = {}
     for kind, count in layer_stack(spec):
-        # layers after the first are alike: one Unit object stands for each of them
+        # layers after the first of a stack are alike: one Unit object stands for each of them
+        if kind in made:
+            units += [made[kind][1]] * count
+            continue
         first, rest = Unit(kind, layer_tensors(spec, kind, first=True)), Unit(kind, layer_tensors(spec, kind))
+        made[kind] = first, rest
         units += [first] + [rest] * (count - 1)
     units.append(Unit("head", head_tensors(spec)))
     return tuple(units)
@@ -311,15 +392,28 @@ def total_params(spec: ModelSpec) -> int:
     return sum(unit.numel for unit in model_units(spec))
 
 
+def active_params(spec: ModelSpec) -> int:
+    """Parameters one token's forward uses: every tensor but the routed experts, of which
+    ``experts_per_token`` of ``num_experts`` (equal in size) -- the embedding table counted
+    whole, as Mistral and Qwen count their "activated" parameters (DeepSeek's and OpenAI's
+    figures leave the embedding out: presets' ``published_active_params.embedding``). A dense
+    model's are all its parameters."""
+    total = 0
+    for unit in model_units(spec):
+        for t in unit.tensors:
+            total += t.numel // spec.num_experts * spec.experts_per_token if t.role == "expert" else t.numel
+    return total
+
+
 def named_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Fully qualified parameter names and shapes, as ``strategies/model.py`` names them."""
     shapes: dict[str, tuple[int, ...]] = {}
-    layer_index = {"encoder": 0, "decoder": 0}
+    layer_index = {"encoder_layers": 0, "layers": 0}
     for unit in model_units(spec):
-        if unit.kind in layer_index:
+        if unit.is_layer:
             stack = "encoder_layers" if unit.kind == "encoder" else "layers"
-            prefix = f"{stack}.{layer_index[unit.kind]}."
-            layer_index[unit.kind] += 1
+            prefix = f"{stack}.{layer_index[stack]}."
+            layer_index[stack] += 1
         else:
             prefix = ""
         for tensor in unit.tensors:

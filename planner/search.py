@@ -21,7 +21,7 @@ from planner.configs import GPUSpec, ModelSpec, TrainConfig, check_layout
 from planner.errors import ConfigError, LayoutError, TrainplanError
 from planner.estimate import Estimate, estimate
 from planner.memory import ModelSummary, memory_limits, screen_memory
-from planner.params import total_params
+from planner.params import active_params, total_params
 from planner.step_time import Throughput, estimate_step
 
 STRATEGY_CHOICES: tuple[tuple[int, str], ...] = (
@@ -463,7 +463,7 @@ def search(model: ModelSpec, gpu: GPUSpec, space: SearchSpace, calibration: Cali
         candidates = [build(c) for c in shown]
         reason = _reason(recommended, strategies, gpu)
     return PlanResult(
-        model=ModelSummary(name=model.name, num_params=total_params(model)),
+        model=ModelSummary(name=model.name, num_params=total_params(model), active_params=active_params(model)),
         gpu=gpu.name,
         gpu_memory_bytes=gpu.memory_bytes,
         gpus=space.gpus,

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import pytest
 from click.testing import CliRunner
 
 from planner.capabilities import (
+    ARCHITECTURE_RULES,
     LAYOUT_RULES,
     MODEL_RULES,
     REFERENCE_MODEL_RULES,
     RUN_RULES,
     Host,
+    architecture_refusal,
     layout_refusal,
     model_refusal,
     plan_refusal,
@@ -387,8 +390,42 @@ def test_every_rule_has_an_example(table, rules):
     """Each rule of each table has exactly one hand-written layout below (a new rule needs one),
     and the reasons are distinct (a reason names its rule)."""
     assert sorted(table) == list(range(len(rules)))
-    every = [r.reason for r in (*LAYOUT_RULES, *MODEL_RULES, *REFERENCE_MODEL_RULES, *RUN_RULES)]
+    every = [r.reason for r in (*ARCHITECTURE_RULES, *LAYOUT_RULES, *MODEL_RULES, *REFERENCE_MODEL_RULES, *RUN_RULES)]
     assert len(set(every)) == len(every)
+
+
+ARCHITECTURE_EXAMPLES = {
+    0: ("mixture of experts", "tiny-moe"),
+    1: ("multi-head latent attention", dict(kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16,
+                                            num_kv_heads=8)),
+    2: ("attention sinks", dict(attention_sinks=True)),
+}
+
+
+@pytest.mark.parametrize("index", range(len(ARCHITECTURE_RULES)))
+def test_architecture_rule_is_reachable(index):
+    """A model whose parameters are read but whose memory and time are not planned: plan (both
+    modes), run and the reference model all refuse it with exactly the rule's reason."""
+    from planner.inference import InferenceConfig, check_inference
+    from strategies.model import Transformer
+
+    assert sorted(ARCHITECTURE_EXAMPLES) == list(range(len(ARCHITECTURE_RULES)))
+    text, how = ARCHITECTURE_EXAMPLES[index]
+    rule = ARCHITECTURE_RULES[index]
+    assert text in rule.reason
+    model = load_model(how) if isinstance(how, str) else ModelSpec(
+        name="m", **(load_model("tiny-llama").model_dump(exclude={"name"}) | how))
+    expected = rule.reason.format(model=model, train=None)
+    assert _one_line(expected) and architecture_refusal(model) == expected
+    train = TrainConfig(gpus=1, seq_len=SEQ)
+    assert model_refusal(model, train) == plan_refusal(model, train) == run_refusal(model, train) == expected
+    assert reference_model_refusal(model) == expected
+    with pytest.raises(LayoutError, match="^" + re.escape(expected) + "$"):
+        check_layout(model, train)
+    with pytest.raises(LayoutError, match="^" + re.escape(expected) + "$"):
+        check_inference(model, InferenceConfig())
+    with pytest.raises(ConfigError):
+        Transformer(model)
 
 
 @pytest.mark.parametrize("index", range(len(LAYOUT_RULES)))

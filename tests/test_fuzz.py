@@ -463,7 +463,16 @@ def test_report_files(tmp_path_factory, report, json_mode):
 
 
 def test_model_ids_are_all_plannable():
-    """Every shipped preset answers (a fixed layout on one node)."""
+    """Every shipped preset answers (a fixed layout on one node); one whose architecture is
+    read but not planned (mixtures of experts: planner/capabilities.py ARCHITECTURE_RULES) is
+    refused in one JSON error, exit 2."""
+    from planner.capabilities import architecture_refusal
+    from planner.catalog import load_model
+
     for model in model_ids():
-        _check_plan(_invoke(["plan", "--model", model, "--gpus", "8", "--strategy", "zero3", "--tp", "1", "--pp",
-                             "1", "--json"]), True)
+        result = _invoke(["plan", "--model", model, "--gpus", "8", "--strategy", "zero3", "--tp", "1", "--pp", "1",
+                          "--json"])
+        if reason := architecture_refusal(load_model(model)):
+            assert result.exit_code == 2 and json.loads(result.stdout)["error"]["message"] == reason
+        else:
+            _check_plan(result, True)

@@ -39,7 +39,7 @@ def test_kinds_of_an_encoder_decoder_and_a_decoder_only_model():
     sublayers = {t.sublayer for t in layer_tensors(CPM2, "decoder") if t.role == "projection"}
     assert sublayers == {"attn", "cross", "mlp"}
     with pytest.raises(ValueError, match="no layer kind"):
-        layer_kind(CPM2, "moe")
+        layer_kind(CPM2, "mamba")
 
 
 def test_a_stage_across_the_boundary_counts_each_layer_at_its_kind():

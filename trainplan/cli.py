@@ -749,13 +749,14 @@ def presets_command(as_json):
     import json
 
     from planner import catalog
-    from planner.params import total_params
+    from planner.params import active_params, total_params
 
     models = []
     for preset_id in catalog.model_ids():
         preset, spec = catalog.model_preset(preset_id), catalog.load_model(preset_id)
         models.append(dict(id=preset_id, aliases=list(preset.aliases), num_params=total_params(spec),
-                           layers=spec.total_layers, hidden=spec.hidden_size, heads=spec.num_heads,
+                           active_params=active_params(spec), experts=spec.num_experts,
+                           experts_per_token=spec.experts_per_token, layers=spec.total_layers, hidden=spec.hidden_size, heads=spec.num_heads,
                            kv_heads=spec.num_kv_heads, vocab=spec.vocab_size, source=spec.source))
     gpus = []
     for preset_id in catalog.gpu_ids():
@@ -772,11 +773,14 @@ def presets_command(as_json):
 
     console = _console()
     table = Table(title="models", title_justify="left", header_style="bold")
-    for column in ("id", "aliases", "params", "layers", "hidden", "heads (kv)", "vocab"):
+    for column in ("id", "aliases", "params", "active", "experts (k)", "layers", "hidden", "heads (kv)", "vocab"):
         table.add_column(column, justify="right" if column not in ("id", "aliases") else "left")
     for m in models:
-        table.add_row(m["id"], ", ".join(m["aliases"]), params_text(m["num_params"]), str(m["layers"]),
-                      str(m["hidden"]), f"{m['heads']} ({m['kv_heads']})", f"{m['vocab']:,}")
+        moe = m["experts"] > 0
+        table.add_row(m["id"], ", ".join(m["aliases"]), params_text(m["num_params"]),
+                      params_text(m["active_params"]) if moe else "", f"{m['experts']} ({m['experts_per_token']})"
+                      if moe else "", str(m["layers"]), str(m["hidden"]), f"{m['heads']} ({m['kv_heads']})",
+                      f"{m['vocab']:,}")
     print_table(console, table)
     table = Table(title="GPUs", title_justify="left", header_style="bold")
     for column in ("id", "aliases", "memory GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "int8 TOPS", "HBM GB/s"):

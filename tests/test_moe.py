@@ -1,0 +1,213 @@
+"""Mixture-of-experts models (issue 24, item 1): the Hugging Face configs of Mixtral, Qwen2/3-MoE,
+DeepSeek-V2/V3 (with multi-head latent attention) and gpt-oss are read, their parameters are
+counted tensor by tensor -- equal to what transformers builds from the same config -- and their
+total and active counts match the published figures. Until their memory and time are modelled,
+every planner entry point refuses them in one line: an MoE planned as dense would be a confident
+wrong answer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from planner import catalog
+from planner.catalog import model_from_hf_config, model_from_hf_dict
+from planner.errors import ConfigFileError
+from planner.params import active_params, layer_stack, model_units, named_shapes, total_params
+from trainplan.cli import main
+
+CONFIGS = Path(__file__).parent.parent / "validation" / "hf_configs"
+MOE_PRESETS = [m for m in catalog.model_ids() if catalog.load_model(m).is_moe]
+PUBLISHED = [m for m in MOE_PRESETS if catalog.model_preset(m).raw["published_active_params"]]
+
+
+def _hf_model(config: dict):
+    """The model transformers builds from ``config`` on the meta device (no memory)."""
+    import torch
+    import transformers
+
+    config = dict(config)
+    model_type = config.pop("model_type")
+    config.pop("_name_or_path", None)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(transformers.CONFIG_MAPPING[model_type](**config))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.stem)
+def test_parameter_count_equals_what_transformers_builds(path):
+    """transformers 5.25 builds each config (meta device): its parameter count is ours, to the
+    parameter (MixtralExperts, Qwen2MoeSparseMoeBlock with its shared-expert gate,
+    DeepseekV3Attention's latent projections, GptOssAttention's sinks and biased experts)."""
+    built = _hf_model(json.loads(path.read_text()))
+    assert total_params(model_from_hf_config(path)) == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.parametrize("model_id", [m for m in MOE_PRESETS if (CONFIGS / f"{m}.json").exists()])
+def test_presets_are_their_configs(model_id):
+    """Each published MoE preset is what planner/catalog.py reads from the config it cites."""
+    path = CONFIGS / f"{model_id}.json"
+    read = model_from_hf_config(path).model_dump(exclude={"name", "source", "activation"})
+    assert catalog.load_model(model_id).model_dump(exclude={"name", "source", "activation"}) == read
+
+
+def _published_digits(figure: float) -> float:
+    """One unit of a published figure's last digit: 37 -> 1, 3.3 -> 0.1, 116.83 -> 0.01."""
+    text = repr(figure).rstrip("0").rstrip(".") if "." in repr(figure) else repr(figure)
+    return 10.0 ** -(len(text.split(".")[1]) if "." in text else 0)
+
+
+@pytest.mark.parametrize("model_id", PUBLISHED)
+def test_total_and_active_parameters_match_the_published_figures(model_id):
+    """Totals within 0.5% of the published figure (Mistral AI, Qwen, DeepSeek-V3 report, OpenAI's
+    gpt-oss model card: each preset's ``published_params.source``). Active counts follow each
+    publisher's convention -- Mistral and Qwen count the embedding table, DeepSeek and OpenAI do
+    not (``published_active_params.embedding``) -- and land within one unit of the figure's last
+    published digit (rounded or truncated: 37B, 3.3B); where the figure has three significant
+    digits or more (gpt-oss 3.61B / 5.13B, Mixtral 12.9B) that is within 0.5%."""
+    preset, model = catalog.model_preset(model_id).raw, catalog.load_model(model_id)
+    total = total_params(model)
+    assert abs(total - preset["published_params"]["count"]) / preset["published_params"]["count"] <= 0.005
+    published = preset["published_active_params"]
+    active = active_params(model) - (0 if published["embedding"] else model_units(model)[0].numel)
+    figure = published["billions"]
+    assert abs(active / 1e9 - figure) < _published_digits(figure), (active / 1e9, figure)
+    significant = len(repr(figure).replace(".", "").lstrip("0").rstrip("0") or "0")
+    if significant >= 3:
+        assert abs(active / 1e9 - figure) / figure <= 0.005
+
+
+def test_the_issue_figures():
+    """Mixtral 46.7B / 12.9B; DeepSeek-V3 671B / 37B; Qwen3-30B-A3B 30.5B / 3.3B; gpt-oss-20b
+    20.9B / 3.6B; gpt-oss-120b 116.8B / 5.1B (issue 24), at the precision quoted."""
+    embedding = {m: model_units(catalog.load_model(m))[0].numel for m in MOE_PRESETS}
+    expect = {"mixtral-8x7b": (46.7, 12.9, True), "deepseek-v3": (671, 37, False),
+              "qwen3-30b-a3b": (30.5, 3.3, True), "gpt-oss-20b": (20.9, 3.6, False),
+              "gpt-oss-120b": (116.8, 5.1, False)}
+    for model_id, (total, active, with_embedding) in expect.items():
+        model = catalog.load_model(model_id)
+        assert round(total_params(model) / 1e9, 1) == pytest.approx(total, abs=0.05 if total < 100 else 0.5)
+        counted = (active_params(model) - (0 if with_embedding else embedding[model_id])) / 1e9
+        assert abs(counted - active) < _published_digits(active), (model_id, counted)
+
+
+def test_dense_and_moe_layers_interleave_as_the_config_says():
+    """DeepSeek: the first first_k_dense_replace layers dense; Qwen-MoE: mlp_only_layers and
+    decoder_sparse_step ((i + 1) % step == 0 is MoE, modeling_qwen2_moe.py)."""
+    assert layer_stack(catalog.load_model("deepseek-v3")) == (("decoder", 3), ("moe", 58))
+    assert layer_stack(catalog.load_model("mixtral-8x7b")) == (("moe", 32),)
+    cfg = json.loads((CONFIGS / "qwen1.5-moe-a2.7b.json").read_text())
+    cfg.update(decoder_sparse_step=2, mlp_only_layers=[5], num_hidden_layers=8)
+    model = model_from_hf_dict(cfg, "test", "test")
+    assert [kind for kind, n in layer_stack(model) for _ in range(n)] == [
+        "decoder", "moe", "decoder", "moe", "decoder", "decoder", "decoder", "moe"]
+    assert total_params(model) == sum(p.numel() for p in _hf_model(cfg).parameters())
+
+
+def test_expert_tensors_are_their_own_group():
+    """Routed experts stack on a leading experts dimension and form the ``expert`` sharding
+    group; the router, shared experts and everything else are ``dense``."""
+    model = catalog.load_model("tiny-moe")
+    shapes = named_shapes(model)
+    assert shapes["layers.1.mlp.experts.gate.weight"] == (8, 64, 128)
+    assert shapes["layers.1.mlp.experts.down.weight"] == (8, 128, 64)
+    assert shapes["layers.1.mlp.router.weight"] == (8, 128)
+    assert shapes["layers.1.mlp.shared.up.weight"] == (64, 128)
+    assert shapes["layers.0.mlp.gate.weight"] == (256, 128)  # the dense first layer
+    assert sum(math.prod(s) for s in shapes.values()) == total_params(model)
+    groups = {(t.role, t.group) for unit in model_units(model) for t in unit.tensors}
+    assert ("expert", "expert") in groups and ("router", "dense") in groups and ("shared_expert", "dense") in groups
+    assert all(group == "dense" for role, group in groups if role != "expert")
+    # active: two of eight routed experts, everything else
+    expert = sum(t.numel for unit in model_units(model) for t in unit.tensors if t.role == "expert")
+    assert active_params(model) == total_params(model) - expert + expert * 2 // 8
+
+
+def test_latent_attention_tensors():
+    """DeepSeek-V3's MLA (arXiv 2405.04434 Sec. 2.1; transformers' DeepseekV3Attention): q through
+    a 1536 bottleneck to 128 heads of 192, the 512 latent plus the shared 64-dim rope key, the
+    latent up to 128 x (128 + 128), o from 128 x 128."""
+    shapes = named_shapes(catalog.load_model("deepseek-v3"))
+    assert shapes["layers.0.attn.q_a.weight"] == (1536, 7168)
+    assert shapes["layers.0.attn.q_b.weight"] == (128 * 192, 1536)
+    assert shapes["layers.0.attn.kv_a.weight"] == (512 + 64, 7168)
+    assert shapes["layers.0.attn.kv_b.weight"] == (128 * 256, 512)
+    assert shapes["layers.0.attn.o.weight"] == (7168, 128 * 128)
+    assert shapes["layers.0.attn.kv_a_norm.weight"] == (512,)
+    assert "layers.0.attn.k.weight" not in shapes
+    assert shapes["layers.3.mlp.experts.up.weight"] == (256, 2048, 7168)
+    lite = named_shapes(catalog.load_model("deepseek-v2-lite"))  # no query bottleneck
+    assert lite["layers.0.attn.q.weight"] == (16 * 192, 2048) and "layers.0.attn.q_a.weight" not in lite
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "--model", "mixtral-8x7b", "--gpus", "8"],
+    ["plan", "--model", "deepseek-v3", "--gpus", "256", "--gpu", "h100"],
+    ["plan", "--model", "qwen3-30b-a3b", "--gpus", "8", "--tp", "1", "--pp", "1", "--strategy", "zero3",
+     "--micro-batch", "1"],
+    ["plan", "--model", "gpt-oss-20b", "--mode", "inference"],
+    ["plan", "--model", "tiny-moe", "--gpus", "2", "--json"],
+    ["run", "--model", "tiny-moe", "--gpus", "1", "--steps", "1"],
+])
+def test_nothing_moe_shaped_is_planned_as_dense(args):
+    """Never a confident wrong answer: every entry point refuses an MoE in one line, exit 2."""
+    result = _cli(*args)
+    assert result.exit_code == 2, result.output
+    text = json.loads(result.stdout)["error"]["message"] if "--json" in args else result.output.strip()
+    assert "mixture of experts" in text and "Traceback" not in result.output
+    assert len(text.splitlines()) == 1
+
+
+def test_latent_attention_and_sinks_are_refused_without_experts():
+    """A dense model with MLA or attention sinks is refused too (their activations and caches
+    are not q, k, v per head)."""
+    from planner.configs import ModelSpec, TrainConfig, check_layout
+    from planner.errors import LayoutError
+
+    base = catalog.load_model("tiny-llama").model_dump(exclude={"name"})
+    for extra, words in ((dict(kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16, num_kv_heads=8),
+                          "latent attention"), (dict(attention_sinks=True), "sinks")):
+        model = ModelSpec(name="m", **(base | extra))
+        with pytest.raises(LayoutError, match=words):
+            check_layout(model, TrainConfig(gpus=1))
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(num_experts_per_tok=129), "num_experts_per_tok 129 must be 1 to the number of experts"),
+    (dict(moe_intermediate_size=None), "moe_intermediate_size"),
+    (dict(num_experts="many"), "num_experts must be an integer"),
+    (dict(decoder_sparse_step=0), "decoder_sparse_step"),
+])
+def test_bad_moe_configs_are_one_line(tmp_path, change, words):
+    cfg = json.loads((CONFIGS / "qwen3-30b-a3b.json").read_text()) | change
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigFileError, match=words):
+        model_from_hf_config(path)
+    result = _cli("plan", "--model", str(path), "--gpus", "8")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_deepseek_fields_that_are_not_modelled_are_named(tmp_path):
+    cfg = json.loads((CONFIGS / "deepseek-v3.json").read_text())
+    for change, words in ((dict(moe_layer_freq=2), "moe_layer_freq 2"), (dict(attention_bias=True), "attention_bias")):
+        with pytest.raises(ConfigFileError, match=words):
+            model_from_hf_dict(cfg | change, "config.json", "test")
+    assert "num_nextn_predict_layers 1" in model_from_hf_dict(cfg, "config.json", "test").unmodelled[0]
+
+
+def test_experts_in_a_family_not_read_are_refused():
+    """An expert field in a family whose MoE is not read (OLMoE, or a Llama config with experts)
+    is refused, naming it."""
+    llama = json.loads((CONFIGS / "mixtral-8x7b.json").read_text()) | {"model_type": "llama"}
+    with pytest.raises(ConfigFileError, match="num_local_experts .* mixture of experts"):
+        model_from_hf_dict(llama, "config.json", "test")
+    with pytest.raises(ConfigFileError, match="olmoe"):
+        model_from_hf_dict({"model_type": "olmoe", "num_experts": 64}, "config.json", "test")
