@@ -31,14 +31,24 @@ BACKWARD_MATMUL_FACTOR = 2.0  # dgrad + wgrad
 FLASH_BACKWARD_FACTOR = 2.5  # FlashAttention-2 backward: 5 matmuls vs 2 in forward
 
 
-def _matmul_params(tensors) -> int:
-    return sum(t.numel for t in tensors if t.is_matmul_weight)
+def _matmul_params(tensors, experts: int = 0, per_token: int = 0) -> int:
+    """Weights one token multiplies with: the projections, an MoE layer's router and shared
+    experts, and ``per_token`` of the ``experts`` routed experts (equal in size)."""
+    total = 0
+    for t in tensors:
+        if t.is_matmul_weight or (t.role in ("router", "shared_expert") and not t.bias):
+            total += t.numel
+        elif t.role == "expert" and not t.bias:
+            total += t.numel // experts * per_token
+    return total
 
 
 @lru_cache(maxsize=256)
 def layer_matmul_params(model: ModelSpec, kind: str = "decoder") -> int:
-    """Weights a layer multiplies with per token (q, k, v, o, MLP; cross-attention too)."""
-    return _matmul_params(layer_tensors(model, kind))
+    """Weights a layer multiplies with per token (q, k, v, o, MLP; cross-attention too; an MoE
+    layer's router, shared experts and top-k routed experts: torchtitan's active parameters,
+    models/utils.py get_moe_model_nparams_and_flops)."""
+    return _matmul_params(layer_tensors(model, kind), model.num_experts, model.experts_per_token)
 
 
 def head_matmul_params(model: ModelSpec) -> int:
@@ -47,8 +57,11 @@ def head_matmul_params(model: ModelSpec) -> int:
 
 
 def attention_square_flops(model: ModelSpec, seq_len: int, kind: str = "decoder") -> int:
-    """Forward FLOPs of QK^T and (softmax)V for one sequence over the full s x s square."""
-    per_attention = 4 * seq_len * seq_len * model.num_heads * model.head_dim
+    """Forward FLOPs of QK^T and (softmax)V for one sequence over the full s x s square: 2 s^2
+    per head and dimension of q.k, and of v (multi-head latent attention's v_head_dim differs
+    from its q/k head_dim: torchtitan's head_dims = qk_nope + qk_rope + v)."""
+    dims = model.head_dim + (model.v_head_dim or model.head_dim)
+    per_attention = 2 * seq_len * seq_len * model.num_heads * dims
     return per_attention * len(layer_kind(model, kind).attentions)
 
 

@@ -211,3 +211,34 @@ def test_experts_in_a_family_not_read_are_refused():
         model_from_hf_dict(llama, "config.json", "test")
     with pytest.raises(ConfigFileError, match="olmoe"):
         model_from_hf_dict({"model_type": "olmoe", "num_experts": 64}, "config.json", "test")
+
+
+TORCHTITAN = [("deepseek_v3", "671B", "deepseek-v3"), ("deepseek_v3", "16B", "deepseek-v2-lite"),
+              ("qwen3", "30B-A3B", "qwen3-30b-a3b"), ("qwen3", "235B-A22B", "qwen3-235b-a22b"),
+              ("gpt_oss", "20b", "gpt-oss-20b"), ("gpt_oss", "120b", "gpt-oss-120b")]
+
+
+@pytest.mark.parametrize("module, flavor, preset", TORCHTITAN, ids=[t[1] for t in TORCHTITAN])
+def test_torchtitan_moe_models_have_our_parameters_and_flops(module, flavor, preset):
+    """torchtitan 0.3.0's own MoE models (built on the meta device from its model registry): the
+    parameter count is ours to the parameter, and its MFU FLOPs per token
+    (models/utils.py get_moe_model_nparams_and_flops: 6 x the active non-embedding parameters +
+    6 L heads (qk + v) s) are our non-causal model FLOPs plus 6 x the 1-D parameters (norms,
+    biases, sinks) torchtitan counts as matmul weights and we do not."""
+    import importlib
+
+    import torch
+
+    from planner.flops import model_flops_per_token
+
+    spec = importlib.import_module(f"torchtitan.models.{module}").model_registry(flavor)
+    with torch.device("meta"):
+        built = spec.model.build()
+    seq = 4096
+    nparams, flops = spec.model.get_nparams_and_flops(built, seq)
+    model = catalog.load_model(preset)
+    assert nparams == total_params(model)
+    one_d = sum(t.numel // (model.num_experts if t.role == "expert" else 1) * (
+        model.experts_per_token if t.role == "expert" else 1)
+        for unit in model_units(model)[1:] for t in unit.tensors if len(t.shape) == 1 or t.bias)
+    assert model_flops_per_token(model, seq, causal=False) * seq + 6 * one_d * seq == flops * seq
