@@ -104,6 +104,20 @@ class ParamTensor:
         return tuple(shape)
 
 
+def expert_local_shape(tensor: ParamTensor, experts: int, tp: int, ep: int, efsdp: int) -> tuple[int, ...]:
+    """What one rank stores of a routed expert tensor (the largest shard) under torchtitan 0.3.0:
+    with expert parallelism (ep > 1) Shard(0) over ``ep`` and no tensor parallelism; without it
+    tensor parallelism on each expert's f (``tp_dim``); then FSDP2 over ``efsdp`` ranks
+    (dp_shard x cp x tp / ep; the dense FSDP group when ep = 1) on dim 1 when efsdp x ep exceeds
+    the experts, else on dim 0 (torchtitan/distributed/fsdp.py:224-233). Checked against
+    torchtitan's own sharding in validation/torchtitan_shards.json (tests/test_moe.py)."""
+    shape = list(tensor.local_shape(tp) if ep == 1 else tensor.shape)
+    shape[0] = ceil(shape[0] / ep)
+    dim = 1 if efsdp * ep > experts else 0
+    shape[dim] = ceil(shape[dim] / efsdp)
+    return tuple(shape)
+
+
 @lru_cache(maxsize=512)
 def describe(name: str) -> tuple[str, str | None, str | None, bool]:
     """(role, sub-layer, projection, is a bias) of a parameter named as ``strategies/model.py``
@@ -224,16 +238,18 @@ def _moe(spec: ModelSpec, prefix: str) -> list[ParamTensor]:
     leading experts dimension (as torchtitan's GroupedExperts and transformers' fused experts
     hold them: gate and up (E, f, h), down (E, h, f); gpt-oss's biases (E, f) and (E, h)), then
     the shared experts as one gated MLP and Qwen2-MoE's shared-expert gate. Routed experts are
-    their own sharding group (``expert``); nothing is split by tensor parallelism yet."""
+    their own sharding group (``expert``)."""
     h, e, f, bias = spec.hidden_size, spec.num_experts, spec.moe_ffn_hidden_size, spec.linear_bias
     tensors = _linear(f"{prefix}.router", e, h, None, spec.router_bias)
-    for name, shape in (("gate", (e, f, h)), ("up", (e, f, h)), ("down", (e, h, f))):
-        tensors.append(ParamTensor(f"{prefix}.experts.{name}.weight", shape, None, "expert"))
+    # without expert parallelism tensor parallelism splits each expert's f (torchtitan
+    # models/common/moe_sharding.py: w1, w3 Shard(1), w2 Shard(2)); ``expert_local_shape`` with it
+    for name, shape, tp_dim in (("gate", (e, f, h), 1), ("up", (e, f, h), 1), ("down", (e, h, f), 2)):
+        tensors.append(ParamTensor(f"{prefix}.experts.{name}.weight", shape, tp_dim, "expert"))
         if bias:
-            tensors.append(ParamTensor(f"{prefix}.experts.{name}.bias", shape[:2], None, "expert"))
-    if spec.shared_expert_ffn_hidden_size:
-        shared = _mlp(spec, f"{prefix}.shared", spec.shared_expert_ffn_hidden_size)
-        tensors += [ParamTensor(t.name, t.shape, None) for t in shared]
+            tensors.append(ParamTensor(f"{prefix}.experts.{name}.bias", shape[:2], 1 if tp_dim == 1 else None,
+                                       "expert"))
+    if spec.shared_expert_ffn_hidden_size:  # split by tensor parallelism as a dense MLP
+        tensors += _mlp(spec, f"{prefix}.shared", spec.shared_expert_ffn_hidden_size)
         if spec.shared_expert_gate:
             tensors += _linear(f"{prefix}.shared_gate", 1, h, None, False)
     return tensors
