@@ -173,6 +173,14 @@ def kv_cache_bytes(model: ModelSpec, cfg: InferenceConfig, compute_bytes: int, k
     generate (an encoder) keeps none."""
     if not layer_kind(model, kind).generates:
         return 0
+    if model.mla:
+        # multi-head latent attention caches what it expands keys and values from: the normed
+        # kv_lora_rank latent and the rotary key, one "head" each, before kv_b (transformers 5.25
+        # DeepseekV3Attention.forward: cache.update(kv_nope, k_rot) "while latent KV is still
+        # compressed"); kv_a is not split by tensor parallelism, so neither is the cache
+        if cfg.kv_cache == "int8":
+            raise ConfigError("an int8 KV cache of multi-head latent attention is not modelled (use --kv-cache auto)")
+        return cfg.batch * cfg.cache_len * (model.kv_lora_rank + model.qk_rope_head_dim) * compute_bytes
     entries = 2 * cfg.batch * (model.num_kv_heads // tp) * cfg.cache_len  # k and v rows of head_dim
     if cfg.kv_cache == "int8":
         return entries * model.head_dim + entries * compute_bytes

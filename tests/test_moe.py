@@ -315,3 +315,40 @@ def test_every_rank_shard_is_what_torchtitan_stores(layout):
             local = list(t.local_shape(tp))
             local[0] = ceil(local[0] / dp)
         assert list(local) == shard["local"], (name, local, shard)
+
+
+def test_latent_attention_caches_the_latent():
+    """Multi-head latent attention's KV cache (issue 24, item 2), measured on transformers 5.25's
+    DeepseekV3 (random weights, CPU): after a forward over the prompt the cache holds, per layer
+    and token, the kv_lora_rank latent and the rotary key -- (512 + 64) x 2 B for DeepSeek-V3, 71x
+    less than 128 heads of expanded keys and values."""
+    import torch
+    import transformers
+
+    from planner.inference import InferenceConfig, kv_cache_bytes
+
+    cfg = json.loads((CONFIGS / "deepseek-v3.json").read_text())
+    cfg.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=3,
+               first_k_dense_replace=1, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=8,
+               num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+               qk_rope_head_dim=16, v_head_dim=32, vocab_size=512)
+    spec = model_from_hf_dict(cfg, "test", "test")
+    model_type = cfg.pop("model_type")
+    cfg.pop("_name_or_path")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.CONFIG_MAPPING[model_type](**cfg),
+                                                          dtype=torch.bfloat16).eval()
+    batch, prompt = 2, 24
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(0, 512, (batch, prompt)), use_cache=True)
+    measured = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
+                   for t in (layer.keys, layer.values))
+    plan = InferenceConfig(batch=batch, prompt_len=prompt - 1, new_tokens=1)  # the cache holds the prompt
+    assert measured == spec.num_layers * kv_cache_bytes(spec, plan, 2)
+    deepseek = catalog.load_model("deepseek-v3")
+    per_token = kv_cache_bytes(deepseek, InferenceConfig(batch=1, prompt_len=1, new_tokens=1), 2) // 2
+    assert per_token == 576 * 2 and 128 * (192 + 128) * 2 // per_token == 71
+    from planner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="latent attention is not modelled"):  # not measured: refused
+        kv_cache_bytes(deepseek, InferenceConfig(kv_cache="int8"), 2)
