@@ -400,6 +400,9 @@ def _screen_forked(model: ModelSpec, gpu: GPUSpec, configs: list[TrainConfig], c
             rows = receive.recv()
         except (EOFError, OSError):
             rows = None
+    except BaseException:  # an error here, or Ctrl-C: the child would wait on a pipe nobody reads
+        child.terminate()
+        raise
     finally:
         child.join()
         receive.close()

@@ -166,3 +166,26 @@ def test_the_forked_screen_raises_what_one_process_raises(monkeypatch):
     space = SearchSpace(gpus=16, fixed=dict(precision="fp8-tensorwise", compile=True))
     with pytest.raises(ConfigError, match="fp8 tensor cores"):
         search(load_model("8b"), load_gpu("a100-80gb"), space)
+
+
+def test_an_interrupted_forked_screen_leaves_no_child(monkeypatch):
+    """Ctrl-C (or any error) in the parent's half ends the child too: nothing waits on a pipe
+    that nobody reads."""
+    import multiprocessing
+
+    from planner import search as S
+
+    m, g, cal = load_model("70b"), load_gpu("a100-80gb"), default_calibration()
+    configs = enumerate_configs(m, SearchSpace(gpus=64))
+    monkeypatch.setenv("TRAINPLAN_SEARCH_WORKERS", "2")
+    real = S._screen_share
+
+    def interrupted(model, gpu, configs, cal, gpus_per_node, share):
+        if multiprocessing.parent_process() is None:  # the parent's half
+            raise KeyboardInterrupt
+        return real(model, gpu, configs, cal, gpus_per_node, share)
+
+    monkeypatch.setattr(S, "_screen_share", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        S._screen(m, g, configs, cal, 8)
+    assert not multiprocessing.active_children()
