@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from planner.configs import ModelSpec
-from planner.params import describe
+from planner.params import describe, layer_kind_at
 from planner.capabilities import reference_model_refusal
 from planner.errors import ConfigError
 from strategies.kernels.attention import core_attention
@@ -93,9 +93,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+    def __init__(self, spec: ModelSpec, device=None, dtype=None, ffn: int = 0):
         super().__init__()
-        h, f, bias = spec.hidden_size, spec.ffn_hidden_size, spec.linear_bias
+        h, f, bias = spec.hidden_size, ffn or spec.ffn_hidden_size, spec.linear_bias
         kw = dict(device=device, dtype=dtype)
         self.kind = spec.mlp
         if spec.mlp == "gelu":
@@ -113,15 +113,74 @@ class MLP(nn.Module):
         return self.down(act(self.gate(x)) * self.up(x))
 
 
-class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.))."""
+class _Stacked(nn.Module):
+    """One projection of every routed expert: ``weight`` (experts, out, in), ``bias`` (experts, out)."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(experts, out_features, device=device, dtype=dtype)) if bias else None
+
+    def apply(self, expert: int, x: torch.Tensor) -> torch.Tensor:  # noqa: A003 -- expert i's linear
+        return F.linear(x, self.weight[expert], None if self.bias is None else self.bias[expert])
+
+
+class MoE(nn.Module):
+    """Token-choice top-k mixture of experts (Shazeer et al. 2017; Mixtral, Qwen-MoE, DeepSeekMoE
+    as transformers builds them): an fp32 softmax router over the experts, each token's top
+    ``experts_per_token`` weights renormalised to sum to one, tokens grouped by expert (a stable
+    sort, as torchtitan's dispatcher permutes them) and each expert's gated MLP run on its group,
+    the outputs weighted and added back per token; shared experts (and Qwen2-MoE's sigmoid gate
+    on them) run on every token. Parameter names and shapes are planner/params.py ``_moe``'s.
+    Planned memory and time of this block are not modelled yet (planner/capabilities.py)."""
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        h, e, f, bias = spec.hidden_size, spec.num_experts, spec.moe_ffn_hidden_size, spec.linear_bias
+        self.top_k, self.kind = spec.experts_per_token, spec.mlp
+        self.router = nn.Linear(h, e, bias=spec.router_bias, **kw)
+        self.experts = nn.ModuleDict({"gate": _Stacked(e, f, h, bias, **kw), "up": _Stacked(e, f, h, bias, **kw),
+                                      "down": _Stacked(e, h, f, bias, **kw)})
+        self.shared = MLP(spec, device, dtype, spec.shared_expert_ffn_hidden_size) if (
+            spec.shared_expert_ffn_hidden_size) else None
+        self.shared_gate = nn.Linear(h, 1, bias=False, **kw) if spec.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.router(tokens).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(tokens.dtype)
+        order = chosen.flatten().argsort(stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(chosen.flatten(), minlength=self.router.out_features).tolist()
+        act = F.silu if self.kind == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+        gate, up, down = self.experts["gate"], self.experts["up"], self.experts["down"]
+        outputs = []
+        for expert, group in enumerate(tokens[token_of].split(counts)):
+            if counts[expert]:
+                outputs.append(down.apply(expert, act(gate.apply(expert, group)) * up.apply(expert, group)))
+        routed = torch.cat(outputs) * weights.flatten()[order, None]
+        out = torch.zeros_like(tokens).index_add(0, token_of, routed)
+        if self.shared is not None:
+            shared = self.shared(tokens)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            out = out + shared
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)) -- a mixture of experts
+    where the model's layer is ``moe`` (planner/params.py layer_stack)."""
+
+    def __init__(self, spec: ModelSpec, device=None, dtype=None, experts: bool = False):
         super().__init__()
         self.attn_norm = _norm(spec, device, dtype)
         self.attn = Attention(spec, device, dtype)
         self.mlp_norm = _norm(spec, device, dtype)
-        self.mlp = MLP(spec, device, dtype)
+        self.mlp = MoE(spec, device, dtype) if experts else MLP(spec, device, dtype)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -144,7 +203,8 @@ class Transformer(nn.Module):
         self.embed_norm = _norm(spec, device, dtype) if spec.embedding_norm else None
         self.embed_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         # A ModuleDict keeps the names "layers.<i>" when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): Block(spec, device, dtype) for i in range(spec.num_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(spec, device, dtype, layer_kind_at(spec, i) == "moe")
+                                     for i in range(spec.num_layers)})
         self.final_norm = _norm(spec, device, dtype)
         self.head = (None if spec.tied_embeddings
                      else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, **kw))
