@@ -352,7 +352,8 @@ def _moe_fields(cfg: dict, model_type: str) -> tuple[dict, tuple[str, ...]]:
         if step < 1 or not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                                for i in only):
             raise _BadField("decoder_sparse_step must be a positive integer and mlp_only_layers a list of layers")
-        fields |= dict(num_experts=_get(cfg, int, "num_experts", required=True),
+        # Hub configs say num_experts; transformers 5.25's Qwen3MoeConfig.to_dict() num_local_experts
+        fields |= dict(num_experts=_get(cfg, int, "num_experts", "num_local_experts", required=True),
                        moe_ffn_hidden_size=_get(cfg, int, "moe_intermediate_size", required=True),
                        dense_layers=tuple(i for i in range(layers) if i in only or (i + 1) % step))
         shared = _get(cfg, int, "shared_expert_intermediate_size", default=0) if model_type == "qwen2_moe" else 0

@@ -352,3 +352,43 @@ def test_latent_attention_caches_the_latent():
 
     with pytest.raises(ConfigError, match="latent attention is not modelled"):  # not measured: refused
         kv_cache_bytes(deepseek, InferenceConfig(kv_cache="int8"), 2)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "gpt-oss-20b", "qwen1.5-moe-a2.7b"])
+def test_hugging_face_moe_models_through_track(name):
+    """Real clients: a small transformers 5.25 MoE model (its config cut down), trained one step
+    under ``trainplan.track``. The live config (``model.config.to_dict()``, whose Qwen3-MoE key is
+    num_local_experts, not the Hub's num_experts) reads with the parameter count transformers
+    built; the measured parameter bytes are that count in fp32; ``compare()`` refuses to plan it
+    in one line instead of planning a dense model."""
+    import torch
+    import transformers
+
+    import trainplan
+    from planner.errors import LayoutError
+
+    cfg = json.loads((CONFIGS / f"{name}.json").read_text())
+    model_type = cfg.pop("model_type")
+    cfg.pop("_name_or_path")
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, vocab_size=256)
+    small = dict(moe_intermediate_size=32, head_dim=16, num_experts=8, num_local_experts=8, n_routed_experts=8,
+                 num_experts_per_tok=2, shared_expert_intermediate_size=64, q_lora_rank=32, kv_lora_rank=16,
+                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1, first_k_dense_replace=1)
+    cfg.update({k: v for k, v in small.items() if k in cfg})
+    if "layer_types" in cfg:
+        cfg["layer_types"] = cfg["layer_types"][:2]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.CONFIG_MAPPING[model_type](**cfg))
+    spec = model_from_hf_dict(model.config.to_dict(), "model.config", "test")
+    assert spec.is_moe and total_params(spec) == sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters())
+    tokens = torch.randint(0, 256, (2, 16))
+    with trainplan.track(model, optimizer) as tracker:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert tracker.result().params == 4 * total_params(spec)
+    with pytest.raises(LayoutError, match="mixture of experts") as refused:
+        tracker.compare()
+    assert "\n" not in str(refused.value)
