@@ -25,22 +25,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from planner.configs import ModelSpec, TrainConfig, parse_checkpointing
-from planner.params import layer_kind, layer_stack, layer_tensors, pipeline_stages
+from planner.params import layer_kind, layer_stack, layer_tensors, numel_per_token, pipeline_stages
 
 BACKWARD_MATMUL_FACTOR = 2.0  # dgrad + wgrad
 FLASH_BACKWARD_FACTOR = 2.5  # FlashAttention-2 backward: 5 matmuls vs 2 in forward
 
 
-def _matmul_params(tensors, experts: int = 0, per_token: int = 0) -> int:
+def _matmul_params(model: ModelSpec, tensors) -> int:
     """Weights one token multiplies with: the projections, an MoE layer's router and shared
-    experts, and ``per_token`` of the ``experts`` routed experts (equal in size)."""
-    total = 0
-    for t in tensors:
-        if t.is_matmul_weight or (t.role in ("router", "shared_expert") and not t.bias):
-            total += t.numel
-        elif t.role == "expert" and not t.bias:
-            total += t.numel // experts * per_token
-    return total
+    experts, and its top-k of the routed experts (``numel_per_token``)."""
+    return sum(numel_per_token(t, model) for t in tensors
+               if t.is_matmul_weight or (t.role in ("router", "shared_expert", "expert") and not t.bias))
 
 
 @lru_cache(maxsize=256)
@@ -48,7 +43,7 @@ def layer_matmul_params(model: ModelSpec, kind: str = "decoder") -> int:
     """Weights a layer multiplies with per token (q, k, v, o, MLP; cross-attention too; an MoE
     layer's router, shared experts and top-k routed experts: torchtitan's active parameters,
     models/utils.py get_moe_model_nparams_and_flops)."""
-    return _matmul_params(layer_tensors(model, kind), model.num_experts, model.experts_per_token)
+    return _matmul_params(model, layer_tensors(model, kind))
 
 
 def head_matmul_params(model: ModelSpec) -> int:

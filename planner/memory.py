@@ -235,8 +235,6 @@ class _StageParams:
     largest_tensor: int  # for per-tensor scratch
     largest_tensor_sharded: int
     largest_unit: int  # largest FSDP unit (unsharded, local to tp)
-    largest_pair: int  # largest two consecutive units (current + prefetched)
-    largest_unshard: int  # largest unit twice (all-gather buffer + unsharded copy) plus the unit before it
     last_two_units: int  # the head and the last layer: the first units whose gradients are reduced
     unit_sizes: tuple[int, ...]  # elements of each unit (local to tp), in forward order
     unit_kinds: tuple[str, ...]
@@ -309,11 +307,6 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         optimizer_share = greedy_partition_max(list(counts.elements()), dp)
     else:
         optimizer_share = sharded
-    pairs = [a + b for a, b in zip(unit_sizes, unit_sizes[1:])] or unit_sizes
-    # FSDP2 unshards a unit into an all-gather buffer and copies it out to the unsharded
-    # parameters before the previous unit's all-gather buffer is released (measured with
-    # FSDPMemTracker, torch 2.13: three layers' worth at each layer's pre-forward).
-    unshards = [2 * unit_sizes[0]] + [a + 2 * b for a, b in zip(unit_sizes, unit_sizes[1:])]
     if model.tied_embeddings and has_head:  # the logits multiply by the embedding
         matmul += prod(embed_tensors(model)[0].local_shape(tp, engine.vocab_multiple))
     # When the stage's first layer is differentiated, its gradients and the embedding's
@@ -328,8 +321,6 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         largest_tensor=max(prod(s) for s in counts),
         largest_tensor_sharded=max(shard(s) for s in counts),
         largest_unit=max(unit_sizes),
-        largest_pair=max(pairs),
-        largest_unshard=max(unshards),
         last_two_units=sum(unit_sizes[-2:]),
         unit_sizes=tuple(unit_sizes),
         unit_kinds=tuple(kinds),
@@ -517,11 +508,6 @@ class _StageResult:
     @property
     def peak(self) -> int:
         return self.phases[self.peak_phase].total
-
-
-def _add(parts: dict[str, int], name: str, value: int | float) -> None:
-    if value:
-        parts[name] = parts.get(name, 0) + int(value)
 
 
 _Parts = tuple[tuple[str, "int | float"], ...]
@@ -723,7 +709,10 @@ class _UnitExtremes(NamedTuple):
 
     pair: int  # the largest two adjacent units (the current and the prefetched), or the one unit
     pair_after_first: int  # the same past the first unit (three or more units)
-    unshard: int  # the largest unit's unshard: its all-gather buffer, its copy and the unit before
+    # the largest unit's unshard: FSDP2 unshards a unit into an all-gather buffer and copies it out
+    # to the unsharded parameters before the previous unit's all-gather buffer is released
+    # (measured with FSDPMemTracker, torch 2.13: three layers' worth at each layer's pre-forward)
+    unshard: int
     largest: int
     largest_three: int
     total: int
@@ -816,6 +805,7 @@ def _buffers(model: ModelSpec, train: TrainConfig, stage_index: int, st: _States
     fp8_work = max((float8.backward_working_bytes(model, train, kind, (2 if model.mlp == "gelu" else 3)
                                                   * sums.rebuilt_mlp_backward_freed) for kind, _ in sp.kind_counts),
                    default=0) if float8.float8_recipe(train.precision) else 0
+    extremes = _unit_extremes(g)
     recv_buffers = 0
     if sums.pipeline_recv_buffer:
         chunk_indices = [stage_index + c * train.pp for c in range(train.chunks)]
@@ -825,8 +815,8 @@ def _buffers(model: ModelSpec, train: TrainConfig, stage_index: int, st: _States
     return _Buffers(
         fsdp_units=fsdp_units,
         gathered=_gathered(train, engine, sp, g, units_stay_gathered),
-        unshard=_unit_extremes(g).unshard,
-        largest_gathered=_unit_extremes(g).largest,
+        unshard=extremes.unshard,
+        largest_gathered=extremes.largest,
         tied_gathered=tied_gathered,
         unsharded_grads=unsharded_grads,
         # with GPipe every forward runs before the first backward: none are there at the end of
@@ -1031,20 +1021,19 @@ def _optimizer_peak(train: TrainConfig, st: _States, buf: _Buffers) -> tuple[_Me
     """The optimizer step: its scratch per implementation; with PyTorch optimizer offload the
     GPU gradients live until zero_grad, through the CPU step."""
     engine, trecipe = ENGINES[train.engine], st.trecipe
-    tmp: dict[str, int] = {}
-    _add(tmp, "pipeline_recv_buffers", buf.recv_buffers)
+    parts: list[tuple[str, int]] = [("pipeline_recv_buffers", buf.recv_buffers)]
     if train.offload == "none":
         if train.optimizer == "adamw8bit":
             # its own loop dequantises m and v a chunk at a time (strategies/kernels/adam8bit.py)
-            _add(tmp, "adam8bit_chunk_scratch",
-                 ADAM8BIT_SCRATCH_PER_ELEMENT * min(st.largest_tensor, ADAM8BIT_CHUNK) + ADAM8BIT_SCRATCH_FIXED)
+            parts.append(("adam8bit_chunk_scratch",
+                          ADAM8BIT_SCRATCH_PER_ELEMENT * min(st.largest_tensor, ADAM8BIT_CHUNK) + ADAM8BIT_SCRATCH_FIXED))
         elif train.optimizer_impl == "foreach":
-            _add(tmp, "optimizer_foreach_scratch", st.n_state * trecipe.state_bytes)
+            parts.append(("optimizer_foreach_scratch", st.n_state * trecipe.state_bytes))
         elif train.optimizer_impl == "for-loop":
-            _add(tmp, "optimizer_tensor_scratch", 2 * st.largest_tensor * trecipe.state_bytes)
+            parts.append(("optimizer_tensor_scratch", 2 * st.largest_tensor * trecipe.state_bytes))
         if trecipe.has_master and trecipe.grad_bytes < 4 and not engine.fp32_main_grads_in_optimizer:
-            _add(tmp, "fp32_grad_copy", st.n_state * 4)
-    return _Mem(st.params, st.grads_at_end, st.optimizer, 0, sum(tmp.values())), tmp
+            parts.append(("fp32_grad_copy", st.n_state * 4))
+    return _largest([(_Mem(st.params, st.grads_at_end, st.optimizer, 0, _sum(tuple(parts))), tuple(parts))])
 
 
 def _allocator_cache(model: ModelSpec, train: TrainConfig, overheads: Overheads, st: _States, acts: _Activations,

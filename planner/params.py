@@ -414,11 +414,15 @@ def active_params(spec: ModelSpec) -> int:
     whole, as Mistral and Qwen count their "activated" parameters (DeepSeek's and OpenAI's
     figures leave the embedding out: presets' ``published_active_params.embedding``). A dense
     model's are all its parameters."""
-    total = 0
-    for unit in model_units(spec):
-        for t in unit.tensors:
-            total += t.numel // spec.num_experts * spec.experts_per_token if t.role == "expert" else t.numel
-    return total
+    return sum(numel_per_token(t, spec) for unit in model_units(spec) for t in unit.tensors)
+
+
+def numel_per_token(tensor: ParamTensor, spec: ModelSpec) -> int:
+    """Elements of ``tensor`` one token uses: of a routed expert tensor (the experts are equal in
+    size) ``experts_per_token`` of ``num_experts``, of any other tensor all."""
+    if tensor.role == "expert":
+        return tensor.numel // spec.num_experts * spec.experts_per_token
+    return tensor.numel
 
 
 def named_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

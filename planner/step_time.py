@@ -468,15 +468,17 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     sizes, kinds = sp.unit_sizes, sp.unit_kinds
     # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
     gathered = gathered or tuple(n * recipe.gather_bytes for n in sizes)
-    gather_of = {n: comm.all_gather_s(n, dp, link) for n in set(gathered)}
+    # seconds of each distinct unit's all-gather and reduce-scatter this micro-batch runs (0: none)
+    gather_of = {n: comm.all_gather_s(n, dp, link) if gathers else 0.0 for n in set(gathered)}
     # HSDP: each reduce-scattered shard is all-reduced across its replicas right after, on the
     # same stream (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce:
     # all_reduce over the replicate group)
     scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) + (comm.all_reduce_s(
-        n * recipe.reduce_bytes / dp, train.dp_replicate, replicate) if replicate else 0.0) for n in set(sizes)}
+        n * recipe.reduce_bytes / dp, train.dp_replicate, replicate) if replicate else 0.0) if scatters else 0.0
+        for n in set(sizes)}
     work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
-    gather = [gather_of[n] if gathers else 0.0 for n in gathered]
-    scatter = [scatter_of[n] if scatters else 0.0 for n in sizes]
+    gather = [gather_of[n] for n in gathered]
+    scatter = [scatter_of[n] for n in sizes]
     forward = {kind: w.forward / flops_rate for kind, w in work.items()}
     backward = {kind: (w.backward + w.recompute) / flops_rate for kind, w in work.items()}
     # identical units repeat: each distinct (communication, compute window) pair is costed once,
@@ -484,15 +486,15 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     forward_steps, backward_steps = _unit_transitions(gathered, sizes, kinds)
     pairs: Counter = Counter()
     for (n, kind), count in forward_steps:
-        pairs[(gather_of[n] if gathers else 0.0, forward[kind])] += count
+        pairs[(gather_of[n], forward[kind])] += count
     exposed = gather[0] + sum(n * _exposed(c, w, contention) for (c, w), n in pairs.items())
     last = len(sizes) - 1
     if zero3:
         exposed += gather[last]
     windows: Counter = Counter()
     for (before, after, kind), count in backward_steps:  # backward runs the units in reverse
-        hidden = ((gather_of[before] if gathers else 0.0) if zero3 and before is not None else 0.0) + (
-            (scatter_of[after] if scatters else 0.0) if after is not None else 0.0)
+        hidden = (gather_of[before] if zero3 and before is not None else 0.0) + (
+            scatter_of[after] if after is not None else 0.0)
         windows[(hidden, backward[kind])] += count
     exposed += sum(n * _exposed(hidden, w, contention) for (hidden, w), n in windows.items())
     exposed += scatter[0]

@@ -121,7 +121,8 @@ class _Stacked(nn.Module):
         self.weight = nn.Parameter(torch.empty(experts, out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(experts, out_features, device=device, dtype=dtype)) if bias else None
 
-    def apply(self, expert: int, x: torch.Tensor) -> torch.Tensor:  # noqa: A003 -- expert i's linear
+    def linear(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``expert``'s linear (not ``apply``: that is nn.Module's recursive one)."""
         return F.linear(x, self.weight[expert], None if self.bias is None else self.bias[expert])
 
 
@@ -160,7 +161,7 @@ class MoE(nn.Module):
         outputs = []
         for expert, group in enumerate(tokens[token_of].split(counts)):
             if counts[expert]:
-                outputs.append(down.apply(expert, act(gate.apply(expert, group)) * up.apply(expert, group)))
+                outputs.append(down.linear(expert, act(gate.linear(expert, group)) * up.linear(expert, group)))
         routed = torch.cat(outputs) * weights.flatten()[order, None]
         out = torch.zeros_like(tokens).index_add(0, token_of, routed)
         if self.shared is not None:
