@@ -63,6 +63,7 @@ class ActivationInputs:
     train_embeddings: bool
     lora_dtype: str
     cp: int  # context parallel: seq_len is the rank's share; RoPE rows are gathered per forward
+    ep: int  # expert parallel: which ranks an MoE layer's tokens and experts are split over
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
@@ -103,6 +104,10 @@ class _Dims:
     compiled: bool  # torch.compile'd blocks (TrainConfig.compile)
     frozen_norms: bool  # a LoRA fine-tune: the norms' weights get no gradient
     te: str  # Transformer Engine's FP8 recipe (planner/te_fp8.py): its linears keep FP8 inputs
+    moe_tokens: int  # tokens an MoE layer routes on this rank (with ep and tp: tp splits them)
+    expert_ffn: int  # each routed expert's FFN on this rank (tp splits it without ep)
+    shared_ffn: int  # the shared experts' FFN on this rank
+    expert_parallel: bool  # ep > 1: rows travel to their experts' ranks (all-to-all) and back
 
 
 @lru_cache(maxsize=4096)
@@ -136,6 +141,14 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         compiled=train.compile,
         frozen_norms=train.finetune != "full",
         te=te_fp8.te_recipe(train.precision),
+        # torchtitan 0.3.0 models/common/moe.py: without expert parallelism every tensor-parallel
+        # rank routes all tokens through its slice of each expert's FFN; with it the
+        # tensor-parallel ranks split the tokens and run whole experts
+        moe_tokens=train.micro_batch * getattr(train, "local_seq_len", train.seq_len) // (
+            tp if train.ep > 1 else 1),
+        expert_ffn=model.moe_ffn_hidden_size // (1 if train.ep > 1 else tp),
+        shared_ffn=model.shared_expert_ffn_hidden_size // tp,
+        expert_parallel=train.ep > 1,
     )
 
 
@@ -266,6 +279,73 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
         terms["mlp_down_input"] = int(te_fp8.saved_input_bytes(x.te) * tokens * x.ffn)
     if x.dropout:
         terms["mlp_dropout_mask"] = tokens * x.h // x.seq_div
+    return terms
+
+
+def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
+    """What the reference model's MoE block (strategies/model.py ``MoE``) saves for its backward,
+    on one rank and micro-batch, tensor by tensor (torch 2.13's derivatives: linear and
+    grouped_mm keep their inputs, softmax and sigmoid their outputs, topk its indices, a
+    division and a product both operands, an index its indices):
+
+    - the router: the MLP norm's output (the router's, the experts' gather's and the shared
+      experts' input: one tensor), the fp32 softmax probabilities [T, E], the top-k indices
+      [T, K] (int64), the top-k weights [T, K] and their sums [T, 1] (fp32, renormalised);
+    - the dispatch: the sort order and each routed row's token [N] (int64, N = T x K), the rows
+      gathered per expert [N, h], the groups' offsets [E] (int32); with expert parallelism the
+      rows each rank receives [R, h] and their permutations to expert order and back [R] (int64);
+    - each expert's gated MLP as grouped GEMMs over its rows (``torch.nn.functional.grouped_mm``,
+      as torchtitan's GroupedExperts): gate and up outputs, the activation's output and the
+      product -- four [R, f] tensors;
+    - the combine: the experts' output [N, h] and the routing weights in sorted order [N],
+      multiplied; the weighted rows [N, h], which the sum back per token (``index_add``) keeps
+      besides its indices (its derivative formula names the source for its shape, and autograd's
+      codegen saves a tensor a formula names);
+    - the shared experts as a dense MLP of their width, and Qwen2-MoE's gate on them (its
+      sigmoid [T, 1] and the shared output [T, h], multiplied).
+
+    Routing is dropless: the rows are N = T x K on every rank without expert parallelism; with
+    it a rank receives the rows its experts were chosen for, N on average under balanced
+    routing -- more on a rank whose experts are picked more often (the report's notes say so)."""
+    t, k, e = x.moe_tokens, model.experts_per_token, model.num_experts
+    n = t * k
+    # without expert parallelism the MoE input is the MLP's gathered input (sequence parallel);
+    # with it each tensor-parallel rank routes its own share of the tokens
+    split = x.expert_parallel
+    terms = _norm_terms(model, x, "mlp") | {
+        "moe_input": x.ab * t * x.h if split else x.ab * t * x.h // x.linear_input_div,
+        "moe_router_probs": FP32 * t * e,
+        "moe_topk_indices": INDEX_BYTES * t * k,
+        "moe_topk_weights": FP32 * t * k,
+        "moe_topk_weight_sums": FP32 * t,
+        "moe_sort_order": INDEX_BYTES * n,
+        "moe_token_index": INDEX_BYTES * n,
+        "moe_group_offsets": 4 * e,
+        "moe_expert_input": x.ab * n * x.h,
+        "moe_gate_out": x.ab * n * x.expert_ffn,
+        "moe_act_out": x.ab * n * x.expert_ffn,
+        "moe_up_out": x.ab * n * x.expert_ffn,
+        "moe_down_input": x.ab * n * x.expert_ffn,
+        "moe_expert_output": x.ab * n * x.h,
+        "moe_weights_sorted": x.ab * n,
+        "moe_weighted_rows": x.ab * n * x.h,
+    }
+    if split:  # expert parallelism: the received rows' permutation to expert order and back
+        terms["moe_received_permutation"] = INDEX_BYTES * n
+        terms["moe_received_inverse"] = INDEX_BYTES * n
+    if model.linear_bias:  # each row's expert biases, gathered by its expert's index
+        terms["moe_bias_index"] = INDEX_BYTES * n
+    if model.shared_expert_ffn_hidden_size:
+        shared = x.ab * x.s * x.b * x.shared_ffn
+        terms |= {"moe_shared_gate_out": shared, "moe_shared_up_out": shared, "moe_shared_down_input": shared}
+        if not x.impl.fused_glu:
+            terms["moe_shared_act_out"] = shared
+        if split and x.moe_tokens != x.s * x.b:  # shared experts see the gathered sequence (torchtitan moe_sharding.py)
+            terms["moe_shared_input"] = x.ab * x.s * x.b * x.h // x.linear_input_div
+        if model.shared_expert_gate:
+            terms |= {"moe_shared_gate_sigmoid": x.ab * x.s * x.b, "moe_shared_output": x.ab * x.s * x.b * x.h}
+    if x.dropout:
+        terms["mlp_dropout_mask"] = x.s * x.b * x.h // x.seq_div
     return terms
 
 
@@ -431,7 +511,7 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
     for sublayer in layer_kind(model, kind).attentions:
         terms |= _attention_terms(model, x, sublayer, selective)
         dropped += _core_attention_keys(sublayer)
-    terms |= _mlp_terms(model, x)
+    terms |= _moe_terms(model, x) if layer_kind(model, kind).experts else _mlp_terms(model, x)
     if selective:
         terms = {k: v for k, v in terms.items() if k not in dropped}
         if x.compiled and x.flash and model.position_embedding == "rope":

@@ -152,13 +152,14 @@ LAYOUT_RULES: tuple[Rule, ...] = (
 
 # ---------------------------------------------------------------- plan: the model alone
 
-# planner/params.py reads the experts (router, routed and shared experts, dense layers between)
-# and counts total and active parameters; per-rank expert sharding, the router's and the
-# dispatch's activations, expert parallelism and the all-to-all are not modelled yet: planned
-# as a dense model an MoE's memory and time would be confidently wrong
-_MOE_RULE = Rule(lambda m: m.num_experts > 0,
-                 "{model.name} is a mixture of experts ({model.num_experts} experts, {model.experts_per_token} per "
-                 "token): trainplan reads its parameters (`trainplan presets`) but does not plan its memory or time yet")
+# Mixtures of experts are planned for training as the reference model's MoE block runs them
+# (strategies/model.py MoE; planner/activations.py _moe_terms), sharded and exchanged as
+# torchtitan 0.3.0 does (planner/params.py expert_local_shape); what else would change what an
+# MoE layer saves or how its experts shard is refused below (MOE_RULES). Serving them is not
+# modelled yet: which experts a decode step reads, expert offload.
+_MOE_INFERENCE_RULE = Rule(lambda m: m.num_experts > 0,
+                           "{model.name} is a mixture of experts ({model.num_experts} experts, {model.experts_per_token} "
+                           "per token): trainplan plans training it, not serving it yet")
 # DeepSeek's latent attention saves and caches other tensors than q, k, v per head
 _MLA_RULE = Rule(lambda m: m.kv_lora_rank > 0,
                  "{model.name} uses multi-head latent attention (kv_lora_rank {model.kv_lora_rank}): its activations "
@@ -166,13 +167,47 @@ _MLA_RULE = Rule(lambda m: m.kv_lora_rank > 0,
 # gpt-oss's sinks add a column to every softmax: FlashAttention kernels without sink support fall back
 _SINKS_RULE = Rule(lambda m: m.attention_sinks,
                    "{model.name} has attention sinks: its attention kernels and what they save are not modelled yet")
-ARCHITECTURE_RULES: tuple[Rule, ...] = (_MOE_RULE, _MLA_RULE, _SINKS_RULE)
+ARCHITECTURE_RULES: tuple[Rule, ...] = (_MLA_RULE, _SINKS_RULE)
 """Architectures whose parameters are read but whose memory and time are not planned."""
 
 
 def architecture_refusal(model) -> str | None:
     """Why neither ``plan`` nor ``run`` models this model at all, or None."""
     return _first(ARCHITECTURE_RULES, model, None, model)
+
+
+def inference_architecture_refusal(model) -> str | None:
+    """Why ``plan --mode inference`` does not model this model, or None."""
+    return architecture_refusal(model) or _first((_MOE_INFERENCE_RULE,), model, None, model)
+
+
+_MOE_PLANNED = "an MoE layer is planned as the reference model's MoE block runs it (--impl trainplan, --engine pytorch)"
+MOE_RULES: tuple[Rule, ...] = (
+    # what each implementation's MoE saves differs (torchtitan's dispatcher, transformers' expert
+    # loop or grouped_mm, Megatron's token dispatcher: docs/moe-sources.md); only the reference
+    # block's is itemised
+    Rule(lambda m, t: t.impl != "trainplan",
+         "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --impl {train.impl}'s MoE layer is not "
+         "modelled yet"),
+    Rule(lambda m, t: t.engine != "pytorch",
+         "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --engine {train.engine}'s expert sharding and "
+         "token dispatcher are not modelled yet"),
+    # torchtitan's op-level policy keeps topk and all-to-all outputs and recomputes the grouped
+    # GEMMs (torchtitan/distributed/activation_checkpoint.py): not itemised for the MoE block
+    Rule(lambda m, t: t.activation_checkpointing == "op",
+         "op-level checkpointing of an MoE layer (torchtitan's SAC keeps topk and all-to-all outputs) is not "
+         "modelled; use --ac none, selective, full or layer:N"),
+    # the partitioner's choices inside the MoE block (data-dependent splits) are not traced
+    Rule(lambda m, t: t.compile, "torch.compile of an MoE layer (data-dependent expert groups) is not modelled"),
+    # torchao's MoE converters pad each expert's rows (pad_multiple 16/32) and swap the dispatcher
+    Rule(lambda m, t: _torchao_float8(t) or _te_fp8(t) or t.precision == "mxfp8",
+         "{train.precision} on an MoE (padded grouped GEMMs, torchao's MoE converters) is not modelled; use a 16-bit "
+         "recipe"),
+    # peft adapts nn.Linear modules; stacked experts are parameters, not Linears
+    Rule(lambda m, t: _lora(t), "LoRA on a mixture of experts (adapters on stacked experts) is not modelled yet"),
+    Rule(lambda m, t: t.teacher != "", "distillation with an MoE student is not modelled"),
+)
+"""What ``plan`` does not model of a mixture of experts' training (``check_layout``)."""
 
 
 # ---------------------------------------------------------------- plan: the model and the layout
@@ -303,6 +338,10 @@ RUN_RULES: tuple[Rule, ...] = (
     # pipeline schedule runs inside its step
     Rule(lambda m, t, on: t.pp > 1 and t.precision == "fp16-mixed",
          "fp16-mixed loss scaling is not supported with pipeline parallelism; use bf16-mixed"),
+    # strategies/tensor_parallel.py has no plan for the MoE block (torchtitan's: experts split on
+    # their FFN without EP, tokens split over tp with it)
+    Rule(lambda m, t, on: m.is_moe and t.tp > 1,
+         "tensor parallelism of an MoE layer is planned by `plan`; the reference model's MoE block runs with --tp 1"),
     Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard / --dp-replicate) is planned by `plan`; "
          "the strategy layer does not build HSDP's 2-D mesh yet"),
 )
@@ -316,7 +355,8 @@ def layout_refusal(train) -> str | None:
 
 def model_refusal(model, train) -> str | None:
     """Why ``plan`` does not model this layout of this model (the layout alone aside), or None."""
-    return architecture_refusal(model) or _first(MODEL_RULES, model, train, model, train)
+    return (architecture_refusal(model) or _first(MODEL_RULES, model, train, model, train)
+            or (_first(MOE_RULES, model, train, model, train) if model.is_moe else None))
 
 
 def plan_refusal(model, train) -> str | None:

@@ -279,6 +279,12 @@ class TrainConfig(_Frozen):
     dp_replicate: int = Field(default=0, ge=0, le=MAX_GPUS, description="hybrid sharding (HSDP): replicas of each "
                               "shard group (torchtitan's data_parallel_replicate_degree); dp = dp_replicate x dp_shard. "
                               "0: derived from --dp-shard, or no hybrid sharding")
+    ep: int = Field(default=1, gt=0, le=MAX_GPUS, description="expert parallel: each MoE layer's routed experts "
+                    "split over ep ranks, which it borrows from the FSDP shard group x cp x tp (torchtitan's "
+                    "expert_parallel_degree); the experts' FSDP group is the rest (efsdp = dp_shard x cp x tp / ep)")
+    etp: int = Field(default=0, ge=0, le=MAX_GPUS, description="expert tensor parallel: ranks splitting each routed "
+                     "expert's FFN (Megatron's --expert-tensor-parallel-size). torchtitan 0.3.0 fixes it: tp without "
+                     "expert parallelism, 1 with it; 0 means that value")
     sequence_parallel: bool = False
     zero_stage: int = Field(default=0, ge=0, le=3)
     offload: Offload = "none"
@@ -360,6 +366,9 @@ class TrainConfig(_Frozen):
                     raise LayoutError(f"--dp-replicate {replicate} does not divide dp = {dp}: the shard groups must "
                                       f"be equal (dp = dp_replicate x dp_shard)")
                 data["dp_shard"] = dp // replicate
+        ep, etp = data.get("ep", 1), data.get("etp", 0)
+        if not etp and isinstance(ep, int) and isinstance(tp, int):  # torchtitan 0.3.0's only choice
+            data["etp"] = tp if ep == 1 else 1
         gb, ga = data.get("global_batch", 0), data.get("grad_accum", 0)
         if isinstance(dp, int) and isinstance(mb, int) and dp > 0 and mb > 0:
             if not gb and isinstance(ga, int):
@@ -429,6 +438,7 @@ class TrainConfig(_Frozen):
             # each rank holds chunks r and 2cp - 1 - r of the sequence
             raise LayoutError(f"context parallelism with load balancing splits each sequence into 2 x cp = "
                               f"{2 * self.cp} chunks: --seq-len {self.seq_len} is not a multiple of {2 * self.cp}")
+        self._check_expert_parallel()
         self._check_finetune()
         if reason := layout_refusal(self):  # what the planner does not model (planner/capabilities.py)
             raise LayoutError(reason)
@@ -442,6 +452,38 @@ class TrainConfig(_Frozen):
         hybrid sharding the shard group only (dp_shard x cp)."""
         return (self.dp_shard or self.dp) * self.cp
 
+
+    @property
+    def expert_shard_world(self) -> int:
+        """Ranks that shard a routed expert's parameters and reduce its gradients: with expert
+        parallelism FSDP over ``efsdp`` = dp_shard x cp x tp / ep (torchtitan
+        ``ParallelDims``: ``efsdp = fsdp * tp // ep``); without it the dense shard group."""
+        if self.ep == 1:
+            return self.shard_world
+        return self.shard_world * self.tp // self.ep
+
+    def _check_expert_parallel(self) -> None:
+        if self.ep == 1:
+            if self.etp != self.tp:
+                raise LayoutError(f"--etp {self.etp} with tp {self.tp} and no expert parallelism: torchtitan splits "
+                                  f"each expert's FFN over the tensor-parallel group (etp = tp); a separate expert "
+                                  f"tensor-parallel size (Megatron's) is not modelled")
+            return
+        if self.etp != 1:
+            raise LayoutError(f"--etp {self.etp} with --ep {self.ep}: with expert parallelism torchtitan runs every "
+                              f"expert whole on its rank (etp 1); expert tensor parallelism beside it (Megatron's "
+                              f"ETP x EP) is not modelled")
+        if self.engine != "pytorch":
+            raise LayoutError(f"--ep {self.ep} is modelled as torchtitan runs it (--engine pytorch); "
+                              f"{self.engine}'s expert parallelism is not modelled")
+        if self.zero_stage == 1:
+            raise LayoutError("expert parallelism with ZeRO-1 is not modelled: use FSDP (zero2, zero3) or ddp")
+        borrowable = (self.dp_shard or self.dp if self.zero_stage >= 2 else 1) * self.cp * self.tp
+        if borrowable % self.ep:
+            over = "dp_shard x cp x tp" if self.zero_stage >= 2 else "cp x tp (DDP's replicas are not among them)"
+            raise LayoutError(f"--ep {self.ep} does not divide {over} = {borrowable}: expert parallelism borrows its "
+                              f"ranks from FSDP's shard group, context and tensor parallelism (torchtitan "
+                              f"ParallelDims: efsdp = dp_shard x cp x tp / ep)")
 
     @property
     def local_seq_len(self) -> int:
@@ -510,6 +552,7 @@ def check_layout(model: ModelSpec, train: TrainConfig) -> None:
                 f"tp={tp} does not divide the {value} {what} of {model.name}; "
                 f"use a tp among {', '.join(map(str, divisors[-6:]))}"
             )
+    _check_experts(model, train)
     layers = model.total_layers
     if train.pp > layers:
         raise LayoutError(f"pp={train.pp} is more pipeline stages than the {layers} layers of {model.name}")
@@ -530,3 +573,29 @@ def check_layout(model: ModelSpec, train: TrainConfig) -> None:
         )
     if reason := model_refusal(model, train):  # what the planner does not model (planner/capabilities.py)
         raise LayoutError(reason)
+
+
+def _check_experts(model: ModelSpec, train: TrainConfig) -> None:
+    """Expert parallelism against the model: it needs experts, and splits them evenly
+    (torchtitan's dispatchers take ``num_experts // ep`` local experts); without it tensor
+    parallelism splits each expert's FFN, and the shared experts' always."""
+    if not model.is_moe:
+        if train.ep > 1:
+            raise LayoutError(f"--ep {train.ep}: {model.name} has no experts to split (expert parallelism needs a "
+                              f"mixture of experts)")
+        return
+    if model.num_experts % train.ep:
+        raise LayoutError(f"--ep {train.ep} does not divide the {model.num_experts} experts of {model.name}; use an "
+                          f"ep among {', '.join(str(d) for d in _divisors(model.num_experts) if d <= train.gpus)}")
+    for what, value, applies in (("expert FFN size", model.moe_ffn_hidden_size, train.ep == 1),
+                                 ("shared-expert FFN size", model.shared_expert_ffn_hidden_size, True)):
+        if applies and value % train.tp:
+            raise LayoutError(f"tp={train.tp} does not divide the {value} {what} of {model.name}")
+    if train.ep > 1 and train.tp > 1 and train.local_seq_len % train.tp:
+        # inside the MoE the tensor-parallel ranks split the tokens (torchtitan models/common/moe.py)
+        raise LayoutError(f"expert parallelism with tp={train.tp} splits each sequence's tokens over the "
+                          f"tensor-parallel ranks: seq len {train.seq_len} must be divisible by cp x tp")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -37,7 +37,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, Field, model_validator
 
 from planner.calibration import Calibration, Overheads
-from planner.capabilities import architecture_refusal
+from planner.capabilities import inference_architecture_refusal
 from planner.configs import MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN, GPUSpec, ModelSpec, _Frozen
 from planner.errors import ConfigError, LayoutError
 from planner.finetune import quantised_bytes
@@ -121,7 +121,7 @@ def compute_dtype_name(cfg: InferenceConfig, gpu: GPUSpec | None = None) -> str:
 
 
 def check_inference(model: ModelSpec, cfg: InferenceConfig) -> None:
-    if reason := architecture_refusal(model):  # experts, latent attention, sinks (planner/capabilities.py)
+    if reason := inference_architecture_refusal(model):  # experts, latent attention, sinks (planner/capabilities.py)
         raise LayoutError(reason)
     for what, value in (("attention heads", model.num_heads), ("key/value heads", model.num_kv_heads),
                         ("FFN hidden size", model.ffn_hidden_size)):

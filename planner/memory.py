@@ -52,7 +52,7 @@ from planner.params import (
     embed_tensors,
     greedy_partition_max,
     layer_stack,
-    local_tensor_shapes,
+    expert_local_shape,
     pipeline_stages,
     Unit,
     representative_stages,
@@ -263,19 +263,29 @@ class _StageParams:
 
 @lru_cache(maxsize=16384)
 def _stage_params(model: ModelSpec, pp: int, chunks: int, tp: int, dp: int, zero_stage: int, engine_name: str,
-                  stage_index: int) -> _StageParams:
+                  stage_index: int, ep: int = 1, edp: int = 0) -> _StageParams:
     stage = pipeline_stages(model, pp, chunks)[stage_index]
     return _units_params(model, stage.units, stage.layer_ids, stage.has_embedding, stage.has_head, stage.layers,
-                         tp, dp, zero_stage, engine_name)
+                         tp, dp, zero_stage, engine_name, ep, edp or dp)
+
+
+def stage_params(model: ModelSpec, train: TrainConfig, stage_index: int) -> _StageParams:
+    """The parameters of pipeline stage ``stage_index`` on its most loaded rank."""
+    return _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine,
+                         stage_index, train.ep, train.expert_shard_world)
 
 
 def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[int, ...], has_embedding: bool,
                   has_head: bool, layers: tuple[int, int], tp: int, dp: int, zero_stage: int,
-                  engine_name: str) -> _StageParams:
+                  engine_name: str, ep: int = 1, edp: int = 0) -> _StageParams:
+    """``dp`` ranks shard the dense tensors (dim 0), ``edp`` the routed experts' (torchtitan's
+    efsdp; dim 1 when efsdp x ep exceeds the experts): ``planner/params.py expert_local_shape``."""
     engine = ENGINES[engine_name]
+    edp = edp or dp
     # Layers repeat: each distinct unit (by its tensors' shapes) is measured once, each distinct
     # tensor shape counted with its multiplicity (a 10,000-layer model has a few dozen shapes).
-    per_unit: dict[tuple, tuple[int, int, tuple]] = {}  # signature -> (elements, matmul elements, shapes)
+    # A tensor is (local shape, shard group, shard dim): the shape on this rank before FSDP/ZeRO.
+    per_unit: dict[tuple, tuple[int, int, tuple]] = {}  # signature -> (elements, matmul elements, tensors)
     unit_sizes, matmul = [], 0
     by_object: dict[int, tuple] = {}  # repeated layers are one Unit object (planner.params.model_units)
     for u in units:
@@ -284,27 +294,27 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
     signatures = [by_object[id(u)] for u in units]
     for u, signature in zip(units, signatures):
         if signature not in per_unit:
-            local_shapes = tuple(local_tensor_shapes((u,), tp, engine.vocab_multiple))
-            matmuls = sum(prod(t.local_shape(tp, engine.vocab_multiple if t.vocab_parallel else 1))
-                          for t in u.tensors if t.is_matmul_weight)
-            per_unit[signature] = (sum(prod(s) for s in local_shapes), matmuls, local_shapes)
+            local = tuple(_local_tensor(model, t, tp, dp, ep, edp, engine.vocab_multiple) for t in u.tensors)
+            matmuls = sum(prod(shape) for t, (shape, _, _) in zip(u.tensors, local) if t.is_matmul_weight)
+            per_unit[signature] = (sum(prod(shape) for shape, _, _ in local), matmuls, local)
         size, matmuls, _ = per_unit[signature]
         unit_sizes.append(size)
         matmul += matmuls
     counts: Counter = Counter()
     for signature, n in Counter(signatures).items():
-        for shape in per_unit[signature][2]:
-            counts[shape] += n
+        for tensor in per_unit[signature][2]:
+            counts[tensor] += n
     if not counts:
-        counts[(0,)] = 1
-    local = sum(n * prod(s) for s, n in counts.items())
+        counts[((0,), dp, 0)] = 1
+    local = sum(n * prod(shape) for (shape, _, _), n in counts.items())
 
-    def shard(shape: tuple[int, ...]) -> int:
-        return ceil(shape[0] / dp) * prod(shape[1:])
+    def shard(tensor: tuple[tuple[int, ...], int, int]) -> int:
+        shape, world, dim = tensor
+        return ceil(shape[dim] / world) * prod(shape) // shape[dim] if shape[dim] else 0
 
-    sharded = -(-local // dp) if engine.sharding == "flat" else sum(n * shard(s) for s, n in counts.items())
+    sharded = -(-local // dp) if engine.sharding == "flat" else sum(n * shard(t) for t, n in counts.items())
     if zero_stage == 1 and engine.zero1_partition == "greedy-tensors":
-        optimizer_share = greedy_partition_max(list(counts.elements()), dp)
+        optimizer_share = greedy_partition_max([shape for shape, _, _ in counts.elements()], dp)
     else:
         optimizer_share = sharded
     if model.tied_embeddings and has_head:  # the logits multiply by the embedding
@@ -318,15 +328,15 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         local=local,
         sharded=sharded,
         optimizer_share=optimizer_share,
-        largest_tensor=max(prod(s) for s in counts),
-        largest_tensor_sharded=max(shard(s) for s in counts),
+        largest_tensor=max(prod(shape) for shape, _, _ in counts),
+        largest_tensor_sharded=max(shard(t) for t in counts),
         largest_unit=max(unit_sizes),
         last_two_units=sum(unit_sizes[-2:]),
         unit_sizes=tuple(unit_sizes),
         unit_kinds=tuple(kinds),
         layer_ids=layer_ids,
-        blocks_local=sum(n * -(-prod(s) // ADAM8BIT_BLOCK) for s, n in counts.items()),
-        blocks_sharded=sum(n * -(-shard(s) // ADAM8BIT_BLOCK) for s, n in counts.items()),
+        blocks_local=sum(n * -(-prod(shape) // ADAM8BIT_BLOCK) for (shape, _, _), n in counts.items()),
+        blocks_sharded=sum(n * -(-shard(t) // ADAM8BIT_BLOCK) for t, n in counts.items()),
         first_unit=unit_sizes[0],
         last_unit=unit_sizes[-1],
         last_to_differentiate=pending,
@@ -337,6 +347,15 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         first_layer=layers[0],
         last_layer=layers[1],
     )
+
+
+def _local_tensor(model: ModelSpec, tensor, tp: int, dp: int, ep: int, edp: int,
+                  vocab_multiple: int) -> tuple[tuple[int, ...], int, int]:
+    """(shape on this rank before FSDP/ZeRO, the group that shards it, the dimension it shards)."""
+    if tensor.role == "expert":
+        shape = expert_local_shape(tensor, model.num_experts, tp, ep, 1)
+        return shape, edp, 1 if edp * ep > model.num_experts else 0
+    return tensor.local_shape(tp, vocab_multiple if tensor.vocab_parallel else 1), dp, 0
 
 
 @dataclass(frozen=True)
@@ -1073,8 +1092,7 @@ def _stage_core(model: ModelSpec, train: TrainConfig, overheads: Overheads, stag
                 sums: _ActSums | None = None) -> _StageResult:
     """The memory of pipeline stage ``stage_index``'s most loaded rank in each phase of a step
     (``sums``: the layout's ``_act_sums``, where the caller has them)."""
-    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine,
-                       stage_index)
+    sp = stage_params(model, train, stage_index)
     sums = sums or _act_sums(model, act.ActivationInputs.of(train))
     st = _model_states(model, train, sp)
     acts = _stage_activations(model, train, stage_index, st.sp, sums, st.teacher)

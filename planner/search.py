@@ -51,6 +51,7 @@ def strategy_label(train: TrainConfig) -> str:
 
 def layout_label(train: TrainConfig) -> str:
     text = f"dp{train.dp}·tp{train.tp}·pp{train.pp}" + (f"·cp{train.cp}" if train.cp > 1 else "")
+    text += f"·ep{train.ep}" if train.ep > 1 else ""
     if train.sequence_parallel:
         text += "+sp"
     if train.pp > 1:
@@ -84,6 +85,7 @@ class SearchSpace:
     activation_checkpointing: list[str] | None = None
     micro_batch: list[int] | None = None
     schedules: list[tuple[str, int]] | None = None  # (schedule, chunks)
+    ep: list[int] | None = None  # expert parallel (an MoE); None: every size that splits the experts evenly
     sequence_parallel: bool | None = None  # None: on whenever tp > 1
     global_batch: int | None = None  # None: see global_batch_for
     allow_cross_node_tp: bool = False
@@ -149,9 +151,24 @@ class SearchSpace:
             and (o == "none" or not self.finetuning)
         ]
 
-    def checkpointing_values(self) -> list[str]:
+    def ep_values(self, model: ModelSpec, dp: int, cp: int, tp: int, zero: int) -> list[int]:
+        """Expert-parallel sizes to try on an MoE: the given ones; else every divisor of the experts
+        that divides the ranks it can borrow (FSDP's shard group x cp x tp; DDP: cp x tp --
+        torchtitan's ParallelDims), ZeRO-1 without."""
+        if not model.is_moe:
+            return self.ep or [1]
+        if self.ep is not None:
+            return self.ep
+        if zero == 1 or self.fixed.get("engine", "pytorch") != "pytorch":
+            return [1]
+        borrowable = (dp if zero >= 2 else 1) * cp * tp
+        return [d for d in divisors(borrowable) if model.num_experts % d == 0]
+
+    def checkpointing_values(self, model: ModelSpec | None = None) -> list[str]:
         if self.activation_checkpointing is not None:
             return self.activation_checkpointing
+        if model is not None and model.is_moe:  # op-level checkpointing of an MoE is not modelled
+            return ["none", "full", "layer:2"]
         # With flash attention, Megatron's selective recompute keeps what no recompute keeps.
         # torchtitan's op-level policy and checkpointing every second layer sit between none
         # and full in memory and time; Megatron's engine ships neither.
@@ -204,14 +221,16 @@ def _enumerate_layout(model: ModelSpec, space: SearchSpace, engine: str, tp: int
     global_batch = space.global_batch_for(dp)
     per_replica = global_batch // dp if global_batch % dp == 0 else 0
     micro_batches = space.micro_batch_values(per_replica) if per_replica else (space.micro_batch or [1])
-    for zero, offload in space.strategy_values(dp * cp, engine):
-        for checkpointing in space.checkpointing_values():
+    strategies = [(zero, offload, ep) for zero, offload in space.strategy_values(dp * cp, engine)
+                  for ep in space.ep_values(model, dp, cp, tp, zero)]
+    for zero, offload, ep in strategies:
+        for checkpointing in space.checkpointing_values(model):
             for mb in micro_batches:
                 microbatches = per_replica // mb if per_replica and per_replica % mb == 0 else 0
                 for schedule, chunks in space.schedule_values(model, pp, microbatches):
                     try:
                         train = TrainConfig(
-                            gpus=space.gpus, tp=tp, pp=pp, cp=cp, zero_stage=zero, offload=offload,
+                            gpus=space.gpus, tp=tp, pp=pp, cp=cp, ep=ep, zero_stage=zero, offload=offload,
                             activation_checkpointing=checkpointing, micro_batch=mb,
                             global_batch=global_batch, schedule=schedule, chunks=chunks,
                             sequence_parallel=sequence_parallel and tp > 1, **space.fixed,

@@ -56,7 +56,7 @@ from planner.flops import (
     stage_flops,
     unit_flops,
 )
-from planner.memory import _finetune_params, _Frozen, _stage_params, _StageParams, _teacher
+from planner.memory import _finetune_params, _Frozen, _StageParams, stage_params, _teacher
 from planner.implementations import implementation
 from planner.params import layer_kind, layer_tensors, representative_stages
 from planner.precision import RECIPES, Recipe, optimizer_state_bytes
@@ -263,7 +263,7 @@ def _stage_compute(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _Ste
     and a quantised base change."""
     k, flops_rate = ctx.k, ctx.flops_rate
     f = stage_flops(model, train, i)
-    sp = _stage_params(model, train.pp, train.chunks, train.tp, train.shard_world, train.zero_stage, train.engine, i)
+    sp = stage_params(model, train, i)
     layers, kinds = sp.num_layers, sp.kind_counts
     # attention sub-layers (self, and cross in T5's decoder) of the stage's blocks
     attentions = sum(n * len(layer_kind(model, kind).attentions) for kind, n in kinds)

@@ -57,6 +57,63 @@ def to_components(snapshot: dict, device_type: str | None = None) -> dict[str, i
     return components
 
 
+class _ParamGroups:
+    """Every parameter group of one FSDP2 state as the one group FSDPMemTracker reads: torch
+    2.13's tracker asks ``FSDPState._fsdp_param_group``, which refuses a state with a
+    per-parameter mesh -- an MoE block whose routed experts shard over their own group
+    (strategies/expert_parallel.py, as torchtitan's apply_fsdp_to_decoder). The tracker reads
+    ``fsdp_params`` and wraps ``pre_backward`` / ``post_backward``: its wrapper is installed on
+    the first real group and calls every group's own method once; the others' calls are
+    absorbed."""
+
+    _HOOKS = ("pre_backward", "post_backward")
+
+    def __init__(self, groups):
+        self.__dict__["_groups"] = groups
+        self.__dict__["fsdp_params"] = [p for g in groups for p in g.fsdp_params]
+        self.__dict__["_all"] = {name: self._calls_all([getattr(g, name) for g in groups]) for name in self._HOOKS}
+        self.__dict__.update(self._all)
+
+    @staticmethod
+    def _calls_all(methods):
+        def call(*args, **kwargs):
+            for method in methods:
+                method(*args, **kwargs)
+        return call
+
+    def __setattr__(self, name, fn):
+        self.__dict__[name] = fn
+        if name not in self._HOOKS:
+            return
+        for i, group in enumerate(self._groups):
+            if fn is self._all[name]:  # the tracker restores: each group's own method again
+                group.__dict__.pop(name, None)
+            else:
+                setattr(group, name, fn if i == 0 else (lambda *a, **k: None))
+
+
+@contextmanager
+def _merged_param_groups():
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    original = FSDPState._fsdp_param_group
+    merged: dict[int, _ParamGroups] = {}
+
+    def group(state):
+        groups = state._fsdp_param_groups
+        if len(groups) <= 1:
+            return original.fget(state)
+        if id(state) not in merged:
+            merged[id(state)] = _ParamGroups(groups)
+        return merged[id(state)]
+
+    FSDPState._fsdp_param_group = property(group)
+    try:
+        yield
+    finally:
+        FSDPState._fsdp_param_group = original
+
+
 def _repeatable(tracker_class):
     """A tracker that accepts the root module running forward again in the same step (gradient
     accumulation, pipeline micro-batches): its per-module statistics restart, the per-tensor
@@ -191,11 +248,16 @@ class PhaseMemory(_PhaseRecorder):
         self._init_phases()
 
     def __enter__(self) -> PhaseMemory:
+        self._groups = _merged_param_groups()
+        self._groups.__enter__()
         self.tracker.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.tracker.__exit__(*exc)
+        try:
+            self.tracker.__exit__(*exc)
+        finally:
+            self._groups.__exit__(*exc)
 
     def _restart_peak(self) -> None:
         # MemTracker keeps one running peak; start it again from the current state.

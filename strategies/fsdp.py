@@ -14,9 +14,12 @@ from __future__ import annotations
 from strategies.model import Transformer
 
 
-def apply_fsdp(model: Transformer, mesh, cfg, mp_policy=None, offload_policy=None) -> Transformer:
-    """``mesh``: the data-parallel mesh (1-D, or the dp dimension of a dp x tp mesh)."""
+def apply_fsdp(model: Transformer, mesh, cfg, mp_policy=None, offload_policy=None, sparse=None) -> Transformer:
+    """``mesh``: the data-parallel mesh (1-D, or the dp dimension of a dp x tp mesh); ``sparse``:
+    expert parallelism's ``(pp, efsdp, ep)`` mesh (strategies/expert_parallel.py)."""
     from torch.distributed.fsdp import fully_shard
+
+    from strategies.expert_parallel import placement_fn
 
     kwargs = dict(mesh=mesh, reshard_after_forward=cfg.zero_stage >= 3)
     if mp_policy is not None:
@@ -32,8 +35,9 @@ def apply_fsdp(model: Transformer, mesh, cfg, mp_policy=None, offload_policy=Non
         tied = model.spec.tied_embeddings and model.has_head
         fully_shard(embedding if len(embedding) > 1 else embedding[0],
                     **(kwargs | {"reshard_after_forward": False} if tied else kwargs))
+    place = placement_fn(model, mesh, sparse, cfg)  # an MoE's routed experts shard on their own terms
     for block in model.layers.values():
-        fully_shard(block, **kwargs)
+        fully_shard(block, **(kwargs | {"shard_placement_fn": place} if place else kwargs))
     if model.has_head:
         fully_shard([model.final_norm, model.head] if model.head is not None else model.final_norm, **kwargs)
     fully_shard(model, **kwargs)

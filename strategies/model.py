@@ -121,31 +121,52 @@ class _Stacked(nn.Module):
         self.weight = nn.Parameter(torch.empty(experts, out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(experts, out_features, device=device, dtype=dtype)) if bias else None
 
-    def linear(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``expert``'s linear (not ``apply``: that is nn.Module's recursive one)."""
-        return F.linear(x, self.weight[expert], None if self.bias is None else self.bias[expert])
+    def grouped(self, rows: torch.Tensor, offsets: torch.Tensor, expert_of_row: torch.Tensor | None) -> torch.Tensor:
+        """Each expert's linear on its consecutive group of ``rows`` (groups end at ``offsets``):
+        one grouped GEMM, as torchtitan's GroupedExperts runs them (torch.nn.functional.grouped_mm)."""
+        weight = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight  # expert parallel
+        out = F.grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
+        if self.bias is None:
+            return out
+        bias = self.bias.to_local() if hasattr(self.bias, "to_local") else self.bias
+        return out + bias[expert_of_row]
 
 
 class MoE(nn.Module):
     """Token-choice top-k mixture of experts (Shazeer et al. 2017; Mixtral, Qwen-MoE, DeepSeekMoE
     as transformers builds them): an fp32 softmax router over the experts, each token's top
     ``experts_per_token`` weights renormalised to sum to one, tokens grouped by expert (a stable
-    sort, as torchtitan's dispatcher permutes them) and each expert's gated MLP run on its group,
-    the outputs weighted and added back per token; shared experts (and Qwen2-MoE's sigmoid gate
-    on them) run on every token. Parameter names and shapes are planner/params.py ``_moe``'s.
-    Planned memory and time of this block are not modelled yet (planner/capabilities.py)."""
+    sort, as torchtitan's dispatcher permutes them) and every expert's gated MLP run on its group
+    as grouped GEMMs, the outputs weighted and added back per token; shared experts (and
+    Qwen2-MoE's sigmoid gate on them) run on every token. Parameter names and shapes are
+    planner/params.py ``_moe``'s; what it saves is planner/activations.py ``_moe_terms``.
+
+    With expert parallelism (``parallelize``: ``ep_group`` set, the stacked experts holding this
+    rank's ``num_experts / ep`` of them) the grouped rows go to the rank owning their experts in
+    one ``all_to_all_single`` and come back in another (torchtitan's AllToAllTokenDispatcher)."""
 
     def __init__(self, spec: ModelSpec, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         h, e, f, bias = spec.hidden_size, spec.num_experts, spec.moe_ffn_hidden_size, spec.linear_bias
-        self.top_k, self.kind = spec.experts_per_token, spec.mlp
+        self.top_k, self.kind, self.num_experts = spec.experts_per_token, spec.mlp, e
         self.router = nn.Linear(h, e, bias=spec.router_bias, **kw)
         self.experts = nn.ModuleDict({"gate": _Stacked(e, f, h, bias, **kw), "up": _Stacked(e, f, h, bias, **kw),
                                       "down": _Stacked(e, h, f, bias, **kw)})
         self.shared = MLP(spec, device, dtype, spec.shared_expert_ffn_hidden_size) if (
             spec.shared_expert_ffn_hidden_size) else None
         self.shared_gate = nn.Linear(h, 1, bias=False, **kw) if spec.shared_expert_gate else None
+        self.ep_group = None  # expert parallelism: the process group the experts are split over
+
+    def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The local experts' gated MLPs on ``rows`` grouped by expert (``counts`` rows each)."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        expert_of_row = (torch.repeat_interleave(torch.arange(len(counts), device=rows.device), counts)
+                         if self.experts["gate"].bias is not None else None)
+        act = F.silu if self.kind == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+        gate, up, down = self.experts["gate"], self.experts["up"], self.experts["down"]
+        hidden = act(gate.grouped(rows, offsets, expert_of_row)) * up.grouped(rows, offsets, expert_of_row)
+        return down.grouped(hidden, offsets, expert_of_row)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -155,14 +176,15 @@ class MoE(nn.Module):
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(tokens.dtype)
         order = chosen.flatten().argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(chosen.flatten(), minlength=self.router.out_features).tolist()
-        act = F.silu if self.kind == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
-        gate, up, down = self.experts["gate"], self.experts["up"], self.experts["down"]
-        outputs = []
-        for expert, group in enumerate(tokens[token_of].split(counts)):
-            if counts[expert]:
-                outputs.append(down.linear(expert, act(gate.linear(expert, group)) * up.linear(expert, group)))
-        routed = torch.cat(outputs) * weights.flatten()[order, None]
+        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        rows = tokens[token_of]
+        if self.ep_group is None:
+            routed = self._experts(rows, counts)
+        else:
+            from strategies.expert_parallel import dispatch_and_combine
+
+            routed = dispatch_and_combine(rows, counts, self._experts, self.ep_group)
+        routed = routed * weights.flatten()[order, None]
         out = torch.zeros_like(tokens).index_add(0, token_of, routed)
         if self.shared is not None:
             shared = self.shared(tokens)

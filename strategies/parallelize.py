@@ -18,6 +18,7 @@ from strategies.checkpointing import (
     set_attention_kernel,
 )
 from strategies.ddp import apply_ddp
+from strategies.expert_parallel import apply_expert_parallel, expert_mesh
 from strategies.fsdp import apply_fsdp
 from strategies.kernels.optim import InBackwardOptimizer, MasterWeightOptimizer, make_optimizer
 from strategies.lora import apply_lora, quantize_base
@@ -77,6 +78,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
     shards = shard_mesh(mesh, cfg.cp)
     offload = apply_offload(model, shards, cfg, device.type)
 
+    sparse = expert_mesh(mesh, cfg, device.type) if cfg.ep > 1 else None
     pp_rank = mesh["pp"].get_local_rank()
     stages = stage_modules(model, pp_rank, cfg) if cfg.pp > 1 else [(0, model)]
     modules = []
@@ -88,13 +90,15 @@ def parallelize(model: Transformer, cfg: TrainConfig, world: int, rank: int, dev
         if finetune:
             apply_lora(module, cfg)
         apply_tensor_parallel(module, mesh["tp"], cfg)
+        if sparse is not None:
+            apply_expert_parallel(module, sparse)
         apply_context_parallel(module, mesh["cp"] if cfg.cp > 1 else None, cfg)
         apply_activation_checkpointing(module, mesh, cfg)
         if cfg.compile:
             for name, block in list(module.layers.items()):
                 module.layers[name] = torch.compile(block)
         if sharded:
-            apply_fsdp(module, shards, cfg, precision.mp_policy(), offload.fsdp_policy)
+            apply_fsdp(module, shards, cfg, precision.mp_policy(), offload.fsdp_policy, sparse)
         with fake:
             materialize(module, "cpu" if cfg.offload == "params" else device, seed, buffer_device=device)
             if finetune:

@@ -376,7 +376,8 @@ RUN_EXAMPLES = {
     17: ("a simulated rank of pipeline x tensor", TINY, dict(gpus=4, tp=2, pp=2, grad_accum=2), SIMULATED),
     18: ("1F1B needs at least pp = 2 micro-batches per step, got 1", TINY, dict(pp=2, schedule="1f1b"), CPU),
     19: ("fp16-mixed loss scaling", TINY, dict(pp=2, grad_accum=2, precision="fp16-mixed"), CPU),
-    20: ("HSDP's 2-D mesh", TINY, dict(gpus=4, zero_stage=3, dp_shard=2), CPU),
+    20: ("tensor parallelism of an MoE", load_model("tiny-moe"), dict(gpus=2, tp=2, zero_stage=3), CPU),
+    21: ("HSDP's 2-D mesh", TINY, dict(gpus=4, zero_stage=3, dp_shard=2), CPU),
 }
 
 
@@ -396,10 +397,9 @@ def test_every_rule_has_an_example(table, rules):
 
 
 ARCHITECTURE_EXAMPLES = {
-    0: ("mixture of experts", "tiny-moe"),
-    1: ("multi-head latent attention", dict(kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16,
+    0: ("multi-head latent attention", dict(kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16,
                                             num_kv_heads=8)),
-    2: ("attention sinks", dict(attention_sinks=True)),
+    1: ("attention sinks", dict(attention_sinks=True)),
 }
 
 
@@ -425,13 +425,23 @@ def test_architecture_rule_is_reachable(index):
         check_layout(model, train)
     with pytest.raises(LayoutError, match="^" + re.escape(expected) + "$"):
         check_inference(model, InferenceConfig())
-    if model.is_moe:  # the reference model builds experts (strategies/model.py MoE); nothing runs them yet
-        assert reference_model_refusal(model) is None
+    assert reference_model_refusal(model) == expected
+    with pytest.raises(ConfigError, match="^" + re.escape(expected) + "$"):
         Transformer(model, device="meta")
-    else:
-        assert reference_model_refusal(model) == expected
-        with pytest.raises(ConfigError, match="^" + re.escape(expected) + "$"):
-            Transformer(model)
+
+
+def test_an_moe_is_trained_but_not_served():
+    """A mixture of experts is planned and run for training (planner/capabilities.py MOE_RULES);
+    serving it is refused in one line."""
+    from planner.inference import InferenceConfig, check_inference
+    from strategies.model import Transformer
+
+    model = load_model("tiny-moe")
+    train = TrainConfig(gpus=1, seq_len=SEQ)
+    assert plan_refusal(model, train) is None and run_refusal(model, train) is None
+    Transformer(model, device="meta")
+    with pytest.raises(LayoutError, match="^tiny-moe is a mixture of experts .* not serving it yet$"):
+        check_inference(model, InferenceConfig())
 
 
 @pytest.mark.parametrize("index", range(len(LAYOUT_RULES)))

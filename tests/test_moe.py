@@ -147,22 +147,54 @@ def _cli(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.mark.parametrize("args", [
-    ["plan", "--model", "mixtral-8x7b", "--gpus", "8"],
-    ["plan", "--model", "deepseek-v3", "--gpus", "256", "--gpu", "h100"],
-    ["plan", "--model", "qwen3-30b-a3b", "--gpus", "8", "--tp", "1", "--pp", "1", "--strategy", "zero3",
-     "--micro-batch", "1"],
-    ["plan", "--model", "gpt-oss-20b", "--mode", "inference"],
-    ["plan", "--model", "tiny-moe", "--gpus", "2", "--json"],
-    ["run", "--model", "tiny-moe", "--gpus", "1", "--steps", "1"],
+@pytest.mark.parametrize("args, words", [
+    (["plan", "--model", "deepseek-v3", "--gpus", "256", "--gpu", "h100"], "latent attention"),
+    (["plan", "--model", "gpt-oss-20b", "--gpus", "8"], "attention sinks"),
+    (["plan", "--model", "qwen3-30b-a3b", "--mode", "inference"], "mixture of experts"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "torchtitan", "--json"], "--impl torchtitan's MoE"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--engine", "megatron"], "--engine megatron"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--ac", "op"], "op-level checkpointing of an MoE"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--finetune", "lora"], "LoRA on a mixture of experts"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--strategy", "zero3", "--precision", "fp8-tensorwise"],
+     "on an MoE"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--compile"], "torch.compile of an MoE"),
+    (["plan", "--model", "tiny-moe", "--gpus", "4", "--strategy", "zero3", "--ep", "3"], "--ep 3 does not divide"),
+    (["plan", "--model", "tiny-moe", "--gpus", "4", "--strategy", "ddp", "--tp", "1", "--pp", "1", "--ep", "2"],
+     "cp x tp"),
+    (["plan", "--model", "tiny-moe", "--gpus", "16", "--strategy", "zero3", "--ep", "16"],
+     "does not divide the 8 experts"),
+    (["plan", "--model", "tiny-llama", "--gpus", "2", "--strategy", "zero3", "--ep", "2"], "no experts"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--strategy", "zero3", "--ep", "2", "--etp", "2"],
+     "--etp 2 with --ep 2"),
+    (["run", "--model", "tiny-moe", "--gpus", "2", "--tp", "2", "--steps", "1"], "tensor parallelism of an MoE"),
 ])
-def test_nothing_moe_shaped_is_planned_as_dense(args):
-    """Never a confident wrong answer: every entry point refuses an MoE in one line, exit 2."""
+def test_what_is_not_modelled_of_an_moe_is_refused_in_one_line(args, words):
+    """Never a confident wrong answer: an MoE layout, implementation or use that is not modelled
+    is refused in one line naming it, exit 2 -- never planned as dense."""
     result = _cli(*args)
     assert result.exit_code == 2, result.output
     text = json.loads(result.stdout)["error"]["message"] if "--json" in args else result.output.strip()
-    assert "mixture of experts" in text and "Traceback" not in result.output
+    assert words in text and "Traceback" not in result.output
     assert len(text.splitlines()) == 1
+
+
+def test_an_moe_is_planned_with_its_experts_not_as_dense():
+    """What an MoE layer saves is the MoE block's (router, dispatch, experts, combine), not a
+    dense MLP's; its routed experts shard over their own group."""
+    from planner import activations as act
+    from planner.configs import TrainConfig
+    from planner.memory import stage_params
+
+    model = catalog.load_model("tiny-moe")
+    train = TrainConfig(gpus=4, zero_stage=3, ep=2, seq_len=64)
+    moe, dense = act.layer_terms(model, train, "moe"), act.layer_terms(model, train, "decoder")
+    assert "moe_router_probs" in moe and "mlp_gate_out" not in moe and "moe_router_probs" not in dense
+    assert train.expert_shard_world == 2
+    # experts: 4 of 8 per rank (ep 2), then halved by FSDP over efsdp 2; dense tensors over 4 ranks
+    experts_per_layer = 3 * 8 * 64 * 128
+    sp = stage_params(model, train, 0)
+    assert sp.local - stage_params(model, TrainConfig(gpus=4, zero_stage=3, seq_len=64), 0).local == (
+        -3 * experts_per_layer // 2)
 
 
 def test_latent_attention_and_sinks_are_refused_without_experts():
@@ -389,6 +421,8 @@ def test_hugging_face_moe_models_through_track(name):
         optimizer.step()
         optimizer.zero_grad()
     assert tracker.result().params == 4 * total_params(spec)
-    with pytest.raises(LayoutError, match="mixture of experts") as refused:
+    # transformers' MoE layers save other tensors than the reference block's; latent attention
+    # and sinks are not modelled at all
+    with pytest.raises(LayoutError, match="--impl hf's MoE layer|latent attention|attention sinks") as refused:
         tracker.compare()
     assert "\n" not in str(refused.value)

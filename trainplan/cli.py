@@ -189,6 +189,8 @@ def plan_options(fn):
         _train("--pp", default=None, help="pipeline-parallel size [default: search]"),
         _train("--cp", default=None, help=f"{fields['cp'].description} [default: 1; searched from 32k-token "
                "sequences]"),
+        _train("--ep", default=None, help=f"{fields['ep'].description} [default: search, on a mixture of experts]"),
+        _train("--etp", default=None, help=f"{fields['etp'].description}"),
         _train("--dp-shard", default=None, help=f"{fields['dp_shard'].description} [default: 0]"),
         _train("--dp-replicate", default=None, help=f"{fields['dp_replicate'].description} [default: 0]"),
         _train("--sequence-parallel/--no-sequence-parallel", default=None,
@@ -315,6 +317,7 @@ def build_space(options: dict):
         tp=[options["tp"]] if options["tp"] else None,
         pp=[options["pp"]] if options["pp"] else None,
         cp=[options["cp"]] if options["cp"] else ([1] if fixed_layout else None),
+        ep=[options["ep"]] if options["ep"] else ([1] if fixed_layout else None),
         strategies=strategies,
         activation_checkpointing=[checkpointing] if checkpointing else None,
         micro_batch=[micro_batch] if micro_batch else None,
@@ -328,7 +331,7 @@ def build_space(options: dict):
     return model, gpu, space
 
 
-RESOLVED_FIELDS = frozenset({"gpus", "tp", "pp", "cp", "sequence_parallel", "schedule", "chunks",
+RESOLVED_FIELDS = frozenset({"gpus", "tp", "pp", "cp", "ep", "sequence_parallel", "schedule", "chunks",
                              "activation_checkpointing", "micro_batch", "global_batch", "seq_len", "offload"})
 """TrainConfig fields whose flags the search enumerates (``build_space``) or ``run`` resolves to
 a default of its own (``build_run_config``)."""
@@ -481,7 +484,7 @@ def build_run_config(options: dict, run: dict, simulated: bool = False):
     sequence_parallel = options["sequence_parallel"] if options["sequence_parallel"] is not None else tp > 1
     seq_len = options["seq_len"] or min(DEFAULT_SEQ_LEN, model.max_position_embeddings)
     fields = dict(
-        gpus=gpus, tp=tp, pp=pp, cp=options["cp"] or 1, sequence_parallel=sequence_parallel,
+        gpus=gpus, tp=tp, pp=pp, cp=options["cp"] or 1, ep=options["ep"] or 1, sequence_parallel=sequence_parallel,
         zero_stage=STRATEGIES[options["strategy"] or "ddp"], offload=options["offload"] or "none",
         activation_checkpointing=options["activation_checkpointing"] or "none", micro_batch=options["micro_batch"] or 1,
         seq_len=seq_len, schedule=schedule, chunks=options["chunks"] or (2 if schedule == "interleaved" else 1),

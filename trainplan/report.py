@@ -89,6 +89,7 @@ def verdict(est: Estimate) -> Text:
 def _short_layout(est: Estimate) -> str:
     t = est.train
     text = f"{t.dp}·{t.tp}·{t.pp}" + ("+sp" if t.sequence_parallel else "") + (f" cp{t.cp}" if t.cp > 1 else "")
+    text += f" ep{t.ep}" if t.ep > 1 else ""
     if t.pp > 1 and t.schedule != "1f1b":
         text += " gpipe" if t.schedule == "gpipe" else f" int×{t.chunks}"
     return text
