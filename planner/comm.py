@@ -59,6 +59,7 @@ class Group:
     base_latency_s: float
     tree_bandwidth_efficiency: float
     p2p_bandwidth_gb_s: float  # one GPU to another (a pipeline hop): one NVLink or one NIC
+    intra_bandwidth_gb_s: float = 0.0  # one GPU's NVLink, inside its node
 
     @property
     def spans_nodes(self) -> bool:
@@ -75,7 +76,7 @@ def group(gpu: GPUSpec, size: int, stride: int, gpus_per_node: int, constants: C
     return Group(ranks=size, nodes=nodes, bus_bandwidth_gb_s=bus, intra_latency_s=constants.intra_node_latency_s,
                  inter_latency_s=constants.inter_node_latency_s, base_latency_s=constants.base_latency_s,
                  tree_bandwidth_efficiency=constants.tree_bandwidth_efficiency,
-                 p2p_bandwidth_gb_s=intra if nodes == 1 else inter)
+                 p2p_bandwidth_gb_s=intra if nodes == 1 else inter, intra_bandwidth_gb_s=intra)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class Placement:
     pp: Group
     cp: Group
     replicate: Group | None = None  # HSDP: the ranks that hold the same shard
+    ep: Group | None = None  # expert parallel: the ranks a layer's routed rows travel between
+    expert_dp: Group | None = None  # expert parallel: the ranks that shard the same experts (efsdp)
 
 
 def placement(gpu: GPUSpec, train: TrainConfig, gpus_per_node: int, constants: CommConstants) -> Placement:
@@ -98,14 +101,18 @@ def placement(gpu: GPUSpec, train: TrainConfig, gpus_per_node: int, constants: C
     def on_axis(axis: str) -> Group:
         return group(gpu, layout.size(axis), layout.stride(axis), per_node, constants)
 
+    # expert parallelism (torchtitan's sparse mesh ("pp", "dp_replicate", "efsdp", "ep"), ep
+    # fastest over the same ranks as dp_shard x cp x tp): ep adjacent ranks, efsdp ep apart
+    experts = dict(ep=group(gpu, train.ep, 1, per_node, constants),
+                   expert_dp=group(gpu, train.expert_shard_world, train.ep, per_node, constants)) if train.ep > 1 else {}
     if not train.dp_shard:
-        return Placement(tp=on_axis("tp"), dp=on_axis("dp_cp"), pp=on_axis("pp"), cp=on_axis("cp"))
+        return Placement(tp=on_axis("tp"), dp=on_axis("dp_cp"), pp=on_axis("pp"), cp=on_axis("cp"), **experts)
     # HSDP: dp splits into (dp_replicate, dp_shard), slowest first (torchtitan's mesh order), so a
     # shard group is dp_shard x cp adjacent blocks of tp ranks and its replicas sit
     # dp_shard x cp x tp ranks apart
     shard = group(gpu, train.dp_shard * train.cp, train.tp, per_node, constants)
     replicate = group(gpu, train.dp_replicate, train.dp_shard * train.cp * train.tp, per_node, constants)
-    return Placement(tp=on_axis("tp"), dp=shard, pp=on_axis("pp"), cp=on_axis("cp"), replicate=replicate)
+    return Placement(tp=on_axis("tp"), dp=shard, pp=on_axis("pp"), cp=on_axis("cp"), replicate=replicate, **experts)
 
 
 def _ring_latency(g: Group, steps: int, network_steps: int) -> float:
@@ -135,6 +142,21 @@ def all_gather_s(nbytes: float, n: int, g: Group) -> float:
 
 
 reduce_scatter_s = all_gather_s
+
+
+def all_to_all_s(nbytes: float, n: int, g: Group) -> float:
+    """Each rank sends ``nbytes`` split evenly over the ``n`` ranks (its own share stays):
+    PyTorch's NCCL all-to-all is concurrent point-to-point transfers (torch/csrc/cuda/nccl.cpp
+    ``all2all_single_unequal_split``: ncclGroupStart, one ncclSend and ncclRecv per peer), so the
+    peers inside the node take their share over NVLink and the others theirs over the GPU's own
+    NIC at the same time -- the slower of the two sets the time, after one step's latency."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    per_node = -(-n // g.nodes)
+    inside = (per_node - 1) / n * nbytes / (g.intra_bandwidth_gb_s * 1e9)
+    outside = (n - per_node) / n * nbytes / (g.p2p_bandwidth_gb_s * 1e9)
+    latency = g.inter_latency_s if g.spans_nodes else g.intra_latency_s
+    return g.base_latency_s + latency + max(inside, outside)
 
 
 def p2p_s(nbytes: float, g: Group) -> float:

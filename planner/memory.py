@@ -237,6 +237,7 @@ class _StageParams:
     largest_unit: int  # largest FSDP unit (unsharded, local to tp)
     last_two_units: int  # the head and the last layer: the first units whose gradients are reduced
     unit_sizes: tuple[int, ...]  # elements of each unit (local to tp), in forward order
+    unit_expert_sizes: tuple[int, ...]  # of them, routed experts' (their own shard group: efsdp)
     unit_kinds: tuple[str, ...]
     layer_ids: tuple[int, ...]  # global index of each layer held (layer:N checkpoints by index)
     blocks_local: int  # 8-bit optimizer blocks (256 elements) over the tensors, each tensor its own
@@ -285,8 +286,8 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
     # Layers repeat: each distinct unit (by its tensors' shapes) is measured once, each distinct
     # tensor shape counted with its multiplicity (a 10,000-layer model has a few dozen shapes).
     # A tensor is (local shape, shard group, shard dim): the shape on this rank before FSDP/ZeRO.
-    per_unit: dict[tuple, tuple[int, int, tuple]] = {}  # signature -> (elements, matmul elements, tensors)
-    unit_sizes, matmul = [], 0
+    per_unit: dict[tuple, tuple[int, int, tuple, int]] = {}  # signature -> (elements, matmuls, tensors, experts')
+    unit_sizes, expert_sizes, matmul = [], [], 0
     by_object: dict[int, tuple] = {}  # repeated layers are one Unit object (planner.params.model_units)
     for u in units:
         if id(u) not in by_object:
@@ -296,9 +297,11 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         if signature not in per_unit:
             local = tuple(_local_tensor(model, t, tp, dp, ep, edp, engine.vocab_multiple) for t in u.tensors)
             matmuls = sum(prod(shape) for t, (shape, _, _) in zip(u.tensors, local) if t.is_matmul_weight)
-            per_unit[signature] = (sum(prod(shape) for shape, _, _ in local), matmuls, local)
-        size, matmuls, _ = per_unit[signature]
+            experts = sum(prod(shape) for t, (shape, _, _) in zip(u.tensors, local) if t.role == "expert")
+            per_unit[signature] = (sum(prod(shape) for shape, _, _ in local), matmuls, local, experts)
+        size, matmuls, _, experts = per_unit[signature]
         unit_sizes.append(size)
+        expert_sizes.append(experts)
         matmul += matmuls
     counts: Counter = Counter()
     for signature, n in Counter(signatures).items():
@@ -333,6 +336,7 @@ def _units_params(model: ModelSpec, units: tuple[Unit, ...], layer_ids: tuple[in
         largest_unit=max(unit_sizes),
         last_two_units=sum(unit_sizes[-2:]),
         unit_sizes=tuple(unit_sizes),
+        unit_expert_sizes=tuple(expert_sizes),
         unit_kinds=tuple(kinds),
         layer_ids=layer_ids,
         blocks_local=sum(n * -(-prod(shape) // ADAM8BIT_BLOCK) for (shape, _, _), n in counts.items()),

@@ -102,6 +102,25 @@ def _local_gemms(model: ModelSpec, train: TrainConfig, kind: str) -> tuple[tuple
     return tuple(shapes.values())
 
 
+def _expert_gemms(model: ModelSpec, train: TrainConfig, kind: str, tokens: int
+                  ) -> tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...]:
+    """An MoE layer's GEMMs beside the attention's, as (how many, rows, (in, out) widths): the
+    router over the rank's routed tokens; each local expert's gate, up and down over its rows
+    (one grouped GEMM runs them; each expert's share is timed as its own GEMM, balanced
+    routing: tokens x top-k / experts rows, ep times that for a rank's experts under expert
+    parallelism); the shared experts as a dense MLP of their width, split by tensor parallelism."""
+    if not layer_kind(model, kind).experts:
+        return ()
+    t, ep, e, k, h = train.tp, train.ep, model.num_experts, model.experts_per_token, model.hidden_size
+    routed = tokens // t if ep > 1 else tokens  # with expert parallelism tp splits the routed tokens
+    f = model.moe_ffn_hidden_size // (1 if ep > 1 else t)
+    gemms = [(1, routed, ((h, e),)), (e // ep, max(1, routed * k * ep // e), ((h, f), (h, f), (f, h)))]
+    if model.shared_expert_ffn_hidden_size:
+        fs = model.shared_expert_ffn_hidden_size // t
+        gemms.append((1, tokens, ((h, fs), (h, fs), (fs, h))))
+    return tuple(gemms)
+
+
 def gemm_seconds(gemm: GemmModel, tokens: int, widths: tuple[tuple[int, int], ...], peak: float, hbm: float,
                  itemsize: int) -> tuple[float, float]:
     """(forward, backward) seconds of the GEMMs of ``widths`` over ``tokens`` rows."""
@@ -134,6 +153,14 @@ def layer_elementwise_elements(model: ModelSpec, train: TrainConfig, kind: str) 
     q = model.num_heads * model.head_dim / t
     kv = model.num_kv_heads * model.head_dim / t
     f = model.ffn_hidden_size / t
+    if layer_kind(model, kind).experts:
+        # the shared experts, and each token's top-k routed rows through their expert's activation;
+        # the rows are gathered (read + write), weighted (2 reads + write) and added back (read +
+        # write): 7 elements per routed row and hidden unit (strategies/model.py MoE)
+        share = 1 / t if train.ep > 1 else 1.0  # with expert parallelism tp splits the routed tokens
+        expert_f = model.moe_ffn_hidden_size / (1 if train.ep > 1 else t)
+        f = model.shared_expert_ffn_hidden_size / t + share * model.experts_per_token * expert_f
+        f += 7 * share * model.experts_per_token * model.hidden_size / table[model.mlp]
     elements = (attentions + 1) * (table[model.norm] + table["residual"]) * h + table[model.mlp] * f
     elements += attentions * table["attention_out"] * q
     if model.position_embedding == "rope":
@@ -191,6 +218,10 @@ def _op_times(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, dtype: str, it
         forward, backward = gemm_seconds(gemm, tokens, widths, peak, hbm, itemsize)
         gemm_s += n * (forward + backward)
         flops += n * 6 * tokens * sum(i * o for i, o in widths)
+        for count, rows, expert_widths in _expert_gemms(model, train, kind, tokens):
+            forward, backward = gemm_seconds(gemm, rows, expert_widths, peak, hbm, itemsize)
+            gemm_s += n * count * (forward + backward)
+            flops += n * count * 6 * rows * sum(i * o for i, o in expert_widths)
         elementwise += n * tokens * layer_elementwise_elements(model, train, kind)
     vocab = -(-model.vocab_size // train.tp)
     forward, backward = gemm_seconds(gemm, tokens, ((model.hidden_size, vocab),), peak, hbm, itemsize)

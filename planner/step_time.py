@@ -73,6 +73,8 @@ class StepBreakdown(BaseModel):
     cp_communication_s: float = Field(default=0.0, description="the ring attention's k, v exchanges not hidden "
                                       "behind the attention they feed (context parallel)")
     pp_communication_s: float
+    ep_communication_s: float = Field(default=0.0, description="expert parallelism's all-to-all dispatch and "
+                                      "combine of each MoE layer, forward, backward and recompute")
     dp_communication_exposed_s: float
     bubble_s: float
     offload_s: float
@@ -81,7 +83,7 @@ class StepBreakdown(BaseModel):
     @property
     def exposed_communication_s(self) -> float:
         return (self.tp_communication_s + self.cp_communication_s + self.pp_communication_s
-                + self.dp_communication_exposed_s)
+                + self.ep_communication_s + self.dp_communication_exposed_s)
 
 
 class Throughput(BaseModel):
@@ -386,6 +388,7 @@ class _StageCollectives(NamedTuple):
     ring_bytes: float  # context parallel: bytes each rank sends around the ring
     ring_raw: float  # the ring's transfers before overlap
     ring_exposed: float  # what the attention does not hide
+    ep_s: float = 0.0  # expert parallel: the MoE layers' all-to-alls
 
 
 def _stage_collectives(model: ModelSpec, train: TrainConfig, ctx: _StepContext, stage: _StageCompute
@@ -406,7 +409,23 @@ def _stage_collectives(model: ModelSpec, train: TrainConfig, ctx: _StepContext, 
     ring_bytes, ring_raw, ring_exposed = (layers * x for x in _ring_attention_s(
         model, train, ctx.recipe, ctx.attention_rate, links.cp, passes))
     pp_s = (2 * v * comm.p2p_s(ctx.p2p_bytes, links.pp)) if p > 1 else 0.0
-    return _StageCollectives(tp_s, pp_s, ring_bytes, ring_raw, ring_exposed)
+    return _StageCollectives(tp_s, pp_s, ring_bytes, ring_raw, ring_exposed, _expert_all_to_all_s(model, train, ctx,
+                                                                                                  stage.params))
+
+
+def _expert_all_to_all_s(model: ModelSpec, train: TrainConfig, ctx: _StepContext, sp: _StageParams) -> float:
+    """Per micro-batch: each MoE layer sends its routed rows (tokens x top-k, hidden-sized, in the
+    compute dtype) to their experts' ranks and receives them back -- dispatch and combine in
+    forward, their gradients in backward, and both again when a checkpointed layer's forward
+    reruns (``passes``). torchtitan's default dispatcher waits for the counts on the host before
+    each exchange (token_dispatcher.py, "this would incur a device-to-host sync"): nothing
+    overlaps it. Balanced routing: a rank sends and receives as many rows as its tokens chose."""
+    if train.ep == 1:
+        return 0.0
+    moe_layers = sum(n for kind, n in sp.kind_counts if layer_kind(model, kind).experts)
+    tokens = train.micro_batch * train.local_seq_len // train.tp  # tp splits the routed tokens
+    rows = tokens * model.experts_per_token * model.hidden_size * ctx.recipe.compute_bytes
+    return moe_layers * 2 * ctx.passes * comm.all_to_all_s(rows, train.ep, ctx.links.ep)
 
 
 class _StageStep(NamedTuple):
@@ -419,7 +438,7 @@ class _StageStep(NamedTuple):
     def micro_batch_s(self) -> float:
         """T_mb = compute + recompute + tensor-parallel comm + pipeline p2p (+ the ring's exposed part)."""
         c, x = self.compute, self.comm
-        return c.compute + c.recompute + x.tp_s + x.pp_s + x.ring_exposed
+        return c.compute + c.recompute + x.tp_s + x.pp_s + x.ring_exposed + x.ep_s
 
 
 # ---------------------------------------------------------------- the data-parallel tail
@@ -448,7 +467,8 @@ def _unit_transitions(gathered: tuple[int, ...], sizes: tuple[int, ...], kinds: 
 
 def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_rate: float, link: comm.Group,
                       contention: float, gathered: tuple[int, ...] | None = None, gathers: int = 2,
-                      scatters: bool = True, replicate: comm.Group | None = None) -> _Overlap:
+                      scatters: bool = True, replicate: comm.Group | None = None,
+                      expert: comm.Group | None = None) -> _Overlap:
     """(communication, exposed communication) of one micro-batch of sharded data parallelism,
     unit by unit as FSDP (and DeepSpeed's ZeRO-3) schedules it.
 
@@ -463,7 +483,8 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     ``gathers``: all-gathers this micro-batch runs -- 2 (forward and, ZeRO-3, backward), 1
     (forward only), 0 (the units are gathered already); ``scatters``: whether it reduce-scatters
     (a pipeline stage does on its last micro-batch only); ``replicate``: HSDP's replica group,
-    over which each reduced shard is all-reduced."""
+    over which each reduced shard is all-reduced; ``expert``: with expert parallelism, the routed
+    experts' shard group (efsdp)."""
     dp, zero3 = train.shard_world, train.zero_stage >= 3 and gathers == 2
     sizes, kinds = sp.unit_sizes, sp.unit_kinds
     # bytes each unit all-gathers: its parameters in the gather dtype, or (LoRA) ``gathered``
@@ -476,6 +497,17 @@ def _per_unit_overlap(model: ModelSpec, train: TrainConfig, sp, recipe, flops_ra
     scatter_of = {n: comm.reduce_scatter_s(n * recipe.reduce_bytes, dp, link) + (comm.all_reduce_s(
         n * recipe.reduce_bytes / dp, train.dp_replicate, replicate) if replicate else 0.0) if scatters else 0.0
         for n in set(sizes)}
+    if expert is not None and any(sp.unit_expert_sizes):
+        # expert parallelism: a block's routed experts are a parameter group of their own, gathered
+        # and reduced over efsdp (torchtitan's per-parameter mesh), the rest over the dense group
+        edp = train.expert_shard_world
+        experts = dict(zip(sizes, sp.unit_expert_sizes))
+        gather_of = {n: comm.all_gather_s(n - e * recipe.gather_bytes, dp, link)
+                     + comm.all_gather_s(e * recipe.gather_bytes, edp, expert) if gathers else 0.0
+                     for n, e in zip(gathered, sp.unit_expert_sizes)}
+        scatter_of = {n: comm.reduce_scatter_s((n - experts[n]) * recipe.reduce_bytes, dp, link)
+                      + comm.reduce_scatter_s(experts[n] * recipe.reduce_bytes, edp, expert) if scatters else 0.0
+                      for n in set(sizes)}
     work = {kind: unit_flops(model, train, kind) for kind in set(kinds)}
     gather = [gather_of[n] for n in gathered]
     scatter = [scatter_of[n] for n in sizes]
@@ -539,7 +571,7 @@ def _dp_communication(model: ModelSpec, train: TrainConfig, ctx: _StepContext, s
         model, train, sp.unit_sizes, sp.unit_kinds, recipe.gather_bytes) if ctx.f8 else None)
     if train.pp == 1:
         per_mb = _per_unit_overlap(model, train, sp, recipe, ctx.flops_rate, link, c, gathered,
-                                   replicate=ctx.links.replicate)
+                                   replicate=ctx.links.replicate, expert=ctx.links.expert_dp)
         return _Overlap(m * per_mb.raw, m * per_mb.exposed)
     # FSDP2 under torch.distributed.pipelining: the stage syncs gradients on its last micro-batch
     # only and does not reshard after backward (torch/distributed/pipelining/stage.py,
@@ -549,7 +581,7 @@ def _dp_communication(model: ModelSpec, train: TrainConfig, ctx: _StepContext, s
     # reshards after forward gathers again per micro-batch (counted as without a pipeline).
     kept = train.zero_stage == 2 or implementation(train.impl).keeps_units_gathered_with_pp
     run = functools.partial(_per_unit_overlap, model, train, sp, recipe, ctx.flops_rate, link, c, gathered,
-                            replicate=ctx.links.replicate)
+                            replicate=ctx.links.replicate, expert=ctx.links.expert_dp)
     if kept:
         if m == 1:
             return run(gathers=1, scatters=True)
@@ -643,6 +675,7 @@ def _throughput(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, ctx: _StepCo
             tp_communication_s=m * collectives.tp_s,
             cp_communication_s=m * collectives.ring_exposed,
             pp_communication_s=m * collectives.pp_s,
+            ep_communication_s=m * collectives.ep_s,
             dp_communication_exposed_s=tail.dp_exposed,
             bubble_s=bubble,
             offload_s=tail.offload,

@@ -233,7 +233,8 @@ def render_estimate(est: Estimate, console: Console) -> None:
     ))
     parts = [("compute", b.compute_s), ("recompute", b.recompute_s), ("tensor-parallel comm", b.tp_communication_s),
              ("exposed ring attention (cp)", b.cp_communication_s),
-             ("pipeline transfers", b.pp_communication_s), ("exposed data-parallel comm", b.dp_communication_exposed_s),
+             ("pipeline transfers", b.pp_communication_s), ("expert all-to-all (ep)", b.ep_communication_s),
+             ("exposed data-parallel comm", b.dp_communication_exposed_s),
              ("bubble", b.bubble_s), ("offload", b.offload_s), ("optimizer", b.optimizer_s)]
     console.print("  [dim]" + ", ".join(f"{name} {value:.3f} s" for name, value in parts if value > 0) + "[/]")
     if t.cp > 1:
