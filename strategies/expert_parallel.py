@@ -81,6 +81,12 @@ def placement_fn(model: Transformer, dense_mesh, sparse, cfg):
     return place
 
 
+def _fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def dispatch_and_combine(rows: torch.Tensor, counts: torch.Tensor, experts, group) -> torch.Tensor:
     """``rows`` grouped by global expert (``counts`` of each) -> each row's expert output, the
     experts run where they live. ``experts(rows, local_counts)`` runs this rank's experts."""
@@ -93,11 +99,19 @@ def dispatch_and_combine(rows: torch.Tensor, counts: torch.Tensor, experts, grou
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=group)  # counts for my experts, per source
         received = received.view(ep, local_experts)
-        send_splits = counts.view(ep, local_experts).sum(1).tolist()
-        recv_splits = received.sum(1).tolist()
-        # the received rows are source-major; expert-major is what the grouped GEMMs need
-        expert_of_row = torch.repeat_interleave(torch.arange(local_experts, device=rows.device).repeat(ep),
-                                                received.flatten())
+        if _fake(rows):
+            # a simulated rank's routing has no values: balanced, as the plan assumes (every rank
+            # sends and receives its rows' 1/ep share), in the same tensors' shapes
+            send_splits = [len(rows) // ep] * ep
+            send_splits[-1] = len(rows) - sum(send_splits[:-1])
+            recv_splits = send_splits
+            expert_of_row = torch.arange(len(rows), device=rows.device) % local_experts
+        else:
+            send_splits = counts.view(ep, local_experts).sum(1).tolist()
+            recv_splits = received.sum(1).tolist()
+            # the received rows are source-major; expert-major is what the grouped GEMMs need
+            expert_of_row = torch.repeat_interleave(torch.arange(local_experts, device=rows.device).repeat(ep),
+                                                    received.flatten())
         permutation = expert_of_row.argsort(stable=True)
         inverse = permutation.argsort()
     arrived = all_to_all_single_autograd(rows, recv_splits, send_splits, group)

@@ -176,7 +176,9 @@ class MoE(nn.Module):
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(tokens.dtype)
         order = chosen.flatten().argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts)
+        # rows per expert (a fixed shape: a simulated rank's fake tensors carry no values)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).index_add_(
+            0, chosen.flatten(), torch.ones_like(chosen.flatten()))
         rows = tokens[token_of]
         if self.ep_group is None:
             routed = self._experts(rows, counts)

@@ -331,7 +331,7 @@ def _error_text(error: float | None) -> Text:
 def render_profile(report, console: Console) -> None:
     t = report.train
     layout = f"dp{t['dp']}·tp{t['tp']}·pp{t['pp']}" + (f"·cp{t['cp']}" if t.get("cp", 1) > 1 else "") + (
-        "+sp" if t["sequence_parallel"] else "")
+        f"·ep{t['ep']}" if t.get("ep", 1) > 1 else "") + ("+sp" if t["sequence_parallel"] else "")
     strategy = {0: "DDP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}[t["zero_stage"]]
     if t["offload"] != "none":
         strategy += f"+offload({t['offload']})"

@@ -120,6 +120,17 @@ CPU_CASES = [
     ("7B PP4 x dp2 ZeRO-2, GPipe, 8 micro-batches, 8 simulated", "llama-2-7b", 8,
      dict(gpus=8, pp=4, zero_stage=2, seq_len=4096, micro_batch=1, global_batch=16, precision="bf16-mixed",
           schedule="gpipe")),
+    # mixtures of experts (issue 24): the reference MoE block, experts as grouped GEMMs; with
+    # expert parallelism rows exchanged by all_to_all_single (gloo), simulated with balanced routing
+    ("MoE ZeRO-3, bf16-mixed", "tiny-moe", None, dict(gpus=2, zero_stage=3, precision="bf16-mixed")),
+    ("MoE ZeRO-3 ep2, bf16-mixed", "tiny-moe", None, dict(gpus=2, zero_stage=3, ep=2, precision="bf16-mixed")),
+    ("MoE ZeRO-3 ep2, full AC", "tiny-moe", None, dict(gpus=2, zero_stage=3, ep=2, activation_checkpointing="full")),
+    ("MoE DDP, 1 GPU", "tiny-moe", None, dict(gpus=1, zero_stage=0)),
+    ("Mixtral-8x7B ZeRO-3 ep8, full AC, seq 4096, 8 simulated", "mixtral-8x7b", 8,
+     dict(gpus=8, zero_stage=3, ep=8, seq_len=4096, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="full")),
+    ("Mixtral-8x7B ZeRO-3 ep4 x efsdp2, seq 2048, 8 simulated", "mixtral-8x7b", 8,
+     dict(gpus=8, zero_stage=3, ep=4, seq_len=2048, micro_batch=1, precision="bf16-mixed")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
