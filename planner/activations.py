@@ -236,6 +236,38 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
     return terms
 
 
+def _latent_attention_terms(model: ModelSpec, x: _Dims, prefix: str) -> dict[str, int]:
+    """What the reference model's latent attention (strategies/model.py ``LatentAttention``)
+    saves, tensor by tensor (traced with saved-tensor hooks, torch 2.13 CPU): the normalised
+    input (both down-projections'); the query bottleneck's output, its norm's fp32 statistics
+    and normalised output (q_b's input); the whole kv down-projection's output -- the latent is
+    a view of it, and the latent's norm keeps its input --, its statistics and the normalised
+    latent (kv_b's input); the kernel's q and k (each head's no-rope part and rotary part,
+    concatenated), its zero-padded v, its output at the query/key head dim and fp32
+    log-sum-exp; the output projection's input, cut back to the value head dim. The
+    down-projections and their norms are replicated on tensor-parallel ranks, the heads split."""
+    tokens = x.s * x.b
+    qk, rope, rkv, rq = x.d, model.qk_rope_head_dim, model.kv_lora_rank, model.q_lora_rank
+    terms = _norm_terms(model, x, prefix) | {
+        f"{prefix}_qkv_input": x.ab * tokens * x.h // x.linear_input_div,
+        f"{prefix}_kv_a_out": x.ab * tokens * (rkv + rope),
+        f"{prefix}_kv_a_norm_stats": FP32 * tokens,
+        f"{prefix}_kv_b_input": x.ab * tokens * rkv,
+        f"{prefix}_q": x.ab * tokens * x.heads * qk,
+        f"{prefix}_k": x.ab * tokens * x.heads * qk,
+        f"{prefix}_v": x.ab * tokens * x.heads * qk,
+        f"{prefix}_out": x.ab * tokens * x.heads * qk,
+        f"{prefix}_logsumexp": FP32 * tokens * x.heads,
+        f"{prefix}_o_input": x.ab * tokens * x.heads * model.v_head_dim,
+    }
+    if rq:
+        terms |= {f"{prefix}_q_a_out": x.ab * tokens * rq, f"{prefix}_q_a_norm_stats": FP32 * tokens,
+                  f"{prefix}_q_b_input": x.ab * tokens * rq}
+    if x.dropout:
+        terms[f"{prefix}_dropout_mask"] = tokens * x.h // x.seq_div
+    return terms
+
+
 def _core_attention_keys(prefix: str) -> tuple[str, ...]:
     """Tensors that selective recompute (Megatron's core-attention recompute) does not keep."""
     return (
@@ -509,7 +541,8 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
     selective = recompute == "selective"
     terms, dropped = {}, []
     for sublayer in layer_kind(model, kind).attentions:
-        terms |= _attention_terms(model, x, sublayer, selective)
+        terms |= (_latent_attention_terms(model, x, sublayer) if model.mla
+                  else _attention_terms(model, x, sublayer, selective))
         dropped += _core_attention_keys(sublayer)
     terms |= _moe_terms(model, x) if layer_kind(model, kind).experts else _mlp_terms(model, x)
     if selective:
@@ -650,17 +683,18 @@ def rope_table_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs) ->
     if model.position_embedding != "rope":
         return 0
     x = _dims(model, train)
+    rope = model.qk_rope_head_dim or model.head_dim  # latent attention rotates only its rotary part
     if x.impl.rope == "per-forward":
         # Hugging Face: [1, seq, head_dim] cos and sin per forward, in the hidden states' dtype
-        return 2 * x.s * model.head_dim * x.norm_ab
+        return 2 * x.s * rope * x.norm_ab
     if getattr(train, "cp", 1) > 1:
         # context parallel: the rows of this rank's positions, gathered once per forward (the
         # full cast tables die as soon as they are sharded; strategies/model.py)
-        return 2 * x.s * model.head_dim * x.ab
+        return 2 * x.s * rope * x.ab
     if x.ab == FP32:
         return 0
     positions = max(model.max_position_embeddings, train.seq_len)
-    return 2 * positions * model.head_dim * x.ab
+    return 2 * positions * rope * x.ab
 
 
 def pipeline_output_bytes(model: ModelSpec, train: TrainConfig | ActivationInputs, last_stage: bool) -> int:

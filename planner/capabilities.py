@@ -160,14 +160,15 @@ LAYOUT_RULES: tuple[Rule, ...] = (
 _MOE_INFERENCE_RULE = Rule(lambda m: m.num_experts > 0,
                            "{model.name} is a mixture of experts ({model.num_experts} experts, {model.experts_per_token} "
                            "per token): trainplan plans training it, not serving it yet")
-# DeepSeek's latent attention saves and caches other tensors than q, k, v per head
+# DeepSeek's latent attention saves other tensors than q, k, v per head: planned for training
+# as the reference model's LatentAttention runs it (MLA_RULES); serving it is not modelled yet
 _MLA_RULE = Rule(lambda m: m.kv_lora_rank > 0,
-                 "{model.name} uses multi-head latent attention (kv_lora_rank {model.kv_lora_rank}): its activations "
-                 "and KV cache are not modelled yet")
+                 "{model.name} uses multi-head latent attention (kv_lora_rank {model.kv_lora_rank}): trainplan plans "
+                 "training it, not serving it yet")
 # gpt-oss's sinks add a column to every softmax: FlashAttention kernels without sink support fall back
 _SINKS_RULE = Rule(lambda m: m.attention_sinks,
                    "{model.name} has attention sinks: its attention kernels and what they save are not modelled yet")
-ARCHITECTURE_RULES: tuple[Rule, ...] = (_MLA_RULE, _SINKS_RULE)
+ARCHITECTURE_RULES: tuple[Rule, ...] = (_SINKS_RULE,)
 """Architectures whose parameters are read but whose memory and time are not planned."""
 
 
@@ -178,7 +179,7 @@ def architecture_refusal(model) -> str | None:
 
 def inference_architecture_refusal(model) -> str | None:
     """Why ``plan --mode inference`` does not model this model, or None."""
-    return architecture_refusal(model) or _first((_MOE_INFERENCE_RULE,), model, None, model)
+    return architecture_refusal(model) or _first((_MLA_RULE, _MOE_INFERENCE_RULE), model, None, model)
 
 
 _MOE_PLANNED = "an MoE layer is planned as the reference model's MoE block runs it (--impl trainplan, --engine pytorch)"
@@ -199,6 +200,9 @@ MOE_RULES: tuple[Rule, ...] = (
          "modelled; use --ac none, selective, full or layer:N"),
     # the partitioner's choices inside the MoE block (data-dependent splits) are not traced
     Rule(lambda m, t: t.compile, "torch.compile of an MoE layer (data-dependent expert groups) is not modelled"),
+    # torch.autocast's per-op casts inside the block (the router, the grouped GEMMs) are not traced
+    Rule(lambda m, t: t.precision == "amp-bf16",
+         "amp-bf16 (torch.autocast's casts inside the MoE block) is not modelled for an MoE; use bf16-mixed"),
     # torchao's MoE converters pad each expert's rows (pad_multiple 16/32) and swap the dispatcher
     Rule(lambda m, t: _torchao_float8(t) or _te_fp8(t) or t.precision == "mxfp8",
          "{train.precision} on an MoE (padded grouped GEMMs, torchao's MoE converters) is not modelled; use a 16-bit "
@@ -208,6 +212,20 @@ MOE_RULES: tuple[Rule, ...] = (
     Rule(lambda m, t: t.teacher != "", "distillation with an MoE student is not modelled"),
 )
 """What ``plan`` does not model of a mixture of experts' training (``check_layout``)."""
+
+_MLA_PLANNED = "latent attention is planned as the reference model's LatentAttention runs it"
+MLA_RULES: tuple[Rule, ...] = (
+    Rule(lambda m, t: t.impl != "trainplan" or t.engine != "pytorch",
+         "{model.name} uses multi-head latent attention: " + _MLA_PLANNED + " (--impl trainplan, --engine pytorch); "
+         "--impl {train.impl} --engine {train.engine} is not modelled yet"),
+    # the padded fused kernel only: an eager or recomputed core attention, a ring over cp ranks,
+    # autocast's per-linear casts and torch.compile are not traced for it
+    Rule(lambda m, t: t.attention != "flash" or t.activation_checkpointing in ("selective", "op") or t.cp > 1
+         or t.precision == "amp-bf16" or t.compile,
+         "{model.name} uses multi-head latent attention: " + _MLA_PLANNED + " with flash attention, without cp, "
+         "selective or op-level checkpointing, amp-bf16 or compile"),
+)
+"""What ``plan`` does not model of latent attention's training (``check_layout``)."""
 
 
 # ---------------------------------------------------------------- plan: the model and the layout
@@ -342,6 +360,9 @@ RUN_RULES: tuple[Rule, ...] = (
     # their FFN without EP, tokens split over tp with it)
     Rule(lambda m, t, on: m.is_moe and t.tp > 1,
          "tensor parallelism of an MoE layer is planned by `plan`; the reference model's MoE block runs with --tp 1"),
+    # strategies/tensor_parallel.py's plan names q, k, v: latent attention's projections are others
+    Rule(lambda m, t, on: m.mla and t.tp > 1,
+         "tensor parallelism of latent attention is planned by `plan`; the reference model runs it with --tp 1"),
     Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard / --dp-replicate) is planned by `plan`; "
          "the strategy layer does not build HSDP's 2-D mesh yet"),
 )
@@ -356,7 +377,8 @@ def layout_refusal(train) -> str | None:
 def model_refusal(model, train) -> str | None:
     """Why ``plan`` does not model this layout of this model (the layout alone aside), or None."""
     return (architecture_refusal(model) or _first(MODEL_RULES, model, train, model, train)
-            or (_first(MOE_RULES, model, train, model, train) if model.is_moe else None))
+            or (_first(MOE_RULES, model, train, model, train) if model.is_moe else None)
+            or (_first(MLA_RULES, model, train, model, train) if model.mla else None))
 
 
 def plan_refusal(model, train) -> str | None:
@@ -369,7 +391,7 @@ def reference_model_refusal(model) -> str | None:
     """Why strategies/model.py's reference model cannot build this model, or None. It builds
     mixtures of experts (``MoE``), which ``run`` still refuses with ``plan`` (ARCHITECTURE_RULES);
     latent attention and attention sinks it does not build."""
-    return _first((_MLA_RULE, _SINKS_RULE, *REFERENCE_MODEL_RULES), model, None, model)
+    return _first((_SINKS_RULE, *REFERENCE_MODEL_RULES), model, None, model)
 
 
 def run_refusal(model, train, *, cuda: bool = False, simulated: bool = False) -> str | None:

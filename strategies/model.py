@@ -92,6 +92,53 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, s, -1))
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434 Sec. 2.1; as torchtitan's and
+    transformers' DeepSeek-V3 attention): queries through a ``q_lora_rank`` bottleneck with its
+    RMSNorm (or one projection), one down-projection ``kv_a`` to the ``kv_lora_rank`` latent and a
+    shared rotary key, the normalised latent up-projected by ``kv_b`` to every head's key (no-rope
+    part) and value. Each head's query and key are its no-rope part and its rotary part; the
+    values are zero-padded to the query/key head dim for the fused kernel and the output cut
+    back (transformers' flash-attention path, modeling_deepseek_v3.py). Plain RoPE on the
+    rotary part (YaRN's scaling changes values, not what is saved)."""
+
+    def __init__(self, spec: ModelSpec, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        h, heads, qk = spec.hidden_size, spec.num_heads, spec.head_dim
+        self.rope_dim, self.v_dim, self.qk_dim = spec.qk_rope_head_dim, spec.v_head_dim, qk
+        if spec.q_lora_rank:
+            self.q_a = nn.Linear(h, spec.q_lora_rank, bias=False, **kw)
+            self.q_a_norm = RMSNorm(spec.q_lora_rank, **kw)
+            self.q_b = nn.Linear(spec.q_lora_rank, heads * qk, bias=False, **kw)
+        else:
+            self.q = nn.Linear(h, heads * qk, bias=False, **kw)
+        self.kv_a = nn.Linear(h, spec.kv_lora_rank + self.rope_dim, bias=False, **kw)
+        self.kv_a_norm = RMSNorm(spec.kv_lora_rank, **kw)
+        self.kv_b = nn.Linear(spec.kv_lora_rank, heads * (qk - self.rope_dim + self.v_dim), bias=False, **kw)
+        self.o = nn.Linear(heads * self.v_dim, h, bias=spec.linear_bias, **kw)
+        self.kernel = "flash"
+        self.recompute_core = False
+        self.cp_mesh = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        nope, rope = self.qk_dim - self.rope_dim, self.rope_dim
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if hasattr(self, "q_a") else self.q(x)
+        q = q.view(b, s, -1, self.qk_dim)
+        heads = q.shape[2]  # local under tensor parallelism
+        q_nope, q_rot = q.split([nope, rope], dim=-1)
+        latent, k_rot = self.kv_a(x).split([self.kv_a_norm.weight.shape[0], rope], dim=-1)
+        k_rot = apply_rope(k_rot.unsqueeze(2), cos[:s], sin[:s])
+        k_nope, v = self.kv_b(self.kv_a_norm(latent)).view(b, s, heads, nope + self.v_dim).split(
+            [nope, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_rot, cos[:s], sin[:s])), dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(-1, -1, heads, -1)), dim=-1)
+        v = F.pad(v, (0, self.qk_dim - self.v_dim))
+        out = core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.kernel)
+        return self.o(out[..., :self.v_dim].transpose(1, 2).reshape(b, s, -1))
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, device=None, dtype=None, ffn: int = 0):
         super().__init__()
@@ -203,7 +250,7 @@ class Block(nn.Module):
     def __init__(self, spec: ModelSpec, device=None, dtype=None, experts: bool = False):
         super().__init__()
         self.attn_norm = _norm(spec, device, dtype)
-        self.attn = Attention(spec, device, dtype)
+        self.attn = LatentAttention(spec, device, dtype) if spec.mla else Attention(spec, device, dtype)
         self.mlp_norm = _norm(spec, device, dtype)
         self.mlp = MoE(spec, device, dtype) if experts else MLP(spec, device, dtype)
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -292,7 +339,7 @@ def distillation_loss(logprobs: torch.Tensor, targets: torch.Tensor, teacher_log
 
 
 def rope_tables(spec: ModelSpec, device=None, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    d = spec.head_dim
+    d = spec.qk_rope_head_dim or spec.head_dim  # latent attention rotates only the rotary part
     length = length or spec.max_position_embeddings
     if device is not None and torch.device(device).type == "meta":
         return torch.empty(length, 1, d, device="meta"), torch.empty(length, 1, d, device="meta")

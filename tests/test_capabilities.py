@@ -377,7 +377,10 @@ RUN_EXAMPLES = {
     18: ("1F1B needs at least pp = 2 micro-batches per step, got 1", TINY, dict(pp=2, schedule="1f1b"), CPU),
     19: ("fp16-mixed loss scaling", TINY, dict(pp=2, grad_accum=2, precision="fp16-mixed"), CPU),
     20: ("tensor parallelism of an MoE", load_model("tiny-moe"), dict(gpus=2, tp=2, zero_stage=3), CPU),
-    21: ("HSDP's 2-D mesh", TINY, dict(gpus=4, zero_stage=3, dp_shard=2), CPU),
+    21: ("tensor parallelism of latent attention", _spec(name="tiny-mla", kv_lora_rank=32, qk_rope_head_dim=8,
+                                                         head_dim=24, v_head_dim=16, num_kv_heads=8),
+         dict(gpus=2, tp=2, zero_stage=3), CPU),
+    22: ("HSDP's 2-D mesh", TINY, dict(gpus=4, zero_stage=3, dp_shard=2), CPU),
 }
 
 
@@ -397,9 +400,7 @@ def test_every_rule_has_an_example(table, rules):
 
 
 ARCHITECTURE_EXAMPLES = {
-    0: ("multi-head latent attention", dict(kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16,
-                                            num_kv_heads=8)),
-    1: ("attention sinks", dict(attention_sinks=True)),
+    0: ("attention sinks", dict(attention_sinks=True)),
 }
 
 

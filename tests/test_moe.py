@@ -148,7 +148,10 @@ def _cli(*args: str):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["plan", "--model", "deepseek-v3", "--gpus", "256", "--gpu", "h100"], "latent attention"),
+    (["plan", "--model", "deepseek-v3", "--mode", "inference"], "latent attention"),
+    (["plan", "--model", "tiny-deepseek", "--gpus", "2", "--attention", "eager"], "latent attention"),
+    (["plan", "--model", "tiny-deepseek", "--gpus", "2", "--strategy", "zero3", "--precision", "amp-bf16"],
+     "amp-bf16"),
     (["plan", "--model", "gpt-oss-20b", "--gpus", "8"], "attention sinks"),
     (["plan", "--model", "qwen3-30b-a3b", "--mode", "inference"], "mixture of experts"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "torchtitan", "--json"], "--impl torchtitan's MoE"),
@@ -197,18 +200,23 @@ def test_an_moe_is_planned_with_its_experts_not_as_dense():
         -3 * experts_per_layer // 2)
 
 
-def test_latent_attention_and_sinks_are_refused_without_experts():
-    """A dense model with MLA or attention sinks is refused too (their activations and caches
-    are not q, k, v per head)."""
+def test_sinks_are_refused_and_latent_attention_is_planned_without_experts():
+    """A dense model with attention sinks is refused (its kernels and what they save are not
+    modelled); with latent attention it is planned (the reference LatentAttention's tensors)."""
+    from planner import activations as act
     from planner.configs import ModelSpec, TrainConfig, check_layout
     from planner.errors import LayoutError
 
     base = catalog.load_model("tiny-llama").model_dump(exclude={"name"})
-    for extra, words in ((dict(kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16, num_kv_heads=8),
-                          "latent attention"), (dict(attention_sinks=True), "sinks")):
-        model = ModelSpec(name="m", **(base | extra))
-        with pytest.raises(LayoutError, match=words):
-            check_layout(model, TrainConfig(gpus=1))
+    with pytest.raises(LayoutError, match="sinks"):
+        check_layout(ModelSpec(name="m", **(base | dict(attention_sinks=True))), TrainConfig(gpus=1))
+    mla = ModelSpec(name="m", **(base | dict(kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16,
+                                             num_kv_heads=8)))
+    train = TrainConfig(gpus=1, seq_len=64)
+    check_layout(mla, train)
+    terms = act.layer_terms(mla, train)
+    # the latent (32) and the shared rotary key (8) come out of one projection, kept whole
+    assert terms["attn_kv_a_out"] == 2 * 64 * 40 and "attn_q_a_out" not in terms  # bf16, one sequence of 64
 
 
 @pytest.mark.parametrize("change, words", [
@@ -447,13 +455,15 @@ def test_expert_parallel_losses_equal_one_process():
     assert [s["loss"] for s in ep2["steps"]] == pytest.approx([s["loss"] for s in one["steps"]], rel=1e-6)
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_moe_memory_as_measured_on_cpu(ep):
-    """The closed loop on the reference MoE (tiny-moe, two gloo ranks, FSDP2, bf16-mixed): the
+@pytest.mark.parametrize("model, ep", [("tiny-moe", 1), ("tiny-moe", 2), ("tiny-deepseek", 2)])
+def test_moe_memory_as_measured_on_cpu(model, ep):
+    """The closed loop on the reference MoE (tiny-moe; tiny-deepseek with latent attention; two
+    gloo ranks, FSDP2, bf16-mixed): the
     experts' and the dense tensors' shards exact; activations within the routing's imbalance
     with expert parallelism (a rank holds the rows its experts were chosen for; the plan assumes
     balanced routing) and exact without; the peak within 3%."""
-    report = _run_json("profile", *TINY_RUN[:-2], "--precision", "bf16-mixed", "--gpus", "2", "--strategy", "zero3",
+    args = ("--model", model) + TINY_RUN[2:-2]
+    report = _run_json("profile", *args, "--precision", "bf16-mixed", "--gpus", "2", "--strategy", "zero3",
                        "--ep", str(ep), "--micro-batch", "2")
     rows = {row["quantity"]: row for row in report["rows"]}
     for quantity in ("params", "grads", "optimizer"):

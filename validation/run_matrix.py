@@ -131,6 +131,16 @@ CPU_CASES = [
           activation_checkpointing="full")),
     ("Mixtral-8x7B ZeRO-3 ep4 x efsdp2, seq 2048, 8 simulated", "mixtral-8x7b", 8,
      dict(gpus=8, zero_stage=3, ep=4, seq_len=2048, micro_batch=1, precision="bf16-mixed")),
+    # latent attention (DeepSeek's MLA) with experts: the reference LatentAttention
+    ("MLA + MoE, 1 GPU", "tiny-deepseek", None, dict(gpus=1, zero_stage=0)),
+    ("MLA + MoE ZeRO-3 ep2, bf16-mixed", "tiny-deepseek", None, dict(gpus=2, zero_stage=3, ep=2,
+                                                                    precision="bf16-mixed")),
+    ("DeepSeek-V3 4-layer slice ZeRO-3 ep16, seq 4096, 16 simulated", "validation/slices/deepseek-v3-4-layers.json", 16,
+     dict(gpus=16, zero_stage=3, ep=16, seq_len=4096, micro_batch=1, precision="bf16-mixed")),
+    ("DeepSeek-V3 4-layer slice ZeRO-2 ep8 x efsdp2, full AC, seq 4096, 16 simulated",
+     "validation/slices/deepseek-v3-4-layers.json", 16,
+     dict(gpus=16, zero_stage=2, ep=8, seq_len=4096, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="full")),
 ]
 CPU_DEFAULTS = dict(seq_len=256, micro_batch=2, precision="fp32")
 
