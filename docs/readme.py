@@ -485,7 +485,29 @@ def step_accuracy() -> str:
         "tokens/s, and why a run is not expressed.\n")
 
 
+def moe_search() -> str:
+    """The issue's acceptance search on an MoE, as printed."""
+    args = ("plan", "--model", "qwen3-30b-a3b", "--gpus", "8")
+    return _fence(_cli(*args), "$ " + " ".join(args) + "\n")
+
+
+def moe_published() -> str:
+    """Published MoE steps against the planner (validation/published.py)."""
+    sys.path.insert(0, str(ROOT / "validation"))
+    from published import MEGATRON_MOE, MEGATRON_MOE_SOURCE, predict_megatron_moe
+
+    lines = ["| Qwen3-235B-A22B, 256 H100 | dispatcher | recompute | published step | planned | error | planned "
+             "all-to-all |", "|---|---|---|---|---|---|---|"]
+    for label, tp, pp, chunks, ep, dispatcher, recompute, step in MEGATRON_MOE:
+        t = predict_megatron_moe(tp, pp, chunks, ep)
+        lines.append(f"| {label} | {dispatcher} | {recompute} | {step:.1f} s | {t.step_time_s:.1f} s | "
+                     f"{t.step_time_s / step - 1:+.0%} | {t.breakdown.ep_communication_s:.1f} s |")
+    return "\n".join(lines + ["", f"Source: {MEGATRON_MOE_SOURCE}."]) + "\n"
+
+
 SECTIONS = {
+    "moe-search": moe_search,
+    "moe-published": moe_published,
     "step-accuracy": step_accuracy,
     "long-context": long_context,
     "float8": float8_published,

@@ -46,6 +46,12 @@ def committed_cpu_rows(select) -> list[tuple[str, dict]]:
     return out
 
 
+def _model(name: str):
+    """A preset, or a slice of one kept as a config beside the measurements (validation/slices/)."""
+    slice_config = Path(__file__).parent / "slices" / f"{name}.json"
+    return load_model(str(slice_config) if slice_config.exists() else name)
+
+
 def repredict(report: ProfileReport, on_cpu: bool) -> ProfileReport:
     train = TrainConfig(**report.train)
     gpu = _gpu(report.gpu)
@@ -54,7 +60,7 @@ def repredict(report: ProfileReport, on_cpu: bool) -> ProfileReport:
         cal = cal.model_copy(update={"overheads": Overheads.none()})
     elif report.simulated_world:
         cal = cal.model_copy(update={"overheads": cal.overheads.model_copy(update={"communicator_bytes": 0})})
-    est = estimate(load_model(report.model), gpu, train, cal)
+    est = estimate(_model(report.model), gpu, train, cal)
     device = "cpu" if on_cpu else "cuda"
     return build_report(est, report.measured, report.environment, device, report.simulated_world, report.model,
                         report.num_params)

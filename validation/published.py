@@ -340,3 +340,31 @@ def predict_reserved(run: MemoryRun) -> int:
     worst = max(estimate_memory(load_model(run.model), gpu, train, overheads, search_micro_batch=False).stages,
                 key=lambda stage: stage.peak)
     return worst.peak - overheads.cuda_context_bytes - worst.communicators * overheads.communicator_bytes
+
+
+# ---------------------------------------------------------------- mixtures of experts (issue 24)
+
+MEGATRON_MOE_SOURCE = ("Megatron-MoE-ModelZoo, best_practice/Qwen3/readme.md (github.com/yanring/Megatron-MoE-ModelZoo, "
+                       "'Performance Results'): Qwen3-235B-A22B, 256 H100 (NVLink 4, InfiniBand 8 x 50 GB/s), BF16, seq "
+                       "4096, global batch 2048, micro-batch 1, dropless")
+MEGATRON_MOE = [  # (label, tp, pp, virtual stages, ep, dispatcher, recompute, published step seconds)
+    ("TP2 PP8 VPP4 EP32, DeepEP", 2, 8, 4, 32, "DeepEP", "norm, act", 19.7),
+    ("TP4 PP8 VPP4 EP8, DeepEP", 4, 8, 4, 8, "DeepEP", "none", 29.0),
+]
+"""The bf16 MoE runs with a layout the planner expresses. Not expressed: the same table's PP32 x VPP3
+row (96 model chunks over 94 layers: Megatron's uneven first and last stages), its FSDP row
+(Megatron-FSDP), the NeMo / Megatron-Bridge MoE rows (FP8 recipes, refused on an MoE) and gpt-oss
+(attention sinks). Megatron-Core's MoE (DeepEP's overlapped dispatch, its grouped GEMM, its
+distributed optimizer) is not the stack the planner models (the reference block under FSDP2 with
+torchtitan's blocking all-to-all, ZeRO-2 standing in for the distributed optimizer): the rows are a
+check of scale, not a fit, and nothing was tuned on them."""
+
+
+def predict_megatron_moe(tp: int, pp: int, chunks: int, ep: int):
+    """The planner's step for a row of MEGATRON_MOE: Qwen3-235B-A22B on 256 H100 at that layout,
+    interleaved 1F1B, ZeRO-2 (FSDP2), no activation checkpointing (Megatron's norm and act
+    recompute keeps the projections' outputs: the nearest planned policy is none)."""
+    gpu = load_gpu("h100-sxm-80gb")
+    train = TrainConfig(gpus=256, tp=tp, pp=pp, ep=ep, sequence_parallel=True, schedule="interleaved", chunks=chunks,
+                        zero_stage=2, seq_len=4096, micro_batch=1, global_batch=2048, precision="bf16-mixed")
+    return estimate_step(load_model("qwen3-235b-a22b"), gpu, train, calibration_for_gpu(gpu))
