@@ -381,6 +381,52 @@ def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     return terms
 
 
+def _torchtitan_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
+    """What torchtitan 0.3.0's MoE block saves without expert parallelism (planner/implementations.py
+    names the source lines; measured block by block on CPU, tests/test_moe.py): the gate's input
+    -- under CUDA's fp32 autocast its fp32 copy and the fp32 copy of the gate's weight --, the
+    scores [T, E], the top-k indices, the top-k scores and their sums (route_norm), the sort of the
+    expert ids and each row's token [N] (int64), the groups' offsets; the grouped GEMMs' bf16 inputs
+    (``x.bfloat16()`` once per GEMM: a copy each for the gate and up projections unless the rows
+    are bf16 already), the bf16 copies of the weights unless they are bf16, the four [N, f]
+    intermediates (bf16), the sorted scores [N] and the experts' output up-cast to fp32 [N, h] for
+    the weighting (the scatter-add keeps only its indices); shared experts as torchtitan's
+    FeedForward."""
+    t, k, e, f = x.s * x.b, model.experts_per_token, model.num_experts, x.expert_ffn
+    n = t * k
+    router = FP32 if x.impl.fp32_router_autocast or x.ab == FP32 else x.ab
+    bf16 = 2
+    casts = 1 if x.ab == bf16 else 2  # .bfloat16() of bf16 rows is the tensor itself
+    terms = _norm_terms(model, x, "mlp") | {
+        "moe_input": (FP32 if x.impl.fp32_router_autocast and x.ab != FP32 else x.ab) * t * x.h // x.linear_input_div,
+        "moe_router_probs": router * t * e,
+        "moe_topk_indices": INDEX_BYTES * t * k,
+        "moe_topk_weights": router * t * k,
+        "moe_topk_weight_sums": router * t,
+        "moe_sort_order": INDEX_BYTES * n,
+        "moe_token_index": INDEX_BYTES * n,
+        "moe_group_offsets": 4 * e,
+        "moe_expert_input": casts * bf16 * n * x.h,
+        "moe_gate_out": bf16 * n * f,
+        "moe_act_out": bf16 * n * f,
+        "moe_up_out": bf16 * n * f,
+        "moe_down_input": bf16 * n * f,
+        "moe_weights_sorted": router * n,
+        "moe_expert_output_fp32": FP32 * n * x.h,
+    }
+    if x.impl.fp32_router_autocast and x.ab != FP32:
+        terms["moe_router_weight_fp32"] = FP32 * e * x.h  # autocast's cast of the bf16 gate weight
+        if model.shared_expert_ffn_hidden_size:  # the shared experts keep the bf16 input too
+            terms["moe_shared_input"] = x.ab * t * x.h // x.linear_input_div
+    if x.ab != bf16:  # GroupedExperts casts every weight with .bfloat16() and the GEMMs keep the casts
+        terms["moe_expert_weights_bf16"] = bf16 * 3 * e * f * x.h
+    if model.shared_expert_ffn_hidden_size:
+        shared = x.ab * t * x.shared_ffn
+        terms |= {"moe_shared_gate_out": shared, "moe_shared_act_out": shared, "moe_shared_up_out": shared,
+                  "moe_shared_down_input": shared}
+    return terms
+
+
 def _te_input(x: _Dims, elements: int) -> int:
     """A LayerNormLinear's normalised input as Transformer Engine keeps it: FP8, 1 B per element
     (and block scales); with sequence parallelism the per-tensor recipes keep the rank's rowwise
@@ -544,7 +590,10 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
         terms |= (_latent_attention_terms(model, x, sublayer) if model.mla
                   else _attention_terms(model, x, sublayer, selective))
         dropped += _core_attention_keys(sublayer)
-    terms |= _moe_terms(model, x) if layer_kind(model, kind).experts else _mlp_terms(model, x)
+    if layer_kind(model, kind).experts:
+        terms |= _torchtitan_moe_terms(model, x) if x.impl.moe == "torchtitan" else _moe_terms(model, x)
+    else:
+        terms |= _mlp_terms(model, x)
     if selective:
         terms = {k: v for k, v in terms.items() if k not in dropped}
         if x.compiled and x.flash and model.position_embedding == "rope":

@@ -187,9 +187,14 @@ MOE_RULES: tuple[Rule, ...] = (
     # what each implementation's MoE saves differs (torchtitan's dispatcher, transformers' expert
     # loop or grouped_mm, Megatron's token dispatcher: docs/moe-sources.md); only the reference
     # block's is itemised
-    Rule(lambda m, t: t.impl != "trainplan",
+    Rule(lambda m, t: t.impl in ("hf", "megatron"),
          "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --impl {train.impl}'s MoE layer is not "
          "modelled yet"),
+    # torchtitan's MoE block is itemised and measured (tests/test_moe.py), but the attention of its
+    # MoE models is not: Qwen3's per-head norms with cos/sin RoPE, DeepSeek's MLA, gpt-oss's sinks
+    Rule(lambda m, t: t.impl.startswith("torchtitan"),
+         "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --impl {train.impl}'s MoE block is "
+         "modelled, the attention of torchtitan's MoE models (cos/sin RoPE with per-head norms, its MLA) not yet"),
     Rule(lambda m, t: t.engine != "pytorch",
          "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --engine {train.engine}'s expert sharding and "
          "token dispatcher are not modelled yet"),

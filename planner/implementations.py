@@ -63,6 +63,12 @@ class Implementation:
     # gathered from the step's first forward to its last backward (torchtitan's policy);
     # False: ZeRO-3 reshards after each forward, as fully_shard(reshard_after_forward=True) does
     keeps_units_gathered_with_pp: bool = False
+    # whose MoE block: "reference" (strategies/model.py MoE) or "torchtitan" (0.3.0's MoE with
+    # its LocalTokenDispatcher and GroupedExperts, planner/activations.py _torchtitan_moe_terms)
+    moe: Literal["reference", "torchtitan"] = "reference"
+    # the router's gate runs under torch.autocast(dtype=float32) (torchtitan on CUDA; CPU autocast
+    # refuses float32 and runs the gate in the model's dtype)
+    fp32_router_autocast: bool = False
     # what this implementation was checked against
     validated: str = ""
 
@@ -101,7 +107,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "torchtitan": Implementation(
         name="torchtitan", title="torchtitan 0.3.0 Llama3Model (SDPA), trained by its Trainer",
         fused_qkv=True, rope_gathered_per_layer=True, returns_logits=True, loss_in_forward=False,
-        keeps_units_gathered_with_pp=True,
+        keeps_units_gathered_with_pp=True, moe="torchtitan", fp32_router_autocast=True,
         sources=(
             ("with PP, FSDP does not reshard after forward ('to avoid per-microbatch all-gathers')",
              "torchtitan/distributed/fsdp.py get_fsdp_reshard_after_forward_policy, policy 'default' "
@@ -122,6 +128,14 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
              "ChunkedLossWrapper is not modelled)", "torchtitan/components/loss.py:32-65"),
             ("op-level SAC: every second mm recomputed, counted per block from wqkv",
              "torchtitan/distributed/activation_checkpoint.py:210-278 (SelectiveAC)"),
+            ("MoE: the gate under fp32 autocast, softmax/sigmoid scores, topk, gather, route_norm",
+             "torchtitan/models/common/moe.py:284-342 (TokenChoiceTopKRouter.forward)"),
+            ("MoE: argsort of the expert ids and the gathered rows (LocalTokenDispatcher, ep = 1)",
+             "torchtitan/models/common/token_dispatcher.py:70-139"),
+            ("MoE: grouped GEMMs on .bfloat16() casts of the rows and the weights",
+             "torchtitan/models/common/moe.py:55-120 (GroupedExperts.forward)"),
+            ("MoE: the experts' output up-cast to fp32 for the routing weights, scatter-added (indices kept)",
+             "torchtitan/models/common/token_dispatcher.py:614-627; torchtitan/ops/scatter_add.py:10-48"),
         ),
         validated="per-block saved bytes of the source census (torchtitan 0.3.0 on CPU, fp32 and bf16) "
                   "with the CUDA RMSNorm; not yet measured on a GPU",
@@ -151,13 +165,15 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 # trains it on CPU and measures it with trainplan.track)
 IMPLEMENTATIONS["torchtitan-cpu"] = replace(
     IMPLEMENTATIONS["torchtitan"], name="torchtitan-cpu", title="torchtitan 0.3.0 Llama3Model (SDPA) on a CPU",
-    rmsnorm="composite", sac_saves_attention=False,
+    rmsnorm="composite", sac_saves_attention=False, fp32_router_autocast=False,
     sources=IMPLEMENTATIONS["torchtitan"].sources + (
         ("on CPU torch.rms_norm decomposes: _to_copy(fp32), pow, mean, add, rsqrt, mul, mul(weight), _to_copy",
          "aten/src/ATen/native/layer_norm.cpp rms_norm_symint (no CPU fused kernel in torch 2.13)"),
         ("SelectiveAC's save list has the CUDA attention kernels only: on CPU, "
          "_scaled_dot_product_flash_attention_for_cpu is recomputed",
          "torchtitan/distributed/activation_checkpoint.py:31-70 (_get_default_save_ops)"),
+        ("CPU autocast refuses float32 ('the target dtype is not supported. Disabling autocast'): the MoE "
+         "gate and its scores run in the model's dtype", "torch/amp/autocast_mode.py (CPU supported dtypes)"),
     ),
     validated="tests/test_torchtitan.py: torchtitan 0.3.0's own model, SelectiveAC and FullAC, trained on CPU "
               "and measured by trainplan.track (fp32 and bf16)",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from strategies.model import MoE, Transformer
 
 
 def expert_mesh(mesh, cfg, device_type: str):
@@ -32,11 +31,13 @@ def expert_mesh(mesh, cfg, device_type: str):
     return DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "efsdp", "ep"))
 
 
-def moe_blocks(model: Transformer) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+def moe_blocks(model) -> list:
+    """The model's MoE blocks (strategies/model.py ``MoE``, known by its expert-parallel group:
+    this module is imported by that one, so it does not import it back)."""
+    return [m for m in model.modules() if hasattr(m, "ep_group") and hasattr(m, "experts")]
 
 
-def apply_expert_parallel(model: Transformer, sparse) -> None:
+def apply_expert_parallel(model, sparse) -> None:
     """Split every MoE layer's routed experts over ``sparse["ep"]`` (on the meta device,
     before FSDP2 and before materialising: each rank then fills its slice of the same initial
     value, ``strategies.model.materialize``)."""
@@ -51,7 +52,7 @@ def apply_expert_parallel(model: Transformer, sparse) -> None:
         moe.ep_group = ep.get_group()
 
 
-def placement_fn(model: Transformer, dense_mesh, sparse, cfg):
+def placement_fn(model, dense_mesh, sparse, cfg):
     """FSDP2's ``shard_placement_fn`` for the blocks: routed experts' parameters on the
     experts' own shard group (``efsdp``) with expert parallelism, and on dim 1 when that group
     times ep exceeds the experts (else dim 0); every other parameter ``Shard(0)`` over the

@@ -543,3 +543,41 @@ def test_profile_recommend_keeps_compile_and_refuses_when_nothing_fits(monkeypat
     assert result.exit_code == 1 and not launched, result.output
     assert result.stderr.strip().startswith("error: nothing fits: the closest layout"), result.stderr
     assert "Traceback" not in result.output
+
+
+MOE = load_model("tiny-moe")
+MLA = load_model("tiny-deepseek")
+# index: (a text of the rule's reason, the model, the TrainConfig fields it refuses)
+MOE_EXAMPLES = {
+    0: ("--impl hf's MoE layer", MOE, dict(impl="hf")),
+    1: ("--impl torchtitan's MoE block is modelled", MOE, dict(impl="torchtitan")),
+    2: ("--engine deepspeed's expert sharding", MOE, dict(engine="deepspeed", zero_stage=2)),
+    3: ("op-level checkpointing of an MoE", MOE, dict(activation_checkpointing="op", zero_stage=3)),
+    4: ("torch.compile of an MoE", MOE, dict(compile=True)),
+    5: ("amp-bf16", MOE, dict(precision="amp-bf16")),
+    6: ("on an MoE", MOE, dict(precision="fp8-rowwise", zero_stage=3)),
+    7: ("LoRA on a mixture of experts", MOE, dict(finetune="lora")),
+    8: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
+}
+DENSE_MLA = _spec(name="tiny-mla", kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16, num_kv_heads=8)
+MLA_EXAMPLES = {
+    0: ("--impl hf --engine pytorch is not modelled", DENSE_MLA, dict(impl="hf")),
+    1: ("with flash attention", MLA, dict(attention="eager")),
+}
+
+
+@pytest.mark.parametrize("table, rules", [(MOE_EXAMPLES, "MOE_RULES"), (MLA_EXAMPLES, "MLA_RULES")])
+def test_every_moe_and_mla_rule_is_reachable(table, rules):
+    """Each rule of what a mixture of experts or latent attention does not model has a layout
+    that reaches it: ``plan_refusal`` and ``check_layout`` say exactly its reason."""
+    from planner import capabilities
+
+    rules = getattr(capabilities, rules)
+    assert sorted(table) == list(range(len(rules)))
+    for index, (text, model, fields) in table.items():
+        train = TrainConfig(**_fields(fields))
+        expected = rules[index].reason.format(model=model, train=train)
+        assert text in expected, index
+        assert _one_line(expected) and plan_refusal(model, train) == expected, index
+        with pytest.raises(LayoutError, match="^" + re.escape(expected) + "$"):
+            check_layout(model, train)

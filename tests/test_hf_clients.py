@@ -162,15 +162,20 @@ def test_family_specific_keys_are_read(tmp_path):
     assert spec("gpt2").activation == "gelu_new" and spec("gpt2").norm == "layernorm"
 
 
-def test_a_mixture_of_experts_config_is_read_and_refused_by_the_planner(tmp_path):
-    """A Mixtral config is read (its experts counted: tests/test_moe.py) and planning it is
-    refused in one line until MoE memory is modelled -- never planned as a dense Mistral."""
+def test_a_mixture_of_experts_config_is_read_and_planned_with_its_experts(tmp_path):
+    """A Mixtral config is read (its experts counted: tests/test_moe.py) and planned as the
+    reference MoE block runs it -- never as a dense Mistral; as transformers' own code runs it
+    (--impl hf) it is refused in one line."""
     from pathlib import Path
 
+    from planner import activations as act
     from planner.configs import TrainConfig, check_layout
     from planner.errors import LayoutError
 
     model = load_model(str(Path(__file__).parent.parent / "validation" / "hf_configs" / "mixtral-8x7b.json"))
     assert model.num_experts == 8 and model.experts_per_token == 2
+    train = TrainConfig(gpus=8)
+    check_layout(model, train)
+    assert "moe_router_probs" in act.layer_terms(model, train, "moe")
     with pytest.raises(LayoutError, match="mixture of experts"):
-        check_layout(model, TrainConfig(gpus=8))
+        check_layout(model, TrainConfig(gpus=8, impl="hf"))

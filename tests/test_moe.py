@@ -154,7 +154,8 @@ def _cli(*args: str):
      "amp-bf16"),
     (["plan", "--model", "gpt-oss-20b", "--gpus", "8"], "attention sinks"),
     (["plan", "--model", "qwen3-30b-a3b", "--mode", "inference"], "mixture of experts"),
-    (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "torchtitan", "--json"], "--impl torchtitan's MoE"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "torchtitan", "--json"], "--impl torchtitan's MoE block is"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "hf"], "--impl hf's MoE layer"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--engine", "megatron"], "--engine megatron"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--ac", "op"], "op-level checkpointing of an MoE"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--finetune", "lora"], "LoRA on a mixture of experts"),
@@ -506,3 +507,60 @@ def test_the_search_tries_expert_parallelism_with_the_all_to_all_in_the_breakdow
     text = _cli("plan", "--model", "qwen3-30b-a3b", "--gpus", "8", "--strategy", "zero3", "--tp", "1", "--pp", "1",
                 "--ep", "8", "--ac", "full").output
     assert "expert all-to-all (ep)" in text
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_torchtitan_moe_block_saves_what_the_plan_counts(dtype):
+    """Real client: torchtitan 0.3.0's own MoE block, built from its Qwen3-MoE layer config
+    (softmax router with route_norm, LocalTokenDispatcher, GroupedExperts on grouped GEMMs), run
+    forward on a CPU: every tensor autograd saves for its backward (saved-tensor hooks, counted
+    once per storage, parameters and the block's input aside) adds up, byte for byte, to the
+    planner's MoE terms for --impl torchtitan-cpu. Its backward runs."""
+    import torch
+    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.qwen3 import _EMBEDDING_INIT, _LINEAR_INIT, _build_qwen3_moe_layers, _qwen3_norm
+    from torchtitan.models.qwen3.model import Qwen3Model
+    from torchtitan.tools.utils import set_default_dtype
+
+    from planner import activations as act
+    from planner.configs import ModelSpec, TrainConfig
+
+    dim, head, experts, top_k, ffn, seq, batch = 128, 32, 8, 2, 64, 64, 2
+    layers = _build_qwen3_moe_layers(n_layers=1, dim=dim, n_heads=4, n_kv_heads=2, head_dim=head, moe_hidden_dim=ffn,
+                                     num_experts=experts, top_k=top_k, attn_backend="flex", moe_comm_backend="standard",
+                                     rope=CosSinRoPE.Config(dim=head, max_seq_len=seq, theta=1e6))
+    layers[0].attention.inner_attention = ScaledDotProductAttention.Config()
+    config = Qwen3Model.Config(  # built as torchtitan's trainer builds it: meta device, to_empty, init_weights
+        vocab_size=256, dim=dim, norm=_qwen3_norm(dim), layers=layers,
+        tok_embeddings=Embedding.Config(num_embeddings=256, embedding_dim=dim, param_init=_EMBEDDING_INIT),
+        lm_head=Linear.Config(in_features=dim, out_features=256, param_init=_LINEAR_INIT))
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device("meta"), set_default_dtype(torch_dtype):
+        model = config.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    moe = model.layers["0"].moe
+    x = torch.randn(batch, seq, dim, dtype=torch_dtype, requires_grad=True)
+    saved: dict[int, int] = {}
+    exclude = {p.untyped_storage().data_ptr() for p in moe.parameters()} | {x.untyped_storage().data_ptr()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = moe(x)
+    out.backward(torch.ones_like(out))
+    spec = ModelSpec(name="torchtitan-qwen3-moe", num_layers=1, hidden_size=dim, num_heads=4, num_kv_heads=2,
+                     head_dim=head, ffn_hidden_size=ffn, vocab_size=256, qk_norm=True, num_experts=experts,
+                     experts_per_token=top_k, moe_ffn_hidden_size=ffn)
+    train = TrainConfig(gpus=1, precision=dtype, micro_batch=batch, seq_len=seq, impl="torchtitan-cpu")
+    terms = act.layer_terms(spec, train, "moe")
+    planned = sum(v for k, v in terms.items() if k.startswith("moe_") and k != "moe_input")
+    assert sum(saved.values()) == planned
+    assert "moe_expert_output_fp32" in terms and ("moe_expert_weights_bf16" in terms) == (dtype == "fp32")

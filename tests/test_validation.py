@@ -17,13 +17,45 @@ def test_accuracy_goals_hold_for_committed_measurements():
     assert "| ZeRO-3 |" in result.stdout and "max_memory_allocated: median" in result.stdout
 
 
-def _checkpointing_cases():
+def _model(name: str):
+    """A preset, or a slice of one kept as a config beside the measurements (validation/slices/)."""
+    from planner.catalog import load_model
+
+    config = ROOT / "validation" / "slices" / f"{name}.json"
+    return load_model(str(config) if config.exists() else name)
+
+
+def _checkpointing_cases(moe: bool = False):
     import json
 
     cases = json.loads((ROOT / "validation" / "cpu.json").read_text())["cases"]
     # Float8 runs have their own check (tests/test_float8.py): their eager casts are not traced op by op
     return [c for c in cases if "AC" in c["label"] and c.get("report", {}).get("measured")
-            and not c["report"]["train"].get("precision", "").startswith("fp8-")]
+            and not c["report"]["train"].get("precision", "").startswith("fp8-")
+            and _model(c["report"]["model"]).is_moe == moe]
+
+
+def test_checkpointing_of_mixtures_of_experts_per_phase():
+    """MoE layers under full checkpointing (validation/cpu.json): each phase within 4%. Not exact:
+    a checkpointed MoE layer's forward working set and its backward's gradients are the dense
+    block's traced formulas (planner/activations.py), not traced for the MoE block yet; and with
+    expert parallelism on real ranks the rows a rank holds follow its routing."""
+    from planner.calibration import Overheads
+    from planner.catalog import load_gpu
+    from planner.configs import TrainConfig
+    from planner.memory import estimate_memory
+
+    cases = _checkpointing_cases(moe=True)
+    assert len(cases) >= 2
+    for case in cases:
+        report = case["report"]
+        measured = report["measured"]["ranks"][0]
+        est = estimate_memory(_model(report["model"]), load_gpu("h100"), TrainConfig(**report["train"]),
+                              Overheads.none(), search_micro_batch=False)
+        stage = est.stages[measured["stage"]]
+        for phase in ("forward", "backward"):
+            got, want = stage.phases[phase].total, measured["phases"][phase]
+            assert abs(got - want) <= 0.04 * want, (case["label"], phase, got, want)
 
 
 def test_checkpointing_policies_are_exact_per_phase():
