@@ -64,6 +64,7 @@ class ActivationInputs:
     lora_dtype: str
     cp: int  # context parallel: seq_len is the rank's share; RoPE rows are gathered per forward
     ep: int  # expert parallel: which ranks an MoE layer's tokens and experts are split over
+    expert_load: float  # with it, the busiest rank's routed rows over the balanced share
 
     @classmethod
     def of(cls, train: TrainConfig) -> ActivationInputs:
@@ -108,6 +109,7 @@ class _Dims:
     expert_ffn: int  # each routed expert's FFN on this rank (tp splits it without ep)
     shared_ffn: int  # the shared experts' FFN on this rank
     expert_parallel: bool  # ep > 1: rows travel to their experts' ranks (all-to-all) and back
+    expert_load: float  # the received rows of the busiest rank over the balanced share
 
 
 @lru_cache(maxsize=4096)
@@ -149,6 +151,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         expert_ffn=model.moe_ffn_hidden_size // (1 if train.ep > 1 else tp),
         shared_ffn=model.shared_expert_ffn_hidden_size // tp,
         expert_parallel=train.ep > 1,
+        expert_load=train.expert_load,
     )
 
 
@@ -337,10 +340,11 @@ def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
       sigmoid [T, 1] and the shared output [T, h], multiplied).
 
     Routing is dropless: the rows are N = T x K on every rank without expert parallelism; with
-    it a rank receives the rows its experts were chosen for, N on average under balanced
-    routing -- more on a rank whose experts are picked more often (the report's notes say so)."""
+    it a rank receives the rows its experts were chosen for, R = N under balanced routing and
+    ``expert_load`` x N on the busiest rank (--expert-load; the report's notes say so)."""
     t, k, e = x.moe_tokens, model.experts_per_token, model.num_experts
     n = t * k
+    r = ceil(n * x.expert_load) if x.expert_parallel else n  # rows received (its own without expert parallelism)
     # without expert parallelism the MoE input is the MLP's gathered input (sequence parallel);
     # with it each tensor-parallel rank routes its own share of the tokens
     split = x.expert_parallel
@@ -353,20 +357,20 @@ def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
         "moe_sort_order": INDEX_BYTES * n,
         "moe_token_index": INDEX_BYTES * n,
         "moe_group_offsets": 4 * e,
-        "moe_expert_input": x.ab * n * x.h,
-        "moe_gate_out": x.ab * n * x.expert_ffn,
-        "moe_act_out": x.ab * n * x.expert_ffn,
-        "moe_up_out": x.ab * n * x.expert_ffn,
-        "moe_down_input": x.ab * n * x.expert_ffn,
+        "moe_expert_input": x.ab * r * x.h,
+        "moe_gate_out": x.ab * r * x.expert_ffn,
+        "moe_act_out": x.ab * r * x.expert_ffn,
+        "moe_up_out": x.ab * r * x.expert_ffn,
+        "moe_down_input": x.ab * r * x.expert_ffn,
         "moe_expert_output": x.ab * n * x.h,
         "moe_weights_sorted": x.ab * n,
         "moe_weighted_rows": x.ab * n * x.h,
     }
     if split:  # expert parallelism: the received rows' permutation to expert order and back
-        terms["moe_received_permutation"] = INDEX_BYTES * n
-        terms["moe_received_inverse"] = INDEX_BYTES * n
+        terms["moe_received_permutation"] = INDEX_BYTES * r
+        terms["moe_received_inverse"] = INDEX_BYTES * r
     if model.linear_bias:  # each row's expert biases, gathered by its expert's index
-        terms["moe_bias_index"] = INDEX_BYTES * n
+        terms["moe_bias_index"] = INDEX_BYTES * r
     if model.shared_expert_ffn_hidden_size:
         shared = x.ab * x.s * x.b * x.shared_ffn
         terms |= {"moe_shared_gate_out": shared, "moe_shared_up_out": shared, "moe_shared_down_input": shared}

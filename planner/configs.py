@@ -285,6 +285,10 @@ class TrainConfig(_Frozen):
     etp: int = Field(default=0, ge=0, le=MAX_GPUS, description="expert tensor parallel: ranks splitting each routed "
                      "expert's FFN (Megatron's --expert-tensor-parallel-size). torchtitan 0.3.0 fixes it: tp without "
                      "expert parallelism, 1 with it; 0 means that value")
+    expert_load: float = Field(default=1.0, ge=1.0, le=1024.0, description="with expert parallelism, the routed "
+                               "rows the busiest rank receives as a multiple of the balanced share (dropless "
+                               "routing; 1: balanced). Without it a rank holds the rows its own tokens chose "
+                               "whatever the routing: no effect")
     sequence_parallel: bool = False
     zero_stage: int = Field(default=0, ge=0, le=3)
     offload: Offload = "none"

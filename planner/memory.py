@@ -1262,6 +1262,10 @@ def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, over
 
 def _notes(model: ModelSpec, train: TrainConfig) -> list[str]:
     notes = list(model.unmodelled)
+    if train.ep > 1:
+        notes.append(f"expert parallelism: dropless routing, the busiest rank receiving {train.expert_load:g}x the "
+                     f"balanced share of routed rows (--expert-load); a rank whose experts are chosen more often "
+                     f"holds more")
     if train.activation_checkpointing == "selective" and train.attention == "flash":
         notes.append("selective recompute saves almost nothing with flash attention: flash already "
                      "recomputes the attention scores instead of saving them")

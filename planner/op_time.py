@@ -46,7 +46,7 @@ only (``validation/step_fit.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import log2
+from math import ceil, log2
 
 from planner.configs import GPUSpec, ModelSpec, TrainConfig
 from planner.gemm import GemmModel, gemm_model_for
@@ -114,7 +114,9 @@ def _expert_gemms(model: ModelSpec, train: TrainConfig, kind: str, tokens: int
     t, ep, e, k, h = train.tp, train.ep, model.num_experts, model.experts_per_token, model.hidden_size
     routed = tokens // t if ep > 1 else tokens  # with expert parallelism tp splits the routed tokens
     f = model.moe_ffn_hidden_size // (1 if ep > 1 else t)
-    gemms = [(1, routed, ((h, e),)), (e // ep, max(1, routed * k * ep // e), ((h, f), (h, f), (f, h)))]
+    load = train.expert_load if ep > 1 else 1.0  # the busiest rank's rows (--expert-load)
+    rows = max(1, ceil(routed * k * ep * load / e))
+    gemms = [(1, routed, ((h, e),)), (e // ep, rows, ((h, f), (h, f), (f, h)))]
     if model.shared_expert_ffn_hidden_size:
         fs = model.shared_expert_ffn_hidden_size // t
         gemms.append((1, tokens, ((h, fs), (h, fs), (fs, h))))

@@ -419,13 +419,14 @@ def _expert_all_to_all_s(model: ModelSpec, train: TrainConfig, ctx: _StepContext
     forward, their gradients in backward, and both again when a checkpointed layer's forward
     reruns (``passes``). torchtitan's default dispatcher waits for the counts on the host before
     each exchange (token_dispatcher.py, "this would incur a device-to-host sync"): nothing
-    overlaps it. Balanced routing: a rank sends and receives as many rows as its tokens chose."""
+    overlaps it. A rank receives ``expert_load`` x the rows its tokens chose (1: balanced)."""
     if train.ep == 1:
         return 0.0
     moe_layers = sum(n for kind, n in sp.kind_counts if layer_kind(model, kind).experts)
     tokens = train.micro_batch * train.local_seq_len // train.tp  # tp splits the routed tokens
     rows = tokens * model.experts_per_token * model.hidden_size * ctx.recipe.compute_bytes
-    return moe_layers * 2 * ctx.passes * comm.all_to_all_s(rows, train.ep, ctx.links.ep)
+    # the busiest rank receives (and sends back) expert_load x its share: the exchange waits for it
+    return moe_layers * 2 * ctx.passes * comm.all_to_all_s(rows * train.expert_load, train.ep, ctx.links.ep)
 
 
 class _StageStep(NamedTuple):

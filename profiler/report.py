@@ -80,7 +80,8 @@ class Row(_Checked):
 # changes keeps its old value here).
 _ADDED_LATER = ("impl", "compile", "finetune", "lora_rank", "lora_targets", "base_precision", "train_embeddings",
                 "lora_dtype", "teacher", "optimizer_in_backward", "paged_optimizer", "cp", "fp8_all_gather", "async_tp",
-                "alloc_conf", "dp_shard", "dp_replicate", "exp_avg_dtype", "exp_avg_sq_dtype", "fp8_param_gather", "ep", "etp")
+                "alloc_conf", "dp_shard", "dp_replicate", "exp_avg_dtype", "exp_avg_sq_dtype", "fp8_param_gather", "ep", "etp",
+                "expert_load")
 
 
 class ProfileReport(_Checked):

@@ -113,6 +113,7 @@ SWITCHES = {"--async-tp", "--optimizer-in-backward", "--paged-optimizer", "--tra
 LATER_FLAGS = {
     "--cp": NUMBERS, "--sequence-parallel": st.just(True), "--no-sequence-parallel": st.just(True),
     "--dp-shard": NUMBERS, "--dp-replicate": NUMBERS, "--ep": NUMBERS, "--etp": NUMBERS,
+    "--expert-load": st.sampled_from([0.5, 1, 1.25, "nan", "x"]),
     "--exp-avg-dtype": st.sampled_from(["fp32", "bf16", "fp8", "int4"]),
     "--exp-avg-sq-dtype": st.sampled_from(["fp32", "fp16", "fp8", ""]), "--fp8-param-gather": st.just(True),
     "--fp8-all-gather": st.just(True), "--no-fp8-all-gather": st.just(True), "--async-tp": st.just(True),
@@ -200,6 +201,7 @@ def valid_plan_flags(draw) -> list[str]:
         "--cp": st.sampled_from([1, 2, 4]), "--alloc-conf": st.sampled_from(["default", "expandable_segments"]),
         "--dp-shard": st.sampled_from([0, 2, 4]), "--dp-replicate": st.sampled_from([0, 2]),
         "--ep": st.sampled_from([1, 2, 4]), "--etp": st.sampled_from([0, 1, 2]),
+        "--expert-load": st.sampled_from([1.0, 1.5]),
         "--exp-avg-dtype": st.sampled_from(["fp32", "bf16"]), "--exp-avg-sq-dtype": st.sampled_from(["fp32", "fp8"]),
         "--fp8-param-gather": st.just(True),
         "--optimizer": st.sampled_from(["adamw", "adamw8bit", "sgd"]), "--finetune": st.sampled_from(

@@ -564,3 +564,26 @@ def test_torchtitan_moe_block_saves_what_the_plan_counts(dtype):
     planned = sum(v for k, v in terms.items() if k.startswith("moe_") and k != "moe_input")
     assert sum(saved.values()) == planned
     assert "moe_expert_output_fp32" in terms and ("moe_expert_weights_bf16" in terms) == (dtype == "fp32")
+
+
+def test_expert_load_scales_the_rows_a_rank_receives():
+    """--expert-load (dropless routing, the busiest rank's rows over the balanced share): with
+    expert parallelism the received rows' tensors, the all-to-all and the experts' GEMMs grow
+    with it; the sender-side tensors do not; without expert parallelism it changes nothing."""
+    from planner import activations as act
+    from planner.catalog import load_gpu
+    from planner.configs import TrainConfig
+    from planner.step_time import estimate_step
+
+    model, gpu = catalog.load_model("tiny-moe"), load_gpu("h100")
+    base = dict(gpus=2, zero_stage=3, seq_len=64, micro_batch=2, precision="bf16-mixed")
+    balanced, busy = (act.layer_terms(model, TrainConfig(**base, ep=2, expert_load=load), "moe") for load in (1, 1.5))
+    n = 2 * 64 * 2  # tokens x top-k
+    assert busy["moe_expert_input"] == 2 * 384 * 128 and balanced["moe_expert_input"] == 2 * n * 128
+    assert busy["moe_received_permutation"] == 8 * 384 and busy["moe_sort_order"] == balanced["moe_sort_order"]
+    assert busy["moe_expert_output"] == balanced["moe_expert_output"]  # back in the sender's rows
+    steps = [estimate_step(model, gpu, TrainConfig(**base, ep=2, expert_load=load)) for load in (1, 1.5)]
+    assert steps[1].breakdown.ep_communication_s > steps[0].breakdown.ep_communication_s
+    assert steps[1].breakdown.compute_s >= steps[0].breakdown.compute_s
+    assert act.layer_terms(model, TrainConfig(**base, expert_load=2), "moe") == act.layer_terms(
+        model, TrainConfig(**base), "moe")

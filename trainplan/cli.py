@@ -191,6 +191,7 @@ def plan_options(fn):
                "sequences]"),
         _train("--ep", default=None, help=f"{fields['ep'].description} [default: search, on a mixture of experts]"),
         _train("--etp", default=None, help=f"{fields['etp'].description}"),
+        _train("--expert-load", show_default=True),
         _train("--dp-shard", default=None, help=f"{fields['dp_shard'].description} [default: 0]"),
         _train("--dp-replicate", default=None, help=f"{fields['dp_replicate'].description} [default: 0]"),
         _train("--sequence-parallel/--no-sequence-parallel", default=None,
