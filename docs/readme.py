@@ -337,7 +337,8 @@ def frameworks() -> str:
     head = (f"Measured {dates[0] if len(dates) == 1 else f'{dates[0]} to {dates[-1]}'} on CPU (transformers "
             f"{versions['transformers']}, peft {versions['peft']}, torchtitan {versions['torchtitan']}, torch "
             f"{versions['torch']}; `python validation/clients.py`). Worst errors: Hugging Face activations "
-            f"{worst['hf'][0]:.2f}%, peak {worst['hf'][1]:.2f}%; peft LoRA activations {worst['peft'][0]:.2f}%, "
+            f"{worst['hf'][0]:.2f}%, peak {worst['hf'][1]:.2f}%; Hugging Face mixtures of experts activations "
+            f"{worst['hf-moe'][0]:.2f}%, peak {worst['hf-moe'][1]:.2f}%; peft LoRA activations {worst['peft'][0]:.2f}%, "
             f"peak {worst['peft'][1]:.2f}%; torchtitan activations {worst['torchtitan'][0]:.2f}%, peak "
             f"{worst['torchtitan'][1]:.2f}%; torch.compile activations {worst['compile'][0]:.2f}%, peak "
             f"{worst['compile'][1]:.2f}%.\n\n")

@@ -431,6 +431,46 @@ def _torchtitan_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     return terms
 
 
+def _hf_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
+    """What transformers 5.25's sparse MoE block saves with its default experts implementation,
+    ``grouped_mm`` (transformers/integrations/moe.py:424-537; the routers of Mixtral and Qwen-MoE,
+    models/mixtral/modeling_mixtral.py:104-111, models/qwen3_moe/modeling_qwen3_moe.py:259-268),
+    measured with saved-tensor hooks on CPU (tests/test_moe.py): the router's input, its fp32
+    softmax, the top-k indices, the top-k weights and their sums (renormalised, fp32); the sort of
+    the expert ids and each row's token [S] (int64, S = T x K), the groups' offsets; the gathered
+    rows [S, h]; the fused gate-and-up output [S, 2f] (the activation and the product keep views of
+    it), the activation's output and the product [S, f]; the routing weights in sorted order [S]
+    (fp32) and the experts' output [S, h] they multiply; the inverse permutation [S] (int64) --
+    the sum over each token's k rows keeps nothing. Shared experts (Qwen2-MoE) as the model's MLP
+    of their width, and the sigmoid gate on them."""
+    t, k, e, f = x.s * x.b, model.experts_per_token, model.num_experts, x.expert_ffn
+    n = t * k
+    terms = _norm_terms(model, x, "mlp") | {
+        "moe_input": x.ab * t * x.h,
+        "moe_router_probs": FP32 * t * e,
+        "moe_topk_indices": INDEX_BYTES * t * k,
+        "moe_topk_weights": FP32 * t * k,
+        "moe_topk_weight_sums": FP32 * t,
+        "moe_sort_order": INDEX_BYTES * n,
+        "moe_token_index": INDEX_BYTES * n,
+        "moe_group_offsets": 4 * e,
+        "moe_expert_input": x.ab * n * x.h,
+        "moe_gate_up_out": x.ab * n * 2 * f,
+        "moe_act_out": x.ab * n * f,
+        "moe_down_input": x.ab * n * f,
+        "moe_weights_sorted": FP32 * n,
+        "moe_expert_output": x.ab * n * x.h,
+        "moe_inverse_order": INDEX_BYTES * n,
+    }
+    if model.shared_expert_ffn_hidden_size:
+        shared = x.ab * t * x.shared_ffn
+        terms |= {"moe_shared_gate_out": shared, "moe_shared_act_out": shared, "moe_shared_up_out": shared,
+                  "moe_shared_down_input": shared}
+        if model.shared_expert_gate:
+            terms |= {"moe_shared_gate_sigmoid": x.ab * t, "moe_shared_output": x.ab * t * x.h}
+    return terms
+
+
 def _te_input(x: _Dims, elements: int) -> int:
     """A LayerNormLinear's normalised input as Transformer Engine keeps it: FP8, 1 B per element
     (and block scales); with sequence parallelism the per-tensor recipes keep the rank's rowwise
@@ -595,7 +635,8 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
                   else _attention_terms(model, x, sublayer, selective))
         dropped += _core_attention_keys(sublayer)
     if layer_kind(model, kind).experts:
-        terms |= _torchtitan_moe_terms(model, x) if x.impl.moe == "torchtitan" else _moe_terms(model, x)
+        terms |= {"torchtitan": _torchtitan_moe_terms, "hf": _hf_moe_terms, "reference": _moe_terms}[x.impl.moe](
+            model, x)
     else:
         terms |= _mlp_terms(model, x)
     if selective:

@@ -65,7 +65,7 @@ class Implementation:
     keeps_units_gathered_with_pp: bool = False
     # whose MoE block: "reference" (strategies/model.py MoE) or "torchtitan" (0.3.0's MoE with
     # its LocalTokenDispatcher and GroupedExperts, planner/activations.py _torchtitan_moe_terms)
-    moe: Literal["reference", "torchtitan"] = "reference"
+    moe: Literal["reference", "torchtitan", "hf"] = "reference"
     # the router's gate runs under torch.autocast(dtype=float32) (torchtitan on CUDA; CPU autocast
     # refuses float32 and runs the gate in the model's dtype)
     fp32_router_autocast: bool = False
@@ -85,7 +85,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "hf": Implementation(
         name="hf", title=f"Hugging Face transformers ({HF}), plain training loop",
         rmsnorm="hf", rope="per-forward", eager_softmax="fp32", composite_activations=("gelu_new", "gelu_fast"),
-        returns_logits=True, kv_cache_in_training=True,
+        returns_logits=True, kv_cache_in_training=True, moe="hf",
         sources=(
             ("RMSNorm upcasts to fp32 and keeps the normalised input",
              "transformers/models/llama/modeling_llama.py:62-67 (LlamaRMSNorm.forward)"),

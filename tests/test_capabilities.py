@@ -549,7 +549,7 @@ MOE = load_model("tiny-moe")
 MLA = load_model("tiny-deepseek")
 # index: (a text of the rule's reason, the model, the TrainConfig fields it refuses)
 MOE_EXAMPLES = {
-    0: ("--impl hf's MoE layer", MOE, dict(impl="hf")),
+    0: ("--impl megatron's MoE layer", MOE, dict(impl="megatron")),
     1: ("--impl torchtitan's MoE block is modelled", MOE, dict(impl="torchtitan")),
     2: ("--engine deepspeed's expert sharding", MOE, dict(engine="deepspeed", zero_stage=2)),
     3: ("op-level checkpointing of an MoE", MOE, dict(activation_checkpointing="op", zero_stage=3)),

@@ -163,9 +163,9 @@ def test_family_specific_keys_are_read(tmp_path):
 
 
 def test_a_mixture_of_experts_config_is_read_and_planned_with_its_experts(tmp_path):
-    """A Mixtral config is read (its experts counted: tests/test_moe.py) and planned as the
-    reference MoE block runs it -- never as a dense Mistral; as transformers' own code runs it
-    (--impl hf) it is refused in one line."""
+    """A Mixtral config is read (its experts counted: tests/test_moe.py) and planned with its
+    experts, as the reference MoE block and as transformers' grouped_mm experts run it -- never as
+    a dense Mistral; as Megatron-Core runs it (--impl megatron) it is refused in one line."""
     from pathlib import Path
 
     from planner import activations as act
@@ -177,5 +177,8 @@ def test_a_mixture_of_experts_config_is_read_and_planned_with_its_experts(tmp_pa
     train = TrainConfig(gpus=8)
     check_layout(model, train)
     assert "moe_router_probs" in act.layer_terms(model, train, "moe")
+    hf = TrainConfig(gpus=8, impl="hf")
+    check_layout(model, hf)
+    assert "moe_gate_up_out" in act.layer_terms(model, hf, "moe")  # transformers' fused gate and up
     with pytest.raises(LayoutError, match="mixture of experts"):
-        check_layout(model, TrainConfig(gpus=8, impl="hf"))
+        check_layout(model, TrainConfig(gpus=8, impl="megatron"))

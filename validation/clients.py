@@ -51,6 +51,27 @@ def hugging_face() -> list[dict]:
     return records
 
 
+def hugging_face_moe() -> list[dict]:
+    import torch
+    import transformers
+
+    from test_moe import HF_MOE_CLIENTS, hf_moe_model, hf_moe_train  # the test's models and loop
+
+    records = []
+    for name in HF_MOE_CLIENTS:
+        model = hf_moe_model(name)
+        tracker = hf_moe_train(model)
+        spec, train = tracker.observed()
+        measured = tracker.result()
+        records.append(dict(
+            framework="hf-moe", name=f"{type(model).__name__} (MoE, grouped_mm), sdpa, fp32",
+            model=spec.model_dump(), train=train.model_dump(),
+            measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
+            versions=dict(transformers=transformers.__version__, torch=torch.__version__)))
+        print(records[-1]["name"], records[-1]["measured"], flush=True)
+    return records
+
+
 def peft_lora() -> list[dict]:
     import peft
     import torch
@@ -140,7 +161,7 @@ def compiled() -> list[dict]:
 def main() -> int:
     from strategies.files import write_atomic
 
-    runs = {"hf": hugging_face, "peft": peft_lora, "torchtitan": torchtitan, "compile": compiled}
+    runs = {"hf": hugging_face, "hf-moe": hugging_face_moe, "peft": peft_lora, "torchtitan": torchtitan, "compile": compiled}
     only = sys.argv[1:] or list(runs)
     unknown = sorted(set(only) - set(runs))
     if unknown:
