@@ -875,7 +875,30 @@ def layer_forward_working(model: ModelSpec, train: TrainConfig | ActivationInput
     x = _dims(model, train)
     tokens = x.s * x.b
     ffn_tensors = 2 if model.mlp == "gelu" else 3
-    return 2 * x.ab * tokens * x.h // x.seq_div + ffn_tensors * x.ab * tokens * x.ffn
+    dense = 2 * x.ab * tokens * x.h // x.seq_div + ffn_tensors * x.ab * tokens * x.ffn
+    if not model.is_moe or x.impl.moe != "reference":
+        return dense
+    moe = 2 * x.ab * tokens * x.h // x.seq_div + _moe_forward_working(model, x)
+    return max(moe, dense if model.dense_layers else 0)
+
+
+def _moe_forward_working(model: ModelSpec, x: _Dims) -> int:
+    """The most the reference MoE block (strategies/model.py ``MoE``) holds at once in a forward
+    that saves nothing, beyond its input (traced op by op on CPU, torch 2.13, three shapes): the
+    routing's small tensors -- the fp32 probabilities, the top-k indices and weights, the sort
+    order and each row's token, the counts -- and the gathered rows [R, h], which the forward keeps
+    to its end, with, at the largest of three moments: the experts' activation, up output and
+    product [R, f] (and the groups' offsets); the experts' output and its weighted copy [N, h];
+    with shared experts, the routed sum, the shared output and their sum [T, h] beside the
+    weighted rows."""
+    t, k, e = x.moe_tokens, model.experts_per_token, model.num_experts
+    n = t * k
+    r = ceil(n * x.expert_load) if x.expert_parallel else n
+    routing = FP32 * t * e + INDEX_BYTES * (t * k + 2 * n + e) + x.ab * t * k
+    experts = r * x.h * x.ab + 3 * x.ab * r * x.expert_ffn + 4 * e
+    combine = x.ab * (r * x.h + 2 * n * x.h + n)
+    shared = x.ab * (r * x.h + n * x.h + n + 3 * x.s * x.b * x.h) if model.shared_expert_ffn_hidden_size else 0
+    return routing + max(experts, combine, shared)
 
 
 def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:

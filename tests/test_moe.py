@@ -648,3 +648,55 @@ def test_hugging_face_moe_training_matches_its_hf_prediction(name):
         assert rows[quantity].predicted == rows[quantity].measured, quantity
     for quantity in ("activations", "peak (allocated)"):
         assert abs(rows[quantity].error_pct) < 1.0, (quantity, rows[quantity].predicted, rows[quantity].measured)
+
+
+@pytest.mark.parametrize("shape", [dict(moe_ffn_hidden_size=32), dict(moe_ffn_hidden_size=128),
+                                   dict(experts_per_token=4), dict(shared_expert_ffn_hidden_size=32)])
+def test_a_checkpointed_moe_forward_holds_what_the_plan_says(shape):
+    """The reference MoE block's forward under checkpointing (nothing saved): the most bytes it
+    holds at once beyond its input, traced op by op here (every tensor an op returns counted
+    until its storage is freed, parameters aside), equals planner/activations.py
+    _moe_forward_working -- the moment that wins depends on the shape (the experts' [N, f]
+    intermediates, the combine's [N, h] rows, the shared experts' sum)."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.checkpoint import checkpoint
+
+    from planner import activations as act
+    from planner.configs import ModelSpec, TrainConfig
+    from strategies.model import build_model, materialize
+
+    base = catalog.load_model("tiny-moe").model_dump(exclude={"name"})
+    spec = ModelSpec(name="m", **(base | dict(hidden_size=64, shared_expert_ffn_hidden_size=0) | shape))
+    moe = materialize(build_model(spec, "meta"), "cpu", seed=1).layers["1"].mlp
+    x = torch.randn(1, 64, 64, requires_grad=True)
+    skip = {p.untyped_storage().data_ptr() for p in moe.parameters()} | {x.untyped_storage().data_ptr()}
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.now, self.peak = {}, 0, 0
+
+        def _free(self, key):
+            self.now -= self.live.pop(key, 0)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                    if key not in self.live and key not in skip and storage.nbytes():
+                        self.live[key] = storage.nbytes()
+                        self.now += storage.nbytes()
+                        weakref.finalize(storage, self._free, key)
+            self.peak = max(self.peak, self.now)
+            return out
+
+    with Live() as live:
+        checkpoint(moe, x, use_reentrant=False)
+    train = TrainConfig(gpus=1, precision="fp32", micro_batch=1, seq_len=64)
+    assert live.peak == act._moe_forward_working(spec, act._dims(spec, act.ActivationInputs.of(train)))

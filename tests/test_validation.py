@@ -37,9 +37,9 @@ def _checkpointing_cases(moe: bool = False):
 
 def test_checkpointing_of_mixtures_of_experts_per_phase():
     """MoE layers under full checkpointing (validation/cpu.json): each phase within 4%. Not exact:
-    a checkpointed MoE layer's forward working set and its backward's gradients are the dense
-    block's traced formulas (planner/activations.py), not traced for the MoE block yet; and with
-    expert parallelism on real ranks the rows a rank holds follow its routing."""
+    the MoE backward's gradients are the dense block's traced formulas (planner/activations.py),
+    not traced for the MoE block yet (the checkpointed forward's working set is); and with expert
+    parallelism on real ranks the rows a rank holds follow its routing."""
     from planner.calibration import Overheads
     from planner.catalog import load_gpu
     from planner.configs import TrainConfig
