@@ -668,12 +668,18 @@ def _lora_terms(model: ModelSpec, x: _Dims, train: ActivationInputs | TrainConfi
     keep = {"attn_qkv_input": qkv, "mlp_input": fc1, "mlp_down_input": "down" in adapted and not casts}
     if not x.flash:  # eager: the output projection keeps its own reshaped copy of probs @ v
         keep["attn_out"] = "o" in adapted and not casts
+    # an MoE block keeps no adapters (its router, experts and shared experts are not block
+    # projections): frozen, its matmuls keep no inputs -- the MoE input, the gathered rows, the
+    # down projections' inputs (measured with saved-tensor hooks on the reference block)
+    keep |= dict.fromkeys(("moe_input", "moe_shared_input", "moe_expert_input", "moe_down_input",
+                           "moe_shared_down_input"), False)
     terms = {name: nbytes for name, nbytes in terms.items() if keep.get(name, True)}
     gelu = model.mlp == "gelu"
     # (block part, projection, input width)
     projections = [("attn", "q", x.h), ("attn", "k", x.h), ("attn", "v", x.h), ("attn", "o", x.heads * x.d)]
-    projections += ([("mlp", "fc1", x.h), ("mlp", "fc2", x.ffn)] if gelu else
-                    [("mlp", "gate", x.h), ("mlp", "up", x.h), ("mlp", "down", x.ffn)])
+    if "moe_router_probs" not in terms:  # an MoE layer's MLP has no adapters (above)
+        projections += ([("mlp", "fc1", x.h), ("mlp", "fc2", x.ffn)] if gelu else
+                        [("mlp", "gate", x.h), ("mlp", "up", x.h), ("mlp", "down", x.ffn)])
     for prefix, name, width in projections:
         if is_adapted(name, train):
             terms[f"{prefix}_lora_{name}_a_out"] = a_bytes * tokens * train.lora_rank

@@ -213,8 +213,14 @@ MOE_RULES: tuple[Rule, ...] = (
     Rule(lambda m, t: _torchao_float8(t) or _te_fp8(t) or t.precision == "mxfp8",
          "{train.precision} on an MoE (padded grouped GEMMs, torchao's MoE converters) is not modelled; use a 16-bit "
          "recipe"),
-    # peft adapts nn.Linear modules; stacked experts are parameters, not Linears
-    Rule(lambda m, t: _lora(t), "LoRA on a mixture of experts (adapters on stacked experts) is not modelled yet"),
+    # LoRA leaves an MoE block frozen, without adapters (the reference model's apply_lora adapts
+    # block projections; stacked experts are parameters, not Linears): measured for the reference
+    # block; peft's expert adapters (target_parameters) are not modelled
+    Rule(lambda m, t: _lora(t) and t.ep > 1,
+         "LoRA with expert parallelism is not modelled (its frozen experts' sharding over ep); use --ep 1"),
+    Rule(lambda m, t: _lora(t) and t.impl != "trainplan",
+         "LoRA on a mixture of experts is planned for the reference model (--impl trainplan: adapters on the "
+         "attention and the dense layers, the MoE blocks frozen); --impl {train.impl}'s is not modelled yet"),
     Rule(lambda m, t: t.teacher != "", "distillation with an MoE student is not modelled"),
 )
 """What ``plan`` does not model of a mixture of experts' training (``check_layout``)."""

@@ -1262,6 +1262,10 @@ def largest_micro_batch(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, over
 
 def _notes(model: ModelSpec, train: TrainConfig) -> list[str]:
     notes = list(model.unmodelled)
+    if model.is_moe and train.finetune != "full":
+        notes.append("LoRA on a mixture of experts: the MoE blocks (router, routed and shared experts) are frozen "
+                     "without adapters and stay in the parameters' dtype, quantised base or not (as bitsandbytes "
+                     "quantises nn.Linear modules only)")
     if train.ep > 1:
         notes.append(f"expert parallelism: dropless routing, the busiest rank receiving {train.expert_load:g}x the "
                      f"balanced share of routed rows (--expert-load); a rank whose experts are chosen more often "

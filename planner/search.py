@@ -159,7 +159,7 @@ class SearchSpace:
             return self.ep or [1]
         if self.ep is not None:
             return self.ep
-        if zero == 1 or self.fixed.get("engine", "pytorch") != "pytorch":
+        if zero == 1 or self.fixed.get("engine", "pytorch") != "pytorch" or self.finetuning:
             return [1]
         borrowable = (dp if zero >= 2 else 1) * cp * tp
         return [d for d in divisors(borrowable) if model.num_experts % d == 0]

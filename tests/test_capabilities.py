@@ -556,8 +556,9 @@ MOE_EXAMPLES = {
     4: ("torch.compile of an MoE", MOE, dict(compile=True)),
     5: ("amp-bf16", MOE, dict(precision="amp-bf16")),
     6: ("on an MoE", MOE, dict(precision="fp8-rowwise", zero_stage=3)),
-    7: ("LoRA on a mixture of experts", MOE, dict(finetune="lora")),
-    8: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
+    7: ("LoRA with expert parallelism", MOE, dict(finetune="lora", zero_stage=3, ep=2)),
+    8: ("--impl hf's is not modelled", MOE, dict(finetune="lora", impl="hf")),
+    9: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
 }
 DENSE_MLA = _spec(name="tiny-mla", kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16, num_kv_heads=8)
 MLA_EXAMPLES = {

@@ -131,6 +131,9 @@ CPU_CASES = [
           activation_checkpointing="full")),
     ("Mixtral-8x7B ZeRO-3 ep4 x efsdp2, seq 2048, 8 simulated", "mixtral-8x7b", 8,
      dict(gpus=8, zero_stage=3, ep=4, seq_len=2048, micro_batch=1, precision="bf16-mixed")),
+    ("MoE LoRA ZeRO-3, bf16-mixed", "tiny-moe", None, dict(gpus=2, zero_stage=3, finetune="lora",
+                                                           precision="bf16-mixed")),
+    ("MoE QLoRA, full AC, 1 GPU", "tiny-moe", None, dict(gpus=1, finetune="qlora", activation_checkpointing="full")),
     # latent attention (DeepSeek's MLA) with experts: the reference LatentAttention
     ("MLA + MoE, 1 GPU", "tiny-deepseek", None, dict(gpus=1, zero_stage=0)),
     ("MLA + MoE ZeRO-3 ep2, bf16-mixed", "tiny-deepseek", None, dict(gpus=2, zero_stage=3, ep=2,
