@@ -889,21 +889,28 @@ def layer_forward_working(model: ModelSpec, train: TrainConfig | ActivationInput
 
 
 def _moe_forward_working(model: ModelSpec, x: _Dims) -> int:
+    r = ceil(x.moe_tokens * model.experts_per_token * x.expert_load) if x.expert_parallel else None
+    return moe_forward_bytes(model, x.moe_tokens, x.ab, x.expert_ffn, x.s * x.b, r)
+
+
+def moe_forward_bytes(model: ModelSpec, tokens: int, ab: int, expert_ffn: int, shared_tokens: int,
+                      received: int | None = None) -> int:
     """The most the reference MoE block (strategies/model.py ``MoE``) holds at once in a forward
-    that saves nothing, beyond its input (traced op by op on CPU, torch 2.13, three shapes): the
-    routing's small tensors -- the fp32 probabilities, the top-k indices and weights, the sort
-    order and each row's token, the counts -- and the gathered rows [R, h], which the forward keeps
-    to its end, with, at the largest of three moments: the experts' activation, up output and
-    product [R, f] (and the groups' offsets); the experts' output and its weighted copy [N, h];
-    with shared experts, the routed sum, the shared output and their sum [T, h] beside the
-    weighted rows."""
-    t, k, e = x.moe_tokens, model.experts_per_token, model.num_experts
+    that saves nothing (checkpointed, or inference), beyond its input (traced op by op on CPU,
+    torch 2.13; tests/test_moe.py traces it again): the routing's small tensors -- the fp32
+    probabilities, the top-k indices and weights, the sort order and each row's token, the counts
+    -- and the gathered rows [R, h], which the forward keeps to its end, with, at the largest of
+    three moments: the experts' activation, up output and product [R, f] (and the groups'
+    offsets); the experts' output and its weighted copy [N, h]; with shared experts, the routed
+    sum, the shared output and their sum [T, h] beside the weighted rows. ``received``: the rows a
+    rank's experts receive under expert parallelism (N without it)."""
+    t, k, e, h = tokens, model.experts_per_token, model.num_experts, model.hidden_size
     n = t * k
-    r = ceil(n * x.expert_load) if x.expert_parallel else n
-    routing = FP32 * t * e + INDEX_BYTES * (t * k + 2 * n + e) + x.ab * t * k
-    experts = r * x.h * x.ab + 3 * x.ab * r * x.expert_ffn + 4 * e
-    combine = x.ab * (r * x.h + 2 * n * x.h + n)
-    shared = x.ab * (r * x.h + n * x.h + n + 3 * x.s * x.b * x.h) if model.shared_expert_ffn_hidden_size else 0
+    r = n if received is None else received
+    routing = FP32 * t * e + INDEX_BYTES * (t * k + 2 * n + e) + ab * t * k
+    experts = r * h * ab + 3 * ab * r * expert_ffn + 4 * e
+    combine = ab * (r * h + 2 * n * h + n)
+    shared = ab * (r * h + n * h + n + 3 * shared_tokens * h) if model.shared_expert_ffn_hidden_size else 0
     return routing + max(experts, combine, shared)
 
 

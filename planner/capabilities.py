@@ -155,11 +155,9 @@ LAYOUT_RULES: tuple[Rule, ...] = (
 # Mixtures of experts are planned for training as the reference model's MoE block runs them
 # (strategies/model.py MoE; planner/activations.py _moe_terms), sharded and exchanged as
 # torchtitan 0.3.0 does (planner/params.py expert_local_shape); what else would change what an
-# MoE layer saves or how its experts shard is refused below (MOE_RULES). Serving them is not
-# modelled yet: which experts a decode step reads, expert offload.
-_MOE_INFERENCE_RULE = Rule(lambda m: m.num_experts > 0,
-                           "{model.name} is a mixture of experts ({model.num_experts} experts, {model.experts_per_token} "
-                           "per token): trainplan plans training it, not serving it yet")
+# MoE layer saves or how its experts shard is refused below (MOE_RULES). Serving them is planned as
+# the reference model's inference runs them: every expert resident (or swapped with its layer),
+# a decode step reading the experts its tokens chose (planner/inference.py experts_touched).
 # DeepSeek's latent attention saves other tensors than q, k, v per head: planned for training
 # as the reference model's LatentAttention runs it (MLA_RULES); serving it is not modelled yet
 _MLA_RULE = Rule(lambda m: m.kv_lora_rank > 0,
@@ -177,9 +175,15 @@ def architecture_refusal(model) -> str | None:
     return _first(ARCHITECTURE_RULES, model, None, model)
 
 
+# the inference executor (strategies/inference.py) and its op-by-op walk (planner/inference.py
+# _layer) have no per-head q/k norms: their temporaries are not counted
+_QK_NORM_INFERENCE_RULE = Rule(lambda m: m.qk_norm, "{model.name} normalises q and k per head (qk_norm), which "
+                               "the inference plan does not model yet (training it is planned)")
+
+
 def inference_architecture_refusal(model) -> str | None:
     """Why ``plan --mode inference`` does not model this model, or None."""
-    return architecture_refusal(model) or _first((_MLA_RULE, _MOE_INFERENCE_RULE), model, None, model)
+    return architecture_refusal(model) or _first((_MLA_RULE, _QK_NORM_INFERENCE_RULE), model, None, model)
 
 
 _MOE_PLANNED = ("an MoE layer is planned as the reference model's MoE block (--impl trainplan) or transformers' "

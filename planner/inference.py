@@ -41,6 +41,7 @@ from planner.capabilities import inference_architecture_refusal
 from planner.configs import MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN, GPUSpec, ModelSpec, _Frozen
 from planner.errors import ConfigError, LayoutError
 from planner.finetune import quantised_bytes
+from planner.activations import moe_forward_bytes
 from planner.flops import _counted_attention, head_matmul_params, layer_matmul_params
 from planner.memory import Limit, memory_limits
 from planner.params import ParamTensor, Unit, layer_kind, layer_stack, pipeline_stages
@@ -319,7 +320,7 @@ def _rope(walk: _ForwardWalk, nbytes: int, name: str) -> None:
     walk.live[name] = walk.live.pop("rope_out")
 
 
-def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims, tp: int) -> None:
+def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims, tp: int, kind: str = "decoder") -> None:
     """One decoder block (strategies/inference._block); ``x`` is live before and after."""
     h, hd = model.hidden_size, model.head_dim
     q_out, kv_out = model.num_heads // tp * hd, model.num_kv_heads // tp * hd
@@ -358,7 +359,10 @@ def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims,
     walk.new("h", rows * h * e)
     walk.free("o")
     _norm(walk, rows, h, e, "n2", model.norm)
-    if model.mlp == "gelu":
+    if layer_kind(model, kind).experts:  # the reference MoE block: its own forward's working set
+        walk.transient(moe_forward_bytes(model, rows, e, model.moe_ffn_hidden_size, rows))
+        walk.new("o", rows * h * e)
+    elif model.mlp == "gelu":
         _projection_call(walk, cfg, d, f, h, "a")
         walk.new("g", rows * f * e)
         walk.free("a")
@@ -381,7 +385,7 @@ def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims,
 
 def forward_peak(model: ModelSpec, cfg: InferenceConfig, e: int, batch: int, chunk: int, length: int,
                  layers: int, has_embedding: bool = True, has_head: bool = True, tp: int = 1,
-                 keep_logits: bool = False) -> int:
+                 keep_logits: bool = False, kinds: tuple[str, ...] = ("decoder",)) -> int:
     """Peak live bytes of one forward of ``chunk`` tokens per sequence attending to ``length``
     positions (beyond weights and cache)."""
     walk = _ForwardWalk()
@@ -393,8 +397,9 @@ def forward_peak(model: ModelSpec, cfg: InferenceConfig, e: int, batch: int, chu
         walk.new("x_pos", d.tokens * h * e)
         walk.free("pos", "x")
         walk.live["x"] = walk.live.pop("x_pos")
-    if layers:  # every block leaves the same tensors alive that it found: the first one's peak is theirs
-        _layer(walk, model, cfg, d, tp)
+    # every block leaves the same tensors alive that it found: each kind's first block's peak is theirs
+    for kind in (dict.fromkeys(kinds) if layers else ()):
+        _layer(walk, model, cfg, d, tp, kind)
     if has_head:
         _norm(walk, batch, h, e, "last", model.norm)
         walk.free("x")
@@ -530,6 +535,7 @@ class InferenceEstimate(BaseModel):
 class _Stage:
     weights: int
     layer_bytes: list[int]
+    expert_bytes: list[int]  # of each layer's bytes, its routed experts' (0 in a dense layer)
     layer_kinds: list[str]
     generates: list[bool]  # per layer: runs once per generated token (a decoder's; planner/params.py LayerKind)
     kv: int
@@ -541,9 +547,10 @@ def _stage(model: ModelSpec, cfg: InferenceConfig, e: int, index: int) -> _Stage
     stage = pipeline_stages(model, cfg.pp)[index]
     layer_units = [u for u in stage.units if u.is_layer]
     layer_bytes = [unit_bytes(u, cfg, e, cfg.tp) for u in layer_units]
+    expert_bytes = [sum(stored_bytes(t, cfg, e, cfg.tp) for t in u.tensors if t.role == "expert") for u in layer_units]
     weights = sum(layer_bytes) + sum(unit_bytes(u, cfg, e, cfg.tp) for u in stage.units if not u.is_layer)
     kv = sum(kv_cache_bytes(model, cfg, e, u.kind, cfg.tp) for u in layer_units)
-    return _Stage(weights, layer_bytes, [u.kind for u in layer_units],
+    return _Stage(weights, layer_bytes, expert_bytes, [u.kind for u in layer_units],
                   [layer_kind(model, u.kind).generates for u in layer_units], kv, stage.has_embedding, stage.has_head)
 
 
@@ -565,10 +572,11 @@ def _activations(model: ModelSpec, cfg: InferenceConfig, e: int, stage: _Stage) 
     for pos in sorted({0, max(0, (ceil(cfg.prompt_len / chunk) - 1) * chunk)}):  # the first and the last chunk
         c = min(chunk, cfg.prompt_len - pos)
         prefill = max(prefill, forward_peak(model, cfg, e, cfg.batch, c, pos + c, layers, stage.has_embedding,
-                                            stage.has_head, cfg.tp, keep_logits=True))
+                                            stage.has_head, cfg.tp, keep_logits=True, kinds=tuple(kinds)))
     decode_layers = sum(stage.generates)
+    decoders = tuple(kind for kind, generates in zip(kinds, stage.generates) if generates)
     decode = forward_peak(model, cfg, e, cfg.batch, 1, cfg.cache_len - 1, decode_layers, stage.has_embedding,
-                          stage.has_head, cfg.tp)
+                          stage.has_head, cfg.tp, kinds=decoders)
     return prefill, decode
 
 
@@ -705,10 +713,13 @@ def _layer_times(model: ModelSpec, cfg: InferenceConfig, e: int, stages: list[_S
     flops_rate, hbm = rates.flops_rate, rates.hbm
     layer_numel = {kind: layer_matmul_params(model, kind) // cfg.tp for kind, _ in layer_stack(model)}
     prefill_layer_s, decode_layer_s = [], []
+    touched = experts_touched(model, cfg.batch)
     for stage in stages:
-        for kind, nbytes in zip(stage.layer_kinds, stage.layer_bytes):
+        for kind, nbytes, experts in zip(stage.layer_kinds, stage.layer_bytes, stage.expert_bytes):
             params = layer_numel[kind]
             traffic = _weight_traffic(cfg, e, nbytes, params)
+            # a decode step reads the experts its batch's tokens chose, not all of them
+            step_traffic = traffic - (experts - int(experts * touched / model.num_experts) if experts else 0)
             flops = 2 * params * cfg.batch * cfg.prompt_len + cfg.batch * _counted_attention(
                 model, cfg.prompt_len, kind, True) / cfg.tp
             prefill_layer_s.append(max(flops / flops_rate, chunks * traffic / hbm))
@@ -718,8 +729,19 @@ def _layer_times(model: ModelSpec, cfg: InferenceConfig, e: int, stages: list[_S
                     kv_read += 2 * 2 * cfg.batch * (model.num_kv_heads // cfg.tp) * cfg.cache_len * model.head_dim * e
                 step_flops = 2 * params * cfg.batch + 4 * cfg.batch * cfg.cache_len * model.num_heads // cfg.tp * \
                     model.head_dim * len(layer_kind(model, kind).attentions)
-                decode_layer_s.append((step_flops / flops_rate, (traffic + kv_read) / hbm))
+                decode_layer_s.append((step_flops / flops_rate, (step_traffic + kv_read) / hbm))
     return _LayerTimes(prefill_layer_s, decode_layer_s)
+
+
+def experts_touched(model: ModelSpec, tokens: int) -> float:
+    """Distinct routed experts one MoE layer runs for ``tokens`` tokens each choosing top-k of E,
+    expected under uniform routing: E x (1 - (1 - k/E)^tokens) -- a decode step of batch B reads
+    that many experts' weights, not E (each expert is unchosen by a token with probability
+    1 - k/E, independently across tokens)."""
+    if not model.is_moe:
+        return 0.0
+    e, k = model.num_experts, model.experts_per_token
+    return e * (1 - (1 - k / e) ** tokens)
 
 
 class _HeadTimes(NamedTuple):
@@ -983,13 +1005,15 @@ def search_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: 
                              reason=reason)
     return InferencePlan(model=model.name, gpu=gpu.name, gpus=cfg.gpus, candidates=candidates, recommended=None,
                          reason=f"no layout of {cfg.gpus} GPUs fits batch {cfg.batch} x {cfg.cache_len} positions",
-                         advice=inference_advice(cfg))
+                         advice=inference_advice(cfg, model))
 
 
-def inference_advice(cfg: InferenceConfig) -> list[str]:
+def inference_advice(cfg: InferenceConfig, model: ModelSpec | None = None) -> list[str]:
     advice = []
     if cfg.weights in ("bf16", "fp16", "fp32"):
-        advice.append("--weights int8 (half the 16-bit bytes) or int4 / nf4 (about a quarter)")
+        advice.append("--weights int8 (half the 16-bit bytes) or int4 / nf4 (about a quarter)" if not (
+            model is not None and model.is_moe) else "--weights int8 / int4 / nf4 for the attention and dense "
+            "projections (the routed experts, most of the bytes, stay 16-bit in the reference inference)")
     if cfg.offload == "none" and cfg.gpus == 1:
         advice.append("--offload layers (keep some layers in host memory and swap them through 2 slots)")
     if cfg.kv_cache == "auto":

@@ -136,7 +136,7 @@ def plan(options: dict, inference: dict, cal, gpus: int, per_node: int):
         if any(limit.name != "GPU memory" for limit in failing):
             return est, f"does not fit: {short} (the swapped layers' pinned copies); try fewer --gpus per node or " \
                         "int8 / int4 / nf4 --weights"
-        return est, f"does not fit: {short}; try {'; '.join(inference_advice(cfg))}"
+        return est, f"does not fit: {short}; try {'; '.join(inference_advice(cfg, model))}"
     base = InferenceConfig(gpus=gpus, tp=1, pp=gpus, **_fields(options, inference, "fused"))
     result = search_inference(model, gpu, base, cal, per_node)
     if result.recommended is not None:
