@@ -135,5 +135,7 @@ def test_cpu_variant_differs_from_cuda_only_where_the_kernels_do():
     assert (cuda.rmsnorm, cpu.rmsnorm) == ("fused", "composite")
     assert cuda.sac_saves_attention and not cpu.sac_saves_attention
     assert not cuda.loss_in_forward and cuda.returns_logits
+    # and the MoE gate: CUDA autocast runs it in fp32, CPU autocast refuses float32
+    assert cuda.fp32_router_autocast and not cpu.fp32_router_autocast
     assert {f for f in cuda.__dataclass_fields__ if getattr(cuda, f) != getattr(cpu, f)} == {
-        "name", "title", "rmsnorm", "sac_saves_attention", "sources", "validated"}
+        "name", "title", "rmsnorm", "sac_saves_attention", "fp32_router_autocast", "sources", "validated"}
