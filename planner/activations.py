@@ -317,6 +317,31 @@ def _mlp_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     return terms
 
 
+def _routing_terms(tokens: int, top_k: int, experts: int, router_bytes: int) -> dict[str, int]:
+    """What every token-choice router and sort keeps (the three MoE blocks below): the scores
+    [T, E], the top-k indices [T, K] (int64), the top-k weights [T, K] and their sums [T, 1]
+    (renormalised), the sort of the expert ids and each row's token [T x K] (int64), the groups'
+    offsets [E] (int32)."""
+    rows = tokens * top_k
+    return {"moe_router_probs": router_bytes * tokens * experts, "moe_topk_indices": INDEX_BYTES * tokens * top_k,
+            "moe_topk_weights": router_bytes * tokens * top_k, "moe_topk_weight_sums": router_bytes * tokens,
+            "moe_sort_order": INDEX_BYTES * rows, "moe_token_index": INDEX_BYTES * rows, "moe_group_offsets": 4 * experts}
+
+
+def _shared_expert_terms(model: ModelSpec, x: _Dims, act_out: bool = True) -> dict[str, int]:
+    """Shared experts as a gated MLP of their width over every token (gate, activation, up
+    outputs and the down projection's input), and Qwen2-MoE's sigmoid gate on them."""
+    if not model.shared_expert_ffn_hidden_size:
+        return {}
+    shared = x.ab * x.s * x.b * x.shared_ffn
+    terms = {"moe_shared_gate_out": shared, "moe_shared_up_out": shared, "moe_shared_down_input": shared}
+    if act_out:
+        terms["moe_shared_act_out"] = shared
+    if model.shared_expert_gate:
+        terms |= {"moe_shared_gate_sigmoid": x.ab * x.s * x.b, "moe_shared_output": x.ab * x.s * x.b * x.h}
+    return terms
+
+
 def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     """What the reference model's MoE block (strategies/model.py ``MoE``) saves for its backward,
     on one rank and micro-batch, tensor by tensor (torch 2.13's derivatives: linear and
@@ -350,13 +375,7 @@ def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     split = x.expert_parallel
     terms = _norm_terms(model, x, "mlp") | {
         "moe_input": x.ab * t * x.h if split else x.ab * t * x.h // x.linear_input_div,
-        "moe_router_probs": FP32 * t * e,
-        "moe_topk_indices": INDEX_BYTES * t * k,
-        "moe_topk_weights": FP32 * t * k,
-        "moe_topk_weight_sums": FP32 * t,
-        "moe_sort_order": INDEX_BYTES * n,
-        "moe_token_index": INDEX_BYTES * n,
-        "moe_group_offsets": 4 * e,
+        **_routing_terms(t, k, e, FP32),
         "moe_expert_input": x.ab * r * x.h,
         "moe_gate_out": x.ab * r * x.expert_ffn,
         "moe_act_out": x.ab * r * x.expert_ffn,
@@ -371,15 +390,10 @@ def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
         terms["moe_received_inverse"] = INDEX_BYTES * r
     if model.linear_bias:  # each row's expert biases, gathered by its expert's index
         terms["moe_bias_index"] = INDEX_BYTES * r
-    if model.shared_expert_ffn_hidden_size:
-        shared = x.ab * x.s * x.b * x.shared_ffn
-        terms |= {"moe_shared_gate_out": shared, "moe_shared_up_out": shared, "moe_shared_down_input": shared}
-        if not x.impl.fused_glu:
-            terms["moe_shared_act_out"] = shared
-        if split and x.moe_tokens != x.s * x.b:  # shared experts see the gathered sequence (torchtitan moe_sharding.py)
-            terms["moe_shared_input"] = x.ab * x.s * x.b * x.h // x.linear_input_div
-        if model.shared_expert_gate:
-            terms |= {"moe_shared_gate_sigmoid": x.ab * x.s * x.b, "moe_shared_output": x.ab * x.s * x.b * x.h}
+    terms |= _shared_expert_terms(model, x, act_out=not x.impl.fused_glu)
+    if model.shared_expert_ffn_hidden_size and split and x.moe_tokens != x.s * x.b:
+        # the shared experts see the gathered sequence (torchtitan moe_sharding.py)
+        terms["moe_shared_input"] = x.ab * x.s * x.b * x.h // x.linear_input_div
     if x.dropout:
         terms["mlp_dropout_mask"] = x.s * x.b * x.h // x.seq_div
     return terms
@@ -403,13 +417,7 @@ def _torchtitan_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     casts = 1 if x.ab == bf16 else 2  # .bfloat16() of bf16 rows is the tensor itself
     terms = _norm_terms(model, x, "mlp") | {
         "moe_input": (FP32 if x.impl.fp32_router_autocast and x.ab != FP32 else x.ab) * t * x.h // x.linear_input_div,
-        "moe_router_probs": router * t * e,
-        "moe_topk_indices": INDEX_BYTES * t * k,
-        "moe_topk_weights": router * t * k,
-        "moe_topk_weight_sums": router * t,
-        "moe_sort_order": INDEX_BYTES * n,
-        "moe_token_index": INDEX_BYTES * n,
-        "moe_group_offsets": 4 * e,
+        **_routing_terms(t, k, e, router),
         "moe_expert_input": casts * bf16 * n * x.h,
         "moe_gate_out": bf16 * n * f,
         "moe_act_out": bf16 * n * f,
@@ -424,11 +432,7 @@ def _torchtitan_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
             terms["moe_shared_input"] = x.ab * t * x.h // x.linear_input_div
     if x.ab != bf16:  # GroupedExperts casts every weight with .bfloat16() and the GEMMs keep the casts
         terms["moe_expert_weights_bf16"] = bf16 * 3 * e * f * x.h
-    if model.shared_expert_ffn_hidden_size:
-        shared = x.ab * t * x.shared_ffn
-        terms |= {"moe_shared_gate_out": shared, "moe_shared_act_out": shared, "moe_shared_up_out": shared,
-                  "moe_shared_down_input": shared}
-    return terms
+    return terms | _shared_expert_terms(model, x)
 
 
 def _hf_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
@@ -447,13 +451,7 @@ def _hf_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     n = t * k
     terms = _norm_terms(model, x, "mlp") | {
         "moe_input": x.ab * t * x.h,
-        "moe_router_probs": FP32 * t * e,
-        "moe_topk_indices": INDEX_BYTES * t * k,
-        "moe_topk_weights": FP32 * t * k,
-        "moe_topk_weight_sums": FP32 * t,
-        "moe_sort_order": INDEX_BYTES * n,
-        "moe_token_index": INDEX_BYTES * n,
-        "moe_group_offsets": 4 * e,
+        **_routing_terms(t, k, e, FP32),
         "moe_expert_input": x.ab * n * x.h,
         "moe_gate_up_out": x.ab * n * 2 * f,
         "moe_act_out": x.ab * n * f,
@@ -462,13 +460,7 @@ def _hf_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
         "moe_expert_output": x.ab * n * x.h,
         "moe_inverse_order": INDEX_BYTES * n,
     }
-    if model.shared_expert_ffn_hidden_size:
-        shared = x.ab * t * x.shared_ffn
-        terms |= {"moe_shared_gate_out": shared, "moe_shared_act_out": shared, "moe_shared_up_out": shared,
-                  "moe_shared_down_input": shared}
-        if model.shared_expert_gate:
-            terms |= {"moe_shared_gate_sigmoid": x.ab * t, "moe_shared_output": x.ab * t * x.h}
-    return terms
+    return terms | _shared_expert_terms(model, x)
 
 
 def _te_input(x: _Dims, elements: int) -> int:
