@@ -26,9 +26,22 @@ sys.path.insert(0, str(ROOT / "tests"))
 OUT = ROOT / "validation" / "clients.json"
 
 
-def hugging_face() -> list[dict]:
+def _tracked(framework: str, name: str, tracker) -> dict:
+    """One record of a loop trainplan.track watched: the layout it saw and the bytes it measured."""
     import torch
     import transformers
+
+    spec, train = tracker.observed()
+    measured = tracker.result()
+    record = dict(framework=framework, name=name, model=spec.model_dump(), train=train.model_dump(),
+                  measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
+                  versions=dict(transformers=transformers.__version__, torch=torch.__version__))
+    print(record["name"], record["measured"], flush=True)
+    return record
+
+
+def hugging_face() -> list[dict]:
+    import torch
 
     from test_hf_clients import _model, _train  # the tests' models and loop: one definition
 
@@ -40,35 +53,18 @@ def hugging_face() -> list[dict]:
                 model = _model(arch, attn)
                 model.train()
                 tracker, _ = _train(model, precision)
-                spec, train = tracker.observed()
-                measured = tracker.result()
-                records.append(dict(
-                    framework="hf", name=f"{type(model).__name__}, {attn}, {precision}",
-                    model=spec.model_dump(), train=train.model_dump(),
-                    measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
-                    versions=dict(transformers=transformers.__version__, torch=torch.__version__)))
-                print(records[-1]["name"], records[-1]["measured"], flush=True)
+                records.append(_tracked("hf", f"{type(model).__name__}, {attn}, {precision}", tracker))
     return records
 
 
 def hugging_face_moe() -> list[dict]:
-    import torch
-    import transformers
-
     from test_moe import HF_MOE_CLIENTS, hf_moe_model, hf_moe_train  # the test's models and loop
 
     records = []
     for name in HF_MOE_CLIENTS:
         model = hf_moe_model(name)
-        tracker = hf_moe_train(model)
-        spec, train = tracker.observed()
-        measured = tracker.result()
-        records.append(dict(
-            framework="hf-moe", name=f"{type(model).__name__} (MoE, grouped_mm), sdpa, fp32",
-            model=spec.model_dump(), train=train.model_dump(),
-            measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
-            versions=dict(transformers=transformers.__version__, torch=torch.__version__)))
-        print(records[-1]["name"], records[-1]["measured"], flush=True)
+        records.append(_tracked("hf-moe", f"{type(model).__name__} (MoE, grouped_mm), sdpa, fp32",
+                                hf_moe_train(model)))
     return records
 
 
