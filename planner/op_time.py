@@ -192,7 +192,8 @@ def op_times(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, dtype: str, ite
     # a search asks for the same few answers many times: cached on what they depend on (hashing
     # the whole TrainConfig would cost more than the answer)
     key = (model, gpu, train.tp, train.local_seq_len, train.micro_batch, train.sequence_parallel, train.compile,
-           train.impl, train.engine, dtype, itemsize, elementwise_hbm_efficiency, gemm_sustained)
+           train.impl, train.engine, train.ep, train.expert_load, dtype, itemsize, elementwise_hbm_efficiency,
+           gemm_sustained)
     cached = _CACHE.get(key)
     if cached is None:
         if len(_CACHE) > 4096:

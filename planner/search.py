@@ -152,9 +152,10 @@ class SearchSpace:
         ]
 
     def ep_values(self, model: ModelSpec, dp: int, cp: int, tp: int, zero: int) -> list[int]:
-        """Expert-parallel sizes to try on an MoE: the given ones; else every divisor of the experts
-        that divides the ranks it can borrow (FSDP's shard group x cp x tp; DDP: cp x tp --
-        torchtitan's ParallelDims), ZeRO-1 without."""
+        """Expert-parallel sizes to try on an MoE: the given ones; else, among the divisors of the
+        experts that divide the ranks it can borrow (FSDP's shard group x cp x tp; DDP: cp x tp --
+        torchtitan's ParallelDims), none, the largest inside a node and the largest; ZeRO-1 and
+        fine-tunes without."""
         if not model.is_moe:
             return self.ep or [1]
         if self.ep is not None:
@@ -162,7 +163,12 @@ class SearchSpace:
         if zero == 1 or self.fixed.get("engine", "pytorch") != "pytorch" or self.finetuning:
             return [1]
         borrowable = (dp if zero >= 2 else 1) * cp * tp
-        return [d for d in divisors(borrowable) if model.num_experts % d == 0]
+        sizes = [d for d in divisors(borrowable) if model.num_experts % d == 0]
+        # none, the largest whose all-to-all stays inside a node, the largest the ranks allow (the
+        # fewest experts per rank): the search stays within MAX_CANDIDATES on DeepSeek-V3 at
+        # 2,048 GPUs; --ep tries any other
+        inside = [d for d in sizes if d <= self.gpus_per_node]
+        return sorted({1, inside[-1], sizes[-1]})
 
     def checkpointing_values(self, model: ModelSpec | None = None) -> list[str]:
         if self.activation_checkpointing is not None:

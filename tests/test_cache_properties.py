@@ -123,3 +123,20 @@ def test_amp_bf16_under_fsdp2_saves_what_bf16_mixed_saves():
         mixed = estimate_memory(model, HUGE, TrainConfig(precision="bf16-mixed", **common), search_micro_batch=False)
         assert amp.stages[0].saved_activations == mixed.stages[0].saved_activations
         assert amp.stages[0].saved_activations / GiB == pytest.approx(measured_gib, abs=0.01)
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm-80gb", "a100-80gb"])
+def test_an_moe_estimate_does_not_depend_on_the_expert_layouts_before_it(gpu):
+    """The op-by-op GEMM model's cache is keyed by what an MoE layer's GEMMs depend on -- the
+    expert-parallel size and the expert load set each expert's rows: an estimate computed after
+    other EP layouts equals the one computed alone (the key once lacked them, and a DeepSeek-V3
+    search then read another layout's expert GEMM efficiency)."""
+    model, card = load_model("tiny-moe"), load_gpu(gpu)
+    layouts = [TrainConfig(gpus=8, zero_stage=3, ep=ep, expert_load=load, seq_len=256)
+               for ep in (1, 2, 8) for load in (1.0, 1.5)]
+    alone = []
+    for train in layouts:
+        clear_caches()
+        alone.append(estimate(model, card, train, CAL))
+    clear_caches()
+    assert [estimate(model, card, train, CAL) for train in reversed(layouts)] == alone[::-1]
