@@ -103,8 +103,9 @@ def _local_gemms(model: ModelSpec, train: TrainConfig, kind: str) -> tuple[tuple
 
 
 def _expert_gemms(model: ModelSpec, train: TrainConfig, kind: str, tokens: int
-                  ) -> tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...]:
-    """An MoE layer's GEMMs beside the attention's, as (how many, rows, (in, out) widths): the
+                  ) -> tuple[tuple[int, int, float, tuple[tuple[int, int], ...]], ...]:
+    """An MoE layer's GEMMs beside the attention's, as (how many, rows, balanced rows, (in, out)
+    widths): the
     router over the rank's routed tokens; each local expert's gate, up and down over its rows
     (one grouped GEMM runs them; each expert's share is timed as its own GEMM, balanced
     routing: tokens x top-k / experts rows, ep times that for a rank's experts under expert
@@ -115,11 +116,11 @@ def _expert_gemms(model: ModelSpec, train: TrainConfig, kind: str, tokens: int
     routed = tokens // t if ep > 1 else tokens  # with expert parallelism tp splits the routed tokens
     f = model.moe_ffn_hidden_size // (1 if ep > 1 else t)
     load = train.expert_load if ep > 1 else 1.0  # the busiest rank's rows (--expert-load)
-    rows = max(1, ceil(routed * k * ep * load / e))
-    gemms = [(1, routed, ((h, e),)), (e // ep, rows, ((h, f), (h, f), (f, h)))]
+    balanced = routed * k * ep / e
+    gemms = [(1, routed, routed, ((h, e),)), (e // ep, max(1, ceil(balanced * load)), balanced, ((h, f), (h, f), (f, h)))]
     if model.shared_expert_ffn_hidden_size:
         fs = model.shared_expert_ffn_hidden_size // t
-        gemms.append((1, tokens, ((h, fs), (h, fs), (fs, h))))
+        gemms.append((1, tokens, tokens, ((h, fs), (h, fs), (fs, h))))
     return tuple(gemms)
 
 
@@ -221,10 +222,12 @@ def _op_times(model: ModelSpec, gpu: GPUSpec, train: TrainConfig, dtype: str, it
         forward, backward = gemm_seconds(gemm, tokens, widths, peak, hbm, itemsize)
         gemm_s += n * (forward + backward)
         flops += n * 6 * tokens * sum(i * o for i, o in widths)
-        for count, rows, expert_widths in _expert_gemms(model, train, kind, tokens):
+        for count, rows, balanced, expert_widths in _expert_gemms(model, train, kind, tokens):
+            # the busiest rank's rows take the time; the FLOPs are the balanced share (the model's
+            # FLOP count): an --expert-load above 1 lowers the efficiency, not the work
             forward, backward = gemm_seconds(gemm, rows, expert_widths, peak, hbm, itemsize)
             gemm_s += n * count * (forward + backward)
-            flops += n * count * 6 * rows * sum(i * o for i, o in expert_widths)
+            flops += n * count * 6 * balanced * sum(i * o for i, o in expert_widths)
         elementwise += n * tokens * layer_elementwise_elements(model, train, kind)
     vocab = -(-model.vocab_size // train.tp)
     forward, backward = gemm_seconds(gemm, tokens, ((model.hidden_size, vocab),), peak, hbm, itemsize)
