@@ -35,27 +35,32 @@ def _checkpointing_cases(moe: bool = False):
             and _model(c["report"]["model"]).is_moe == moe]
 
 
-def test_checkpointing_of_mixtures_of_experts_per_phase():
-    """MoE layers under full checkpointing (validation/cpu.json): each phase within 4%. Not exact:
-    the MoE backward's gradients are the dense block's traced formulas (planner/activations.py),
-    not traced for the MoE block yet (the checkpointed forward's working set is); and with expert
-    parallelism on real ranks the rows a rank holds follow its routing."""
+def _phases(case):
+    """(label, phase, planned, measured) of a committed case's forward and backward, rank 0."""
     from planner.calibration import Overheads
     from planner.catalog import load_gpu
     from planner.configs import TrainConfig
     from planner.memory import estimate_memory
 
+    report = case["report"]
+    measured = report["measured"]["ranks"][0]
+    est = estimate_memory(_model(report["model"]), load_gpu("h100"), TrainConfig(**report["train"]),
+                          Overheads.none(), search_micro_batch=False)
+    stage = est.stages[measured["stage"]]
+    return [(case["label"], phase, stage.phases[phase].total, measured["phases"][phase])
+            for phase in ("forward", "backward")]
+
+
+def test_checkpointing_of_mixtures_of_experts_per_phase():
+    """MoE layers under full checkpointing (validation/cpu.json): each phase within 4%. Not exact:
+    the MoE backward's gradients are the dense block's traced formulas (planner/activations.py),
+    not traced for the MoE block yet (the checkpointed forward's working set is); and with expert
+    parallelism on real ranks the rows a rank holds follow its routing."""
     cases = _checkpointing_cases(moe=True)
     assert len(cases) >= 2
     for case in cases:
-        report = case["report"]
-        measured = report["measured"]["ranks"][0]
-        est = estimate_memory(_model(report["model"]), load_gpu("h100"), TrainConfig(**report["train"]),
-                              Overheads.none(), search_micro_batch=False)
-        stage = est.stages[measured["stage"]]
-        for phase in ("forward", "backward"):
-            got, want = stage.phases[phase].total, measured["phases"][phase]
-            assert abs(got - want) <= 0.04 * want, (case["label"], phase, got, want)
+        for label, phase, got, want in _phases(case):
+            assert abs(got - want) <= 0.04 * want, (label, phase, got, want)
 
 
 def test_checkpointing_policies_are_exact_per_phase():
@@ -64,20 +69,9 @@ def test_checkpointing_policies_are_exact_per_phase():
     measurements (validation/cpu.json, gloo and fake-tensor runs), each within 8 KiB plus
     0.01% -- the fixed bytes the tracker counts that the planner does not (the loss scalars,
     the RNG state)."""
-    from planner.calibration import Overheads
-    from planner.catalog import load_gpu, load_model
-    from planner.configs import TrainConfig
-    from planner.memory import estimate_memory
-
     cases = _checkpointing_cases()
     policies = {c["report"]["train"]["activation_checkpointing"] for c in cases}
     assert {"full", "op", "layer:2"} <= policies
     for case in cases:
-        report = case["report"]
-        measured = report["measured"]["ranks"][0]
-        est = estimate_memory(load_model(report["model"]), load_gpu("h100"), TrainConfig(**report["train"]),
-                              Overheads.none(), search_micro_batch=False)
-        stage = est.stages[measured["stage"]]
-        for phase in ("forward", "backward"):
-            got, want = stage.phases[phase].total, measured["phases"][phase]
-            assert abs(got - want) <= 8192 + want // 10_000, (case["label"], phase, got, want)
+        for label, phase, got, want in _phases(case):
+            assert abs(got - want) <= 8192 + want // 10_000, (label, phase, got, want)
