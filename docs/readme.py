@@ -340,7 +340,8 @@ def frameworks() -> str:
             f"{worst['hf'][0]:.2f}%, peak {worst['hf'][1]:.2f}%; Hugging Face mixtures of experts activations "
             f"{worst['hf-moe'][0]:.2f}%, peak {worst['hf-moe'][1]:.2f}%; peft LoRA activations {worst['peft'][0]:.2f}%, "
             f"peak {worst['peft'][1]:.2f}%; torchtitan activations {worst['torchtitan'][0]:.2f}%, peak "
-            f"{worst['torchtitan'][1]:.2f}%; torch.compile activations {worst['compile'][0]:.2f}%, peak "
+            f"{worst['torchtitan'][1]:.2f}%; torchtitan's Qwen3 mixture of experts activations "
+            f"{worst['torchtitan-moe'][0]:.2f}%, peak {worst['torchtitan-moe'][1]:.2f}%; torch.compile activations {worst['compile'][0]:.2f}%, peak "
             f"{worst['compile'][1]:.2f}%.\n\n")
     return head + "\n".join(lines) + "\n"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from math import ceil
+from typing import NamedTuple
 
 from planner import te_fp8
 from planner.configs import ModelSpec, TrainConfig
@@ -110,6 +111,7 @@ class _Dims:
     shared_ffn: int  # the shared experts' FFN on this rank
     expert_parallel: bool  # ep > 1: rows travel to their experts' ranks (all-to-all) and back
     expert_load: float  # the received rows of the busiest rank over the balanced share
+    local_experts: int  # routed experts whose weights this rank holds (num_experts / ep)
 
 
 @lru_cache(maxsize=4096)
@@ -152,6 +154,7 @@ def _dims(model: ModelSpec, train: TrainConfig | ActivationInputs) -> _Dims:
         shared_ffn=model.shared_expert_ffn_hidden_size // tp,
         expert_parallel=train.ep > 1,
         expert_load=train.expert_load,
+        local_experts=model.num_experts // train.ep,
     )
 
 
@@ -207,8 +210,11 @@ def _attention_terms(model: ModelSpec, x: _Dims, prefix: str, selective: bool = 
                 normed = x.ab if x.impl.rmsnorm == "hf" else FP32
                 terms[f"{prefix}_{name}_norm_normed"] = normed * tokens * heads * x.d
     if x.impl.rope_gathered_per_layer and model.position_embedding == "rope":
-        # complex64 [b, s, 1, d/2] frequencies gathered by position, kept by q's and k's rotation
-        terms[f"{prefix}_rope_freqs"] = 8 * tokens * (x.d // 2)
+        # the cache gathered by position, kept by q's and k's rotation: torchtitan's Llama3
+        # (ComplexRoPE) gathers complex64 [b, s, 1, d/2] frequencies; its Qwen3, the family with
+        # per-head q/k norms, gathers fp32 cos|sin [b, s, 1, 2d] (CosSinRoPE: q * cos and
+        # rotate_half(q) * sin keep views of it; torchtitan/models/common/rope.py:268-346)
+        terms[f"{prefix}_rope_freqs"] = (FP32 * 2 * x.d if model.qk_norm else 8 * (x.d // 2)) * tokens
     if x.impl.name == "hf" and x.fused_qkv and model.position_embedding != "rope":
         # q, k, v are views of one projection's output. SDPA keeps the q view: the whole output
         # stays (transformers/models/gpt2/modeling_gpt2.py, GPT2Attention); eager's q @ k^T
@@ -627,8 +633,7 @@ def layer_terms(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: s
                   else _attention_terms(model, x, sublayer, selective))
         dropped += _core_attention_keys(sublayer)
     if layer_kind(model, kind).experts:
-        terms |= {"torchtitan": _torchtitan_moe_terms, "hf": _hf_moe_terms, "reference": _moe_terms}[x.impl.moe](
-            model, x)
+        terms |= _moe_block_terms(model, x)
     else:
         terms |= _mlp_terms(model, x)
     if selective:
@@ -843,7 +848,7 @@ def loss_transients(model: ModelSpec, train: TrainConfig | ActivationInputs) -> 
     return logits_fp32 + hidden, 2 * logits_fp32
 
 
-def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder") -> int:
     """Activation gradients alive at once inside one layer's backward (an estimate the
     profiler checks): the residual stream's incoming and outgoing gradients plus the larger
     of the MLP's (three ffn-sized gradients for gated MLPs, two for GELU) and attention's
@@ -858,9 +863,12 @@ def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationIn
         attention = x.ab * tokens * (x.heads + 2 * x.kv_heads) * x.d + FP32 * tokens * x.heads * x.d
     else:
         attention = 2 * x.ab * x.heads * x.s * x.s * x.b
-    # attention's backward runs after the MLP's, whose saved tensors are freed by then
-    attention -= sum(_mlp_terms(model, x).values())
-    return residual + max(mlp, attention)
+    if not layer_kind(model, kind).experts:
+        # attention's backward runs after the MLP's, whose saved tensors are freed by then
+        return residual + max(mlp, attention - sum(_mlp_terms(model, x).values()))
+    # an MoE layer's block (its weight gradients counted as they appear: more than a persistent
+    # gradient buffer holds beside them, never less)
+    return max(moe_backward_extra(model, train), residual + attention - _moe_saved(model, train))
 
 
 def layer_forward_working(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
@@ -906,7 +914,124 @@ def moe_forward_bytes(model: ModelSpec, tokens: int, ab: int, expert_ffn: int, s
     return routing + max(experts, combine, shared)
 
 
-def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+class _BackwardMoment(NamedTuple):
+    """One moment of an MoE block's backward: the bytes alive beyond the block's saved tensors
+    (the saved tensors it has freed by then counted negative), and of those the weight
+    gradients already in their final dtype (the ones a persistent gradient buffer holds)."""
+
+    extra: int
+    final_grads: int = 0
+
+
+def _moe_backward_moments(model: ModelSpec, x: _Dims) -> list[_BackwardMoment]:
+    """The moments of one MoE block's backward (router to combine, the MLP norm aside) where the
+    most bytes can be alive, for each implementation. Traced op by op on CPU (torch 2.13,
+    every storage an op returns counted until freed; fitted exactly, zero residual, over 15
+    shapes of hidden size, experts, top-k, expert width and tokens, fp32 and bf16; tests/
+    test_moe.py re-traces them). In order: the combine's backward (the incoming gradient
+    gathered to the routed rows, the weighted product's two gradients, their row sums); then
+    each expert GEMM's backward as its weight gradient [E, h, f] and its input gradient appear
+    and the saved tensors it read are freed -- down first, the activation's product, up, gate.
+    Under expert parallelism the experts' side has the rows this rank received (R) where the
+    combine has its own (N); the all-to-all's own buffers are the dispatch's. torchtitan runs the
+    experts' GEMMs in bf16 (2 bytes) and combines in fp32 whatever the model's dtype; with fp32
+    weights each weight gradient is cast up while its bf16 copy lives, and the GEMMs' saved bf16
+    copies of the weights are freed as each is used (the five further moments)."""
+    a, h, f = x.ab, x.h, x.expert_ffn
+    t = x.moe_tokens
+    n = t * model.experts_per_token
+    r = ceil(n * x.expert_load) if x.expert_parallel else n
+    w = x.local_experts * h * f  # one stacked expert weight on this rank
+    g = a * t * h  # the incoming gradient
+    idx = INDEX_BYTES * n  # the token index the combine's backward gathers with, freed after it
+    if x.impl.moe == "torchtitan":
+        bf16 = 2
+        grad = a * w  # one weight gradient in the weights' dtype
+        transient = bf16 * w if a != bf16 else 0  # a bf16 gradient before its cast up
+        moments = [
+            _BackwardMoment(g + 3 * FP32 * n * h + FP32 * n),
+            _BackwardMoment(g - 2 * n * h + 2 * n * f + 2 * w, grad if not transient else 0),
+            _BackwardMoment(g - 4 * n * h + 4 * n * f + 2 * w, grad if not transient else 0),
+            _BackwardMoment(g - 2 * n * h - 2 * n * f + 4 * w, (2 if not transient else 1) * grad),
+            _BackwardMoment(g - 6 * n * f + 6 * w, (3 if not transient else 2) * grad),
+        ]
+        if transient:
+            moments += [_BackwardMoment(g - 4 * n * h + 4 * w, grad),
+                        _BackwardMoment(g - 4 * n * h - 4 * n * f + 6 * w, 2 * grad),
+                        _BackwardMoment(g - 4 * n * f + 4 * w, 2 * grad),
+                        _BackwardMoment(g - 2 * n * h - 8 * n * f + 8 * w - FP32 * model.num_experts, 3 * grad),
+                        _BackwardMoment(g + 4 * n * h - 8 * n * f + 6 * w - FP32 * model.num_experts, 3 * grad)]
+        return moments
+    if x.impl.moe == "hf":  # gate and up fused into one [E, 2f, h] weight
+        moments = [_BackwardMoment(g + 3 * a * n * h),
+                   _BackwardMoment(g + a * r * f + a * w - idx, a * w),
+                   _BackwardMoment(g - a * n * h + 2 * a * r * f + a * w - idx, a * w),
+                   _BackwardMoment(g - 2 * a * r * f + 3 * a * w - idx, 3 * a * w)]
+    elif x.frozen_norms:  # LoRA: the block is frozen, its backward makes input gradients only
+        moments = [_BackwardMoment(g + 2 * a * n * h + a * n),
+                   _BackwardMoment(g + a * r * h - 2 * a * n * h + a * r * f - idx),
+                   _BackwardMoment(g - 2 * a * n * h + 3 * a * r * f - idx),
+                   _BackwardMoment(3 * g - a * n * h - 3 * a * r * f - idx - FP32 * model.num_experts)]
+    else:
+        moments = [_BackwardMoment(g + 2 * a * n * h + a * n),
+                   _BackwardMoment(g + a * r * h - 2 * a * n * h + a * r * f + a * w - idx, a * w),
+                   _BackwardMoment(g - 2 * a * n * h + 2 * a * r * f + a * w - idx, a * w),
+                   _BackwardMoment(g + a * r * h - 2 * a * n * h - a * r * f + 2 * a * w - idx, 2 * a * w),
+                   _BackwardMoment(g + 2 * a * r * h - 2 * a * n * h - 3 * a * r * f + 3 * a * w - idx, 3 * a * w)]
+    if not model.shared_expert_ffn_hidden_size:
+        return moments
+    # the shared experts' backward runs first, as a dense gated MLP of their width over every
+    # token; after it their input's gradient and their three weight gradients stay, their four
+    # saved [T, s] tensors are freed (traced with the reference block)
+    ts, hs = a * x.s * x.b * x.shared_ffn, a * h * x.shared_ffn
+    if x.frozen_norms:  # no weight gradients, one [T, s] tensor fewer saved
+        shared = [_BackwardMoment(g + 3 * ts), _BackwardMoment(2 * g), _BackwardMoment(3 * g - 2 * ts),
+                  _BackwardMoment(4 * g - 3 * ts)]
+        after, hs = g - 3 * ts, 0
+    else:
+        shared = [_BackwardMoment(g + 2 * ts + hs, hs), _BackwardMoment(2 * g - ts + 2 * hs, 2 * hs),
+                  _BackwardMoment(3 * g - 3 * ts + 3 * hs, 3 * hs), _BackwardMoment(4 * g - 4 * ts + 3 * hs, 3 * hs)]
+        after = g - 4 * ts + 3 * hs
+    return shared + [_BackwardMoment(m.extra + after, m.final_grads + 3 * hs) for m in moments]
+
+
+def _moe_rebuilt_forward_end(model: ModelSpec, x: _Dims) -> int:
+    """A checkpointed MoE layer's backward first rebuilds its forward: at the rebuilt forward's
+    last op, beside everything it saved again and the incoming gradient, the routed experts' sum
+    [T, h] is alive while the shared experts run, with the renormalised top-k weights and the
+    per-expert counts; in a frozen (LoRA) block, whose GEMMs save no inputs, also the block's
+    input, the gathered rows and the shared experts' product (traced op by op on the reference
+    block, torch 2.13 CPU: fp32 and LoRA, exact)."""
+    a, t = x.ab, x.moe_tokens
+    rows = ceil(t * model.experts_per_token * x.expert_load) if x.expert_parallel else t * model.experts_per_token
+    shared = bool(model.shared_expert_ffn_hidden_size)
+    alive = a * t * x.h * (1 + shared) + a * t * model.experts_per_token + INDEX_BYTES * model.num_experts
+    if x.frozen_norms:
+        alive += a * t * x.h + a * rows * x.h + shared * a * x.s * x.b * x.shared_ffn
+    if not x.expert_parallel:
+        return alive
+    # with expert parallelism the rebuilt forward peaks earlier, at the combine's all-to-all:
+    # the received rows, the experts' output and its copy back in source order, all [R, h] and
+    # not saved, and one more row tensor of the collective's, while the weighted rows, the
+    # sorted weights and the shared experts' tensors are not saved yet (traced on two gloo
+    # ranks, tiny-moe ZeRO-3 ep2 with full recompute: within 22 KB of each rank's peak)
+    n = t * model.experts_per_token
+    not_yet = a * n * x.h + a * n + shared * 4 * a * x.s * x.b * x.shared_ffn
+    return max(alive, a * t * x.h + 4 * a * rows * x.h - not_yet)
+
+
+def moe_backward_extra(model: ModelSpec, train: TrainConfig | ActivationInputs, grads_counted: bool = False) -> int:
+    """The most bytes an MoE block's backward holds beyond its saved tensors
+    (``_moe_backward_moments``; when checkpointing rebuilds the block, the rebuilt forward's end,
+    ``_moe_rebuilt_forward_end``); ``grads_counted``: the weight gradients in their final dtype are
+    counted elsewhere (a persistent gradient buffer)."""
+    x = _dims(model, train)
+    moments = [m.extra - (m.final_grads if grads_counted else 0) for m in _moe_backward_moments(model, x)]
+    rebuilt = train.activation_checkpointing == "full" or train.activation_checkpointing.startswith("layer:")
+    return max(moments + ([_moe_rebuilt_forward_end(model, x)] if rebuilt and x.impl.moe == "reference" else []))
+
+
+def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationInputs, kind: str = "decoder") -> int:
     """Bytes beyond the layer's own saved (or recomputed) tensors at the peak inside its
     backward under FSDP, whose weight gradients stay unsharded in the compute dtype until the
     layer's post-backward. Traced op by op on the reference block (FSDPMemTracker, torch 2.13;
@@ -927,9 +1052,25 @@ def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationI
     weight = x.ab * model.hidden_size * x.ffn  # one MLP weight, local to tensor parallelism
     mlp_saved = sum(v for k, v in _mlp_terms(model, x).items() if not k.startswith("mlp_norm_"))
     elementwise = ((3 if gated else 2) - 1) * ffn + weight + hidden
-    norm = (-mlp_saved + (3 if gated else 2) * weight
-            + _norm_backward_fp32(model, x) * FP32 * tokens * x.h // x.seq_div + 2 * hidden)
-    return max(elementwise, norm)
+    norm_work = _norm_backward_fp32(model, x) * FP32 * tokens * x.h // x.seq_div + 2 * hidden
+    if not layer_kind(model, kind).experts:
+        return max(elementwise, -mlp_saved + (3 if gated else 2) * weight + norm_work)
+    # an MoE layer: its block's moments, or its norm's backward with every saved tensor of the
+    # block freed and all its weight gradients written (the experts', the router's, the norm's,
+    # the shared experts'), traced with the reference block
+    grads = 0 if x.frozen_norms else x.ab * (3 * x.local_experts * x.h * x.expert_ffn + model.num_experts * x.h
+                                             + x.h + 3 * x.h * x.shared_ffn)
+    return max(moe_backward_extra(model, train), -_moe_saved(model, train) + grads + norm_work)
+
+
+def _moe_saved(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
+    """What an MoE layer's block saves, its norm aside (LoRA's frozen block included)."""
+    return sum(v for k, v in layer_terms(model, train, "moe", "none").items() if k.startswith("moe_"))
+
+
+def _moe_block_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
+    """What the implementation's MoE block saves (with its MLP norm's terms)."""
+    return {"torchtitan": _torchtitan_moe_terms, "hf": _hf_moe_terms, "reference": _moe_terms}[x.impl.moe](model, x)
 
 
 def _norm_backward_fp32(model: ModelSpec, x: _Dims) -> int:

@@ -186,8 +186,9 @@ def inference_architecture_refusal(model) -> str | None:
     return architecture_refusal(model) or _first((_MLA_RULE, _QK_NORM_INFERENCE_RULE), model, None, model)
 
 
-_MOE_PLANNED = ("an MoE layer is planned as the reference model's MoE block (--impl trainplan) or transformers' "
-                "grouped_mm experts (--impl hf) run it, on --engine pytorch")
+_MOE_PLANNED = ("an MoE layer is planned as the reference model's MoE block (--impl trainplan), transformers' "
+                "grouped_mm experts (--impl hf) or torchtitan's Qwen3 MoE model (--impl torchtitan) run it, on "
+                "--engine pytorch")
 MOE_RULES: tuple[Rule, ...] = (
     # what each implementation's MoE saves differs (docs/moe-sources.md): the reference block's,
     # transformers' grouped_mm experts (measured through trainplan.track) and torchtitan's block are
@@ -195,11 +196,21 @@ MOE_RULES: tuple[Rule, ...] = (
     Rule(lambda m, t: t.impl == "megatron",
          "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --impl {train.impl}'s MoE layer is not "
          "modelled yet"),
-    # torchtitan's MoE block is itemised and measured (tests/test_moe.py), but the attention of its
-    # MoE models is not: Qwen3's per-head norms with cos/sin RoPE, DeepSeek's MLA, gpt-oss's sinks
-    Rule(lambda m, t: t.impl.startswith("torchtitan"),
-         "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --impl {train.impl}'s MoE block is "
-         "modelled, the attention of torchtitan's MoE models (cos/sin RoPE with per-head norms, its MLA) not yet"),
+    # torchtitan 0.3.0's Qwen3 MoE model is planned whole (its block, tests/test_moe.py; the model
+    # trained as its trainer does, tests/test_torchtitan.py). Its other MoE models are not: its
+    # DeepSeek-V3 attention (MLA) and gpt-oss (sinks, refused above for every implementation)
+    # save other tensors, and it has no model with Mixtral's attention or a gated shared expert
+    Rule(lambda m, t: t.impl.startswith("torchtitan") and m.kv_lora_rank > 0,
+         "{model.name} is a mixture of experts with latent attention: --impl {train.impl} plans torchtitan's Qwen3 "
+         "MoE model; its DeepSeek-V3 attention (MLA) is not modelled yet (--impl trainplan plans it)"),
+    Rule(lambda m, t: t.impl.startswith("torchtitan") and (not m.qk_norm or m.shared_expert_gate),
+         "{model.name} is a mixture of experts torchtitan 0.3.0 does not ship: --impl {train.impl} plans its Qwen3 "
+         "MoE model (per-head q/k norms, no gated shared expert); use --impl trainplan or hf"),
+    # torchtitan's expert-parallel dispatcher (all-to-all with its own permutation buffers) is not
+    # itemised: its single-rank LocalTokenDispatcher is
+    Rule(lambda m, t: t.impl.startswith("torchtitan") and t.ep > 1,
+         "--ep {train.ep} with --impl {train.impl}: torchtitan's expert-parallel token dispatcher is not modelled "
+         "yet (its single-rank dispatcher is); use --impl trainplan for expert parallelism"),
     Rule(lambda m, t: t.engine != "pytorch",
          "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --engine {train.engine}'s expert sharding and "
          "token dispatcher are not modelled yet"),

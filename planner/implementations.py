@@ -105,7 +105,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         validated="tests/test_hf_clients.py: Llama, Qwen2, GPT-2 trained on CPU, measured by trainplan.track",
     ),
     "torchtitan": Implementation(
-        name="torchtitan", title="torchtitan 0.3.0 Llama3Model (SDPA), trained by its Trainer",
+        name="torchtitan", title="torchtitan 0.3.0 Llama3Model / Qwen3Model (SDPA), trained by its Trainer",
         fused_qkv=True, rope_gathered_per_layer=True, returns_logits=True, loss_in_forward=False,
         keeps_units_gathered_with_pp=True, moe="torchtitan", fp32_router_autocast=True,
         sources=(
@@ -119,6 +119,8 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
              "torchtitan/models/common/attention.py:830-852 (FusedQKVLinear, GQAttention.forward)"),
             ("RoPE's complex64 cache gathered by the trainer's positions, per layer",
              "torchtitan/models/common/rope.py:348-394 (_reshape_for_broadcast), :261-265 (apply_rotary_emb)"),
+            ("Qwen3 (per-head q/k norms): the fp32 cos|sin cache [b, s, 1, 2 x head_dim] gathered per layer",
+             "torchtitan/models/common/rope.py:268-346 (CosSinRoPE); models/qwen3/__init__.py:134-190"),
             ("SDPA with enable_gqa: k and v at kv width",
              "torchtitan/models/common/attention.py:414-447, :960"),
             ("the model returns the logits in the parameters' dtype; the trainer computes the loss from them "
@@ -138,7 +140,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
              "torchtitan/models/common/token_dispatcher.py:614-627; torchtitan/ops/scatter_add.py:10-48"),
         ),
         validated="per-block saved bytes of the source census (torchtitan 0.3.0 on CPU, fp32 and bf16) "
-                  "with the CUDA RMSNorm; not yet measured on a GPU",
+                  "with the CUDA RMSNorm, and its Qwen3-MoE model trained whole on CPU; not yet measured on a GPU",
     ),
     "megatron": Implementation(
         name="megatron", title="Megatron-Core with Transformer Engine (TE layers, fused RoPE and SwiGLU)",
@@ -164,7 +166,7 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 # torchtitan's code on a CPU, where it runs other kernels than on CUDA (tests/test_torchtitan.py
 # trains it on CPU and measures it with trainplan.track)
 IMPLEMENTATIONS["torchtitan-cpu"] = replace(
-    IMPLEMENTATIONS["torchtitan"], name="torchtitan-cpu", title="torchtitan 0.3.0 Llama3Model (SDPA) on a CPU",
+    IMPLEMENTATIONS["torchtitan"], name="torchtitan-cpu", title="torchtitan 0.3.0 Llama3Model / Qwen3Model (SDPA) on a CPU",
     rmsnorm="composite", sac_saves_attention=False, fp32_router_autocast=False,
     sources=IMPLEMENTATIONS["torchtitan"].sources + (
         ("on CPU torch.rms_norm decomposes: _to_copy(fp32), pow, mean, add, rsqrt, mul, mul(weight), _to_copy",
@@ -175,8 +177,8 @@ IMPLEMENTATIONS["torchtitan-cpu"] = replace(
         ("CPU autocast refuses float32 ('the target dtype is not supported. Disabling autocast'): the MoE "
          "gate and its scores run in the model's dtype", "torch/amp/autocast_mode.py (CPU supported dtypes)"),
     ),
-    validated="tests/test_torchtitan.py: torchtitan 0.3.0's own model, SelectiveAC and FullAC, trained on CPU "
-              "and measured by trainplan.track (fp32 and bf16)",
+    validated="tests/test_torchtitan.py: torchtitan 0.3.0's own Llama3 and Qwen3-MoE models, SelectiveAC and FullAC, "
+              "trained on CPU and measured by trainplan.track (fp32 and bf16)",
 )
 
 

@@ -51,6 +51,7 @@ from planner.params import (
     active_params,
     embed_tensors,
     greedy_partition_max,
+    layer_kind,
     layer_stack,
     expert_local_shape,
     pipeline_stages,
@@ -448,10 +449,10 @@ class _ActSums:
     head: int
     loss_forward: int
     loss_backward: int
-    workspace: int
+    workspace: dict[str, int]  # per layer kind
     layer_forward_working: int
     layer_backward_end: int
-    layer_backward_extra: int
+    layer_backward_extra: dict[str, int]  # per layer kind
     layer_input: int
     rope_tables: int
     forward_logits: int
@@ -477,10 +478,10 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         head=sum(act.head_terms(model, train).values()),
         loss_forward=loss_forward,
         loss_backward=loss_backward,
-        workspace=act.layer_backward_workspace(model, train),
+        workspace={kind: act.layer_backward_workspace(model, train, kind) for kind, _ in layer_stack(model)},
         layer_forward_working=act.layer_forward_working(model, train),
         layer_backward_end=act.layer_backward_end_workspace(model, train),
-        layer_backward_extra=act.layer_backward_peak_extra(model, train),
+        layer_backward_extra={kind: act.layer_backward_peak_extra(model, train, kind) for kind, _ in layer_stack(model)},
         layer_input=act.layer_bytes(model, train, "decoder", "full"),
         rope_tables=act.rope_table_bytes(model, train),
         forward_logits=act.forward_output_bytes(model, train)[0],
@@ -846,7 +847,7 @@ def _buffers(model: ModelSpec, train: TrainConfig, stage_index: int, st: _States
         # forward; with 1F1B the steady state's forwards and backwards run beside all of them
         unsharded_before_backward=0 if train.schedule == "gpipe" else unsharded_grads,
         loss_forward=loss_fwd, loss_backward=loss_bwd,
-        workspace=sums.workspace if sp.num_layers else 0,
+        workspace=max(sums.workspace[kind] for kind, _ in sp.kind_counts) if sp.num_layers else 0,
         fp8_work=fp8_work,
         grad_reduce=_gradient_reduction(train, engine, sp, st.trecipe, recipe.gather_bytes),
         recv_buffers=recv_buffers)
@@ -924,25 +925,31 @@ def _layer_moments(model: ModelSpec, train: TrainConfig, st: _States, acts: _Act
     and the stage's first layer's backward (this micro-batch's activations freed, gradients
     written)."""
     sp, g, total, head = st.sp, buf.gathered, acts.total, acts.head
+    last, first = (sp.layer_kinds[-1], sp.layer_kinds[0]) if sp.num_layers else ("decoder", "decoder")
+    work = sums.workspace if sp.num_layers else {last: 0, first: 0}
     moments = [
-        _Moment(total - head, st.grads_in_forward, g.forward, buf.workspace, 0, acts.last.recomputed),
+        _Moment(total - head, st.grads_in_forward, g.forward, work[last], 0, acts.last.recomputed),
         _Moment(total - head - acts.last.saved, st.grads_in_forward, g.forward, 0, buf.grad_reduce, 0),
-        _Moment(end_acts, grads_before_first_layer, g.backward_end, buf.workspace, buf.grad_reduce,
+        _Moment(end_acts, grads_before_first_layer, g.backward_end, work[first], buf.grad_reduce,
                 acts.first.recomputed),
     ]
     mid_layer = [moments[0], moments[2]]
     if sp.num_layers:
         # a rebuilt block (checkpointed fully, or op by op) peaks in its MLP's elementwise
         # backward (``act.rebuilt_mlp_backward``): the down projection's input freed and its
-        # weight gradient written; in the last layer, after the head's gradients
+        # weight gradient written; in the last layer, after the head's gradients. An MoE
+        # block's moments (``act.moe_backward_extra``, its workspace) hold its own weight
+        # gradients already, rebuilt or not.
         freed, working = sums.rebuilt_mlp_backward_freed, sums.rebuilt_mlp_backward_working
         per_param = st.grads_at_end // sp.local if sp.local and not st.grads_persist else 0
         down_grad = per_param * model.hidden_size * (model.ffn_hidden_size // train.tp)
         head_grads = per_param * sp.last_unit if sp.has_head else 0
-        if acts.last.recomputed:
+        if layer_kind(model, last).experts:
+            moments[0] = moments[0]._replace(grads=st.grads_in_forward + head_grads)
+        elif acts.last.recomputed:
             moments[0] = _Moment(total - head - freed, st.grads_in_forward + head_grads + down_grad, g.forward,
                                  working, 0, acts.last.recomputed)
-        if acts.first.recomputed:
+        if acts.first.recomputed and not layer_kind(model, first).experts:
             moments[2] = _Moment(end_acts - freed, grads_before_first_layer + down_grad, g.backward_end, working,
                                  buf.grad_reduce, acts.first.recomputed)
     return _LayerMoments(moments, mid_layer)
@@ -964,8 +971,11 @@ def _fsdp_layer_moments(train: TrainConfig, st: _States, acts: _Activations, buf
     unit_grads = sp.largest_unit * RECIPES[train.precision].gather_bytes
     has_layers = sp.num_layers > 0
     end_work = sums.layer_backward_end if has_layers else 0
-    workspace = sums.layer_backward_extra if has_layers else 0
     layer_input = sums.layer_input if has_layers else 0
+
+    def workspace(position: int) -> int:
+        """What the layer at ``position`` (of this stage's) holds beyond its saved tensors."""
+        return sums.layer_backward_extra[sp.layer_kinds[position]] if has_layers else 0
 
     def grads_after(units: int) -> int:
         """The units whose backward ran already hold their sharded gradients: the head's during
@@ -976,8 +986,9 @@ def _fsdp_layer_moments(train: TrainConfig, st: _States, acts: _Activations, buf
 
     in_last_layer = grads_after(sp.last_unit if sp.has_head else 0)
     after_last_layer = grads_after(sp.last_two_units)
-    mid_layer = [_Moment(total - head, in_last_layer, g.forward, workspace, 0, acts.last.recomputed),
-                 _Moment(end_acts, grads_before_first_layer, g.backward_end, workspace, pending, acts.first.recomputed)]
+    mid_layer = [_Moment(total - head, in_last_layer, g.forward, workspace(-1), 0, acts.last.recomputed),
+                 _Moment(end_acts, grads_before_first_layer, g.backward_end, workspace(0), pending,
+                         acts.first.recomputed)]
     moments = [
         mid_layer[0],
         _Moment(total - head - acts.last.saved, st.grads_in_forward, buf.largest_gathered, 0, buf.grad_reduce, 0),
@@ -988,7 +999,7 @@ def _fsdp_layer_moments(train: TrainConfig, st: _States, acts: _Activations, buf
     if sp.num_layers >= 2:
         # the second-to-last layer (its own policy under layer:N), the last layer's freed
         second = total - head - acts.last.saved
-        mid_layer.append(_Moment(second, after_last_layer, g.forward, workspace, pending, acts.second.recomputed))
+        mid_layer.append(_Moment(second, after_last_layer, g.forward, workspace(-2), pending, acts.second.recomputed))
         moments += [mid_layer[-1],
                     _Moment(second - acts.second.saved + sums.layer_input, after_last_layer, g.forward, end_work,
                             pending + unit_grads, 0)]

@@ -550,18 +550,21 @@ def test_profile_recommend_keeps_compile_and_refuses_when_nothing_fits(monkeypat
 
 MOE = load_model("tiny-moe")
 MLA = load_model("tiny-deepseek")
+QWEN3_MOE = MOE.model_copy(update=dict(name="tiny-qwen3-moe", qk_norm=True))
 # index: (a text of the rule's reason, the model, the TrainConfig fields it refuses)
 MOE_EXAMPLES = {
     0: ("--impl megatron's MoE layer", MOE, dict(impl="megatron")),
-    1: ("--impl torchtitan's MoE block is modelled", MOE, dict(impl="torchtitan")),
-    2: ("--engine deepspeed's expert sharding", MOE, dict(engine="deepspeed", zero_stage=2)),
-    3: ("op-level checkpointing of an MoE", MOE, dict(activation_checkpointing="op", zero_stage=3)),
-    4: ("torch.compile of an MoE", MOE, dict(compile=True)),
-    5: ("amp-bf16", MOE, dict(precision="amp-bf16")),
-    6: ("on an MoE", MOE, dict(precision="fp8-rowwise", zero_stage=3)),
-    7: ("LoRA with expert parallelism", MOE, dict(finetune="lora", zero_stage=3, ep=2)),
-    8: ("--impl hf's is not modelled", MOE, dict(finetune="lora", impl="hf")),
-    9: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
+    1: ("its DeepSeek-V3 attention (MLA) is not modelled", MLA, dict(impl="torchtitan")),
+    2: ("torchtitan 0.3.0 does not ship", MOE, dict(impl="torchtitan")),
+    3: ("torchtitan's expert-parallel token dispatcher", QWEN3_MOE, dict(impl="torchtitan-cpu", zero_stage=3, ep=2)),
+    4: ("--engine deepspeed's expert sharding", MOE, dict(engine="deepspeed", zero_stage=2)),
+    5: ("op-level checkpointing of an MoE", MOE, dict(activation_checkpointing="op", zero_stage=3)),
+    6: ("torch.compile of an MoE", MOE, dict(compile=True)),
+    7: ("amp-bf16", MOE, dict(precision="amp-bf16")),
+    8: ("on an MoE", MOE, dict(precision="fp8-rowwise", zero_stage=3)),
+    9: ("LoRA with expert parallelism", MOE, dict(finetune="lora", zero_stage=3, ep=2)),
+    10: ("--impl hf's is not modelled", MOE, dict(finetune="lora", impl="hf")),
+    11: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
 }
 DENSE_MLA = _spec(name="tiny-mla", kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16, num_kv_heads=8)
 MLA_EXAMPLES = {

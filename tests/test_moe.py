@@ -154,7 +154,10 @@ def _cli(*args: str):
      "amp-bf16"),
     (["plan", "--model", "gpt-oss-20b", "--gpus", "8"], "attention sinks"),
     (["plan", "--model", "qwen3-30b-a3b", "--mode", "inference"], "qk_norm"),
-    (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "torchtitan", "--json"], "--impl torchtitan's MoE block is"),
+    (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "torchtitan", "--json"], "torchtitan 0.3.0 does not ship"),
+    (["plan", "--model", "tiny-deepseek", "--gpus", "2", "--impl", "torchtitan"], "DeepSeek-V3 attention (MLA)"),
+    (["plan", "--model", "qwen3-30b-a3b", "--gpus", "8", "--impl", "torchtitan", "--strategy", "zero3", "--ep", "8"],
+     "expert-parallel token dispatcher"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "megatron"], "--impl megatron's MoE layer"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--engine", "megatron"], "--engine megatron"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--ac", "op"], "op-level checkpointing of an MoE"),
@@ -652,30 +655,17 @@ def test_hugging_face_moe_training_matches_its_hf_prediction(name):
         assert abs(rows[quantity].error_pct) < 1.0, (quantity, rows[quantity].predicted, rows[quantity].measured)
 
 
-@pytest.mark.parametrize("shape", [dict(moe_ffn_hidden_size=32), dict(moe_ffn_hidden_size=128),
-                                   dict(experts_per_token=4), dict(shared_expert_ffn_hidden_size=32)])
-def test_a_checkpointed_moe_forward_holds_what_the_plan_says(shape):
-    """The reference MoE block's forward under checkpointing (nothing saved): the most bytes it
-    holds at once beyond its input, traced op by op here (every tensor an op returns counted
-    until its storage is freed, parameters aside), equals planner/activations.py
-    _moe_forward_working -- the moment that wins depends on the shape (the experts' [N, f]
-    intermediates, the combine's [N, h] rows, the shared experts' sum)."""
+
+def _LiveBytes(skip):  # noqa: N802 -- a class built on first use (torch imports lazily here)
+    """A dispatch mode that counts every storage an op returns until it is freed (``skip``'s
+    tensors aside): ``now`` bytes alive, ``peak`` the most at once."""
     import weakref
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
-    from torch.utils.checkpoint import checkpoint
 
-    from planner import activations as act
-    from planner.configs import ModelSpec, TrainConfig
-    from strategies.model import build_model, materialize
-
-    base = catalog.load_model("tiny-moe").model_dump(exclude={"name"})
-    spec = ModelSpec(name="m", **(base | dict(hidden_size=64, shared_expert_ffn_hidden_size=0) | shape))
-    moe = materialize(build_model(spec, "meta"), "cpu", seed=1).layers["1"].mlp
-    x = torch.randn(1, 64, 64, requires_grad=True)
-    skip = {p.untyped_storage().data_ptr() for p in moe.parameters()} | {x.untyped_storage().data_ptr()}
+    skipped = {t.untyped_storage().data_ptr() for t in skip}
 
     class Live(TorchDispatchMode):
         def __init__(self):
@@ -690,19 +680,130 @@ def test_a_checkpointed_moe_forward_holds_what_the_plan_says(shape):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     storage = t.untyped_storage()
-                    key = storage.data_ptr()
-                    if key not in self.live and key not in skip and storage.nbytes():
+                    try:
+                        key = storage.data_ptr()
+                    except RuntimeError:  # a wrapper (a functional collective's): its inner tensor counts
+                        continue
+                    if key not in self.live and key not in skipped and storage.nbytes():
                         self.live[key] = storage.nbytes()
                         self.now += storage.nbytes()
                         weakref.finalize(storage, self._free, key)
             self.peak = max(self.peak, self.now)
             return out
 
-    with Live() as live:
+    return Live()
+
+
+@pytest.mark.parametrize("shape", [dict(moe_ffn_hidden_size=32), dict(moe_ffn_hidden_size=128),
+                                   dict(experts_per_token=4), dict(shared_expert_ffn_hidden_size=32)])
+def test_a_checkpointed_moe_forward_holds_what_the_plan_says(shape):
+    """The reference MoE block's forward under checkpointing (nothing saved): the most bytes it
+    holds at once beyond its input, traced op by op here (every tensor an op returns counted
+    until its storage is freed, parameters aside), equals planner/activations.py
+    _moe_forward_working -- the moment that wins depends on the shape (the experts' [N, f]
+    intermediates, the combine's [N, h] rows, the shared experts' sum)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from planner import activations as act
+    from planner.configs import ModelSpec, TrainConfig
+    from strategies.model import build_model, materialize
+
+    base = catalog.load_model("tiny-moe").model_dump(exclude={"name"})
+    spec = ModelSpec(name="m", **(base | dict(hidden_size=64, shared_expert_ffn_hidden_size=0) | shape))
+    moe = materialize(build_model(spec, "meta"), "cpu", seed=1).layers["1"].mlp
+    x = torch.randn(1, 64, 64, requires_grad=True)
+    with _LiveBytes(list(moe.parameters()) + [x]) as live:
         checkpoint(moe, x, use_reentrant=False)
     train = TrainConfig(gpus=1, precision="fp32", micro_batch=1, seq_len=64)
     assert live.peak == act._moe_forward_working(spec, act._dims(spec, act.ActivationInputs.of(train)))
 
+
+
+def _moe_block(impl: str, spec, dtype):
+    """``spec``'s MoE block as ``impl`` builds it, on CPU, in ``dtype`` (mapping [b, s, h] to [b, s, h])."""
+    import torch
+
+    from strategies.model import build_model, materialize
+
+    if impl == "trainplan":
+        return materialize(build_model(spec, "meta"), "cpu", seed=1).to(dtype).layers["1"].mlp
+    if impl == "hf":
+        import transformers.models.qwen3_moe.modeling_qwen3_moe as qwen3_moe
+
+        config = qwen3_moe.Qwen3MoeConfig(
+            hidden_size=spec.hidden_size, num_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.moe_ffn_hidden_size, norm_topk_prob=True, num_attention_heads=4)
+        config._experts_implementation = "grouped_mm"  # the default a whole model dispatches to
+        torch.manual_seed(0)
+        block = qwen3_moe.Qwen3MoeSparseMoeBlock(config).to(dtype)
+    else:
+        from torchtitan.models.common.config_utils import (make_moe_config, make_routed_experts_config,
+                                                           make_router_config)
+        from torchtitan.models.qwen3 import _LINEAR_INIT, _moe_experts_init
+        from torchtitan.tools.utils import set_default_dtype
+
+        h, e, k = spec.hidden_size, spec.num_experts, spec.experts_per_token
+        config = make_moe_config(  # torchtitan's Qwen3-MoE layer (models/qwen3/__init__.py)
+            num_experts=e, router=make_router_config(dim=h, num_experts=e, gate_param_init=_LINEAR_INIT, top_k=k,
+                                                     score_func="softmax", route_norm=True),
+            routed_experts=make_routed_experts_config(dim=h, hidden_dim=spec.moe_ffn_hidden_size, num_experts=e,
+                                                      top_k=k, param_init=_moe_experts_init(2), comm_backend="standard"))
+        with torch.device("meta"), set_default_dtype(dtype):
+            block = config.build()
+        block.to_empty(device="cpu")
+        for buffer in block.buffers():
+            buffer.zero_()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0, 0.02)
+    return block
+
+
+@pytest.mark.parametrize("impl", ["trainplan", "trainplan-frozen", "torchtitan-cpu", "hf"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_moe_backward_holds_what_the_plan_says(impl, dtype):
+    """Each implementation's MoE block, run forward and then backward on a CPU: the most bytes
+    its backward holds at once beyond what its forward saved (the incoming gradient, the
+    combine's and each expert GEMM's gradients as they appear, the weight gradients, less the
+    saved tensors freed), traced op by op, equals planner/activations.py moe_backward_extra --
+    over shapes where different moments win (the combine's rows, the experts' weight
+    gradients, the [N, f] gradients), with shared experts for the reference block, and the
+    reference block frozen as LoRA leaves it."""
+    frozen = impl.endswith("-frozen")
+    impl = impl.removesuffix("-frozen")
+    import torch
+
+    from planner import activations as act
+    from planner.configs import ModelSpec, TrainConfig
+
+    shapes = [dict(hidden_size=128, num_experts=8, experts_per_token=4, moe_ffn_hidden_size=48, tokens=128),
+              dict(hidden_size=128, num_experts=16, experts_per_token=2, moe_ffn_hidden_size=64, tokens=32),
+              dict(hidden_size=64, num_experts=4, experts_per_token=2, moe_ffn_hidden_size=160, tokens=96)]
+    if impl == "trainplan":
+        shapes.append(dict(shapes[0], shared_expert_ffn_hidden_size=104))
+    base = catalog.load_model("tiny-moe").model_dump(exclude={"name"}) | dict(shared_expert_ffn_hidden_size=0)
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    winners = set()
+    for shape in shapes:
+        tokens = shape.pop("tokens")
+        spec = ModelSpec(name="m", **(base | shape | dict(num_heads=4, num_kv_heads=4)))
+        block = _moe_block(impl, spec, torch_dtype).requires_grad_(not frozen)
+        x = torch.randn(2, tokens // 2, spec.hidden_size, dtype=torch_dtype, requires_grad=True)
+        with _LiveBytes(list(block.parameters()) + list(block.buffers()) + [x]) as live:
+            y = block(x)
+            grad = torch.ones_like(y)
+        output = y.untyped_storage().nbytes()
+        saved = live.now - output - grad.untyped_storage().nbytes()
+        with live:
+            live.peak = live.now
+            y.backward(grad)
+        train = TrainConfig(gpus=1, precision=dtype, micro_batch=2, seq_len=tokens // 2, impl=impl,
+                            finetune="lora" if frozen else "full")
+        moments = act._moe_backward_moments(spec, act._dims(spec, act.ActivationInputs.of(train)))
+        assert live.peak - output - saved == act.moe_backward_extra(spec, train), shape
+        winners.add(max(range(len(moments)), key=lambda i: moments[i].extra))
+    assert len(winners) >= 2  # the shapes exercise more than one moment
 
 # LoRA under ZeRO-3 is re-predicted from validation/cpu.json by the accuracy check
 @pytest.mark.parametrize("args", [("--gpus", "1", "--strategy", "ddp", "--finetune", "qlora", "--ac", "full")])

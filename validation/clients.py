@@ -5,8 +5,8 @@
 
 Hugging Face: LlamaForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel (sdpa and eager, fp32 and
 amp-bf16) trained with a plain loop and measured by ``trainplan.track``, which also plans the run
-it saw (``--impl hf``); the same wrapped by peft (LoRA, ``--finetune lora``). torchtitan 0.3.0: its Llama3 model and checkpointing policies, trained
-as its trainer does (``--impl torchtitan-cpu``). torch.compile: trainplan's reference model with compiled blocks, measured
+it saw (``--impl hf``); the same wrapped by peft (LoRA, ``--finetune lora``). torchtitan 0.3.0: its Llama3 and Qwen3-MoE models and checkpointing policies,
+trained as its trainer does (``--impl torchtitan-cpu``). torch.compile: trainplan's reference model with compiled blocks, measured
 by ``trainplan profile --compile`` (allocator high-water mark). Each record keeps the observed
 layout and the measured bytes; ``docs/readme.py`` re-predicts them with the current planner, so
 the README's accuracy figures follow the code. The same runs are tests
@@ -124,6 +124,26 @@ def torchtitan() -> list[dict]:
     return records
 
 
+def torchtitan_moe() -> list[dict]:
+    import torch
+    import torchtitan
+
+    from test_torchtitan import _measure, _spec  # the test's model, policies and loop
+
+    records = []
+    for precision in ("fp32", "bf16"):
+        for ac in ("none", "layer:2", "full"):
+            tracker, train, _, _ = _measure(precision, ac, "qwen3-moe")
+            measured = tracker.result()
+            records.append(dict(
+                framework="torchtitan-moe", name=f"torchtitan Qwen3Model (MoE), {precision}, AC {ac}",
+                model=_spec("qwen3-moe").model_dump(), train=train.model_dump(),
+                measured=dict(activations=measured.activations, peak=max(measured.phase_totals.values())),
+                versions=dict(torchtitan=getattr(torchtitan, "__version__", "0.3.0"), torch=torch.__version__)))
+            print(records[-1]["name"], records[-1]["measured"], flush=True)
+    return records
+
+
 def compiled() -> list[dict]:
     import torch
 
@@ -157,7 +177,8 @@ def compiled() -> list[dict]:
 def main() -> int:
     from strategies.files import write_atomic
 
-    runs = {"hf": hugging_face, "hf-moe": hugging_face_moe, "peft": peft_lora, "torchtitan": torchtitan, "compile": compiled}
+    runs = {"hf": hugging_face, "hf-moe": hugging_face_moe, "peft": peft_lora, "torchtitan": torchtitan,
+            "torchtitan-moe": torchtitan_moe, "compile": compiled}
     only = sys.argv[1:] or list(runs)
     unknown = sorted(set(only) - set(runs))
     if unknown:
