@@ -199,13 +199,14 @@ MOE_RULES: tuple[Rule, ...] = (
     # torchtitan 0.3.0's Qwen3 MoE model is planned whole (its block, tests/test_moe.py; the model
     # trained as its trainer does, tests/test_torchtitan.py). Its other MoE models are not: its
     # DeepSeek-V3 attention (MLA) and gpt-oss (sinks, refused above for every implementation)
-    # save other tensors, and it has no model with Mixtral's attention or a gated shared expert
+    # save other tensors, and it has no model with Mixtral's attention or shared experts beside
+    # per-head norms (their backward moments are traced on the reference block only)
     Rule(lambda m, t: t.impl.startswith("torchtitan") and m.kv_lora_rank > 0,
          "{model.name} is a mixture of experts with latent attention: --impl {train.impl} plans torchtitan's Qwen3 "
          "MoE model; its DeepSeek-V3 attention (MLA) is not modelled yet (--impl trainplan plans it)"),
-    Rule(lambda m, t: t.impl.startswith("torchtitan") and (not m.qk_norm or m.shared_expert_gate),
+    Rule(lambda m, t: t.impl.startswith("torchtitan") and (not m.qk_norm or m.shared_expert_ffn_hidden_size > 0),
          "{model.name} is a mixture of experts torchtitan 0.3.0 does not ship: --impl {train.impl} plans its Qwen3 "
-         "MoE model (per-head q/k norms, no gated shared expert); use --impl trainplan or hf"),
+         "MoE model (per-head q/k norms, no shared experts); use --impl trainplan or hf"),
     # torchtitan's expert-parallel dispatcher (all-to-all with its own permutation buffers) is not
     # itemised: its single-rank LocalTokenDispatcher is
     Rule(lambda m, t: t.impl.startswith("torchtitan") and t.ep > 1,

@@ -550,7 +550,7 @@ def test_profile_recommend_keeps_compile_and_refuses_when_nothing_fits(monkeypat
 
 MOE = load_model("tiny-moe")
 MLA = load_model("tiny-deepseek")
-QWEN3_MOE = MOE.model_copy(update=dict(name="tiny-qwen3-moe", qk_norm=True))
+QWEN3_MOE = MOE.model_copy(update=dict(name="tiny-qwen3-moe", qk_norm=True, shared_expert_ffn_hidden_size=0))
 # index: (a text of the rule's reason, the model, the TrainConfig fields it refuses)
 MOE_EXAMPLES = {
     0: ("--impl megatron's MoE layer", MOE, dict(impl="megatron")),
