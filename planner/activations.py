@@ -865,10 +865,30 @@ def layer_backward_workspace(model: ModelSpec, train: TrainConfig | ActivationIn
         attention = 2 * x.ab * x.heads * x.s * x.s * x.b
     if not layer_kind(model, kind).experts:
         # attention's backward runs after the MLP's, whose saved tensors are freed by then
-        return residual + max(mlp, attention - sum(_mlp_terms(model, x).values()))
+        mlp_saved = sum(_mlp_terms(model, x).values())
+        return max(residual + max(mlp, attention - mlp_saved), _qk_norm_backward(model, x, mlp_saved))
     # an MoE layer's block (its weight gradients counted as they appear: more than a persistent
     # gradient buffer holds beside them, never less)
-    return max(moe_backward_extra(model, train), residual + attention - _moe_saved(model, train))
+    moe_saved = _moe_saved(model, train)
+    return max(moe_backward_extra(model, train), residual + attention - moe_saved,
+               _qk_norm_backward(model, x, moe_saved))
+
+
+def _qk_norm_backward(model: ModelSpec, x: _Dims, mlp_saved: int) -> int:
+    """The per-head q norm's backward (fused RMSNorm, ``_norm_backward_fp32`` of its fp32 working
+    tensors, q-sized), with the attention kernel's dq, dk, dv and the residual's two gradients
+    alive, the MLP's saved tensors and the kernel's own (q, k, v, its output and statistics)
+    freed: the peak of a layer with per-head norms whose q is wide (traced on the reference
+    block, tiny-qwen3-moe, bf16: within 604 bytes). 0 without them or with composite norms."""
+    if not model.qk_norm or x.impl.rmsnorm != "fused" or not x.flash:
+        return 0
+    t = x.s * x.b
+    q, kv = t * x.heads * x.d, t * x.kv_heads * x.d
+    kernel_saved = sum(v for k, v in _attention_terms(model, x, "attn").items()
+                       if k in ("attn_q", "attn_k", "attn_v", "attn_out", "attn_logsumexp"))
+    fp32_tensors = 4 + (2 if x.ab != FP32 else 0)  # the input's and the gradient's fp32 copies when 16-bit
+    return (2 * x.ab * t * x.h // x.seq_div + x.ab * (q + 2 * kv) + fp32_tensors * FP32 * q
+            - mlp_saved - kernel_saved)
 
 
 def layer_forward_working(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
@@ -882,10 +902,33 @@ def layer_forward_working(model: ModelSpec, train: TrainConfig | ActivationInput
     tokens = x.s * x.b
     ffn_tensors = 2 if model.mlp == "gelu" else 3
     dense = 2 * x.ab * tokens * x.h // x.seq_div + ffn_tensors * x.ab * tokens * x.ffn
+    attention = _attention_forward_working(model, x)
     if not model.is_moe or x.impl.moe != "reference":
-        return dense
+        return max(dense, attention)
     moe = 2 * x.ab * tokens * x.h // x.seq_div + _moe_forward_working(model, x)
-    return max(moe, dense if model.dense_layers else 0)
+    return max(moe, dense if model.dense_layers else 0, attention)
+
+
+def _attention_forward_working(model: ModelSpec, x: _Dims) -> int:
+    """The most the reference attention (strategies/model.py ``Attention``, fused kernel) holds at
+    once in a forward that saves nothing, beyond the layer's input (traced op by op on CPU,
+    torch 2.13, fitted exactly over eight shapes, fp32 and bf16): the normalised input with q, k
+    and v, at the largest of RoPE's moments -- q's rotation (q, its rotated half, the two
+    products: four q-sized tensors), k's (five k-sized ones with v), the output projection's
+    input and output beside q, k, v -- and, with per-head norms, each norm's moment (its fp32
+    copy of a 16-bit input, the normalised product and its cast back, and the per-head fp32
+    statistics). Other implementations and eager or latent attention: not modelled (0)."""
+    if x.impl.name != "trainplan" or not x.flash or model.mla:
+        return 0
+    a, t = x.ab, x.s * x.b
+    q, kv, h = a * t * x.heads * x.d, a * t * x.kv_heads * x.d, a * t * x.h
+    moments = [h + 4 * q + 2 * kv, h + 2 * q + 5 * kv, 2 * (h + q + kv)]
+    if model.qk_norm:
+        upcast = FP32 if a != FP32 else 0  # x.float() of an fp32 tensor is the tensor itself
+        per_q, per_kv = q // a, kv // a
+        moments += [h + (2 * a + FP32 + upcast) * per_q + 2 * kv + FP32 * t * x.heads,
+                    h + 2 * q + (3 * a + FP32 + upcast) * per_kv + FP32 * t * x.kv_heads]
+    return max(moments)
 
 
 def _moe_forward_working(model: ModelSpec, x: _Dims) -> int:
@@ -1053,14 +1096,20 @@ def layer_backward_peak_extra(model: ModelSpec, train: TrainConfig | ActivationI
     mlp_saved = sum(v for k, v in _mlp_terms(model, x).items() if not k.startswith("mlp_norm_"))
     elementwise = ((3 if gated else 2) - 1) * ffn + weight + hidden
     norm_work = _norm_backward_fp32(model, x) * FP32 * tokens * x.h // x.seq_div + 2 * hidden
+    # the per-head norms' backward: the MLP's (or MoE's) and the output projection's weight
+    # gradients written, the q, k, v projections' not yet
+    out_proj = x.ab * x.heads * x.d * x.h
     if not layer_kind(model, kind).experts:
-        return max(elementwise, -mlp_saved + (3 if gated else 2) * weight + norm_work)
+        qk = _qk_norm_backward(model, x, mlp_saved) + (3 if gated else 2) * weight + out_proj
+        return max(elementwise, -mlp_saved + (3 if gated else 2) * weight + norm_work, qk if model.qk_norm else 0)
     # an MoE layer: its block's moments, or its norm's backward with every saved tensor of the
     # block freed and all its weight gradients written (the experts', the router's, the norm's,
     # the shared experts'), traced with the reference block
     grads = 0 if x.frozen_norms else x.ab * (3 * x.local_experts * x.h * x.expert_ffn + model.num_experts * x.h
                                              + x.h + 3 * x.h * x.shared_ffn)
-    return max(moe_backward_extra(model, train), -_moe_saved(model, train) + grads + norm_work)
+    moe_saved = _moe_saved(model, train)
+    qk = _qk_norm_backward(model, x, moe_saved) + grads + out_proj if model.qk_norm else 0
+    return max(moe_backward_extra(model, train), -moe_saved + grads + norm_work, qk)
 
 
 def _moe_saved(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:

@@ -281,10 +281,6 @@ REFERENCE_MODEL_RULES: tuple[Rule, ...] = (
     Rule(lambda m: m.position_embedding not in ("rope", "learned"),
          "{model.name} uses {model.position_embedding} positions, which the reference model does not implement "
          "(rope and learned are)"),
-    # strategies/model.py's Attention has no per-head q/k RMSNorm (Qwen3, OLMo 2): built without
-    # it, a run would hold fewer tensors than the plan counts
-    Rule(lambda m: m.qk_norm, "{model.name} normalises q and k per head (qk_norm), which the reference model does "
-         "not implement: trainplan plans it but does not run it"),
 )
 """What strategies/model.py's reference model cannot build."""
 
@@ -391,6 +387,12 @@ RUN_RULES: tuple[Rule, ...] = (
     # strategies/tensor_parallel.py's plan names q, k, v: latent attention's projections are others
     Rule(lambda m, t, on: m.mla and t.tp > 1,
          "tensor parallelism of latent attention is planned by `plan`; the reference model runs it with --tp 1"),
+    # the per-head q/k norms' weights see only a rank's heads under tensor parallelism: their
+    # gradients would need a sum over the tensor-parallel group that strategies/tensor_parallel.py
+    # does not make
+    Rule(lambda m, t, on: m.qk_norm and t.tp > 1,
+         "tensor parallelism of per-head q/k norms (qk_norm) is planned by `plan`; the reference model runs them "
+         "with --tp 1"),
     Rule(lambda m, t, on: t.dp_shard > 0, "hybrid sharding (--dp-shard / --dp-replicate) is planned by `plan`; "
          "the strategy layer does not build HSDP's 2-D mesh yet"),
 )

@@ -66,6 +66,10 @@ class Attention(nn.Module):
         self.k = nn.Linear(h, spec.num_kv_heads * d, bias=qkv_bias, **kw)
         self.v = nn.Linear(h, spec.num_kv_heads * d, bias=qkv_bias, **kw)
         self.o = nn.Linear(spec.num_heads * d, h, bias=spec.linear_bias, **kw)
+        # Qwen3's and OLMo 2's per-head RMSNorm on q and k, before RoPE (one head_dim weight each,
+        # shared by the heads: transformers/models/qwen3/modeling_qwen3.py Qwen3Attention)
+        self.q_norm = RMSNorm(d, eps=1e-6, **kw) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, eps=1e-6, **kw) if spec.qk_norm else None
         self.rope = spec.position_embedding == "rope"
         self.dropout = spec.dropout
         self.kernel = "flash"  # or "eager"; set by ``strategies.checkpointing`` / the run config
@@ -77,6 +81,8 @@ class Attention(nn.Module):
         d = self.head_dim
         # [b, s, heads, d]: with the local head count under tensor parallelism
         q, k, v = self.q(x).view(b, s, -1, d), self.k(x).view(b, s, -1, d), self.v(x).view(b, s, -1, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

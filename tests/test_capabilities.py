@@ -348,7 +348,6 @@ MODEL_EXAMPLES = {
 REFERENCE_MODEL_EXAMPLES = {
     0: ("encoder-decoder", _spec(name="tiny-t5", encoder_layers=2, position_embedding="relative")),
     1: ("does not implement", _spec(name="tiny-alibi", position_embedding="alibi")),
-    2: ("qk_norm", _spec(name="tiny-qwen3", qk_norm=True)),
 }
 
 # index: (text, model, TrainConfig fields, host)
@@ -380,7 +379,8 @@ RUN_EXAMPLES = {
     21: ("tensor parallelism of latent attention", _spec(name="tiny-mla", kv_lora_rank=32, qk_rope_head_dim=8,
                                                          head_dim=24, v_head_dim=16, num_kv_heads=8),
          dict(gpus=2, tp=2, zero_stage=3), CPU),
-    22: ("HSDP's 2-D mesh", TINY, dict(gpus=4, zero_stage=3, dp_shard=2), CPU),
+    22: ("tensor parallelism of per-head q/k norms", _spec(name="tiny-qwen3", qk_norm=True), dict(tp=2), CPU),
+    23: ("HSDP's 2-D mesh", TINY, dict(gpus=4, zero_stage=3, dp_shard=2), CPU),
 }
 
 
