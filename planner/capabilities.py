@@ -175,15 +175,9 @@ def architecture_refusal(model) -> str | None:
     return _first(ARCHITECTURE_RULES, model, None, model)
 
 
-# the inference executor (strategies/inference.py) and its op-by-op walk (planner/inference.py
-# _layer) have no per-head q/k norms: their temporaries are not counted
-_QK_NORM_INFERENCE_RULE = Rule(lambda m: m.qk_norm, "{model.name} normalises q and k per head (qk_norm), which "
-                               "the inference plan does not model yet (training it is planned)")
-
-
 def inference_architecture_refusal(model) -> str | None:
     """Why ``plan --mode inference`` does not model this model, or None."""
-    return architecture_refusal(model) or _first((_MLA_RULE, _QK_NORM_INFERENCE_RULE), model, None, model)
+    return architecture_refusal(model) or _first((_MLA_RULE,), model, None, model)
 
 
 _MOE_PLANNED = ("an MoE layer is planned as the reference model's MoE block (--impl trainplan), transformers' "

@@ -307,6 +307,14 @@ def _projection_call(walk: _ForwardWalk, cfg: InferenceConfig, d: _Dims, out: in
     walk.free("weight")
 
 
+def _head_norm(walk: _ForwardWalk, rows: int, width: int, e: int, name: str) -> None:
+    """A per-head RMSNorm over ``name`` (``rows`` heads x tokens of ``width``): its output
+    replaces its input."""
+    _norm(walk, rows, width, e, "head_normed")
+    walk.free(name)
+    walk.live[name] = walk.live.pop("head_normed")
+
+
 def _rope(walk: _ForwardWalk, nbytes: int, name: str) -> None:
     """apply_rope: x * cos, -x2 and the concatenation of rotate_half, times sin, the sum."""
     walk.new("x_cos", nbytes)
@@ -328,10 +336,14 @@ def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims,
     rows, e = d.tokens, d.e
     _norm(walk, rows, h, e, "n", model.norm)
     _projection_call(walk, cfg, d, q_out, h, "q")
+    if model.qk_norm:  # Qwen3's per-head RMSNorm on q and k, before RoPE
+        _head_norm(walk, rows * q_out // hd, hd, e, "q")
     rope = model.position_embedding == "rope"
     if rope:
         _rope(walk, rows * q_out * e, "q")
     _projection_call(walk, cfg, d, kv_out, h, "k")
+    if model.qk_norm:
+        _head_norm(walk, rows * kv_out // hd, hd, e, "k")
     if rope:
         _rope(walk, rows * kv_out * e, "k")
     _projection_call(walk, cfg, d, kv_out, h, "v")

@@ -259,8 +259,10 @@ def _attention(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     d = attn.head_dim
     n = block.attn_norm(x)
     q = attn.q(n).view(b, c, -1, d)
+    q = attn.q_norm(q) if attn.q_norm is not None else q
     q = apply_rope(q, cos, sin) if attn.rope else q
     k = attn.k(n).view(b, c, -1, d)
+    k = attn.k_norm(k) if attn.k_norm is not None else k
     k = apply_rope(k, cos, sin) if attn.rope else k
     v = attn.v(n).view(b, c, -1, d)
     del n

@@ -431,21 +431,22 @@ def test_architecture_rule_is_reachable(index):
         Transformer(model, device="meta")
 
 
-def test_an_moe_is_trained_and_served_but_qk_norm_and_mla_are_not_served():
-    """A mixture of experts is planned and run for training (planner/capabilities.py MOE_RULES)
-    and served; per-head q/k norms (Qwen3) and latent attention are refused in inference, in one
-    line."""
+def test_an_moe_is_trained_and_served_but_mla_is_not_served():
+    """A mixture of experts, with per-head q/k norms (Qwen3) or without, is planned and run for
+    training (planner/capabilities.py MOE_RULES) and served; latent attention is refused in
+    inference, in one line."""
     from planner.inference import InferenceConfig, check_inference
     from strategies.model import Transformer
 
-    model = load_model("tiny-moe")
-    train = TrainConfig(gpus=1, seq_len=SEQ)
-    assert plan_refusal(model, train) is None and run_refusal(model, train) is None
-    Transformer(model, device="meta")
-    check_inference(model, InferenceConfig())
-    for name, words in (("qwen3-30b-a3b", "qk_norm"), ("tiny-deepseek", "latent attention")):
-        with pytest.raises(LayoutError, match=words):
-            check_inference(load_model(name), InferenceConfig())
+    for name in ("tiny-moe", "tiny-qwen3-moe"):
+        model = load_model(name)
+        train = TrainConfig(gpus=1, seq_len=SEQ)
+        assert plan_refusal(model, train) is None and run_refusal(model, train) is None
+        Transformer(model, device="meta")
+        check_inference(model, InferenceConfig())
+    check_inference(load_model("qwen3-30b-a3b"), InferenceConfig())
+    with pytest.raises(LayoutError, match="latent attention"):
+        check_inference(load_model("tiny-deepseek"), InferenceConfig())
 
 
 @pytest.mark.parametrize("index", range(len(LAYOUT_RULES)))

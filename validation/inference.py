@@ -7,7 +7,8 @@ Memory: the executor (strategies/inference.py) generates, profiler/inference.py 
 KV cache, swap slots (exact bytes) and the activation peaks of prefill and decoding -- on this CPU
 with real tensors for the small reference models, and with fake tensors (sizes, no values) for
 full-size models nobody tuned the walk for: Llama-3-8B (GQA), Llama-2-7B (MHA), Llama-3.2-1B and
-GPT-2 XL (LayerNorm, GELU, biases, learned positions, tied head). Each record keeps the layout and
+GPT-2 XL (LayerNorm, GELU, biases, learned positions, tied head), Mixtral-8x7B and Qwen3-30B-A3B
+(mixtures of experts; Qwen3's per-head q/k norms). Each record keeps the layout and
 the measured bytes; docs/readme.py and tests/test_inference.py re-predict them with the current
 planner. Logit error: the prompt's last logits of each weight format against bf16 weights, relative
 RMS, on the reference model's Gaussian initial weights.
@@ -38,6 +39,8 @@ SMALL = [  # (model, config) measured with real tensors
     ("tiny-gpt2", dict(weights="bf16")),
     ("tiny-gpt2", dict(weights="int8", dtype="fp32")),
     ("tiny-gpt2", dict(weights="int4", dtype="bf16", prefill_chunk=16)),
+    ("tiny-moe", dict(weights="bf16")),
+    ("tiny-qwen3-moe", dict(weights="int8", dtype="bf16")),
 ]
 SMALL_SHAPE = dict(batch=2, prompt_len=48, new_tokens=8)
 FULL = [  # (model, config) measured with fake tensors
@@ -49,6 +52,9 @@ FULL = [  # (model, config) measured with fake tensors
     ("llama-2-7b", dict(batch=2, prompt_len=1024, weights="w8a8", dtype="fp16", kv_cache="int8")),
     ("llama-3.2-1b", dict(batch=16, prompt_len=4096, weights="nf4", dtype="bf16", prefill_chunk=1024)),
     ("gpt2-xl", dict(batch=4, prompt_len=1000, weights="int4", dtype="fp16")),
+    # mixtures of experts (issue 24): every expert resident, the MoE block's own working set
+    ("mixtral-8x7b", dict(batch=4, prompt_len=2048, weights="int8", dtype="bf16")),
+    ("qwen3-30b-a3b", dict(batch=4, prompt_len=2048, weights="bf16")),
 ]
 LOGIT_MODELS = [("tiny-llama", 0), ("llama-3.2-1b", 2)]  # (model, layers kept: 0 = all)
 LOGIT_WEIGHTS = ("int8", "w8a8", "int4", "nf4")
