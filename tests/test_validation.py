@@ -52,15 +52,16 @@ def _phases(case):
 
 
 def test_checkpointing_of_mixtures_of_experts_per_phase():
-    """MoE layers under full checkpointing (validation/cpu.json): each phase within 4%. Not exact:
-    the MoE backward's gradients are the dense block's traced formulas (planner/activations.py),
-    not traced for the MoE block yet (the checkpointed forward's working set is); and with expert
-    parallelism on real ranks the rows a rank holds follow its routing."""
+    """MoE layers under full checkpointing (validation/cpu.json): each phase within 1.5%
+    (measured: -0.6% to +1.2%; full-size simulated slices within 0.4%). The MoE block's backward
+    moments and its rebuilt forward are traced (planner/activations.py _moe_backward_moments,
+    _moe_rebuilt_forward_end); with expert parallelism on real ranks the rows a rank holds follow
+    its routing, and LoRA's frozen block over the dense layer's rebuilt moment is the largest gap."""
     cases = _checkpointing_cases(moe=True)
     assert len(cases) >= 2
     for case in cases:
         for label, phase, got, want in _phases(case):
-            assert abs(got - want) <= 0.04 * want, (label, phase, got, want)
+            assert abs(got - want) <= 0.015 * want, (label, phase, got, want)
 
 
 def test_checkpointing_policies_are_exact_per_phase():
