@@ -209,11 +209,6 @@ MOE_RULES: tuple[Rule, ...] = (
     Rule(lambda m, t: t.engine != "pytorch",
          "{model.name} is a mixture of experts: " + _MOE_PLANNED + "; --engine {train.engine}'s expert sharding and "
          "token dispatcher are not modelled yet"),
-    # torchtitan's op-level policy keeps topk and all-to-all outputs and recomputes the grouped
-    # GEMMs (torchtitan/distributed/activation_checkpoint.py): not itemised for the MoE block
-    Rule(lambda m, t: t.activation_checkpointing == "op",
-         "op-level checkpointing of an MoE layer (torchtitan's SAC keeps topk and all-to-all outputs) is not "
-         "modelled; use --ac none, selective, full or layer:N"),
     # the partitioner's choices inside the MoE block (data-dependent splits) are not traced
     Rule(lambda m, t: t.compile, "torch.compile of an MoE layer (data-dependent expert groups) is not modelled"),
     # torch.autocast's per-op casts inside the block (the router, the grouped GEMMs) are not traced

@@ -442,7 +442,7 @@ class _ActSums:
     """Activation bytes per micro-batch: per block of each layer kind, and the rest."""
 
     layers: dict[str, _LayerActs]  # per layer kind of the model
-    op_forward_pending: int
+    op_forward_pending: dict[str, int]  # per layer kind
     rebuilt_mlp_backward_freed: int
     rebuilt_mlp_backward_working: int
     embedding: int
@@ -471,7 +471,7 @@ def _act_sums(model: ModelSpec, train: act.ActivationInputs) -> _ActSums:
         layers={kind: _LayerActs(act.layer_bytes(model, train, kind), act.layer_bytes(model, train, kind, "none"),
                                  act.op_recomputed_bytes(model, train, kind), act.op_released_bytes(model, train, kind))
                 for kind, _ in layer_stack(model)},
-        op_forward_pending=act.op_forward_pending_bytes(model, train),
+        op_forward_pending={kind: act.op_forward_pending_bytes(model, train, kind) for kind, _ in layer_stack(model)},
         rebuilt_mlp_backward_freed=act.rebuilt_mlp_backward(model, train)[0],
         rebuilt_mlp_backward_working=act.rebuilt_mlp_backward(model, train)[1],
         embedding=sum(act.embedding_terms(model, train).values()),
@@ -884,7 +884,7 @@ def _forward_peak(train: TrainConfig, st: _States, acts: _Activations, buf: _Buf
         unshard_acts = total - head - acts.last.saved + (sums.layer_input if st.sp.num_layers else 0)
         last_layer = [(unshard_acts + cache_out, buf.unshard, 0)]
         if acts.last.recomputed:  # the last layer is checkpointed (fully, or op by op)
-            pending = sums.op_forward_pending if acts.policy == "op" else 0
+            pending = sums.op_forward_pending[st.sp.layer_kinds[-1]] if acts.policy == "op" else 0
             last_layer.append((total - head + cache_out + sums.layer_forward_working - pending, buf.gathered.forward, 0))
     moments: list[tuple[_Mem, _Parts]] = []
     for saved, gathered, loss in ((total + acts.outputs, buf.gathered.at_loss, buf.loss_forward), *last_layer):

@@ -39,6 +39,10 @@ def _op_level_policy():
              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
              torch.ops.aten._scaled_dot_product_attention_math.default,
              torch.ops.aten.linear.default,
+             # an MoE's routing (its ties could pick other experts when recomputed) and its
+             # dispatch, as torchtitan 0.3.0's _get_default_save_ops
+             torch.ops.aten.topk.default,
+             torch.ops._c10d_functional.all_to_all_single.default,
              torch.ops._c10d_functional.reduce_scatter_tensor.default}
     matmuls = (torch.ops.aten.mm.default, torch.ops.aten.linear.default)
     counts = {False: 0, True: 0}

@@ -106,7 +106,7 @@ def test_cached_activation_sums_are_the_functions_on_the_full_config(layout):
     assert sums.pipeline_recv_buffer == act.pipeline_recv_buffer_bytes(model, train)
     assert sums.layer_forward_working == act.layer_forward_working(model, train)
     assert sums.layer_backward_end == act.layer_backward_end_workspace(model, train)
-    assert sums.op_forward_pending == act.op_forward_pending_bytes(model, train)
+    assert sums.op_forward_pending == {kind: act.op_forward_pending_bytes(model, train, kind) for kind in sums.layers}
     assert sums.rope_tables == act.rope_table_bytes(model, train)
 
 

@@ -559,13 +559,12 @@ MOE_EXAMPLES = {
     2: ("torchtitan 0.3.0 does not ship", MOE, dict(impl="torchtitan")),
     3: ("torchtitan's expert-parallel token dispatcher", QWEN3_MOE, dict(impl="torchtitan-cpu", zero_stage=3, ep=2)),
     4: ("--engine deepspeed's expert sharding", MOE, dict(engine="deepspeed", zero_stage=2)),
-    5: ("op-level checkpointing of an MoE", MOE, dict(activation_checkpointing="op", zero_stage=3)),
-    6: ("torch.compile of an MoE", MOE, dict(compile=True)),
-    7: ("amp-bf16", MOE, dict(precision="amp-bf16")),
-    8: ("on an MoE", MOE, dict(precision="fp8-rowwise", zero_stage=3)),
-    9: ("LoRA with expert parallelism", MOE, dict(finetune="lora", zero_stage=3, ep=2)),
-    10: ("--impl hf's is not modelled", MOE, dict(finetune="lora", impl="hf")),
-    11: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
+    5: ("torch.compile of an MoE", MOE, dict(compile=True)),
+    6: ("amp-bf16", MOE, dict(precision="amp-bf16")),
+    7: ("on an MoE", MOE, dict(precision="fp8-rowwise", zero_stage=3)),
+    8: ("LoRA with expert parallelism", MOE, dict(finetune="lora", zero_stage=3, ep=2)),
+    9: ("--impl hf's is not modelled", MOE, dict(finetune="lora", impl="hf")),
+    10: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
 }
 DENSE_MLA = _spec(name="tiny-mla", kv_lora_rank=32, qk_rope_head_dim=8, head_dim=24, v_head_dim=16, num_kv_heads=8)
 MLA_EXAMPLES = {

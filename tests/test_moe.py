@@ -159,7 +159,6 @@ def _cli(*args: str):
      "expert-parallel token dispatcher"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--impl", "megatron"], "--impl megatron's MoE layer"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--engine", "megatron"], "--engine megatron"),
-    (["plan", "--model", "tiny-moe", "--gpus", "2", "--ac", "op"], "op-level checkpointing of an MoE"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--finetune", "lora", "--impl", "hf"],
      "LoRA on a mixture of experts is planned for the reference model"),
     (["plan", "--model", "tiny-moe", "--gpus", "2", "--strategy", "zero3", "--precision", "fp8-tensorwise"],

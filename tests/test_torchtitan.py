@@ -178,11 +178,12 @@ def test_cpu_variant_differs_from_cuda_only_where_the_kernels_do():
         "name", "title", "rmsnorm", "sac_saves_attention", "fp32_router_autocast", "sources", "validated"}
 
 
-@pytest.mark.parametrize("precision,ac", [("fp32", "none"), ("fp32", "full"), ("bf16", "layer:2")])
+@pytest.mark.parametrize("precision,ac", [("fp32", "none"), ("fp32", "full"), ("bf16", "layer:2"), ("bf16", "op")])
 def test_torchtitan_qwen3_moe_measured_against_the_plan(precision, ac):
     """Issue 24's real client: torchtitan 0.3.0's own Qwen3-MoE model (its registry's layers: fused
     qkv, per-head q/k norms, cos/sin RoPE, softmax router with route_norm, LocalTokenDispatcher,
-    GroupedExperts), checkpointed by torchtitan's own wrappers and trained with its trainer's loop,
+    GroupedExperts), checkpointed by torchtitan's own wrappers (SelectiveAC keeps the top-k and
+    every other matmul, the router's gate among them) and trained with its trainer's loop,
     against ``--impl torchtitan-cpu``: parameters, gradients and optimizer state exact, activations
     within 3%, peak within 2%. (The trainer's load-balancing pre-step hook, which updates an
     [experts] buffer per layer, is not installed: it needs its optimizer container.)"""

@@ -52,16 +52,16 @@ def _phases(case):
 
 
 def test_checkpointing_of_mixtures_of_experts_per_phase():
-    """MoE layers under full checkpointing (validation/cpu.json): each phase within 1.5%
-    (measured: -0.6% to +1.2%; full-size simulated slices within 0.4%). The MoE block's backward
-    moments and its rebuilt forward are traced (planner/activations.py _moe_backward_moments,
-    _moe_rebuilt_forward_end); with expert parallelism on real ranks the rows a rank holds follow
-    its routing, and LoRA's frozen block over the dense layer's rebuilt moment is the largest gap."""
+    """MoE layers under full and op-level checkpointing (validation/cpu.json): each phase within
+    2% (measured: -0.6% to +1.5%; full-size simulated slices within 0.4%). The MoE block's
+    backward moments and its rebuilt forward are traced (planner/activations.py
+    _moe_backward_moments, _moe_rebuilt_forward_end); with expert parallelism on real ranks the
+    rows a rank holds follow its routing (op-level on gloo ep2: +1.4% / +1.5%, the largest gap)."""
     cases = _checkpointing_cases(moe=True)
     assert len(cases) >= 2
     for case in cases:
         for label, phase, got, want in _phases(case):
-            assert abs(got - want) <= 0.015 * want, (label, phase, got, want)
+            assert abs(got - want) <= 0.02 * want, (label, phase, got, want)
 
 
 def test_checkpointing_policies_are_exact_per_phase():

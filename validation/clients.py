@@ -132,7 +132,7 @@ def torchtitan_moe() -> list[dict]:
 
     records = []
     for precision in ("fp32", "bf16"):
-        for ac in ("none", "layer:2", "full"):
+        for ac in ("none", "op", "layer:2", "full"):
             tracker, train, _, _ = _measure(precision, ac, "qwen3-moe")
             measured = tracker.result()
             records.append(dict(

@@ -144,6 +144,14 @@ CPU_CASES = [
      "validation/slices/deepseek-v3-4-layers.json", 16,
      dict(gpus=16, zero_stage=2, ep=8, seq_len=4096, micro_batch=1, precision="bf16-mixed",
           activation_checkpointing="full")),
+    # op-level checkpointing of MoE layers: torchtitan's policy keeps the router's top-k, every
+    # other matmul (the router's gate counted) and the all-to-all's outputs
+    ("MoE op-level AC, 1 GPU", "tiny-moe", None, dict(gpus=1, zero_stage=0, activation_checkpointing="op")),
+    ("MoE ZeRO-3 ep2, op-level AC", "tiny-moe", None, dict(gpus=2, zero_stage=3, ep=2, activation_checkpointing="op")),
+    ("Qwen3-30B-A3B 4-layer slice ZeRO-3 ep8, op-level AC, seq 4096, 8 simulated",
+     "validation/slices/qwen3-30b-a3b-4-layers.json", 8,
+     dict(gpus=8, zero_stage=3, ep=8, seq_len=4096, micro_batch=1, precision="bf16-mixed",
+          activation_checkpointing="op")),
     # Qwen3's per-head q/k norms in the reference attention (the MoE layers as above)
     ("Qwen3-style MoE, full AC, 1 GPU", "tiny-qwen3-moe", None,
      dict(gpus=1, zero_stage=0, precision="bf16-mixed", activation_checkpointing="full")),
