@@ -159,10 +159,8 @@ LAYOUT_RULES: tuple[Rule, ...] = (
 # the reference model's inference runs them: every expert resident (or swapped with its layer),
 # a decode step reading the experts its tokens chose (planner/inference.py experts_touched).
 # DeepSeek's latent attention saves other tensors than q, k, v per head: planned for training
-# as the reference model's LatentAttention runs it (MLA_RULES); serving it is not modelled yet
-_MLA_RULE = Rule(lambda m: m.kv_lora_rank > 0,
-                 "{model.name} uses multi-head latent attention (kv_lora_rank {model.kv_lora_rank}): trainplan plans "
-                 "training it, not serving it yet")
+# as the reference model's LatentAttention runs it (MLA_RULES), served over its compressed cache
+# (MLA_INFERENCE_RULES below)
 # gpt-oss's sinks add a column to every softmax: FlashAttention kernels without sink support fall back
 _SINKS_RULE = Rule(lambda m: m.attention_sinks,
                    "{model.name} has attention sinks: its attention kernels and what they save are not modelled yet")
@@ -175,9 +173,33 @@ def architecture_refusal(model) -> str | None:
     return _first(ARCHITECTURE_RULES, model, None, model)
 
 
+# latent attention is served by strategies/inference.py _latent_attention and walked by
+# planner/inference.py _latent_attention on one GPU in 16-bit (or fp32) weights; the executor
+# quantises the block projections by name (q, k, v, o, gate, up, down), not MLA's own, and its
+# tensor-parallel plan and layer swapping know only q, k, v
+MLA_INFERENCE_RULES: tuple[Rule, ...] = (
+    Rule(lambda m, c: c.quantised, "serving {model.name}'s latent attention is planned with 16-bit or fp32 weights; "
+         "--weights {cfg.weights} is not modelled for it yet"),
+    Rule(lambda m, c: c.tp > 1, "serving {model.name}'s latent attention is planned on one GPU per pipeline stage; "
+         "--tp {cfg.tp} is not modelled for it yet"),
+    Rule(lambda m, c: c.offload != "none", "serving {model.name}'s latent attention with --offload {cfg.offload} is not "
+         "modelled yet"),
+)
+
+
 def inference_architecture_refusal(model) -> str | None:
     """Why ``plan --mode inference`` does not model this model, or None."""
-    return architecture_refusal(model) or _first((_MLA_RULE,), model, None, model)
+    return architecture_refusal(model)
+
+
+def inference_refusal(model, cfg) -> str | None:
+    """Why ``plan --mode inference`` does not model this model under this config, or None."""
+    if not model.mla:
+        return None
+    for rule in MLA_INFERENCE_RULES:
+        if rule.when(model, cfg):
+            return rule.reason.format(model=model, cfg=cfg)
+    return None
 
 
 _MOE_PLANNED = ("an MoE layer is planned as the reference model's MoE block (--impl trainplan), transformers' "

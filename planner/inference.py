@@ -37,7 +37,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, Field, model_validator
 
 from planner.calibration import Calibration, Overheads
-from planner.capabilities import inference_architecture_refusal
+from planner.capabilities import inference_architecture_refusal, inference_refusal
 from planner.configs import MAX_GPUS, MAX_LAYERS, MAX_MICRO_BATCH, MAX_SEQ_LEN, GPUSpec, ModelSpec, _Frozen
 from planner.errors import ConfigError, LayoutError
 from planner.finetune import quantised_bytes
@@ -122,7 +122,7 @@ def compute_dtype_name(cfg: InferenceConfig, gpu: GPUSpec | None = None) -> str:
 
 
 def check_inference(model: ModelSpec, cfg: InferenceConfig) -> None:
-    if reason := inference_architecture_refusal(model):  # experts, latent attention, sinks (planner/capabilities.py)
+    if reason := inference_architecture_refusal(model) or inference_refusal(model, cfg):  # sinks; MLA's limits
         raise LayoutError(reason)
     for what, value in (("attention heads", model.num_heads), ("key/value heads", model.num_kv_heads),
                         ("FFN hidden size", model.ffn_hidden_size)):
@@ -328,11 +328,72 @@ def _rope(walk: _ForwardWalk, nbytes: int, name: str) -> None:
     walk.live[name] = walk.live.pop("rope_out")
 
 
+def _rope_new(walk: _ForwardWalk, nbytes: int, name: str) -> None:
+    """apply_rope on a view (its input stays alive): leaves ``name`` live."""
+    walk.new("x_cos", nbytes)
+    walk.new("neg", nbytes // 2)
+    walk.new("cat", nbytes)
+    walk.free("neg")
+    walk.new("cat_sin", nbytes)
+    walk.free("cat")
+    walk.new(name, nbytes)
+    walk.free("x_cos", "cat_sin")
+
+
+def _latent_attention(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims) -> None:
+    """strategies/inference._latent_attention: the queries; the compressed kv (latent and
+    rotary key) normed and rotated into the cache; kv_b expanding every cached position's keys
+    and values (its input, a strided slice of the cache, copied contiguous first); q and k
+    concatenated from their no-rope and rotary parts, v padded to the q/k head dim; the
+    kernel's output cut back to the value dim (a copy) for the output projection."""
+    h, qk, rope, v_dim = model.hidden_size, model.head_dim, model.qk_rope_head_dim, model.v_head_dim
+    heads, rank, rows, e = model.num_heads, model.kv_lora_rank, d.tokens, d.e
+    cached = d.batch * d.length
+    _norm(walk, rows, h, e, "n", model.norm)
+    if model.q_lora_rank:
+        _projection_call(walk, cfg, d, model.q_lora_rank, h, "q_a")
+        _norm(walk, rows, model.q_lora_rank, e, "q_a_normed")
+        walk.free("q_a")
+        _projection_call(walk, cfg, d, heads * qk, model.q_lora_rank, "q")
+        walk.free("q_a_normed")
+    else:
+        _projection_call(walk, cfg, d, heads * qk, h, "q")
+    _projection_call(walk, cfg, d, rank + rope, h, "compressed")
+    walk.free("n")
+    _norm(walk, rows, rank, e, "latent")
+    _rope_new(walk, rows * rope * e, "k_rot")
+    walk.free("compressed", "latent", "k_rot")
+    walk.new("latent_rows", cached * rank * e)  # the cache's strided latent, made contiguous for kv_b
+    walk.new("kv", cached * heads * (qk - rope + v_dim) * e)
+    walk.free("latent_rows")
+    _rope_new(walk, rows * heads * rope * e, "q_rot")
+    walk.new("q_full", rows * heads * qk * e)
+    walk.free("q", "q_rot")
+    walk.new("k", cached * heads * qk * e)
+    walk.new("v", cached * heads * qk * e)
+    walk.free("kv")
+    masked = d.chunk > 1 and d.length > d.chunk
+    if masked:
+        walk.new("mask", d.chunk * d.length)
+    walk.new("attn_out", rows * heads * qk * e)
+    walk.transient(d.batch * heads * d.chunk * 4 + (d.chunk * d.length * e if masked else 0))
+    walk.free("q_full", "k", "v", "mask")
+    walk.new("attn_flat", rows * heads * v_dim * e)
+    walk.free("attn_out")
+    _projection_call(walk, cfg, d, h, heads * v_dim, "o")
+    walk.free("attn_flat")
+
+
 def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims, tp: int, kind: str = "decoder") -> None:
     """One decoder block (strategies/inference._block); ``x`` is live before and after."""
+    if model.mla:
+        _latent_attention(walk, model, cfg, d)
+        walk.new("h", d.tokens * model.hidden_size * d.e)
+        walk.free("o")
+        _mlp_half(walk, model, cfg, d, tp, kind)
+        return
     h, hd = model.hidden_size, model.head_dim
     q_out, kv_out = model.num_heads // tp * hd, model.num_kv_heads // tp * hd
-    f = model.ffn_hidden_size // tp
     rows, e = d.tokens, d.e
     _norm(walk, rows, h, e, "n", model.norm)
     _projection_call(walk, cfg, d, q_out, h, "q")
@@ -370,6 +431,14 @@ def _layer(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims,
     walk.free("attn_out", "attn_flat")
     walk.new("h", rows * h * e)
     walk.free("o")
+    _mlp_half(walk, model, cfg, d, tp, kind)
+
+
+def _mlp_half(walk: _ForwardWalk, model: ModelSpec, cfg: InferenceConfig, d: _Dims, tp: int, kind: str) -> None:
+    """The block's second half: its norm, MLP (or MoE block) and residual sum; ``h`` live before,
+    ``x`` after."""
+    h, rows, e = model.hidden_size, d.tokens, d.e
+    f = model.ffn_hidden_size // tp
     _norm(walk, rows, h, e, "n2", model.norm)
     if layer_kind(model, kind).experts:  # the reference MoE block: its own forward's working set
         walk.transient(moe_forward_bytes(model, rows, e, model.moe_ffn_hidden_size, rows))
@@ -988,6 +1057,8 @@ def layouts(model: ModelSpec, gpus: int, gpus_per_node: int) -> list[tuple[int, 
             continue
         if model.num_heads % tp or model.num_kv_heads % tp or model.ffn_hidden_size % tp:
             continue
+        if model.mla and tp > 1:  # latent attention is served on one GPU per stage (MLA_INFERENCE_RULES)
+            continue
         pp = gpus // tp
         if pp <= model.total_layers:
             found.append((tp, pp))
@@ -1021,6 +1092,8 @@ def search_inference(model: ModelSpec, gpu: GPUSpec, cfg: InferenceConfig, cal: 
 
 
 def inference_advice(cfg: InferenceConfig, model: ModelSpec | None = None) -> list[str]:
+    if model is not None and model.mla:  # quantised weights, int8 caches and offload are not modelled for it
+        return ["more GPUs (pipeline stages)", "a smaller --batch or shorter --prompt-len / --new-tokens"]
     advice = []
     if cfg.weights in ("bf16", "fp16", "fp32"):
         advice.append("--weights int8 (half the 16-bit bytes) or int4 / nf4 (about a quarter)" if not (

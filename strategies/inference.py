@@ -110,6 +110,12 @@ class KVCache:
         dtype = TORCH_DTYPES[compute_dtype_name(cfg)]
         shape = (cfg.batch, spec.num_kv_heads, cfg.cache_len, spec.head_dim)
         layers = spec.num_layers
+        if spec.mla:
+            # latent attention caches what it expands keys and values from, as one "head": the
+            # normed latent and the rotated key (transformers 5.25 DeepseekV3Attention); no v
+            latent = (cfg.batch, 1, cfg.cache_len, spec.kv_lora_rank + spec.qk_rope_head_dim)
+            return cls([torch.zeros(latent, dtype=dtype, device=device) for _ in range(layers)],
+                       [torch.zeros(0, dtype=dtype, device=device) for _ in range(layers)])
         if cfg.kv_cache == "int8":
             scale_shape = shape[:-1] + (1,)
             return cls([torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(layers)],
@@ -278,8 +284,46 @@ def _attention(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return attn.o(out.transpose(1, 2).reshape(b, c, -1))
 
 
+def _latent_attention(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                      layer: int, pos: int) -> torch.Tensor:
+    """Multi-head latent attention over a compressed cache, as transformers 5.25 serves
+    DeepSeek-V3 (DeepseekV3Attention.forward): the normed latent and the rotated key are written
+    to the cache, then every cached position's keys and values are expanded by kv_b for this
+    chunk's attention (no weight absorption); v padded to the q/k head dim as in training."""
+    attn = block.attn
+    b, c, _ = x.shape
+    qk, rope, v_dim = attn.qk_dim, attn.rope_dim, attn.v_dim
+    nope, rank = qk - rope, attn.kv_a_norm.weight.shape[0]
+    n = block.attn_norm(x)
+    q = attn.q_b(attn.q_a_norm(attn.q_a(n))) if hasattr(attn, "q_a") else attn.q(n)
+    compressed = attn.kv_a(n)
+    del n
+    latent, k_rot = compressed.split([rank, rope], dim=-1)
+    latent = attn.kv_a_norm(latent)
+    k_rot = apply_rope(k_rot.unsqueeze(2), cos, sin)
+    stop = pos + c
+    cache.k[layer][:, 0, pos:stop, :rank] = latent
+    cache.k[layer][:, 0, pos:stop, rank:] = k_rot[:, :, 0]
+    del compressed, latent, k_rot
+    cached = cache.k[layer][:, 0, :stop]
+    heads = q.shape[-1] // qk
+    k_nope, v = attn.kv_b(cached[..., :rank]).view(b, stop, heads, nope + v_dim).split([nope, v_dim], dim=-1)
+    q_nope, q_rot = q.view(b, c, heads, qk).split([nope, rope], dim=-1)
+    q = torch.cat((q_nope, apply_rope(q_rot, cos, sin)), dim=-1)
+    del q_nope, q_rot
+    k = torch.cat((k_nope, cached[..., rank:].unsqueeze(2).expand(-1, -1, heads, -1)), dim=-1)
+    v = F.pad(v, (0, qk - v_dim))
+    del k_nope, cached
+    mask = None if c == 1 or pos == 0 else torch.ones(c, stop, dtype=torch.bool, device=x.device).tril(pos)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=pos == 0 and c > 1)
+    del q, k, v, mask
+    return attn.o(out[..., :v_dim].transpose(1, 2).reshape(b, c, -1))
+
+
 def _block(block: Block, x: torch.Tensor, cos, sin, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
-    h = x + _attention(block, x, cos, sin, cache, layer, pos)
+    attention = _latent_attention if hasattr(block.attn, "kv_a") else _attention
+    h = x + attention(block, x, cos, sin, cache, layer, pos)
     return h + block.mlp(block.mlp_norm(h))
 
 

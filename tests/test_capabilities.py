@@ -431,22 +431,32 @@ def test_architecture_rule_is_reachable(index):
         Transformer(model, device="meta")
 
 
-def test_an_moe_is_trained_and_served_but_mla_is_not_served():
-    """A mixture of experts, with per-head q/k norms (Qwen3) or without, is planned and run for
-    training (planner/capabilities.py MOE_RULES) and served; latent attention is refused in
-    inference, in one line."""
-    from planner.inference import InferenceConfig, check_inference
+def test_an_moe_is_trained_and_served_and_mla_served_in_16_bits_on_one_gpu_per_stage():
+    """A mixture of experts, with per-head q/k norms (Qwen3), latent attention (DeepSeek) or
+    neither, is planned and run for training (planner/capabilities.py MOE_RULES) and served;
+    latent attention's quantised weights, tensor parallelism and offload are refused in
+    inference, each in one line (MLA_INFERENCE_RULES), and the layout search skips tp > 1."""
+    from planner.capabilities import MLA_INFERENCE_RULES
+    from planner.inference import InferenceConfig, check_inference, layouts
     from strategies.model import Transformer
 
-    for name in ("tiny-moe", "tiny-qwen3-moe"):
+    for name in ("tiny-moe", "tiny-qwen3-moe", "tiny-deepseek"):
         model = load_model(name)
         train = TrainConfig(gpus=1, seq_len=SEQ)
         assert plan_refusal(model, train) is None and run_refusal(model, train) is None
         Transformer(model, device="meta")
         check_inference(model, InferenceConfig())
     check_inference(load_model("qwen3-30b-a3b"), InferenceConfig())
-    with pytest.raises(LayoutError, match="latent attention"):
-        check_inference(load_model("tiny-deepseek"), InferenceConfig())
+    mla = load_model("tiny-deepseek")
+    examples = [dict(weights="int8"), dict(gpus=2, tp=2), dict(offload="layers", swapped_layers=3)]
+    assert len(examples) == len(MLA_INFERENCE_RULES)
+    for rule, fields in zip(MLA_INFERENCE_RULES, examples):
+        cfg = InferenceConfig(**fields)
+        expected = rule.reason.format(model=mla, cfg=cfg)
+        assert _one_line(expected) and "latent attention" in expected
+        with pytest.raises(LayoutError, match="^" + re.escape(expected) + "$"):
+            check_inference(mla, cfg)
+    assert layouts(mla, 4, 8) == [(1, 4)]
 
 
 @pytest.mark.parametrize("index", range(len(LAYOUT_RULES)))

@@ -8,7 +8,7 @@ KV cache, swap slots (exact bytes) and the activation peaks of prefill and decod
 with real tensors for the small reference models, and with fake tensors (sizes, no values) for
 full-size models nobody tuned the walk for: Llama-3-8B (GQA), Llama-2-7B (MHA), Llama-3.2-1B and
 GPT-2 XL (LayerNorm, GELU, biases, learned positions, tied head), Mixtral-8x7B and Qwen3-30B-A3B
-(mixtures of experts; Qwen3's per-head q/k norms). Each record keeps the layout and
+(mixtures of experts; Qwen3's per-head q/k norms) and a DeepSeek-V3 4-layer slice (latent attention). Each record keeps the layout and
 the measured bytes; docs/readme.py and tests/test_inference.py re-predict them with the current
 planner. Logit error: the prompt's last logits of each weight format against bf16 weights, relative
 RMS, on the reference model's Gaussian initial weights.
@@ -41,6 +41,7 @@ SMALL = [  # (model, config) measured with real tensors
     ("tiny-gpt2", dict(weights="int4", dtype="bf16", prefill_chunk=16)),
     ("tiny-moe", dict(weights="bf16")),
     ("tiny-qwen3-moe", dict(weights="int8", dtype="bf16")),
+    ("tiny-deepseek", dict(weights="bf16")),
 ]
 SMALL_SHAPE = dict(batch=2, prompt_len=48, new_tokens=8)
 FULL = [  # (model, config) measured with fake tensors
@@ -55,6 +56,8 @@ FULL = [  # (model, config) measured with fake tensors
     # mixtures of experts (issue 24): every expert resident, the MoE block's own working set
     ("mixtral-8x7b", dict(batch=4, prompt_len=2048, weights="int8", dtype="bf16")),
     ("qwen3-30b-a3b", dict(batch=4, prompt_len=2048, weights="bf16")),
+    # DeepSeek-V3's latent attention over its compressed cache, at full width (4 layers: a dense one, 3 MoE)
+    ("validation/slices/deepseek-v3-4-layers.json", dict(batch=4, prompt_len=2048, weights="bf16")),
 ]
 LOGIT_MODELS = [("tiny-llama", 0), ("llama-3.2-1b", 2)]  # (model, layers kept: 0 = all)
 LOGIT_WEIGHTS = ("int8", "w8a8", "int4", "nf4")
