@@ -810,8 +810,25 @@ def _layer_times(model: ModelSpec, cfg: InferenceConfig, e: int, stages: list[_S
                     kv_read += 2 * 2 * cfg.batch * (model.num_kv_heads // cfg.tp) * cfg.cache_len * model.head_dim * e
                 step_flops = 2 * params * cfg.batch + 4 * cfg.batch * cfg.cache_len * model.num_heads // cfg.tp * \
                     model.head_dim * len(layer_kind(model, kind).attentions)
+                if model.mla:
+                    expand_flops, expand_bytes = _latent_expansion(model, cfg, e)
+                    step_flops += expand_flops
+                    kv_read += expand_bytes
                 decode_layer_s.append((step_flops / flops_rate, (step_traffic + kv_read) / hbm))
     return _LayerTimes(prefill_layer_s, decode_layer_s)
+
+
+def _latent_expansion(model: ModelSpec, cfg: InferenceConfig, e: int) -> tuple[int, int]:
+    """What a decode step of latent attention served over its compressed cache adds per layer
+    (strategies/inference._latent_attention, as transformers 5.25 serves it): kv_b expands every
+    cached position's latent, not the new token's alone -- its FLOPs over the other cache_len - 1
+    positions -- and the expanded keys and values cross HBM: kv_b's output written and read, the
+    concatenated k and padded v [b, len, heads, qk] written and read by the kernel. (vLLM and
+    SGLang absorb kv_b into the query and output instead: not modelled.)"""
+    nope, v_dim, qk = model.head_dim - model.qk_rope_head_dim, model.v_head_dim, model.head_dim
+    rows = cfg.batch * cfg.cache_len * model.num_heads
+    flops = 2 * model.kv_lora_rank * model.num_heads * (nope + v_dim) * cfg.batch * (cfg.cache_len - 1)
+    return flops, e * rows * (2 * (nope + v_dim) + 4 * qk)
 
 
 def experts_touched(model: ModelSpec, tokens: int) -> float:

@@ -876,3 +876,29 @@ def test_moe_inference_as_measured(model, args):
         assert predicted[quantity] == measured[quantity], quantity
     for quantity in ("prefill_activations", "peak"):
         assert abs(predicted[quantity] / measured[quantity] - 1) <= 0.005, quantity
+
+
+def test_latent_attention_decode_pays_for_expanding_the_cache():
+    """Served over its compressed cache (as transformers 5.25 serves DeepSeek-V3), a decode step
+    expands every cached position's keys and values with kv_b: per layer 2 x kv_lora_rank x
+    heads x (qk_nope + v) FLOPs per other cached position, and the expanded tensors cross HBM
+    (kv_b's output written and read, k and the padded v written and read). DeepSeek-V3 on 16
+    H200 in bf16 at 8k positions decodes slower than at 512 by at least those bytes over the
+    HBM rate the plan uses."""
+    from planner.calibration import calibration_for_gpu
+    from planner.catalog import load_gpu
+    from planner.inference import InferenceConfig, _latent_expansion, search_inference
+
+    model, gpu = catalog.load_model("deepseek-v3"), load_gpu("h200")
+    cfg = InferenceConfig(gpus=16, tp=1, pp=16, prompt_len=8192, new_tokens=128)
+    flops, nbytes = _latent_expansion(model, cfg, 2)
+    heads, rank, b, length = 128, 512, 1, 8192 + 128
+    assert flops == 2 * rank * heads * (128 + 128) * b * (length - 1)
+    assert nbytes == 2 * b * length * heads * (2 * (128 + 128) + 4 * 192)
+    cal = calibration_for_gpu(gpu)
+    steps = [search_inference(model, gpu, InferenceConfig(gpus=16, tp=1, pp=16, prompt_len=p, new_tokens=128), cal,
+                              8).recommended for p in (512, 8192)]
+    hbm = gpu.hbm_bandwidth_gb_s * 1e9 * cal.throughput.decode_hbm_efficiency
+    short = _latent_expansion(model, InferenceConfig(gpus=16, tp=1, pp=16, prompt_len=512, new_tokens=128), 2)[1]
+    layers = model.num_layers
+    assert steps[1].time.decode_step_s - steps[0].time.decode_step_s >= 0.99 * layers * (nbytes - short) / hbm
