@@ -316,15 +316,10 @@ def _head_norm(walk: _ForwardWalk, rows: int, width: int, e: int, name: str) -> 
 
 
 def _rope(walk: _ForwardWalk, nbytes: int, name: str) -> None:
-    """apply_rope: x * cos, -x2 and the concatenation of rotate_half, times sin, the sum."""
-    walk.new("x_cos", nbytes)
-    walk.new("neg", nbytes // 2)
-    walk.new("cat", nbytes)
-    walk.free("neg")
-    walk.new("cat_sin", nbytes)
-    walk.free("cat")
-    walk.new("rope_out", nbytes)
-    walk.free("x_cos", "cat_sin", name)
+    """apply_rope: x * cos, -x2 and the concatenation of rotate_half, times sin, the sum, which
+    replaces ``name``."""
+    _rope_new(walk, nbytes, "rope_out")
+    walk.free(name)
     walk.live[name] = walk.live.pop("rope_out")
 
 
