@@ -48,7 +48,8 @@ def apply_expert_parallel(model, sparse) -> None:
     for moe in moe_blocks(model):
         for stacked in moe.experts.values():
             for name, param in list(stacked.named_parameters(recurse=False)):
-                stacked.register_parameter(name, nn.Parameter(distribute_tensor(param, ep, [Shard(0)])))
+                stacked.register_parameter(name, nn.Parameter(distribute_tensor(param, ep, [Shard(0)]),
+                                                              requires_grad=param.requires_grad))  # LoRA: frozen
         moe.ep_group = ep.get_group()
 
 

@@ -572,7 +572,8 @@ MOE_EXAMPLES = {
     5: ("torch.compile of an MoE", MOE, dict(compile=True)),
     6: ("amp-bf16", MOE, dict(precision="amp-bf16")),
     7: ("on an MoE", MOE, dict(precision="fp8-rowwise", zero_stage=3)),
-    8: ("LoRA with expert parallelism", MOE, dict(finetune="lora", zero_stage=3, ep=2)),
+    8: ("LoRA with expert parallelism under --ac full", MOE, dict(finetune="lora", zero_stage=3, ep=2,
+                                                                  activation_checkpointing="full")),
     9: ("--impl hf's is not modelled", MOE, dict(finetune="lora", impl="hf")),
     10: ("distillation with an MoE student", MOE, dict(teacher="tiny-llama")),
 }

@@ -820,6 +820,21 @@ def test_lora_on_an_moe_as_measured(args):
         assert abs(rows[quantity]["predicted"] / rows[quantity]["measured"] - 1) <= 0.005, quantity
 
 
+def test_lora_with_expert_parallelism_keeps_the_experts_frozen():
+    """LoRA on the reference MoE with ep 2 on two gloo ranks: the experts, re-registered as
+    DTensors sharded over ep, stay frozen (no gradients, no optimizer state: both exact against
+    the plan, which counts the adapters alone), activations and peak within routing's imbalance
+    (1%). Under recompute the combination is refused (planner/capabilities.py MOE_RULES)."""
+    report = _run_json("profile", "--model", "tiny-moe", "--gpus", "2", "--strategy", "zero3", "--ep", "2",
+                       "--tp", "1", "--pp", "1", "--finetune", "lora", "--precision", "bf16-mixed", "--seq-len", "256",
+                       "--micro-batch", "2", "--steps", "2")
+    rows = {row["quantity"]: row for row in report["rows"]}
+    for quantity in ("params", "grads", "optimizer"):
+        assert rows[quantity]["predicted"] == rows[quantity]["measured"], quantity
+    for quantity in ("activations", "peak (allocated)"):
+        assert abs(rows[quantity]["predicted"] / rows[quantity]["measured"] - 1) <= 0.01, quantity
+
+
 def test_qlora_of_a_30b_moe_keeps_its_experts_in_16_bits():
     """`plan --model qwen3-30b-a3b --finetune qlora --gpu rtx-4090`: the attention is NF4 with
     adapters, the 29B expert parameters stay 16-bit (2 B each): it does not fit a 24 GB card, and

@@ -134,6 +134,8 @@ CPU_CASES = [
     ("MoE LoRA ZeRO-3, bf16-mixed", "tiny-moe", None, dict(gpus=2, zero_stage=3, finetune="lora",
                                                            precision="bf16-mixed")),
     ("MoE QLoRA, full AC, 1 GPU", "tiny-moe", None, dict(gpus=1, finetune="qlora", activation_checkpointing="full")),
+    ("MoE LoRA ZeRO-3 ep2, bf16-mixed", "tiny-moe", None, dict(gpus=2, zero_stage=3, ep=2, finetune="lora",
+                                                               precision="bf16-mixed")),
     # latent attention (DeepSeek's MLA) with experts: the reference LatentAttention
     ("MLA + MoE, 1 GPU", "tiny-deepseek", None, dict(gpus=1, zero_stage=0)),
     ("MLA + MoE ZeRO-3 ep2, bf16-mixed", "tiny-deepseek", None, dict(gpus=2, zero_stage=3, ep=2,
