@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from math import ceil
-from typing import NamedTuple
 
 from planner import te_fp8
 from planner.configs import ModelSpec, TrainConfig
@@ -348,6 +347,19 @@ def _shared_expert_terms(model: ModelSpec, x: _Dims, act_out: bool = True) -> di
     return terms
 
 
+def _received_rows(model: ModelSpec, x: _Dims) -> int:
+    """The routed rows this rank's experts hold: N = tokens x top-k without expert parallelism;
+    with it the busiest rank's, ``expert_load`` x its balanced share N (dropless routing)."""
+    n = x.moe_tokens * model.experts_per_token
+    return ceil(n * x.expert_load) if x.expert_parallel else n
+
+
+def _router_bytes(x: _Dims) -> int:
+    """The router's logits and scores: fp32 under CUDA's fp32 autocast of torchtitan's gate, else
+    the compute dtype."""
+    return FP32 if x.impl.fp32_router_autocast else x.ab
+
+
 def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     """What the reference model's MoE block (strategies/model.py ``MoE``) saves for its backward,
     on one rank and micro-batch, tensor by tensor (torch 2.13's derivatives: linear and
@@ -375,7 +387,7 @@ def _moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     ``expert_load`` x N on the busiest rank (--expert-load; the report's notes say so)."""
     t, k, e = x.moe_tokens, model.experts_per_token, model.num_experts
     n = t * k
-    r = ceil(n * x.expert_load) if x.expert_parallel else n  # rows received (its own without expert parallelism)
+    r = _received_rows(model, x)
     # without expert parallelism the MoE input is the MLP's gathered input (sequence parallel);
     # with it each tensor-parallel rank routes its own share of the tokens
     split = x.expert_parallel
@@ -418,7 +430,7 @@ def _torchtitan_moe_terms(model: ModelSpec, x: _Dims) -> dict[str, int]:
     FeedForward."""
     t, k, e, f = x.s * x.b, model.experts_per_token, model.num_experts, x.expert_ffn
     n = t * k
-    router = FP32 if x.impl.fp32_router_autocast or x.ab == FP32 else x.ab
+    router = _router_bytes(x)
     bf16 = 2
     casts = 1 if x.ab == bf16 else 2  # .bfloat16() of bf16 rows is the tensor itself
     terms = _norm_terms(model, x, "mlp") | {
@@ -498,8 +510,7 @@ def _linears(model: ModelSpec, x: _Dims, kind: str) -> list[tuple[str, int, bool
     if layer_kind(model, kind).experts:
         # the router's gate (the experts' grouped GEMMs are not matmuls a policy counts), then
         # the shared experts' gated MLP
-        router = FP32 if x.impl.fp32_router_autocast and x.ab != FP32 else x.ab
-        moe = [("moe_router_logits", router * x.moe_tokens * model.num_experts, model.router_bias)]
+        moe = [("moe_router_logits", _router_bytes(x) * x.moe_tokens * model.num_experts, model.router_bias)]
         if model.shared_expert_ffn_hidden_size:
             shared = x.ab * tokens * x.shared_ffn
             moe += [("moe_shared_gate_out", shared, False), ("moe_shared_up_out", shared, False),
@@ -554,9 +565,8 @@ def _op_level_terms(model: ModelSpec, x: _Dims, kind: str) -> dict[str, int]:
         terms["moe_topk_weights"] = routed["moe_topk_weights"]
         terms["moe_topk_indices"] = routed["moe_topk_indices"]
         if x.expert_parallel:  # the all-to-all's outputs: the rows received, the rows sent back
-            n = x.moe_tokens * model.experts_per_token
-            terms["moe_received_rows"] = x.ab * ceil(n * x.expert_load) * x.h
-            terms["moe_returned_rows"] = x.ab * n * x.h
+            terms["moe_received_rows"] = x.ab * _received_rows(model, x) * x.h
+            terms["moe_returned_rows"] = x.ab * x.moe_tokens * model.experts_per_token * x.h
     return terms
 
 
@@ -962,8 +972,7 @@ def _attention_forward_working(model: ModelSpec, x: _Dims) -> int:
 
 
 def _moe_forward_working(model: ModelSpec, x: _Dims) -> int:
-    r = ceil(x.moe_tokens * model.experts_per_token * x.expert_load) if x.expert_parallel else None
-    return moe_forward_bytes(model, x.moe_tokens, x.ab, x.expert_ffn, x.s * x.b, r)
+    return moe_forward_bytes(model, x.moe_tokens, x.ab, x.expert_ffn, x.s * x.b, _received_rows(model, x))
 
 
 def moe_forward_bytes(model: ModelSpec, tokens: int, ab: int, expert_ffn: int, shared_tokens: int,
@@ -987,18 +996,10 @@ def moe_forward_bytes(model: ModelSpec, tokens: int, ab: int, expert_ffn: int, s
     return routing + max(experts, combine, shared)
 
 
-class _BackwardMoment(NamedTuple):
-    """One moment of an MoE block's backward: the bytes alive beyond the block's saved tensors
-    (the saved tensors it has freed by then counted negative), and of those the weight
-    gradients already in their final dtype (the ones a persistent gradient buffer holds)."""
-
-    extra: int
-    final_grads: int = 0
-
-
-def _moe_backward_moments(model: ModelSpec, x: _Dims) -> list[_BackwardMoment]:
+def _moe_backward_moments(model: ModelSpec, x: _Dims) -> list[int]:
     """The moments of one MoE block's backward (router to combine, the MLP norm aside) where the
-    most bytes can be alive, for each implementation. Traced op by op on CPU (torch 2.13,
+    most bytes can be alive beyond the block's saved tensors (those it has freed by then counted
+    negative; the weight gradients written so far counted), for each implementation. Traced op by op on CPU (torch 2.13,
     every storage an op returns counted until freed; fitted exactly, zero residual, over 15
     shapes of hidden size, experts, top-k, expert width and tokens, fp32 and bf16; tests/
     test_moe.py re-traces them). In order: the combine's backward (the incoming gradient
@@ -1013,44 +1014,39 @@ def _moe_backward_moments(model: ModelSpec, x: _Dims) -> list[_BackwardMoment]:
     a, h, f = x.ab, x.h, x.expert_ffn
     t = x.moe_tokens
     n = t * model.experts_per_token
-    r = ceil(n * x.expert_load) if x.expert_parallel else n
+    r = _received_rows(model, x)
     w = x.local_experts * h * f  # one stacked expert weight on this rank
     g = a * t * h  # the incoming gradient
     idx = INDEX_BYTES * n  # the token index the combine's backward gathers with, freed after it
     if x.impl.moe == "torchtitan":
-        bf16 = 2
-        grad = a * w  # one weight gradient in the weights' dtype
-        transient = bf16 * w if a != bf16 else 0  # a bf16 gradient before its cast up
-        moments = [
-            _BackwardMoment(g + 3 * FP32 * n * h + FP32 * n),
-            _BackwardMoment(g - 2 * n * h + 2 * n * f + 2 * w, grad if not transient else 0),
-            _BackwardMoment(g - 4 * n * h + 4 * n * f + 2 * w, grad if not transient else 0),
-            _BackwardMoment(g - 2 * n * h - 2 * n * f + 4 * w, (2 if not transient else 1) * grad),
-            _BackwardMoment(g - 6 * n * f + 6 * w, (3 if not transient else 2) * grad),
-        ]
-        if transient:
-            moments += [_BackwardMoment(g - 4 * n * h + 4 * w, grad),
-                        _BackwardMoment(g - 4 * n * h - 4 * n * f + 6 * w, 2 * grad),
-                        _BackwardMoment(g - 4 * n * f + 4 * w, 2 * grad),
-                        _BackwardMoment(g - 2 * n * h - 8 * n * f + 8 * w - FP32 * model.num_experts, 3 * grad),
-                        _BackwardMoment(g + 4 * n * h - 8 * n * f + 6 * w - FP32 * model.num_experts, 3 * grad)]
+        moments = [g + 3 * FP32 * n * h + FP32 * n,
+                   g - 2 * n * h + 2 * n * f + 2 * w,
+                   g - 4 * n * h + 4 * n * f + 2 * w,
+                   g - 2 * n * h - 2 * n * f + 4 * w,
+                   g - 6 * n * f + 6 * w]
+        if a != 2:  # fp32 weights: each bf16 gradient cast up, the saved bf16 weight copies freed
+            moments += [g - 4 * n * h + 4 * w,
+                        g - 4 * n * h - 4 * n * f + 6 * w,
+                        g - 4 * n * f + 4 * w,
+                        g - 2 * n * h - 8 * n * f + 8 * w - FP32 * model.num_experts,
+                        g + 4 * n * h - 8 * n * f + 6 * w - FP32 * model.num_experts]
         return moments
     if x.impl.moe == "hf":  # gate and up fused into one [E, 2f, h] weight
-        moments = [_BackwardMoment(g + 3 * a * n * h),
-                   _BackwardMoment(g + a * r * f + a * w - idx, a * w),
-                   _BackwardMoment(g - a * n * h + 2 * a * r * f + a * w - idx, a * w),
-                   _BackwardMoment(g - 2 * a * r * f + 3 * a * w - idx, 3 * a * w)]
+        moments = [g + 3 * a * n * h,
+                   g + a * r * f + a * w - idx,
+                   g - a * n * h + 2 * a * r * f + a * w - idx,
+                   g - 2 * a * r * f + 3 * a * w - idx]
     elif x.frozen_norms:  # LoRA: the block is frozen, its backward makes input gradients only
-        moments = [_BackwardMoment(g + 2 * a * n * h + a * n),
-                   _BackwardMoment(g + a * r * h - 2 * a * n * h + a * r * f - idx),
-                   _BackwardMoment(g - 2 * a * n * h + 3 * a * r * f - idx),
-                   _BackwardMoment(3 * g - a * n * h - 3 * a * r * f - idx - FP32 * model.num_experts)]
+        moments = [g + 2 * a * n * h + a * n,
+                   g + a * r * h - 2 * a * n * h + a * r * f - idx,
+                   g - 2 * a * n * h + 3 * a * r * f - idx,
+                   3 * g - a * n * h - 3 * a * r * f - idx - FP32 * model.num_experts]
     else:
-        moments = [_BackwardMoment(g + 2 * a * n * h + a * n),
-                   _BackwardMoment(g + a * r * h - 2 * a * n * h + a * r * f + a * w - idx, a * w),
-                   _BackwardMoment(g - 2 * a * n * h + 2 * a * r * f + a * w - idx, a * w),
-                   _BackwardMoment(g + a * r * h - 2 * a * n * h - a * r * f + 2 * a * w - idx, 2 * a * w),
-                   _BackwardMoment(g + 2 * a * r * h - 2 * a * n * h - 3 * a * r * f + 3 * a * w - idx, 3 * a * w)]
+        moments = [g + 2 * a * n * h + a * n,
+                   g + a * r * h - 2 * a * n * h + a * r * f + a * w - idx,
+                   g - 2 * a * n * h + 2 * a * r * f + a * w - idx,
+                   g + a * r * h - 2 * a * n * h - a * r * f + 2 * a * w - idx,
+                   g + 2 * a * r * h - 2 * a * n * h - 3 * a * r * f + 3 * a * w - idx]
     if not model.shared_expert_ffn_hidden_size:
         return moments
     # the shared experts' backward runs first, as a dense gated MLP of their width over every
@@ -1058,14 +1054,11 @@ def _moe_backward_moments(model: ModelSpec, x: _Dims) -> list[_BackwardMoment]:
     # saved [T, s] tensors are freed (traced with the reference block)
     ts, hs = a * x.s * x.b * x.shared_ffn, a * h * x.shared_ffn
     if x.frozen_norms:  # no weight gradients, one [T, s] tensor fewer saved
-        shared = [_BackwardMoment(g + 3 * ts), _BackwardMoment(2 * g), _BackwardMoment(3 * g - 2 * ts),
-                  _BackwardMoment(4 * g - 3 * ts)]
-        after, hs = g - 3 * ts, 0
+        shared, after = [g + 3 * ts, 2 * g, 3 * g - 2 * ts, 4 * g - 3 * ts], g - 3 * ts
     else:
-        shared = [_BackwardMoment(g + 2 * ts + hs, hs), _BackwardMoment(2 * g - ts + 2 * hs, 2 * hs),
-                  _BackwardMoment(3 * g - 3 * ts + 3 * hs, 3 * hs), _BackwardMoment(4 * g - 4 * ts + 3 * hs, 3 * hs)]
+        shared = [g + 2 * ts + hs, 2 * g - ts + 2 * hs, 3 * g - 3 * ts + 3 * hs, 4 * g - 4 * ts + 3 * hs]
         after = g - 4 * ts + 3 * hs
-    return shared + [_BackwardMoment(m.extra + after, m.final_grads + 3 * hs) for m in moments]
+    return shared + [m + after for m in moments]
 
 
 def _moe_rebuilt_forward_end(model: ModelSpec, x: _Dims, kept_rows: int = 0) -> int:
@@ -1077,7 +1070,7 @@ def _moe_rebuilt_forward_end(model: ModelSpec, x: _Dims, kept_rows: int = 0) -> 
     block, torch 2.13 CPU: fp32 and LoRA, exact). ``kept_rows``: received rows a checkpointing
     policy kept, saved already."""
     a, t = x.ab, x.moe_tokens
-    rows = ceil(t * model.experts_per_token * x.expert_load) if x.expert_parallel else t * model.experts_per_token
+    rows = _received_rows(model, x)
     shared = bool(model.shared_expert_ffn_hidden_size)
     alive = a * t * x.h * (1 + shared) + a * t * model.experts_per_token + INDEX_BYTES * model.num_experts
     if x.frozen_norms:
@@ -1094,18 +1087,17 @@ def _moe_rebuilt_forward_end(model: ModelSpec, x: _Dims, kept_rows: int = 0) -> 
     return max(alive, a * t * x.h + 4 * a * rows * x.h - not_yet - kept_rows)
 
 
-def moe_backward_extra(model: ModelSpec, train: TrainConfig | ActivationInputs, grads_counted: bool = False) -> int:
+def moe_backward_extra(model: ModelSpec, train: TrainConfig | ActivationInputs) -> int:
     """The most bytes an MoE block's backward holds beyond its saved tensors
     (``_moe_backward_moments``; when checkpointing rebuilds the block, the rebuilt forward's end,
-    ``_moe_rebuilt_forward_end``); ``grads_counted``: the weight gradients in their final dtype are
-    counted elsewhere (a persistent gradient buffer)."""
+    ``_moe_rebuilt_forward_end``)."""
     x = _dims(model, train)
-    moments = [m.extra - (m.final_grads if grads_counted else 0) for m in _moe_backward_moments(model, x)]
+    moments = _moe_backward_moments(model, x)
     policy = train.activation_checkpointing
     if not (policy in ("full", "op") or policy.startswith("layer:")) or x.impl.moe != "reference":
         return max(moments)
     # op-level checkpointing keeps the all-to-all's received rows: saved, not extra
-    kept_rows = _op_level_terms(model, x, "moe")["moe_received_rows"] if policy == "op" and x.expert_parallel else 0
+    kept_rows = x.ab * _received_rows(model, x) * x.h if policy == "op" and x.expert_parallel else 0
     return max(moments + [_moe_rebuilt_forward_end(model, x, kept_rows)])
 
 
